@@ -1,0 +1,514 @@
+"""The mathematics of PAPO (Perception-Aware Policy Optimization), as pure functions.
+
+PAPO trains a vision-language policy pi_theta with GRPO or DAPO and adds one term: on the
+policy's own rollouts it rewards the policy for behaving differently when it sees the image I
+than when it sees a copy I_mask with most patches blacked out. Per token t of rollout i:
+
+    l_{i,t}   = log pi_theta(o_{i,t} | q, I,      o_{i,<t})   trainable, original image
+    a_{i,t}   = log pi_theta(o_{i,t} | q, I_mask, o_{i,<t})   same tokens, masked image
+    old_{i,t} = log-prob under the policy that sampled the rollout
+    ref_{i,t} = log-prob under the frozen reference model
+    m_{i,t}   = completion mask (1 on generated tokens up to and including the first EOS)
+    A_i       = group-normalised advantage of rollout i, shared by all its tokens
+    rho_{i,t} = exp(l - old), the importance ratio of the update
+
+The objective, minimised:
+
+    L = agg(L_clip) + beta * agg(KL_ref) - gamma * agg(KL_prcp) + eta1 * H_orig + eta2 * H_mask
+
+    L_clip  = max(-A*rho, -A*clip(rho, 1-eps_low, 1+eps_high)), capped at -C*A where A < 0
+    KL_ref  = k3(l, ref)   the usual pull towards the reference model
+    KL_prcp = k3(l, a)     the Implicit Perception Loss, SUBTRACTED: it is maximised
+    H_orig  = agg(-l), H_mask = agg(-a)   the Double Entropy Loss (sample estimates), added with
+                          eta > 0 so both entropies are pushed down: KL_prcp is unbounded and
+                          rising entropy of both branches is the first sign of collapse
+    agg     = how per-token values become one number ("token-mean": sum(v*m) / sum(m))
+
+Map of this module:
+    group_advantages        r -> A                              (GRPO / Dr. GRPO)
+    kl_estimate             k1 / k2 / k3 estimators of KL from sampled tokens
+    perception_kl           KL_prcp per token
+    clipped_policy_loss     L_clip per token, with the clip fractions
+    entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
+    aggregate               agg, in the four modes of the field, with a global normaliser
+    papo_loss               the whole objective and its logged metrics
+    patch_mask_grid         which 14x14 squares to black out
+    mask_image              I -> I_mask, in pixel space
+    dynamic_sampling_keep   DAPO's filter of groups with no learning signal
+
+Every function computes in the widest floating dtype of its inputs (float64 stays float64);
+bfloat16 / float16 inputs are upcast to float32, never the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")
+ENTROPY_KINDS = ("sample", "exact")
+MASK_MODES = ("bernoulli", "exact")
+
+Number = Union[int, float, torch.Tensor]
+
+
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The widest floating dtype among the inputs, and never narrower than float32."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_G(r)) / (std_G(r) + eps), one value per rollout.
+
+    rewards: [N*G], group-major (rollout b belongs to group b // G); returns the same shape.
+    std is the unbiased (Bessel, divide by G-1) standard deviation, as torch.std and the
+    official GRPO code compute it. scale_by_std=False gives r - mean_G(r) (Dr. GRPO, which
+    argues that dividing by std over-weights groups that are almost all right or all wrong).
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 4).round(decimals=4).tolist()
+    [1.5, -0.5, -0.5, -0.5]
+
+    (mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5.)
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (one rollout has no baseline), got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.to(_compute_dtype(rewards)).reshape(-1, group_size)          # [N, G]
+    adv = r - r.mean(dim=1, keepdim=True)                                     # [N, G]
+    if scale_by_std:
+        adv = adv / (r.std(dim=1, keepdim=True, correction=1) + eps)         # [N, G]
+    # A group whose rollouts all got the same reward carries no preference between them. Its
+    # mean can differ from the common value by one rounding step, so write the zero explicitly.
+    same = (r == r[:, :1]).all(dim=1, keepdim=True)                           # [N, 1]
+    adv = adv.masked_fill(same, 0.0)                                          # [N, G]
+    return adv.reshape(rewards.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators and the Implicit Perception Loss
+# ---------------------------------------------------------------------------------------------
+
+def kl_estimate(logp: torch.Tensor, other_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || other) from tokens sampled from pi.
+
+    logp = log pi(token), other_logp = log other(token), same shape [...]. With x = other - logp:
+        k1 = -x                   unbiased, but negative on some tokens and high variance
+        k2 = 0.5 * x^2            biased, always >= 0
+        k3 = exp(x) - x - 1       unbiased (E_pi[exp(x)] = 1) and always >= 0
+    Only k3 is clamped, exactly as in the official code: x to [-20, 20], then k3 to [-10, 10].
+    KL_ref is kl_estimate(l, ref); KL_prcp is kl_estimate(l, a).
+
+    Why k3: besides being a non-negative, low-variance value, it makes a useful LOSS. Summed
+    over the policy's own samples and differentiated through logp only, k1's gradient has
+    expectation zero (E_pi[grad log pi] = 0); k3's expected gradient is exactly the gradient of
+    KL(other || pi), and k2's that of KL(pi || other).
+
+    Example: pi(token) = 0.5, other(token) = 0.25, so x = -ln 2:
+        k1 = ln 2 = 0.6931,  k2 = 0.5 ln^2 2 = 0.2402,  k3 = 0.5 + ln 2 - 1 = 0.1931.
+    >>> lp, lo = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    >>> [round(kl_estimate(lp, lo, k).item(), 4) for k in KL_KINDS]
+    [0.6931, 0.2402, 0.1931]
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_KINDS}")
+    dtype = _compute_dtype(logp, other_logp)
+    x = other_logp.to(dtype) - logp.to(dtype)                                # [...]
+    if kind == "k1":
+        return -x
+    if kind == "k2":
+        return 0.5 * x.square()
+    # exp overflows float32 near x = 88, and the clamp below would then multiply a zero
+    # gradient by inf = NaN; |x| <= 20 already means a ratio beyond 10^8.
+    x = x.clamp(-20.0, 20.0)                                                  # [...]
+    # k3 grows like exp(x): a handful of tokens with a huge ratio would dominate the batch mean.
+    # The cap bounds each token's value and zeroes its gradient; -10 never binds (k3 >= 0).
+    return (torch.exp(x) - x - 1.0).clamp(-10.0, 10.0)                       # [...]
+
+
+def perception_kl(logp: torch.Tensor, masked_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """The Implicit Perception Loss per token: D = kl_estimate(l, a), D >= 0 for k3.
+
+    l = log pi(o_t | q, I, o_<t) and a = log pi(o_t | q, I_mask, o_<t), both [B, T]. For k3:
+        D = exp(a - l) - (a - l) - 1,   d(-gamma*D)/dl = -gamma * (1 - exp(a - l)).
+    D is SUBTRACTED in the objective. Where the original image makes the token more likely than
+    the masked one (l > a) that gradient is negative, so gradient descent raises l further; where
+    the token is just as likely without the picture the gradient vanishes, and tokens the masked
+    image favours (l < a) are pushed down. The policy learns to let the pixels change its text.
+
+    Whether gradient also flows through the masked branch is the caller's choice: the official
+    code passes a detached `a`, computed once per rollout batch with the pre-update weights.
+
+    >>> round(perception_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))).item(), 4)
+    0.1931
+
+    (gradient of -gamma*D here: -gamma * (1 - 0.25/0.5) = -0.5 gamma.)
+    """
+    return kl_estimate(logp, masked_logp, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipped surrogate
+# ---------------------------------------------------------------------------------------------
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_low: float = 0.2, clip_high: float = 0.2,
+                        dual_clip: Optional[float] = 3.0, mask: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO loss with asymmetric clip and dual clip, and how often each clip binds.
+
+        rho    = exp(l - old)
+        L_clip = max(-A*rho, -A*clip(rho, 1 - clip_low, 1 + clip_high))
+        where A < 0:  L_clip = min(L_clip, -C*A)        (C = dual_clip; None disables it)
+
+    logp, old_logp: [B, T]; advantages: [B] (broadcast over T) or [B, T]; mask: [B, T] or None.
+    Returns the loss [B, T] and 0-dim fractions of masked tokens where a clip binds (there the
+    gradient is exactly zero): "clip_low" (A < 0, rho < 1 - clip_low), "clip_high" (A > 0,
+    rho > 1 + clip_high), "clip_dual" (A < 0, -A*rho > -C*A).
+
+    Example, clip 0.2 / 0.2, C = 3:
+        A = +1: rho 0.5 -> -0.5,  rho 1.5 -> -1.2 (clip_high)
+        A = -1: rho 0.5 -> 0.8 (clip_low),  rho 1.5 -> 1.5,  rho 5 -> 3 (clip_dual)
+    >>> rho = torch.tensor([[0.5, 1.5, 0.5, 1.5, 5.0]], dtype=torch.float64)
+    >>> A = torch.tensor([[1., 1., -1., -1., -1.]], dtype=torch.float64)
+    >>> clipped_policy_loss(rho.log(), torch.zeros_like(rho), A)[0].round(decimals=4).tolist()
+    [[-0.5, -1.2, 0.8, 1.5, 3.0]]
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    dtype = _compute_dtype(logp, old_logp, advantages)
+    logp, old_logp, adv = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
+    if adv.dim() == logp.dim() - 1:
+        adv = adv.unsqueeze(-1)                                    # [B, 1]: one A per rollout
+    # As in the official code: no change inside any sane range, but no inf (and no inf * 0 = NaN
+    # in the backward pass) from a stale padding token either.
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))                  # [B, T]
+    unclipped = -adv * ratio                                                  # [B, T]
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)            # [B, T]
+    # The max is the pessimistic choice: once the ratio has moved past the clip in the direction
+    # that helps, the loss goes flat and the update stops pushing that token.
+    loss = torch.maximum(unclipped, clipped)                                  # [B, T]
+    adv = adv.expand_as(loss)                                                 # [B, T]
+    hit_low = (adv < 0) & (ratio < 1.0 - clip_low)                           # [B, T]
+    hit_high = (adv > 0) & (ratio > 1.0 + clip_high)                         # [B, T]
+    hit_dual = torch.zeros_like(hit_low)                                     # [B, T]
+    if dual_clip is not None:
+        # For A < 0 the max above keeps -A*rho, which is unbounded in rho: one stale token with
+        # rho = 100 would outweigh the batch. Dual clip caps its loss (and zeroes its gradient).
+        cap = -dual_clip * adv                                                # [B, T]
+        hit_dual = (adv < 0) & (loss > cap)                                   # [B, T]
+        loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)          # [B, T]
+    if mask is None:
+        mask = torch.ones_like(loss)
+    fractions = {name: aggregate(hit.to(dtype), mask) for name, hit in
+                 (("clip_low", hit_low), ("clip_high", hit_high), ("clip_dual", hit_dual))}
+    return loss, fractions
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy
+# ---------------------------------------------------------------------------------------------
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Exact entropy of softmax(z) at each position: H = logsumexp(z) - sum_v softmax(z)_v z_v.
+
+    logits: [..., V] -> [...]. This equals -sum_v p_v log p_v without forming log p. Computed
+    in float32 for bf16/fp16 input (float64 stays float64) and differentiable. Logits of -inf
+    (banned tokens) have p_v = 0 and contribute nothing.
+
+    >>> round(entropy_from_logits(torch.zeros(4)).item(), 4)      # uniform over 4: ln 4
+    1.3863
+    """
+    z = logits.to(_compute_dtype(logits))                                     # [..., V]
+    # H does not change when a constant is added to every logit; subtracting the max keeps both
+    # terms small, so their difference does not lose digits to cancellation.
+    z = z - z.amax(dim=-1, keepdim=True).detach()                             # [..., V]
+    p = torch.softmax(z, dim=-1)                                              # [..., V]
+    # p_v * z_v is 0 * -inf = NaN for a banned token; its true contribution is 0. Filling the
+    # logit (not the product) keeps the backward pass free of NaN as well.
+    z_finite = z.masked_fill(torch.isneginf(z), 0.0)                          # [..., V]
+    return torch.logsumexp(z, dim=-1) - (p * z_finite).sum(dim=-1)           # [...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              normalizer: Optional[Number] = None, max_len: Optional[int] = None) -> torch.Tensor:
+    """Reduce per-token values [B, T] under the completion mask [B, T] to one scalar.
+
+        "token-mean"               sum_{i,t} v*m / N_tokens                  (official PAPO, DAPO)
+        "seq-mean-token-mean"      1/B sum_i (sum_t v*m / sum_t m)           (GRPO paper)
+        "seq-mean-token-sum"       1/B sum_i  sum_t v*m
+        "seq-mean-token-sum-norm"  1/B sum_i (sum_t v*m / L)                 (Dr. GRPO)
+    L is a constant: max_len if given, else T. Pass the configured maximum response length, or
+    micro-batches padded to different T would weigh the same token differently. A row with no
+    tokens contributes 0 to "seq-mean-token-mean".
+
+    normalizer replaces the local count in the final division: N_tokens for "token-mean", B
+    for the seq-* modes. Why: the loss of a large batch is often accumulated over micro-batches
+    and data-parallel ranks. If each micro-batch divided by its own count, short and long
+    micro-batches would be weighted equally and the result would depend on how the batch was
+    split. Dividing each by the GLOBAL count (tokens or sequences of the whole batch, summed
+    over micro-batches and ranks) makes the micro-batch losses, and hence their gradients, SUM
+    exactly to the full-batch ones. DDP then AVERAGES gradients over W ranks, so each rank
+    multiplies its loss by W to keep that sum.
+
+    Example: v = [[1, 2, 3, 4], [5, 6, 7, 8]], m = [[1, 1, 1, 0], [1, 1, 0, 0]]:
+        token-mean 17/5 = 3.4, seq-mean-token-mean (2 + 5.5)/2 = 3.75,
+        seq-mean-token-sum 17/2 = 8.5, seq-mean-token-sum-norm (6/4 + 11/4)/2 = 2.125.
+    >>> v = torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]])
+    >>> m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    >>> [round(aggregate(v, m, mode).item(), 4) for mode in AGG_MODES]
+    [3.4, 3.75, 8.5, 2.125]
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
+    if values.shape != mask.shape or (mode != "token-mean" and values.dim() != 2):
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+    if isinstance(normalizer, (int, float)) and normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
+    dtype = _compute_dtype(values)
+    m = mask.to(dtype)                                                        # [B, T]
+    # Padding may hold garbage (even inf or NaN) and 0 * NaN = NaN, so overwrite, not just multiply.
+    vm = (values.to(dtype) * m).masked_fill(m == 0, 0.0)                      # [B, T]
+    if mode == "token-mean":
+        total = vm.sum()
+        count = m.sum()
+    else:
+        row = vm.sum(dim=-1)                                                  # [B]
+        if mode == "seq-mean-token-mean":
+            row_count = m.sum(dim=-1)                                         # [B]
+            row = row / torch.where(row_count > 0, row_count, torch.ones_like(row_count))  # [B]
+        elif mode == "seq-mean-token-sum-norm":
+            row = row / float(max_len if max_len is not None else values.shape[-1])        # [B]
+        total = row.sum()
+        count = torch.tensor(float(values.shape[0]), dtype=dtype, device=values.device)
+    if normalizer is None:
+        # an empty micro-batch has total 0 and contributes 0, not 0/0
+        return total / torch.where(count > 0, count, torch.ones_like(count))
+    return total / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole objective
+# ---------------------------------------------------------------------------------------------
+
+def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, masked_logp: Optional[torch.Tensor] = None,
+              ref_logp: Optional[torch.Tensor] = None, gamma: float = 0.0, eta_orig: float = 0.0,
+              eta_mask: float = 0.0, beta: float = 0.0, clip_low: float = 0.2,
+              clip_high: float = 0.2, dual_clip: Optional[float] = 3.0,
+              agg_mode: str = "token-mean", kl_kind: str = "k3", entropy: str = "sample",
+              logits: Optional[torch.Tensor] = None, masked_logits: Optional[torch.Tensor] = None,
+              entropy_orig: Optional[torch.Tensor] = None,
+              entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
+              max_len: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
+           + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
+
+    logp (l), old_logp, mask, masked_logp (a), ref_logp: [B, T]; advantages: [B] or [B, T].
+    GRPO is gamma = eta = 0 (then L is exactly agg(L_clip) plus the beta term); PAPO-G adds gamma;
+    PAPO-D is DAPO plus gamma and both etas.
+
+    The masked branch. The official PAPO passes a DETACHED masked_logp, computed once per rollout
+    batch with the pre-update weights (the weights that produced old_logp): one extra forward
+    pass per rollout instead of one per update, and the term then only moves the original-image
+    policy. A masked_logp that carries gradient lets it flow through the masked branch too (the
+    paper's general form). With a detached a, the sample estimate H_mask = agg(-a) has zero
+    gradient: it still changes the loss value and the metrics, not the update.
+
+    Entropies. entropy="sample": H_orig = agg(-l), H_mask = agg(-a), the official estimates.
+    entropy="exact": H = -sum_v p_v log p_v per token, either precomputed ([B, T] entropy_orig /
+    entropy_mask, so the caller need not keep [B, T, V] logits alive) or from logits /
+    masked_logits [B, T, V]; precomputed values take precedence.
+
+    Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
+    metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
+    logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
+    loss, pg_loss, kl_ref, kl_prcp, entropy_orig, entropy_mask, clip_low, clip_high, clip_dual,
+    approx_kl_old (k3 estimate of KL(old || new) on the old policy's samples: how far the update
+    has moved), ratio_mean.
+
+    Example (token-mean, one token, A = 0 so only the perception term acts):
+    >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    >>> loss, _ = papo_loss(l, l.detach(), torch.zeros(1), torch.ones(1, 1), gamma=1.0,
+    ...                     masked_logp=torch.tensor([[math.log(0.25)]]))
+    >>> round(loss.item(), 4), round(torch.autograd.grad(loss, l)[0].item(), 4)
+    (-0.1931, -0.5)
+    """
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown kl_kind {kl_kind!r}; choose one of {KL_KINDS}")
+    if entropy not in ENTROPY_KINDS:
+        raise ValueError(f"unknown entropy {entropy!r}; choose one of {ENTROPY_KINDS}")
+    if gamma != 0 and masked_logp is None:
+        raise ValueError("gamma != 0 (Implicit Perception Loss) needs masked_logp")
+    if beta != 0 and ref_logp is None:
+        raise ValueError("beta != 0 (reference KL) needs ref_logp")
+    if entropy == "sample":
+        if eta_mask != 0 and masked_logp is None:
+            raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
+        h_orig = -logp                                                        # [B, T]
+        h_mask = -masked_logp if masked_logp is not None else None           # [B, T]
+    else:
+        h_orig = entropy_orig if entropy_orig is not None else (
+            entropy_from_logits(logits) if logits is not None else None)     # [B, T]
+        h_mask = entropy_mask if entropy_mask is not None else (
+            entropy_from_logits(masked_logits) if masked_logits is not None else None)  # [B, T]
+        if eta_orig != 0 and h_orig is None:
+            raise ValueError("eta_orig != 0 with entropy='exact' needs entropy_orig or logits")
+        if eta_mask != 0 and h_mask is None:
+            raise ValueError("eta_mask != 0 with entropy='exact' needs entropy_mask or masked_logits")
+
+    def agg(v: torch.Tensor) -> torch.Tensor:
+        return aggregate(v, mask, agg_mode, normalizer, max_len)
+
+    def token_mean(v: torch.Tensor) -> float:
+        return float(aggregate(v.detach(), mask))
+
+    pg, fractions = clipped_policy_loss(logp, old_logp, advantages, clip_low, clip_high,
+                                        dual_clip, mask)                      # [B, T]
+    loss = agg(pg)
+    metrics = {"pg_loss": token_mean(pg), **{k: float(v) for k, v in fractions.items()}}
+    # Each term is added only when its coefficient is non-zero, so GRPO's loss is bit-for-bit
+    # agg(L_clip) and a NaN in an unused input cannot leak in through 0 * NaN.
+    if ref_logp is not None:
+        kl_ref = kl_estimate(logp, ref_logp, kl_kind)                         # [B, T]
+        metrics["kl_ref"] = token_mean(kl_ref)
+        if beta != 0:
+            loss = loss + beta * agg(kl_ref)
+    if masked_logp is not None:
+        kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
+        metrics["kl_prcp"] = token_mean(kl_prcp)
+        if gamma != 0:
+            loss = loss - gamma * agg(kl_prcp)                               # maximised
+    for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
+        if h is not None:
+            metrics[name] = token_mean(h)
+            if eta != 0:
+                loss = loss + eta * agg(h)                                   # entropy pushed down
+    with torch.no_grad():
+        metrics["approx_kl_old"] = token_mean(kl_estimate(old_logp, logp, "k3"))
+        dtype = _compute_dtype(logp, old_logp)
+        log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-20.0, 20.0)  # [B, T]
+        metrics["ratio_mean"] = token_mean(torch.exp(log_ratio))
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Image corruption
+# ---------------------------------------------------------------------------------------------
+
+def _as_generator(rng: Union[None, int, np.random.Generator]) -> np.random.Generator:
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
+
+
+def patch_mask_grid(height: int, width: int, patch_size: int = 14, ratio: float = 0.6,
+                    rng: Union[None, int, np.random.Generator] = None,
+                    mode: str = "bernoulli") -> np.ndarray:
+    """Which patch_size x patch_size squares of a height x width picture to black out.
+
+    Returns bool [ceil(height / patch_size), ceil(width / patch_size)]; the partial squares at
+    the right and bottom edges are squares like the others. "bernoulli" (official): each square
+    is True independently with probability ratio. "exact": exactly round(ratio * n_squares)
+    squares (Python's round, half to even), chosen uniformly without replacement.
+
+    >>> patch_mask_grid(30, 20, 14, 1.0).shape      # 3 x 2 squares, the last row/column partial
+    (3, 2)
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}; choose one of {MASK_MODES}")
+    rng = _as_generator(rng)
+    rows, cols = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    if mode == "bernoulli":
+        return rng.random((rows, cols)) < ratio          # random() < 1 always: ratio 1 masks all
+    grid = np.zeros(rows * cols, dtype=bool)
+    grid[rng.choice(rows * cols, size=round(ratio * rows * cols), replace=False)] = True
+    return grid.reshape(rows, cols)
+
+
+def mask_image(image_or_images: Union[Image.Image, Sequence[Image.Image]], patch_size: int = 14,
+               ratio: float = 0.6, rng: Union[None, int, np.random.Generator] = None,
+               mode: str = "bernoulli") -> Union[Image.Image, list[Image.Image]]:
+    """I -> I_mask: black out random patch_size x patch_size squares of the raw picture.
+
+    Works IN PIXEL SPACE on the PIL image, before the processor resizes and normalises it; the
+    masked picture is then processed exactly like the original, so it yields the same number of
+    image tokens. Zeroing rows of the processor's normalised pixel_values is not the same thing:
+    0 there is the dataset's mean colour, not black, and the rows are patches of a resized image.
+
+    Returns a new image, or a list (tuple) of new images for a list (tuple); the input is untouched.
+    Size and mode are kept for "RGB", "L" and "RGBA" (alpha is kept, only colour is blacked out);
+    any other mode is converted to "RGB" first. rng: None, an int seed or a numpy Generator; the
+    images of a list are masked independently, drawing from one stream. See patch_mask_grid
+    for the modes.
+
+    How the caller uses it: one mask per prompt, shared by its G rollouts - the group's
+    advantages and KL_prcp values then compare like with like, differing only through the
+    sampled text - and a fresh mask every step. In a multi-image prompt each image is masked
+    independently (pass the prompt's images as one list).
+    """
+    rng = _as_generator(rng)
+    if isinstance(image_or_images, (list, tuple)):
+        return type(image_or_images)(_mask_one(im, patch_size, ratio, rng, mode)
+                                     for im in image_or_images)
+    return _mask_one(image_or_images, patch_size, ratio, rng, mode)
+
+
+def _mask_one(image: Image.Image, patch_size: int, ratio: float, rng: np.random.Generator,
+              mode: str) -> Image.Image:
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    pixels = np.array(image)                                  # [H, W] or [H, W, C] uint8, a copy
+    grid = patch_mask_grid(image.height, image.width, patch_size, ratio, rng, mode)  # [rows, cols]
+    black = grid.repeat(patch_size, axis=0).repeat(patch_size, axis=1)               # [rows*p, cols*p]
+    black = black[:image.height, :image.width]                                       # [H, W]
+    if image.mode == "RGBA":
+        pixels[black, :3] = 0
+    else:
+        pixels[black] = 0
+    return Image.fromarray(pixels)            # uint8 [H, W] / [H, W, 3] / [H, W, 4]: L / RGB / RGBA
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO's dynamic sampling
+# ---------------------------------------------------------------------------------------------
+
+def dynamic_sampling_keep(group_scores: torch.Tensor, low: float = 0.01,
+                          high: float = 0.99) -> torch.Tensor:
+    """Keep a group iff low < mean_G(score) < high. group_scores: [N, G] -> bool [N].
+
+    A group whose rollouts all agree (all right or all wrong) has A = 0 for every rollout and
+    so no policy-gradient signal; DAPO drops it and draws more prompts instead.
+
+    >>> dynamic_sampling_keep(torch.tensor([[1., 1., 1.], [0., 0., 0.], [1., 0., 0.]])).tolist()
+    [False, False, True]
+    """
+    if group_scores.dim() != 2:
+        raise ValueError(f"group_scores must be [N, G], got shape {tuple(group_scores.shape)}")
+    mean = group_scores.to(_compute_dtype(group_scores)).mean(dim=1)          # [N]
+    return (mean > low) & (mean < high)                                      # [N]

@@ -1,0 +1,812 @@
+"""model.py - everything in this project that knows about Hugging Face transformers.
+
+The RL math (papo.py) sees only tensors: per-token log-probs, masks, advantages. This module
+turns a Qwen2.5-VL model and its processor into exactly those tensors, and it is the only place
+that has to know the model's quirks. Read it top to bottom:
+
+  1. Loading     load_model: a hub id or a folder written by save_pretrained, no torchvision.
+  2. Offline     SIZES, build_tiny_model: a randomly initialised Qwen2.5-VL of the real class,
+                 with a tokenizer trained locally, so the whole method runs with no network.
+  3. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
+  4. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
+  5. Sampling    generate_rollouts: HF `generate`, completion masks from the FIRST end token.
+  6. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token,
+                 without ever holding [batch, length, vocabulary] logits in memory.
+  7. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
+
+Shapes in comments: B rollouts (= N prompts x G samples, group-major: row b = prompt * G + g),
+P prompt length, T completion length, V vocabulary, H hidden size, D = 3 x 2 x 14 x 14 = 1176
+numbers per image patch row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+# ---------------------------------------------------------------------------------------------
+# 1. Loading Qwen2.5-VL
+# ---------------------------------------------------------------------------------------------
+
+# Qwen's special tokens. The tiny model's tokenizer uses the same strings, so every piece of code
+# (chat template, image placeholders, end-of-turn detection) is identical for both models.
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+
+class QwenVLImageTextProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its video processor.
+
+    The stock processor takes a video processor as its third part, and without torchvision
+    transformers cannot provide one (its video processors need torchvision; constructing or
+    loading the stock processor fails). Images are all this project needs. ProcessorMixin
+    discovers a processor's parts from the names of `__init__`'s arguments, so leaving
+    `video_processor` out of the signature is what removes it - from construction, from
+    save_pretrained and from from_pretrained alike. Everything else (the <|image_pad|>
+    expansion, mm_token_type_ids) is inherited unchanged.
+
+    Note: AutoProcessor does not know this class and silently returns only the tokenizer for a
+    folder it saved; load such folders with `load_model` (or this class's from_pretrained)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # the attributes the parent's __init__ would set before handing over to ProcessorMixin
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template,
+                                **kwargs)
+
+
+def unwrap(model):
+    """The bare Hugging Face model inside a DistributedDataParallel (or DataParallel) wrapper.
+
+    Rule of thumb used below: anything that must trigger DDP's gradient synchronisation (the
+    scoring forward that a loss is built on) goes through the WRAPPER; everything else
+    (generate, reading the config, the lm_head weight) uses the bare model."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def _as_dtype(dtype):
+    """torch.float32 / "float32" / "bf16"-style names / "auto" / None -> what from_pretrained takes.
+
+    float32 is the default on purpose: RL learning rates (1e-6) vanish when added to bfloat16
+    weights, so the trainable policy keeps fp32 master weights and uses bf16 autocast for speed."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":   # "auto": the checkpoint's own dtype
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype)).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype (try 'bfloat16' or 'float32')")
+    return value
+
+
+def _check_checkpoint_folder(path: Path) -> None:
+    """Fail early, naming the folder, instead of deep inside transformers' loading code."""
+    if not path.is_dir():
+        raise ValueError(f"load_model: {path} is a file, not a model folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"load_model: {path} has no config.json, so it is not a saved model "
+                         "(expected a folder written by save_pretrained)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"load_model: {config_file} is not a valid JSON config ({err})") from None
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"load_model: {path} holds a {model_type!r} model, not a Qwen2.5-VL "
+                         "checkpoint (config.json model_type must be 'qwen2_5_vl')")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'owner/name' with nothing that marks a file-system path."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and "\\" not in name and all(name.split("/")))
+
+
+def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing: bool = False,
+               attn_implementation: str | None = None):
+    """Load a Qwen2.5-VL model and its processor -> (model, processor).
+
+    name_or_path: a hub id such as "Qwen/Qwen2.5-VL-3B-Instruct" (downloaded, or read from the
+        local cache), or a folder written by `model.save_pretrained` + `processor.save_pretrained`
+        (the tiny model, a warm start, a training checkpoint).
+    dtype: torch dtype or name ("bfloat16", "float32", "auto" = as stored); None = float32
+        master weights (use torch.autocast for bf16 compute, as train.py does).
+    device: where to put the model ("cuda:0", torch.device, ...); None leaves it on the CPU.
+    gradient_checkpointing: recompute each decoder/vision block in the backward pass instead of
+        storing its activations (non-reentrant torch.utils.checkpoint). generate_rollouts still
+        decodes with the KV cache (see there).
+    attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ...
+
+    The processor always uses the PIL image processor: no torchvision needed, and identical
+    pixels on every machine (the torchvision backend resizes slightly differently)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_checkpoint_folder(path)
+        source = str(path)
+    elif _looks_like_hub_id(name):
+        source = name
+        try:
+            model_type = AutoConfig.from_pretrained(source).model_type
+        except OSError as err:  # offline without a cache, or a misspelt id
+            raise ValueError(f"load_model: {name!r} is not a local folder and could not be "
+                             f"loaded as a Hugging Face hub id: {err}") from None
+        if model_type != "qwen2_5_vl":
+            raise ValueError(f"load_model: {name} is a {model_type!r} model, not Qwen2.5-VL")
+    else:
+        raise FileNotFoundError(f"load_model: no such model folder: {path}")
+
+    # the processor first: it is cheap, and a folder without one should fail before gigabytes load
+    try:
+        processor = QwenVLImageTextProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"load_model: {name} has no usable processor files (tokenizer, image "
+                         f"processor); save them next to the weights with "
+                         f"processor.save_pretrained(folder). Cause: {err}") from None
+    if not isinstance(processor.image_processor, Qwen2VLImageProcessorPil):
+        # with torchvision installed, transformers picks its torchvision image processor
+        processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
+
+    kwargs = {"dtype": _as_dtype(dtype)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, **kwargs)
+    _fill_generation_config(model, processor.tokenizer)
+
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if device is not None:
+        model.to(device)
+    return model, processor
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing: works with inputs that do not require grad, with DDP, and with
+    # autocast, and gives the same gradients as no checkpointing (tests/test_model.py checks).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):    # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _fill_generation_config(model, tokenizer) -> None:
+    """End-of-turn ids and the pad id that `generate` needs (and that save_pretrained writes).
+
+    Qwen's own generation_config.json already lists [<|im_end|>, <|endoftext|>] as EOS and
+    <|endoftext|> as pad; a model built from scratch has none of that."""
+    gc = model.generation_config
+    eos = gc.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for token in (IM_END, ENDOFTEXT):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    gc.eos_token_id = eos
+    if gc.pad_token_id is None:
+        gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The offline tiny model
+# ---------------------------------------------------------------------------------------------
+
+# One place for every model size this project builds offline. The names are shorthands for the
+# knobs of Qwen2_5_VLConfig; head_dim = hidden / heads and the mrope split are derived from them
+# (_text_config). For scale, Qwen2.5-VL-3B: text hidden 2048, 36 layers, 16 heads, 2 KV heads,
+# intermediate 11008; vision hidden 1280, depth 32, 16 heads, intermediate 3420; vocab 151,936;
+# same patch 14, merge 2, temporal patch 2, tied embeddings.
+SIZES = {
+    # for the tests: as small and fast as the architecture allows
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+        vision_hidden=64, vision_depth=2, vision_heads=4, vision_intermediate=128,
+        patch=14, merge=2, temporal_patch=2,
+        tie_embeddings=True,
+        vocab=400,                                 # target size of the BPE tokenizer
+        min_pixels=56 * 56, max_pixels=112 * 112,  # image area range: 112x112 -> 16 tokens
+    ),
+    # the default demo: the configuration the offline toy-task probe trained successfully
+    "small": dict(
+        hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384,
+        vision_hidden=64, vision_depth=2, vision_heads=4, vision_intermediate=256,
+        patch=14, merge=2, temporal_patch=2,
+        tie_embeddings=True,
+        vocab=400,
+        min_pixels=56 * 56, max_pixels=112 * 112,
+    ),
+}
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# The chat format of Qwen2.5-VL-Instruct, written as a Jinja template (this is what
+# processor.apply_chat_template renders). Each message becomes
+#     <|im_start|>{role}\n{content}<|im_end|>\n
+# a conversation without a system turn gets the default one, every {"type": "image"} entry of a
+# content list becomes <|vision_start|><|image_pad|><|vision_end|> (the processor later repeats
+# <|image_pad|> once per image token), and add_generation_prompt opens the assistant turn.
+# Built by string concatenation so that no stray template whitespace reaches the prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here, on data.tokenizer_corpus(), in well under a second.
+
+    Byte-level: any string can be encoded (unknown characters fall back to bytes), so prompts and
+    answers never hit an <unk>. Qwen's special tokens get ids 0..6 and are never split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import data  # imported here: only the offline model needs the toy corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(data.tokenizer_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=IM_END, pad_token=ENDOFTEXT,
+        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split of the rotary frequencies between (time, height, width) positions.
+
+    Qwen2.5-VL uses [16, 24, 24] for head_dim 128: a quarter for time, the rest shared by height
+    and width. The parts must sum to head_dim // 2, or the first forward fails in
+    split_with_sizes. head_dim 32 -> [4, 6, 6]; head_dim 16 -> [2, 3, 3]."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _text_config(s: dict, tokenizer) -> dict:
+    head_dim = s["hidden"] // s["heads"]
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        intermediate_size=s["intermediate"], max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        # pad_token_id stays None: otherwise nn.Embedding would zero and freeze the pad row,
+        # and <|endoftext|> is also an end-of-sequence token the model must learn to embed.
+    )
+
+
+def _vision_config(s: dict) -> dict:
+    return dict(
+        depth=s["vision_depth"], hidden_size=s["vision_hidden"], num_heads=s["vision_heads"],
+        intermediate_size=s["vision_intermediate"], out_hidden_size=s["hidden"],
+        patch_size=s["patch"], spatial_merge_size=s["merge"],
+        temporal_patch_size=s["temporal_patch"],
+        # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only
+        # the last one attend over the whole image (as the real model's last block does).
+        fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112,
+    )
+
+
+def build_tiny_model(seed: int = 0, size: str = "tiny"):
+    """A randomly initialised Qwen2_5_VLForConditionalGeneration and its processor, offline.
+
+    Same class, same forward, same generate as the real model - only smaller (see SIZES). The
+    weights depend only on `seed`; the tokenizer (trained on the toy corpus) only on the corpus.
+    The caller's random number generator state is left untouched."""
+    if size not in SIZES:
+        raise ValueError(f"build_tiny_model: unknown size {size!r}; choose from {list(SIZES)}")
+    s = SIZES[size]
+    tokenizer = build_tokenizer(s["vocab"])
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(s, tokenizer), vision_config=_vision_config(s),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        tie_word_embeddings=s["tie_embeddings"])
+    with torch.random.fork_rng(devices=[]):      # weights from `seed`, caller's RNG unchanged
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig()
+    _fill_generation_config(model, tokenizer)
+
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=s["min_pixels"], max_pixels=s["max_pixels"], patch_size=s["patch"],
+        temporal_patch_size=s["temporal_patch"], merge_size=s["merge"])
+    processor = QwenVLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Rollouts
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """G sampled completions for each of N prompts, with everything needed to score them again.
+
+    Layout is group-major: row b = prompt_index * num_samples + g, so the G rollouts of a group
+    are adjacent and `view(N, G)` recovers the groups. Every row owns a copy of its prompt's
+    image patches, which makes any subset of rows (a micro-batch) a complete, scoreable batch.
+
+    Frozen: build a variant with dataclasses.replace(r, pixel_values=...) (the masked-image
+    branch), never by assigning to a field - other phases of a step may hold the same object."""
+    prompt_ids: torch.Tensor          # [B, P] long, LEFT padded (generation needs the prompt's
+                                      #        last token at the same column for every row)
+    prompt_mask: torch.Tensor         # [B, P] long, 1 = real prompt token, 0 = left padding
+    mm_token_type_ids: torch.Tensor   # [B, P] long, 1 where the token is an <|image_pad|>: tells
+                                      #        the model where images sit, for the 3-D positions
+    pixel_values: torch.Tensor | None  # [rows, D] float, patch rows of all images, row order
+    image_grid_thw: torch.Tensor      # [n_images, 3] long, (t, h, w) patches of each image
+    images_per_rollout: torch.Tensor  # [B] long, how many images each row's prompt has
+    completion_ids: torch.Tensor      # [B, T] long, sampled tokens, padded on the right
+    completion_mask: torch.Tensor     # [B, T] float, 1 on generated tokens up to and INCLUDING
+                                      #        the first end-of-sequence token, 0 after it
+    texts: list[str]                  # [B] decoded completions, special tokens stripped
+    num_samples: int                  # G, rollouts per prompt in the original layout
+    pad_token_id: int = 0             # filler id under mask 0 (never an image token)
+
+    def __post_init__(self):
+        B, P = self.prompt_ids.shape
+        if self.prompt_mask.shape != (B, P) or self.mm_token_type_ids.shape != (B, P):
+            raise ValueError("Rollouts: prompt_ids, prompt_mask, mm_token_type_ids differ in shape")
+        if self.completion_ids.shape != self.completion_mask.shape or len(self.completion_ids) != B:
+            raise ValueError("Rollouts: completion_ids and completion_mask must both be [B, T]")
+        if len(self.texts) != B or self.images_per_rollout.shape != (B,):
+            raise ValueError("Rollouts: texts and images_per_rollout need one entry per row")
+        if int(self.images_per_rollout.sum()) != len(self.image_grid_thw):
+            raise ValueError("Rollouts: images_per_rollout does not add up to image_grid_thw")
+        rows = int(self.image_grid_thw.prod(-1).sum())
+        have = 0 if self.pixel_values is None else len(self.pixel_values)
+        if rows != have:
+            raise ValueError(f"Rollouts: image_grid_thw describes {rows} patch rows but "
+                             f"pixel_values has {have}")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def _pixel_rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch-row indices, image indices) that belong to the rollouts `indices`, in order."""
+        count = self.images_per_rollout.tolist()                           # [B]
+        first_image = [0, *accumulate(count)]                              # [B + 1]
+        rows_per_image = self.image_grid_thw.prod(-1).tolist()             # [n_images]
+        first_row = [0, *accumulate(rows_per_image)]                       # [n_images + 1]
+        images = [i for b in indices for i in range(first_image[b], first_image[b] + count[b])]
+        rows = [torch.arange(first_row[i], first_row[i] + rows_per_image[i]) for i in images]
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        return rows, torch.tensor(images, dtype=torch.long)
+
+    def select(self, indices) -> "Rollouts":
+        """A new Rollouts with rows `indices` (list, range or 1-D tensor) and THEIR images.
+
+        Copies, never views that a later in-place edit could leak through."""
+        idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        if any(not -len(self) <= i < len(self) for i in idx):
+            raise IndexError(f"Rollouts.select: indices {idx} out of range for {len(self)} rows")
+        idx = [i % len(self) for i in idx]                     # -1 -> last row, as in a list
+        rows, images = self._pixel_rows(idx)
+        where = lambda t: torch.tensor(idx, dtype=torch.long, device=t.device)
+        pixels = None
+        if self.pixel_values is not None and len(rows):
+            pixels = self.pixel_values[rows.to(self.pixel_values.device)]
+        return Rollouts(
+            prompt_ids=self.prompt_ids[where(self.prompt_ids)],
+            prompt_mask=self.prompt_mask[where(self.prompt_mask)],
+            mm_token_type_ids=self.mm_token_type_ids[where(self.mm_token_type_ids)],
+            pixel_values=pixels,
+            image_grid_thw=self.image_grid_thw[images.to(self.image_grid_thw.device)],
+            images_per_rollout=self.images_per_rollout[where(self.images_per_rollout)],
+            completion_ids=self.completion_ids[where(self.completion_ids)],
+            completion_mask=self.completion_mask[where(self.completion_mask)],
+            texts=[self.texts[i] for i in idx],
+            num_samples=self.num_samples, pad_token_id=self.pad_token_id)
+
+    def to(self, device) -> "Rollouts":
+        """The same rollouts with every tensor on `device` (tensors already there are shared)."""
+        move = lambda t: None if t is None else t.to(device)
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name))
+                                            for f in dataclasses.fields(self)
+                                            if torch.is_tensor(getattr(self, f.name))})
+
+
+def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """Stack several Rollouts (e.g. from repeated draws of DAPO's dynamic sampling) into one.
+
+    Prompts are re-padded on the LEFT and completions on the RIGHT to the longest of all parts;
+    padding carries mask 0, so scores of the real tokens do not change."""
+    if not parts:
+        raise ValueError("cat_rollouts: nothing to concatenate")
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+    pad = parts[0].pad_token_id
+    left = lambda t, value: F.pad(t, (P - t.shape[1], 0), value=value)   # [b, P]
+    right = lambda t, value: F.pad(t, (0, T - t.shape[1]), value=value)  # [b, T]
+    pixels = [r.pixel_values for r in parts if r.pixel_values is not None]
+    return Rollouts(
+        prompt_ids=torch.cat([left(r.prompt_ids, pad) for r in parts]),
+        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),
+        mm_token_type_ids=torch.cat([left(r.mm_token_type_ids, 0) for r in parts]),
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.cat([r.image_grid_thw for r in parts]),
+        images_per_rollout=torch.cat([r.images_per_rollout for r in parts]),
+        completion_ids=torch.cat([right(r.completion_ids, pad) for r in parts]),
+        completion_mask=torch.cat([right(r.completion_mask, 0) for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+        num_samples=parts[0].num_samples, pad_token_id=pad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Encoding prompts and images
+# ---------------------------------------------------------------------------------------------
+
+def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], num_samples: int):
+    """Repeat each prompt's patch rows and grid entries G times, group-major.
+
+    pixel_values holds the rows of all images back to back ([rows, D]); image i owns
+    image_grid_thw[i].prod() consecutive rows. Rollout b = n * G + g needs the rows of prompt
+    n's images, so prompt n's block of rows is repeated G times in place."""
+    rows_per_image = image_grid_thw.prod(-1).tolist()                  # [n_images]
+    blocks, grids, start, image = [], [], 0, 0
+    for count in images_per_prompt:
+        n_rows = sum(rows_per_image[image:image + count])
+        blocks += [pixel_values[start:start + n_rows]] * num_samples     # G x [n_rows, D]
+        grids += [image_grid_thw[image:image + count]] * num_samples     # G x [count, 3]
+        start, image = start + n_rows, image + count
+    return torch.cat(blocks), torch.cat(grids)
+
+
+def encode_images(processor, images_per_prompt: list[list], num_samples: int) -> dict:
+    """Image patches for N prompts, repeated G times: {"pixel_values": [rows, D],
+    "image_grid_thw": [n_images, 3]}, in the row order generate_rollouts uses.
+
+    train.py calls this with the MASKED pictures (blacked out in pixel space, before resizing
+    and normalising) to build the masked-image branch: the same processor settings make the same
+    grid, hence the same number of image tokens, so the rollouts' token ids can be reused as is.
+    Compare the returned grid with the rollouts' before using the pixels."""
+    flat = [image for images in images_per_prompt for image in images]
+    if not flat:
+        return {"pixel_values": None, "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
+    out = processor.image_processor(images=flat, return_tensors="pt")
+    pixels, grid = _repeat_images(out["pixel_values"], out["image_grid_thw"],
+                                  [len(images) for images in images_per_prompt], num_samples)
+    return {"pixel_values": pixels, "image_grid_thw": grid}
+
+
+def _count_image_entries(messages: list[dict]) -> int:
+    return sum(1 for m in messages if not isinstance(m.get("content"), str)
+               for part in m["content"] if part.get("type") == "image")
+
+
+def _encode_prompts(processor, prompts: list[dict], num_samples: int) -> dict:
+    """Chat template + tokenizer + image processor for N prompts, repeated G times.
+
+    Returns prompt_ids / prompt_mask / mm_token_type_ids [N*G, P] (left padded), pixel_values,
+    image_grid_thw and images_per_rollout [N*G]."""
+    for i, prompt in enumerate(prompts):
+        n_entries, n_images = _count_image_entries(prompt["messages"]), len(prompt["images"])
+        if n_entries != n_images:
+            raise ValueError(f"prompt {i}: its messages have {n_entries} image entries but "
+                             f"{n_images} images were given")
+    texts = [processor.apply_chat_template(p["messages"], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    # The processor expands each <|image_pad|> into as many copies as its image has tokens
+    # (read from the image grid) and runs the image processor - the same call encode_images
+    # makes, so the masked branch's pixels line up row for row with these.
+    flat = [image for p in prompts for image in p["images"]]
+    inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left",
+                       return_tensors="pt")
+    counts = [len(p["images"]) for p in prompts]
+    if flat:
+        pixels, grid = _repeat_images(inputs["pixel_values"], inputs["image_grid_thw"], counts,
+                                      num_samples)
+    else:
+        pixels, grid = None, torch.zeros(0, 3, dtype=torch.long)
+    repeat = lambda t: t.repeat_interleave(num_samples, dim=0)           # [N, P] -> [N*G, P]
+    return dict(
+        prompt_ids=repeat(inputs["input_ids"]),
+        prompt_mask=repeat(inputs["attention_mask"]),
+        mm_token_type_ids=repeat(inputs["mm_token_type_ids"]),
+        pixel_values=pixels, image_grid_thw=grid,
+        images_per_rollout=repeat(torch.tensor(counts, dtype=torch.long)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Sampling rollouts
+# ---------------------------------------------------------------------------------------------
+
+def _eos_ids(model) -> list[int]:
+    eos = unwrap(model).generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _vision_token_ids(model) -> list[int]:
+    """Tokens that only the processor may place. If the policy SAMPLES one, the next forward
+    sees an <|image_pad|> without an image (or a vision bracket without content) and fails with
+    "Image features and image tokens do not match" - a random or RL-perturbed model does sample
+    them now and then, so generation forbids them."""
+    c = unwrap(model).config
+    return [c.vision_start_token_id, c.vision_end_token_id, c.image_token_id, c.video_token_id]
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1.0 up to and including the FIRST end-of-sequence token of each row, 0.0 after it.
+
+    Not `completion_ids != pad_id`: Qwen pads with <|endoftext|>, which is also an EOS id, so
+    that test would drop the EOS itself - and the EOS is a generated token the policy must get
+    credit (or blame) for. A row without EOS (cut at max_new_tokens) is all ones.
+    Example: eos = 2, ids [5, 7, 2, 0, 0] -> [1, 1, 1, 0, 0]."""
+    eos = torch.tensor(eos_ids, device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos).long()                     # [B, T]
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos                  # [B, T] EOSs strictly before
+    return (eos_before == 0).float()                                    # [B, T]
+
+
+@torch.no_grad()
+def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int,
+                      max_new_tokens: int, temperature: float = 1.0,
+                      top_p: float = 1.0) -> Rollouts:
+    """Sample `num_samples` completions for each prompt with Hugging Face `generate`.
+
+    prompts: [{"messages": chat messages (data.make_messages), "images": [PIL images]}, ...]
+    temperature: 0 means greedy decoding; otherwise logits are divided by it before sampling
+        (completion_logprobs(..., temperature=same value) scores exactly that distribution).
+    top_p: nucleus sampling. Note that log-probs are always those of the full (temperature-
+        scaled) distribution, as in the official code; with top_p < 1 the sampler and the scorer
+        differ slightly, which the clipped importance ratio tolerates.
+
+    Works on a DDP-wrapped model (generation needs no gradient synchronisation, so it runs on the
+    bare model). The model is put in eval mode for sampling and restored afterwards."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    enc = _encode_prompts(processor, prompts, num_samples)
+    enc = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in enc.items()}
+    eos = _eos_ids(net)
+    pad = net.generation_config.pad_token_id
+    greedy = temperature == 0
+
+    # Every sampling knob is spelled out: unset fields are filled from the model's
+    # generation_config.json, and Qwen2.5-VL-Instruct ships top_k=1, top_p=0.001 and
+    # repetition_penalty=1.05 there - which would silently turn "sampling" into greedy decoding
+    # with a penalty. The global default top_k=50 would also truncate the distribution.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
+        temperature=1.0 if greedy else float(temperature), top_p=1.0 if greedy else float(top_p),
+        top_k=None if greedy else 0,                          # 0 = off; greedy ignores it
+        repetition_penalty=1.0, no_repeat_ngram_size=0,       # switched off
+        eos_token_id=eos, pad_token_id=pad,
+        suppress_tokens=_vision_token_ids(net),
+        # Gradient checkpointing switches the KV cache off, but only for forwards that record
+        # gradients in train mode. Generation runs in eval mode under no_grad, so with
+        # use_cache=True it keeps the cache: one pass over the prompt, then one token per step
+        # (the tests count the passes). Measured on the "small" model with checkpointing on,
+        # 16 rollouts x 32 tokens, 2 CPU threads: 0.065 s with the cache, 0.35 s without.
+        use_cache=True)
+
+    inputs = dict(input_ids=enc["prompt_ids"], attention_mask=enc["prompt_mask"],
+                  mm_token_type_ids=enc["mm_token_type_ids"])
+    if enc["pixel_values"] is not None:     # a text-only batch must not pass pixel_values=None
+        inputs.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    modes = {m: m.training for m in net.modules()}   # restore exactly, frozen parts included
+    net.eval()
+    try:
+        sequences = net.generate(**inputs, generation_config=config)      # [B, P + T]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+    completion_ids = sequences[:, enc["prompt_ids"].shape[1]:]             # [B, T]
+    completion_mask = completion_mask_from_eos(completion_ids, eos)        # [B, T]
+    texts = processor.tokenizer.batch_decode(
+        [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)],
+        skip_special_tokens=True)
+    return Rollouts(completion_ids=completion_ids, completion_mask=completion_mask, texts=texts,
+                    num_samples=num_samples, pad_token_id=pad, **enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Scoring: per-token log-probs (and entropies) of the completions
+# ---------------------------------------------------------------------------------------------
+#
+# Memory is the whole story here. With Qwen's vocabulary of 151,936 tokens, the logits of one
+# 2,048-token completion are 311M floats (1.2 GB in fp32), and log_softmax makes a second copy;
+# for a micro-batch of 8 that is ~20 GB before any backward - more than the model itself.
+#
+# Design:
+#   (a) one forward of prompt + completion through `model(...)` - the WRAPPER, so a
+#       DistributedDataParallel model registers the forward and all-reduces gradients later.
+#   (b) the model itself computes logits for the LAST position only (logits_to_keep=1, a
+#       [B, 1, V] throwaway). What we need are the hidden states after the final RMSNorm - the
+#       input of lm_head - and a forward hook on that norm catches them inside the wrapped
+#       call. Alternatives considered: output_hidden_states keeps every layer's [B, S, H]
+#       states alive until the call returns; calling the inner model directly would bypass
+#       DDP's hooks (no gradient all-reduce); logits_to_keep=T+1 still makes [B, T, V].
+#   (c) lm_head is applied by hand to chunks of `chunk_size` completion positions (only real
+#       ones: positions after the first EOS are skipped and get 0). Per chunk, in fp32:
+#           logp_t = z[token] - logsumexp(z)     H_t = logsumexp(z) - sum_v softmax(z)_v z_v
+#       with z = logits / temperature. Peak memory: chunk_size x V floats, not B x T x V.
+#   (d) with gradients, each chunk runs under torch.utils.checkpoint: its logits are freed
+#       after the forward and recomputed in the backward, so the graph holds only the hidden
+#       states and the [B, T] results.
+
+
+def _chunk_logp_entropy(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+    """Log-prob of `targets` and entropy under softmax(lm_head(hidden) / temperature).
+
+    hidden [n, H], targets [n] -> logp [n] (fp32), entropy [n] (fp32; zeros if not asked)."""
+    z = F.linear(hidden, weight, bias).float() / temperature          # [n, V] fp32
+    lse = torch.logsumexp(z, dim=-1)                                  # [n]
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse           # [n]
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    # -sum p log p = -sum p (z - lse) = lse - sum p z   (no [n, V] log-softmax tensor needed)
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)            # [n]
+    return logp, entropy
+
+
+def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
+    """Keyword arguments of the forward over prompt + completion."""
+    r = rollouts
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)                     # [B, S]
+    attention_mask = torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1)       # [B, S]
+    # Completion tokens are text (type 0). mm_token_type_ids is how the forward finds the images
+    # to give their tokens (time, row, column) positions, as generate did for the prompt.
+    # Without it there is no error: positions silently fall back to 1-D and log-probs drift.
+    mm_types = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], dim=1)  # [B, S]
+    has_images = pixel_values is not None and len(r.image_grid_thw) > 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types,
+                pixel_values=pixel_values if has_images else None,
+                image_grid_thw=r.image_grid_thw if has_images else None,
+                use_cache=False)    # a scoring pass has no next step: building a cache is waste
+
+
+def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
+                        with_entropy: bool = False, chunk_size: int = 512):
+    """Per-token log-probs of the completion tokens: logp [B, T] float32, or (logp, entropy).
+
+    logp[b, t] = log softmax(logits / temperature)[completion_ids[b, t]] given the prompt, the
+    images and completion_ids[b, :t]; entropy[b, t] = -sum_v p_v log p_v of that same
+    distribution (exact, over the whole vocabulary). Positions with completion_mask 0 (after
+    the first EOS) are 0 in both: they are not computed at all.
+
+    pixel_values: use these image patches instead of the rollouts' own (the masked-image
+        branch: same tokens, different picture; must have the same grid).
+    temperature: must equal the sampling temperature, so that these are the log-probs of the
+        distribution the tokens were drawn from. 0 (greedy) has no distribution: scored at 1.
+    chunk_size: completion positions per lm_head chunk; peak extra memory ~ chunk_size x V x 8
+        bytes (x12 with entropy).
+
+    Differentiable when called with gradients enabled (the policy update); call it under
+    torch.no_grad() for old / reference / masked-branch log-probs. `model` may be
+    DDP-wrapped: the forward goes through the wrapper. Results live on the model's device."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    r = rollouts.to(device)
+    pixels = r.pixel_values if pixel_values is None else pixel_values.to(device)
+    own = r.pixel_values
+    if pixel_values is not None and own is not None and pixels.shape != own.shape:
+        raise ValueError(f"completion_logprobs: pixel_values {tuple(pixels.shape)} do not match "
+                         f"the rollouts' {tuple(own.shape)} (different image grid?)")
+    temperature = float(temperature) if temperature > 0 else 1.0
+    B, T = r.completion_ids.shape
+
+    # (b) catch the final hidden states - only the T positions that predict completion tokens:
+    # position P-1+t (the last prompt token, then each completion token) predicts token t.
+    captured = {}
+
+    def keep_completion_states(module, args, output):
+        captured["hidden"] = output[:, -T - 1:-1]                        # [B, T, H]
+
+    hook = net.model.language_model.norm.register_forward_hook(keep_completion_states)
+    try:
+        model(**_scoring_inputs(r, pixels), logits_to_keep=1)        # (a) through the wrapper
+    finally:
+        hook.remove()
+    hidden = captured.pop("hidden")                                       # [B, T, H]
+
+    # (c) lm_head on the real completion positions only, chunk by chunk
+    real = r.completion_mask.bool()                                       # [B, T]
+    h = hidden[real]                                                      # [N, H]  N = real tokens
+    targets = r.completion_ids[real]                                      # [N]
+    weight, bias = net.lm_head.weight, net.lm_head.bias                   # [V, H], None
+    use_checkpoint = torch.is_grad_enabled() and h.requires_grad
+    logps, entropies = [], []
+    for start in range(0, len(h), chunk_size):
+        args = (h[start:start + chunk_size], weight, bias, targets[start:start + chunk_size],
+                temperature, with_entropy)
+        if use_checkpoint:   # (d) recompute this chunk's [n, V] logits in the backward
+            lp, ent = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp_entropy(*args)
+        logps.append(lp)
+        entropies.append(ent)
+
+    def scatter(values):    # [N] -> [B, T], zeros where the mask is 0 (out of place: keeps grad)
+        full = torch.zeros(B, T, dtype=torch.float32, device=device)
+        if not values:                                      # no real tokens: keep the graph alive
+            return full + 0.0 * hidden.sum()
+        return full.masked_scatter(real, torch.cat(values))
+
+    logp = scatter(logps)                                                 # [B, T]
+    return (logp, scatter(entropies)) if with_entropy else logp
+
+
+def naive_completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None,
+                              temperature: float = 1.0, with_entropy: bool = False):
+    """THE ORACLE for tests and benchmarks - same contract as completion_logprobs, computed the
+    obvious way: full [B, T, V] logits -> log_softmax -> gather. Memory-hungry; do not train
+    with it."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    r = rollouts.to(device)
+    pixels = r.pixel_values if pixel_values is None else pixel_values.to(device)
+    temperature = float(temperature) if temperature > 0 else 1.0
+    T = r.completion_ids.shape[1]
+    logits = model(**_scoring_inputs(r, pixels)).logits[:, -T - 1:-1]   # [B, T, V]
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)         # [B, T, V]
+    mask = r.completion_mask                                                   # [B, T]
+    logp = logp_all.gather(-1, r.completion_ids[..., None]).squeeze(-1) * mask  # [B, T]
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * mask                      # [B, T]
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Given answers as Rollouts (supervised warm start, evaluation of reference answers)
+# ---------------------------------------------------------------------------------------------
+
+def rollouts_from_texts(processor, prompts: list[dict], texts: list[str]) -> Rollouts:
+    """Rollouts whose completions are the given texts, each followed by <|im_end|>.
+
+    completion_logprobs on these is teacher forcing: -mean(logp) is the supervised loss, and it
+    uses the very code path that scores RL rollouts. One completion per prompt (G = 1)."""
+    if len(prompts) != len(texts):
+        raise ValueError(f"rollouts_from_texts: {len(prompts)} prompts but {len(texts)} texts")
+    tokenizer = processor.tokenizer
+    enc = _encode_prompts(processor, prompts, num_samples=1)
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
+    T = max(len(x) for x in ids)
+    completion_ids = torch.tensor([x + [pad] * (T - len(x)) for x in ids])            # [B, T]
+    completion_mask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids])  # [B, T]
+    return Rollouts(completion_ids=completion_ids, completion_mask=completion_mask,
+                    texts=list(texts), num_samples=1, pad_token_id=pad, **enc)

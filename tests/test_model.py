@@ -1,0 +1,498 @@
+"""Tests of model.py on the offline "tiny" Qwen2.5-VL.
+
+Oracles, not smoke tests: the fast log-prob path must equal generate's own logits and the naive
+full-vocabulary formula; micro-batching, gradient checkpointing and a save/load round trip must
+not change a number; the completion mask must count the first EOS and nothing after it.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageDraw
+
+import data
+import model as qwen
+
+MAX_NEW = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three toy prompts of different lengths (so left padding happens) plus one prompt with two
+    images of different sizes (so image rows per rollout differ)."""
+    rng = np.random.default_rng(0)
+    items = [data.toy_example(rng).to_prompt() for _ in range(3)]
+    two = [data.toy_example(rng).load_images()[0], data.toy_example(rng).load_images()[0]]
+    two[1] = two[1].resize((140, 84))   # -> a 6 x 10 patch grid, 15 image tokens
+    items.append({"messages": data.make_messages("Which picture has more shapes?", 2),
+                  "images": two})
+    return items
+
+
+def vocab_id(processor, token):
+    return processor.tokenizer.convert_tokens_to_ids(token)
+
+
+def generate_with_logits(model, processor, prompts, seed=0, **kwargs):
+    """generate_rollouts, plus the raw logits generate computed at each step ([B, T, V]): a hook
+    on lm_head records what generate itself saw, before any temperature / top-p processing."""
+    steps = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: steps.append(out[:, -1].float()))
+    try:
+        torch.manual_seed(seed)
+        rollouts = qwen.generate_rollouts(model, processor, prompts, **kwargs)
+    finally:
+        hook.remove()
+    return rollouts, torch.stack(steps, dim=1)
+
+
+def boost_logits(model, token_ids, amount, rows=None, step=None):
+    """A forward hook on lm_head that adds `amount` to the logits of `token_ids` (optionally only
+    for some rows / at one generation step): a way to force a random model's hand."""
+    calls = [0]
+
+    def hook(module, inputs, out):
+        s = calls[0]
+        calls[0] += 1
+        if step is not None and s != step:
+            return out
+        bump = torch.zeros(out.shape[-1], dtype=out.dtype)
+        bump[token_ids] = amount
+        out = out.clone()
+        which = slice(None) if rows is None else rows
+        out[which] = out[which] + bump                    # [b, L, V] + [V]
+        return out
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def black_square(image, box=(10, 10, 90, 90)):
+    masked = image.copy()
+    ImageDraw.Draw(masked).rectangle(box, fill=(0, 0, 0))
+    return masked
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probs: oracles
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.6, 1.0)])
+def test_logprobs_and_entropy_equal_generates_own_logits(tiny, prompts, temperature, top_p):
+    model, processor = tiny
+    r, logits = generate_with_logits(model, processor, prompts, num_samples=2,
+                                     max_new_tokens=MAX_NEW, temperature=temperature, top_p=top_p)
+    # the sampler's distribution: raw logits / temperature (top-p only truncates what is sampled)
+    ref_all = torch.log_softmax(logits / temperature, dim=-1)                     # [B, T, V]
+    ref = ref_all.gather(-1, r.completion_ids[..., None]).squeeze(-1)            # [B, T]
+    ref_entropy = -(ref_all.exp() * ref_all).sum(-1)                             # [B, T]
+    with torch.no_grad():
+        logp, entropy = qwen.completion_logprobs(model, r, temperature=temperature,
+                                                 with_entropy=True)
+    m = r.completion_mask.bool()
+    assert logp.dtype == torch.float32 and logp.shape == r.completion_ids.shape
+    torch.testing.assert_close(logp[m], ref[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[m], ref_entropy[m], rtol=0, atol=1e-5)
+    assert (logp[~m] == 0).all() and (entropy[~m] == 0).all()
+
+
+def test_text_only_prompts_with_left_padding(tiny):
+    """No image in the batch: the positions must still skip the left padding, as generate's do."""
+    model, processor = tiny
+    prompts = [{"messages": [{"role": "user", "content": "How many?"}], "images": []},
+               {"messages": [{"role": "user", "content": [{"type": "text", "text":
+                             "A much longer question about nothing in particular, really."}]}],
+                "images": []}]
+    r, logits = generate_with_logits(model, processor, prompts, num_samples=2,
+                                     max_new_tokens=MAX_NEW)
+    assert r.pixel_values is None and r.image_grid_thw.shape == (0, 3)
+    assert (r.prompt_mask[0] == 0).any()                      # the short prompt is padded
+    ref = torch.log_softmax(logits, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    m = r.completion_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(qwen.completion_logprobs(model, r)[m], ref[m], rtol=0, atol=1e-5)
+    assert len(r.select([3, 0])) == 2
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_chunked_equals_naive_values_and_gradients(tiny, prompts, chunk_size):
+    model, processor = tiny
+    r = generate_with_logits(model, processor, prompts, num_samples=2, max_new_tokens=MAX_NEW)[0]
+    weights = torch.randn(r.completion_ids.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(fn, **kw):
+        model.zero_grad(set_to_none=True)
+        logp, ent = fn(model, r, temperature=0.8, with_entropy=True, **kw)
+        ((logp * weights).sum() + (ent * weights.flip(0)).sum()).backward()
+        return logp.detach(), ent.detach(), grads(model)
+
+    fast = run(qwen.completion_logprobs, chunk_size=chunk_size)
+    slow = run(qwen.naive_completion_logprobs)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=0, atol=1e-5)
+    assert fast[2].keys() == slow[2].keys() and len(fast[2]) == len(list(model.parameters()))
+    for name in slow[2]:
+        torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_logprobs_without_grad_and_with_grad_agree(tiny, prompts):
+    model, processor = tiny
+    r = generate_with_logits(model, processor, prompts[:2], num_samples=2,
+                             max_new_tokens=MAX_NEW)[0]
+    with torch.no_grad():
+        frozen = qwen.completion_logprobs(model, r)
+    live = qwen.completion_logprobs(model, r)
+    assert not frozen.requires_grad and live.requires_grad
+    torch.testing.assert_close(live.detach(), frozen, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks, images, vision tokens
+# ---------------------------------------------------------------------------------------------
+
+def test_sampler_distribution_is_the_scored_one_whatever_the_generation_config_says(tiny, prompts):
+    """The distribution generate samples from must be the one completion_logprobs scores:
+    logits / temperature, with only the vision tokens removed. Qwen2.5-VL-Instruct's
+    generation_config.json ships top_k=1, top_p=0.001, temperature=0.1 and
+    repetition_penalty=1.05 (and transformers' global default is top_k=50); generate fills every
+    unset knob from there, so each left in place would silently change the sampler."""
+    model, processor = tiny
+    gc = model.generation_config
+    saved = (gc.do_sample, gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty)
+    hub_like = (True, 1, 0.001, 0.1, 1.05)
+    gc.do_sample, gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty = hub_like
+    seen = {}
+    original = model.generate
+
+    def spy(*args, **kwargs):   # generate's own processed scores and raw logits
+        out = original(*args, output_scores=True, output_logits=True,
+                       return_dict_in_generate=True, **kwargs)
+        seen["scores"], seen["logits"] = torch.stack(out.scores, 1), torch.stack(out.logits, 1)
+        return out.sequences
+
+    model.generate = spy
+    try:
+        torch.manual_seed(0)
+        r = qwen.generate_rollouts(model, processor, prompts, num_samples=2,
+                                   max_new_tokens=MAX_NEW, temperature=0.7, top_p=1.0)
+    finally:
+        del model.generate
+        gc.do_sample, gc.top_k, gc.top_p, gc.temperature, gc.repetition_penalty = saved
+    scores, logits = seen["scores"], seen["logits"].float()                        # [B, T, V]
+    vision = [vocab_id(processor, t) for t in
+              (qwen.VISION_START, qwen.VISION_END, qwen.IMAGE_PAD, qwen.VIDEO_PAD)]
+    allowed = torch.ones(scores.shape[-1], dtype=torch.bool)
+    allowed[vision] = False
+    assert torch.isneginf(scores[..., ~allowed]).all()
+    torch.testing.assert_close(scores[..., allowed], logits[..., allowed] / 0.7, rtol=0, atol=1e-6)
+    # and those logits are the ones completion_logprobs reproduces
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    m = r.completion_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(qwen.completion_logprobs(model, r, temperature=0.7)[m], ref[m],
+                                   rtol=0, atol=1e-5)
+
+
+def test_completion_mask_closed_form():
+    ids = torch.tensor([[5, 7, 2, 0, 0],     # EOS at 2, then pad (pad 0 is an EOS id too)
+                        [5, 7, 8, 9, 6],     # no EOS: cut at max_new_tokens, all count
+                        [2, 0, 0, 0, 0],     # EOS first
+                        [5, 0, 3, 2, 0]])    # <|endoftext|> (0) ends it as well
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    assert torch.equal(qwen.completion_mask_from_eos(ids, [2, 0]), expected.float())
+
+
+def test_generation_stops_at_eos_which_counts_and_padding_does_not(tiny, prompts):
+    model, processor = tiny
+    im_end = vocab_id(processor, qwen.IM_END)
+    pad = model.generation_config.pad_token_id
+    hook = boost_logits(model, [im_end], 1e4, rows=[0], step=3)   # row 0 must say EOS 4th
+    try:
+        torch.manual_seed(0)
+        r = qwen.generate_rollouts(model, processor, prompts[:2], num_samples=2,
+                                   max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert r.completion_ids[0, 3] == im_end
+    assert (r.completion_ids[0, 4:] == pad).all()
+    assert r.completion_mask[0].tolist() == [1.0] * 4 + [0.0] * (r.completion_ids.shape[1] - 4)
+    assert qwen.IM_END not in r.texts[0] and qwen.ENDOFTEXT not in r.texts[0]
+    expected = processor.tokenizer.decode(r.completion_ids[0, :3])
+    assert r.texts[0] == expected
+    # rows that never sampled an EOS keep every token
+    eos = torch.tensor(model.generation_config.eos_token_id)
+    for b in range(1, len(r)):
+        if not torch.isin(r.completion_ids[b], eos).any():
+            assert r.completion_mask[b].all()
+
+
+def test_vision_tokens_are_never_sampled(tiny, prompts):
+    model, processor = tiny
+    vision = [vocab_id(processor, t) for t in
+              (qwen.VISION_START, qwen.VISION_END, qwen.IMAGE_PAD, qwen.VIDEO_PAD)]
+    hook = boost_logits(model, vision, 30.0)    # without suppression they would win every draw
+    try:
+        torch.manual_seed(0)
+        r = qwen.generate_rollouts(model, processor, prompts[:2], num_samples=4,
+                                   max_new_tokens=MAX_NEW, temperature=1.5)
+    finally:
+        hook.remove()
+    assert not torch.isin(r.completion_ids, torch.tensor(vision)).any()
+    qwen.completion_logprobs(model, r)          # and the rollouts can be scored again
+
+
+def test_masked_image_changes_logprobs_not_shapes(tiny, prompts):
+    model, processor = tiny
+    G = 2
+    r = generate_with_logits(model, processor, prompts, num_samples=G, max_new_tokens=MAX_NEW)[0]
+    originals = [p["images"] for p in prompts]
+    # encode_images reproduces the rollouts' pixels exactly (same processor, same row order)
+    same = qwen.encode_images(processor, originals, G)
+    assert torch.equal(same["pixel_values"], r.pixel_values)
+    assert torch.equal(same["image_grid_thw"], r.image_grid_thw)
+
+    blacked = [[black_square(im) for im in ims] for ims in originals]
+    masked = qwen.encode_images(processor, blacked, G)
+    assert torch.equal(masked["image_grid_thw"], r.image_grid_thw)   # same number of image tokens
+    with torch.no_grad():
+        logp = qwen.completion_logprobs(model, r)
+        logp_masked = qwen.completion_logprobs(model, r, pixel_values=masked["pixel_values"])
+        logp_replace = qwen.completion_logprobs(
+            model, dataclasses.replace(r, pixel_values=masked["pixel_values"]))
+    m = r.completion_mask.bool()
+    assert logp_masked.shape == logp.shape
+    assert (logp_masked - logp)[m].abs().max() > 1e-3
+    torch.testing.assert_close(logp_masked, logp_replace, rtol=0, atol=0)
+    # the override never touched the rollouts' own pixels
+    assert torch.equal(r.pixel_values, same["pixel_values"])
+
+
+def test_pixel_values_must_match_the_grid(tiny, prompts):
+    model, processor = tiny
+    r = generate_with_logits(model, processor, prompts[:1], num_samples=2, max_new_tokens=4)[0]
+    with pytest.raises(ValueError, match="patch rows"):
+        dataclasses.replace(r, pixel_values=r.pixel_values[:-4])
+    with pytest.raises(ValueError, match="do not match"):
+        qwen.completion_logprobs(model, r, pixel_values=r.pixel_values[:-4])
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batching: select / cat_rollouts
+# ---------------------------------------------------------------------------------------------
+
+def test_select_gives_the_full_batch_logprobs(tiny, prompts):
+    model, processor = tiny
+    G = 2
+    r = generate_with_logits(model, processor, prompts, num_samples=G, max_new_tokens=MAX_NEW)[0]
+    assert len(r) == len(prompts) * G and r.num_samples == G
+    assert r.images_per_rollout.tolist() == [1, 1, 1, 1, 1, 1, 2, 2]
+    with torch.no_grad():
+        full = qwen.completion_logprobs(model, r)
+        for rows in ([0, 1], [6], [7, 2, 5], torch.tensor([6, 7, 0]), [-1, -3]):
+            part = r.select(rows)
+            idx = torch.as_tensor(rows) % len(r)
+            assert len(part) == len(idx) and part.texts == [r.texts[i] for i in idx]
+            assert len(part.image_grid_thw) == int(r.images_per_rollout[idx].sum())
+            torch.testing.assert_close(qwen.completion_logprobs(model, part), full[idx],
+                                       rtol=0, atol=1e-5)
+        with pytest.raises(IndexError):
+            r.select([len(r)])
+        # pieces glued back together (re-padded to the longest prompt) score the same again
+        glued = qwen.cat_rollouts([r.select([7, 6]), r.select(range(6))])
+        order = [7, 6, 0, 1, 2, 3, 4, 5]
+        torch.testing.assert_close(qwen.completion_logprobs(model, glued), full[order],
+                                   rtol=0, atol=1e-5)
+
+
+def test_every_rollout_carries_its_own_prompts_pixels(tiny, prompts):
+    model, processor = tiny
+    G = 3
+    r = generate_with_logits(model, processor, prompts, num_samples=G, max_new_tokens=4)[0]
+    for b in range(len(r)):
+        n = b // G                                   # group-major: row b belongs to prompt b // G
+        alone = processor.image_processor(images=prompts[n]["images"], return_tensors="pt")
+        row = r.select([b])
+        assert torch.equal(row.pixel_values, alone["pixel_values"])
+        assert torch.equal(row.image_grid_thw, alone["image_grid_thw"])
+        assert torch.equal(r.prompt_ids[b], r.prompt_ids[n * G])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient checkpointing, save / load, determinism, errors
+# ---------------------------------------------------------------------------------------------
+
+def test_gradient_checkpointing_same_gradients_and_cached_greedy_generation(tiny, prompts,
+                                                                             tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    plain, _ = qwen.load_model(tmp_path)
+    ckpt, _ = qwen.load_model(tmp_path, gradient_checkpointing=True)
+    blocks = list(ckpt.model.language_model.layers) + list(ckpt.model.visual.blocks)
+    assert all(b.gradient_checkpointing for b in blocks)      # both towers recompute
+    assert not plain.model.language_model.layers[0].gradient_checkpointing
+    plain.train(), ckpt.train()
+
+    greedy = dict(num_samples=1, max_new_tokens=MAX_NEW, temperature=0)
+    seen = []   # sequence length of each language-model call during generate
+    hook = ckpt.model.language_model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    r_plain = qwen.generate_rollouts(plain, processor, prompts, **greedy)
+    r_ckpt = qwen.generate_rollouts(ckpt, processor, prompts, **greedy)
+    hook.remove()
+    assert torch.equal(r_plain.completion_ids, r_ckpt.completion_ids)
+    # KV cache in use: one pass over the prompt, then one token per step
+    T = r_ckpt.completion_ids.shape[1]
+    assert seen == [r_ckpt.prompt_ids.shape[1]] + [1] * (T - 1)
+    assert ckpt.training and plain.training                 # train mode restored
+
+    grads_by_model = []
+    for m in (plain, ckpt):
+        logp, ent = qwen.completion_logprobs(m, r_plain, with_entropy=True)
+        (-(logp * r_plain.completion_mask).sum() + ent.sum()).backward()
+        grads_by_model.append(grads(m))
+    a, b = grads_by_model
+    assert a.keys() == b.keys() and len(a) == len(list(plain.parameters()))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_greedy_generation_is_the_argmax_of_generates_logits(tiny, prompts):
+    model, processor = tiny
+    r, logits = generate_with_logits(model, processor, prompts[:2], num_samples=2,
+                                     max_new_tokens=MAX_NEW, temperature=0)
+    m = r.completion_mask.bool()
+    assert torch.equal(logits.argmax(-1)[m], r.completion_ids[m])
+    assert torch.equal(r.completion_ids[0], r.completion_ids[1])   # greedy: a group is identical
+
+
+def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
+    model, processor = tiny
+    r = generate_with_logits(model, processor, prompts, num_samples=2, max_new_tokens=MAX_NEW)[0]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = qwen.load_model(str(tmp_path), dtype="float32")
+    assert isinstance(loaded, type(model)) and isinstance(loaded_processor, type(processor))
+    assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
+    assert loaded.generation_config.pad_token_id == model.generation_config.pad_token_id
+    # the same prompts encode to the same tokens and pixels
+    again = qwen.generate_rollouts(loaded, loaded_processor, prompts, num_samples=2,
+                                   max_new_tokens=1)
+    assert torch.equal(again.prompt_ids, r.prompt_ids)
+    assert torch.equal(again.pixel_values, r.pixel_values)
+    with torch.no_grad():
+        torch.testing.assert_close(qwen.completion_logprobs(loaded, r),
+                                   qwen.completion_logprobs(model, r), rtol=0, atol=0)
+
+
+def test_load_model_dtype_and_device(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = qwen.load_model(tmp_path, dtype="bfloat16", device="cpu")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    loaded, _ = qwen.load_model(tmp_path, dtype=torch.float16)
+    assert next(loaded.parameters()).dtype == torch.float16
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        qwen.load_model(tmp_path, dtype="floaty")
+
+
+def test_build_tiny_model_is_deterministic_per_seed():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, pa = qwen.build_tiny_model(seed=3)
+    assert torch.equal(torch.rand(1), before)        # the caller's random stream is untouched
+    b, pb = qwen.build_tiny_model(seed=3)
+    c, _ = qwen.build_tiny_model(seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
+    assert pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+    # Qwen's special tokens exist, are single tokens, and the config points at them
+    tok = pa.tokenizer
+    assert tok.convert_tokens_to_ids(qwen.IMAGE_PAD) == a.config.image_token_id
+    assert tok.convert_tokens_to_ids(qwen.VISION_START) == a.config.vision_start_token_id
+    assert tok.eos_token == qwen.IM_END and tok.pad_token == qwen.ENDOFTEXT
+    assert len(tok(qwen.IMAGE_PAD * 3, add_special_tokens=False)["input_ids"]) == 3
+    assert 300 <= len(tok) <= 600 and a.config.text_config.vocab_size == len(tok)
+
+
+def test_tiny_processor_gives_16_tokens_for_112px_and_qwen_chat_format(tiny, prompts):
+    model, processor = tiny
+    text = processor.apply_chat_template(prompts[0]["messages"], add_generation_prompt=True,
+                                         tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                           "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    r = qwen.generate_rollouts(model, processor, prompts[:1], num_samples=1, max_new_tokens=1)
+    assert prompts[0]["images"][0].size == (112, 112)
+    assert r.image_grid_thw.tolist() == [[1, 8, 8]]
+    assert int((r.prompt_ids == model.config.image_token_id).sum()) == 16
+    assert torch.equal(r.mm_token_type_ids, (r.prompt_ids == model.config.image_token_id).long())
+
+
+def test_load_model_errors_name_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        qwen.load_model(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"empty.*config\.json"):
+        qwen.load_model(empty)
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"llama.*'llama'.*qwen2_5_vl"):
+        qwen.load_model(other)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken"):
+        qwen.load_model(broken)
+
+
+def test_load_model_without_processor_files_says_so(tiny, tmp_path):
+    model, _ = tiny
+    model.save_pretrained(tmp_path)            # weights only
+    with pytest.raises(ValueError, match="processor"):
+        qwen.load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-forced targets
+# ---------------------------------------------------------------------------------------------
+
+def test_rollouts_from_texts_encode_prompt_like_generation_and_end_with_eos(tiny, prompts):
+    model, processor = tiny
+    texts = ["<think>I see 3 shapes.</think> \\boxed{3}", "no", "\\boxed{1}", "x y"]
+    t = qwen.rollouts_from_texts(processor, prompts, texts)
+    g = qwen.generate_rollouts(model, processor, prompts, num_samples=1, max_new_tokens=1)
+    assert torch.equal(t.prompt_ids, g.prompt_ids) and torch.equal(t.pixel_values, g.pixel_values)
+    im_end = vocab_id(processor, qwen.IM_END)
+    for b, text in enumerate(texts):
+        n = int(t.completion_mask[b].sum())
+        ids = t.completion_ids[b, :n]
+        assert ids[-1] == im_end and processor.tokenizer.decode(ids[:-1]) == text
+    # supervised loss through the RL scoring path has a gradient
+    loss = -(qwen.completion_logprobs(model, t) * t.completion_mask).sum()
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)

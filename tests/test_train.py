@@ -1,0 +1,186 @@
+"""End-to-end checks of the training loop on the "tiny" offline model (seconds each)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import model as qwen
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    """A configuration small enough for a unit test: tiny model, 64 toy rows, 2-step warm start."""
+    return ["--tiny-size", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--toy-train-size", "64", "--toy-eval-size", "4", "--eval-samples", "1",
+            "--sft-steps", "2", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
+            "--max-new-tokens", "8", "--micro-batch-size", "8", "--sample-every", "1",
+            "--save-every", "1", *extra]
+
+
+def params(folder: Path) -> dict[str, torch.Tensor]:
+    policy, _ = qwen.load_model(str(folder))
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def last_checkpoint(run: Path) -> Path:
+    return train.latest_checkpoint(run)
+
+
+def test_smoke_one_step_changes_parameters_and_logs_every_field(tmp_path):
+    """Smoke test: one PAPO-G step runs, its loss is finite and the parameters move."""
+    result = train.main(tiny_args(tmp_path, "--lr", "1e-2"))
+    run = tmp_path / "run"
+    start = params(train.warm_start_path(train.parse_config(tiny_args(tmp_path))))
+    after = params(last_checkpoint(run))
+    assert any(not torch.equal(start[k], after[k]) for k in start)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("reward", "accuracy", "format", "kl_prcp", "kl_ref", "entropy_orig",
+                "entropy_mask", "clip_low", "clip_high", "clip_dual", "response_length",
+                "zero_var_frac", "grad_norm", "t_rollout", "t_score", "t_update", "pg_loss"):
+        assert key in row, key
+        assert row[key] == row[key], key  # not NaN
+    assert result["before"] is not None and result["after"] is not None
+    assert (run / "curves.png").is_file()
+
+
+def test_resume_is_exact(tmp_path):
+    """2 steps, then resume to 4 == 4 steps in one go (same parameters, same metrics)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(); b.mkdir()
+    common = ["--cache", str(tmp_path / "cache")]
+    train.main(tiny_args(a, "--steps", "4", *common))
+    train.main(tiny_args(b, "--steps", "2", *common))
+    train.main(["--resume", str(b / "run"), "--steps", "4"])
+    pa, pb = params(last_checkpoint(a / "run")), params(last_checkpoint(b / "run"))
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    rows = lambda r: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()]
+    ra, rb = rows(a / "run"), rows(b / "run")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    run = tmp_path / "run"
+    good = last_checkpoint(run)
+    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    policy, processor = qwen.load_model(str(good))
+    optimizer = torch.optim.AdamW(policy.parameters())
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(torch, "save", crash)     # dies after the weights, before the state
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(run, 2, policy, processor, optimizer, {"step": 2}, cfg)
+    monkeypatch.undo()
+    assert last_checkpoint(run) == good
+    qwen.load_model(str(last_checkpoint(run)))      # still complete and loadable
+    assert (good / "trainer_state.pt").is_file()
+
+
+def test_bad_configuration_fails_before_heavy_work(tmp_path, capsys):
+    for extra, needle in [(["--group-size", "1"], "--group-size"),
+                          (["--data", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
+                          (["--preset", "ppo"], "preset"),
+                          (["--prompts-per-step", "6", "--updates-per-step", "5"], "--updates-per-step")]:
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tmp_path, *extra))
+        assert needle in str(err.value) + capsys.readouterr().err
+
+
+def test_papo_preset_on_a_dataset_without_images_is_refused(tmp_path):
+    rows = tmp_path / "text.jsonl"
+    rows.write_text(json.dumps({"problem": "1+1?", "answer": "2", "images": []}) + "\n")
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tmp_path, "--data", str(rows)))
+    assert "image" in str(err.value)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_identical_parameters(tmp_path):
+    """Two gloo ranks train 2 steps; train.py gathers a fingerprint of every rank's parameters
+    at the end, and they must be identical (gradients were all-reduced every update)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", str(REPO / "train.py"), *tiny_args(tmp_path, "--steps", "2")]
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, timeout=300)
+    final = json.loads((tmp_path / "run" / "final_eval.json").read_text())
+    prints = final["rank_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]       # rank 0 alone logged
+
+
+def _tiny_batch(tmp_path, *extra):
+    """A real rollout batch of the tiny model on the toy task, and everything that made it."""
+    cfg = train.parse_config(tiny_args(tmp_path, *extra))
+    d = train.Dist()
+    train.prepare_toy_data(cfg, d)
+    examples, _ = train.load_datasets(cfg)
+    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    return cfg, d, examples, policy, processor
+
+
+def test_dynamic_sampling_drops_groups_whose_rollouts_all_agree(tmp_path, monkeypatch):
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--max-draws", "2")
+    calls = []
+
+    def fake_rewards(rollouts, prompts, group_size):
+        # groups 0 and 2 of every draw: all wrong / all right (no signal); 1 and 3: mixed
+        calls.append(len(rollouts))
+        acc = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]],
+                           dtype=torch.float32).flatten()
+        return acc * 0.9 + 0.1, acc, torch.ones_like(acc)
+    monkeypatch.setattr(train, "reward_phase", fake_rewards)
+    batch, cursor, stats = train.collect_batch(policy, processor, examples, cfg, d, step=1,
+                                               cursor=0, need_masked=False)
+    assert len(calls) == 2 and cursor == 8              # refilled once, then gave up (max 2)
+    assert stats["zero_var_groups"] == 4 and stats["groups"] == 8
+    # kept: the two mixed groups of each draw, whole groups, in order
+    assert len(batch.rollouts) == 4 * 4
+    assert batch.accuracy.view(-1, 4).tolist() == [[1, 0, 1, 0], [0, 1, 1, 1]] * 2
+    assert torch.allclose(batch.advantages.view(-1, 4).sum(-1), torch.zeros(4), atol=1e-6)
+
+
+def test_without_dynamic_sampling_nothing_is_dropped(tmp_path, monkeypatch):
+    cfg, d, examples, policy, processor = _tiny_batch(tmp_path, "--preset", "grpo")
+    monkeypatch.setattr(train, "reward_phase", lambda r, p, g: (torch.zeros(len(r)),) * 3)
+    batch, cursor, stats = train.collect_batch(policy, processor, examples, cfg, d, step=1,
+                                               cursor=0, need_masked=False)
+    assert len(batch.rollouts) == 16 and stats["zero_var_groups"] == 4 and cursor == 4
+    assert torch.equal(batch.advantages, torch.zeros(16))
+
+
+@pytest.mark.parametrize("perception_grad", [False, True])
+def test_perception_grad_decides_whether_the_masked_branch_carries_gradient(tmp_path,
+                                                                            perception_grad):
+    extra = ["--perception-grad"] if perception_grad else []
+    cfg, d, examples, policy, processor = _tiny_batch(tmp_path, "--preset", "papo-g", "--beta", "0", *extra)
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    idx = torch.arange(len(batch.rollouts))
+    masked_logp, _ = train._masked_branch(batch, policy, idx, cfg)
+    assert masked_logp.requires_grad == perception_grad
+    assert (batch.masked_logp is None) == perception_grad    # detached: computed once, up front
+    # The perception term alone: its parameter gradient includes the masked branch's only
+    # when --perception-grad is on, so the two modes give different gradients.
+    logp = qwen.completion_logprobs(policy, batch.rollouts)
+    mask = batch.rollouts.completion_mask
+    d_term = (train.papo.perception_kl(logp, masked_logp) * mask).sum()
+    grads = torch.autograd.grad(d_term, list(policy.parameters()), allow_unused=True,
+                                retain_graph=True)
+    detached = train.papo.perception_kl(logp, masked_logp.detach())
+    grads_l_only = torch.autograd.grad((detached * mask).sum(), list(policy.parameters()),
+                                       allow_unused=True)
+    same = all((a is None and b is None) or torch.allclose(a, b) for a, b in zip(grads, grads_l_only))
+    assert same != perception_grad

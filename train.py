@@ -1,0 +1,876 @@
+"""PAPO / GRPO / DAPO training of a Qwen2.5-VL policy with verifiable rewards.
+
+    python train.py                               # offline default: tiny model + toy task, CPU
+    torchrun --nproc_per_node 2 train.py          # the same, data-parallel over 2 processes
+    torchrun --nproc_per_node 2 train.py --preset papo-g \
+        --model Qwen/Qwen2.5-VL-3B-Instruct --data train.jsonl --eval-data test.jsonl
+
+One RL step, as in the algorithm box of the paper (each phase is a function below):
+
+    1. draw prompts          each rank takes its own shard of the step's prompts
+    2. mask images           PAPO only: one patch mask per prompt, shared by its G rollouts
+    3. generate              G rollouts per prompt with HF `generate`
+    4. reward                rule-based: 0.9 * accuracy + 0.1 * format
+    5. advantages            group-normalised rewards (GRPO); DAPO drops all-equal groups
+    6. score                 old / reference / masked-image log-probs, no gradient
+    7. update                mini-batches of micro-batches; the loss of papo.papo_loss is
+                             normalised by the GLOBAL token count, then AdamW
+
+Everything the paper's objective needs is in papo.py (math), model.py (transformers) and data.py
+(prompts, files, rewards); this file only wires them together, plus the plumbing a real run needs:
+torchrun/DDP, gradient checkpointing, bf16 autocast, atomic checkpoints with exact resume,
+metrics.jsonl, a collapse watch and a final before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+import data
+import eval as evaluation
+import model as qwen
+import papo
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: one dataclass, a docstring ("help") per field, named presets.
+# Precedence: field defaults (the official 3B recipe) < offline-toy overrides (when --model is
+# not given) < --preset < explicit command-line flags.
+# ---------------------------------------------------------------------------------------------
+
+def arg(default, help: str):
+    """A dataclass field that carries its own documentation (shown by `--help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+TOY_TASKS_DEFAULT = ",".join(data.DEFAULT_TOY_TASKS)   # (inside Config, `data` is a field)
+
+
+@dataclass
+class Config:
+    # --- what to train on --------------------------------------------------------------------
+    preset: str = arg("papo-g", "grpo | papo-g | dapo | papo-d: objective settings of the paper.")
+    model: str = arg("", "Qwen2.5-VL hub id or local folder. Empty: the offline tiny model, "
+                         "warm-started on the toy task (cached).")
+    data: str = arg("", "Training JSONL ({problem, answer, images}). Empty: the offline toy task.")
+    eval_data: str = arg("", "Held-out JSONL for the before/after table. Empty: the toy held-out "
+                             "split when training on the toy task, else no evaluation.")
+    out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
+    resume: str = arg("", "Run folder to continue from its latest checkpoint (exactly).")
+    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
+    steps: int = arg(200, "Number of RL steps (rollout batches).")
+
+    # --- rollouts ----------------------------------------------------------------------------
+    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.")
+    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).")
+    max_new_tokens: int = arg(2048, "Longest response, in tokens.")
+    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).")
+    top_p: float = arg(0.99, "Nucleus sampling of rollouts.")
+
+    # --- optimisation ------------------------------------------------------------------------
+    lr: float = arg(1e-6, "AdamW learning rate (constant).")
+    weight_decay: float = arg(0.01, "AdamW weight decay.")
+    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
+    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
+    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
+
+    # --- the objective (set by --preset; see papo.py and PAPO_REFERENCE section 4) -----------
+    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
+    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
+    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
+    clip_low: float = arg(0.2, "PPO clip range below 1.")
+    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
+    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
+    agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
+                                      "seq-mean-token-sum | seq-mean-token-sum-norm.")
+    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+    entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
+                                 "or exact (-sum p log p from the logits).")
+    dynamic_sampling: bool = arg(False, "DAPO: drop groups whose accuracy is all 0 or all 1 and "
+                                        "draw more prompts to refill the batch.")
+    max_draws: int = arg(4, "Dynamic sampling: most rollout batches drawn to fill one step.")
+    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
+    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
+    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+    perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
+                                       "(the paper's general form). Default: detached, computed "
+                                       "once per rollout batch (official).")
+
+    # --- infrastructure ----------------------------------------------------------------------
+    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (non-reentrant).")
+    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
+    sample_every: int = arg(25, "Log a few sample completions every N steps.")
+    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
+    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
+
+    # --- the offline default (used only when --model is empty) -------------------------------
+    tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
+    toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (data.TOY_TASKS).")
+    toy_train_size: int = arg(8192, "Toy training split size.")
+    toy_eval_size: int = arg(256, "Toy held-out split size.")
+    sft_steps: int = arg(600, "Most steps of the supervised warm start on the toy solutions.")
+    sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
+    sft_batch: int = arg(32, "Batch size of the warm start.")
+    sft_target_acc: float = arg(0.5, "Stop the warm start once SAMPLED held-out accuracy reaches "
+                                     "this: RL needs a model mid-way through learning the task.")
+    cache: str = arg("cache", "Folder for the toy datasets and warm-start checkpoints.")
+
+
+# The paper's four recipes (PAPO_REFERENCE section 4). Only the objective differs.
+PRESETS: dict[str, dict] = {
+    "grpo":   dict(gamma=0.0, eta_orig=0.0, eta_mask=0.0, beta=0.01, clip_high=0.3,
+                   dynamic_sampling=False),
+    "papo-g": dict(gamma=0.02, eta_orig=0.0, eta_mask=0.0, beta=0.01, clip_high=0.3,
+                   dynamic_sampling=False),
+    "dapo":   dict(gamma=0.0, eta_orig=0.0, eta_mask=0.0, beta=0.0, clip_high=0.28,
+                   dynamic_sampling=True),
+    "papo-d": dict(gamma=0.01, eta_orig=0.03, eta_mask=0.03, beta=0.0, clip_high=0.28,
+                   dynamic_sampling=True),
+}
+
+# The offline toy world (TOY_WORLD_NOTES): a model of ~1M parameters learns with a much larger
+# learning rate, short responses and small batches; G = 8 keeps enough groups with mixed rewards.
+TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4,
+                     updates_per_step=1, micro_batch_size=64, steps=150, save_every=50)
+
+
+def parse_config(argv=None) -> Config:
+    """Build the command line from the dataclass, then apply the precedence described above."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if f.type in ("bool", bool):
+            # --flag / --no-flag; SUPPRESS keeps "not given" distinguishable from the default.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_ + f" (default: {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
+                                help=help_ + f" (default: {f.default})")
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("resume"):
+        # Continue with the run's own settings; flags given now (e.g. --steps) still win.
+        saved = Path(given["resume"]) / "config.json"
+        if not saved.is_file():
+            parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
+        return Config(**{**json.loads(saved.read_text()), **given})
+    values = {}
+    if not given.get("model"):
+        values.update(TOY_OVERRIDES)
+    values.update(PRESETS[preset])
+    values.update(given)
+    return Config(**values)
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    """Refuse bad settings before any heavy work, with a message that names the flag."""
+    problems = []
+    if cfg.group_size < 2:
+        problems.append(f"--group-size {cfg.group_size}: a group needs at least 2 rollouts "
+                        "(advantages are rewards relative to the group mean)")
+    if cfg.prompts_per_step % world_size:
+        problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
+                        f"{world_size} processes")
+    local = cfg.prompts_per_step // max(world_size, 1) * cfg.group_size
+    if cfg.updates_per_step < 1 or (local and local % cfg.updates_per_step):
+        problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
+                        f"{local} rollouts each process holds per step")
+    if cfg.micro_batch_size < 1:
+        problems.append("--micro-batch-size must be >= 1")
+    if not 0.0 <= cfg.mask_ratio <= 1.0:
+        problems.append(f"--mask-ratio {cfg.mask_ratio} is not in [0, 1]")
+    if cfg.agg_mode not in papo.AGG_MODES:
+        problems.append(f"--agg-mode {cfg.agg_mode!r}: choose one of {', '.join(papo.AGG_MODES)}")
+    if cfg.entropy not in ("sample", "exact"):
+        problems.append(f"--entropy {cfg.entropy!r}: choose sample or exact")
+    if cfg.model and not cfg.data:
+        problems.append("--model is given but --data is not: a real model needs a JSONL dataset "
+                        "(the toy task is only for the offline tiny model)")
+    for name in ("data", "eval_data"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            problems.append(f"--{name.replace('_', '-')} {path}: no such file")
+    if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
+        problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
+    if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
+        problems.append(f"--resume {cfg.resume}: no checkpoint there (latest.txt missing)")
+    if problems:
+        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+
+
+def uses_masked_branch(cfg: Config) -> bool:
+    return cfg.gamma > 0 or cfg.eta_mask > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed preamble (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process).
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:  # only rank 0 logs and writes files
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    if "RANK" not in os.environ:
+        d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        d = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ["LOCAL_RANK"]))
+        if torch.cuda.is_available():
+            d.device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(d.device)
+        # nccl for GPUs, gloo for CPU processes (the offline default under torchrun).
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
+    if d.device.type == "cpu":
+        # Tiny models on CPU produce denormal floats that slow every op by 10x part-way through a
+        # run (TOY_WORLD_NOTES); flushing them to zero costs nothing measurable.
+        torch.set_flush_denormal(True)
+        if d.world > 1:  # processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
+    return d
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) a tensor over ranks; a no-op in a single process."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def unwrap(m):
+    return m.module if isinstance(m, DDP) else m
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
+    """A seed that is a pure function of (run seed, step, rank): masks, data order and sampling of
+    step s are identical whether the run got there in one go or through a resume."""
+    return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % 2**31
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU keeps fp32 master weights (an lr of 1e-6 vanishes in bf16 weights)."""
+    use = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a JSONL dataset, or the offline toy task written to the cache folder once.
+# ---------------------------------------------------------------------------------------------
+
+def toy_paths(cfg: Config) -> tuple[Path, Path]:
+    tasks = cfg.toy_tasks.replace(",", "+")
+    root = Path(cfg.cache) / f"toy-{tasks}"
+    return root / f"train-{cfg.toy_train_size}", root / f"heldout-{cfg.toy_eval_size}"
+
+
+def prepare_toy_data(cfg: Config, d: Dist) -> None:
+    """Write the toy splits once (rank 0), so every later run and every rank reads the same files.
+    Train and held-out use disjoint seeds, so no held-out image is ever trained on."""
+    tasks = tuple(t for t in cfg.toy_tasks.split(",") if t)
+    unknown = [t for t in tasks if t not in data.TOY_TASKS]
+    if unknown:
+        raise SystemExit(f"train.py: --toy-tasks: unknown task(s) {unknown}; "
+                         f"choose from {', '.join(data.TOY_TASKS)}")
+    if d.main:
+        for folder, n, seed in zip(toy_paths(cfg), (cfg.toy_train_size, cfg.toy_eval_size),
+                                   (1, 2)):
+            if not (folder / "data.jsonl").is_file():
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                data.make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks)
+                tmp.rename(folder)
+    barrier()
+
+
+def load_datasets(cfg: Config) -> tuple[list[data.Example], list[data.Example]]:
+    """Every row is validated before training starts (data.load_jsonl): a bad row - including one
+    without an image, which the masked branch could not mask - stops the run with file:line."""
+    train_dir, eval_dir = toy_paths(cfg)
+    train_file = Path(cfg.data) if cfg.data else train_dir / "data.jsonl"
+    eval_file = Path(cfg.eval_data) if cfg.eval_data else (None if cfg.data else eval_dir / "data.jsonl")
+    try:
+        train = data.load_jsonl(train_file)
+        heldout = data.load_jsonl(eval_file) if eval_file else []
+    except data.DatasetError as err:
+        raise SystemExit(f"train.py: {err}") from None
+    return train, heldout[: cfg.eval_size or None]
+
+
+def draw_prompts(examples: list[data.Example], cfg: Config, d: Dist, cursor: int, n: int,
+                 ) -> tuple[list[data.Example], int]:
+    """This rank's share of the next `n` prompts (global count) after `cursor` prompts were used.
+
+    The dataset is shuffled once per epoch with a seed shared by all ranks; the run walks through
+    that order, and rank r takes every world-th prompt of each slice. The cursor is saved in
+    checkpoints, so a resumed run draws exactly the prompts the uninterrupted run would have."""
+    orders: dict[int, np.ndarray] = {}
+    picked = []
+    for k in range(cursor + d.rank, cursor + n, d.world):
+        epoch, idx = divmod(k, len(examples))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
+        picked.append(examples[orders[epoch][idx]])
+    return picked, cursor + n
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+# ---------------------------------------------------------------------------------------------
+# The offline warm start: a short supervised stage on the toy task's worked solutions, so that
+# RL starts from a model that formats its answers and is right some of the time (a random model
+# earns reward 0 on every rollout, and every advantage is 0). Cached: it runs once per setting.
+# ---------------------------------------------------------------------------------------------
+
+def warm_start_path(cfg: Config) -> Path:
+    tasks = cfg.toy_tasks.replace(",", "+")
+    return (Path(cfg.cache) / f"warmstart-{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
+            f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}")
+
+
+def warm_start(cfg: Config, d: Dist, train: list[data.Example],
+               heldout: list[data.Example]) -> Path:
+    """Supervised fine-tuning = maximising completion_logprobs of the worked solution: the same
+    function that scores rollouts in RL, so the warm start exercises exactly the RL code path."""
+    path = warm_start_path(cfg)
+    if d.main and not (path / "config.json").is_file():
+        seed_everything(cfg.seed)
+        policy, processor = qwen.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+        probe = heldout[:64]
+        bar = tqdm(range(1, cfg.sft_steps + 1), desc="warm start", dynamic_ncols=True)
+        acc = 0.0
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, step, 17])
+            batch = [train[i] for i in rng.integers(0, len(train), cfg.sft_batch)]
+            prompts = [ex.to_prompt() for ex in batch]
+            targets = qwen.rollouts_from_texts(processor, prompts, [ex.solution for ex in batch])
+            # A short linear warm-up keeps the first large-lr steps of a random model stable.
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.sft_lr * min(1.0, step / 20)
+            logp = qwen.completion_logprobs(policy, targets)                    # [B, T]
+            loss = -papo.aggregate(logp, targets.completion_mask)               # token-mean NLL
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            if step % 25 == 0:
+                acc = evaluation.evaluate(policy, processor, probe, samples=2, temperature=1.0,
+                                          max_new_tokens=cfg.max_new_tokens, seed=step,
+                                          mask_ratios=())["accuracy"]
+                if acc >= cfg.sft_target_acc:
+                    break
+            bar.set_postfix(nll=f"{loss.item():.3f}", sampled_acc=f"{acc:.2f}")
+        bar.close()
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        tmp.rename(path)
+        print(f"warm start: {step} steps, sampled accuracy on 64 held-out prompts {acc:.2f} "
+              f"-> {path}")
+    barrier()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One RL step, phase by phase.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One rank's rollout batch, ready for the update. B = prompts * G rollouts, group-major."""
+    rollouts: qwen.Rollouts                   # token ids, masks, original-image pixels
+    masked: qwen.Rollouts | None              # the same rollouts with the masked images' pixels
+    rewards: torch.Tensor                     # [B]
+    accuracy: torch.Tensor                    # [B]
+    fmt: torch.Tensor                         # [B]
+    advantages: torch.Tensor                  # [B]
+    old_logp: torch.Tensor | None = None      # [B, T] policy that sampled (None: on-policy)
+    ref_logp: torch.Tensor | None = None      # [B, T] frozen reference policy
+    masked_logp: torch.Tensor | None = None   # [B, T] policy on the masked images, pre-update
+    masked_entropy: torch.Tensor | None = None  # [B, T] exact entropy of that branch
+
+
+def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, seed: int,
+                   need_masked: bool) -> tuple[qwen.Rollouts, qwen.Rollouts | None]:
+    """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
+    G rollouts of a group are all compared against the SAME corrupted picture: their advantages
+    and their KL_prcp then differ only through the sampled text."""
+    items = [ex.to_prompt() for ex in prompts]
+    torch.manual_seed(seed)                         # sampling of this step is reproducible
+    rollouts = qwen.generate_rollouts(policy, processor, items, num_samples=cfg.group_size,
+                                      max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p)
+    masked = None
+    if need_masked:
+        rng = np.random.default_rng(seed)
+        masked_images = [papo.mask_image(it["images"], patch_size=cfg.mask_patch,
+                                         ratio=cfg.mask_ratio, rng=rng, mode=cfg.mask_mode)
+                         for it in items]
+        # Masking happens on the raw picture; the processor then resizes and normalises the masked
+        # picture exactly like the original, so the number of image tokens is unchanged.
+        pixels = qwen.encode_images(processor, masked_images, cfg.group_size)
+        if not torch.equal(pixels["image_grid_thw"], rollouts.image_grid_thw):
+            raise RuntimeError("masked images produced a different image-token grid")
+        masked = dataclasses.replace(rollouts, pixel_values=pixels["pixel_values"])
+    return rollouts, masked
+
+
+def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int):
+    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (data.reward_details)."""
+    details = [data.reward_details(text, prompts[b // group_size].answer)
+               for b, text in enumerate(rollouts.texts)]
+    as_tensor = lambda key: torch.tensor([x[key] for x in details], dtype=torch.float32)
+    return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")
+
+
+def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, cursor: int,
+                  need_masked: bool) -> tuple[Batch | None, int, dict]:
+    """Phases 1-5: draw, mask, generate, reward, advantages (+ DAPO's dynamic sampling).
+
+    Without dynamic sampling this is one draw. With it, groups whose rollouts all got the same
+    accuracy carry zero advantage and no learning signal, so they are dropped and more prompts
+    are drawn until the batch is full again or `max_draws` draws were made."""
+    per_rank = cfg.prompts_per_step // d.world
+    kept: list[tuple] = []
+    stats = dict(reward=[], accuracy=[], format=[], length=[], zero_var_groups=0, groups=0)
+    for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
+        prompts, cursor = draw_prompts(examples, cfg, d, cursor, cfg.prompts_per_step)
+        seed = step_seed(cfg, step, d.rank, salt=draw)
+        rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed, need_masked)
+        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size)
+        advantages = papo.group_advantages(rewards, cfg.group_size)
+        by_group = acc.view(-1, cfg.group_size)                              # [N, G]
+        zero_var = (by_group == by_group[:, :1]).all(dim=1)                  # [N]
+        # statistics describe every sampled rollout, before any group is dropped
+        stats["reward"].append(rewards); stats["accuracy"].append(acc); stats["format"].append(fmt)
+        stats["length"].append(rollouts.completion_mask.sum(-1).float())
+        stats["zero_var_groups"] += int(zero_var.sum()); stats["groups"] += len(zero_var)
+        keep = (papo.dynamic_sampling_keep(by_group) if cfg.dynamic_sampling
+                else torch.ones(len(prompts), dtype=torch.bool))
+        groups = keep.nonzero().flatten()
+        rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten()
+        kept.append((rollouts.select(rows), masked.select(rows) if masked else None,
+                     rewards[rows], acc[rows], fmt[rows], advantages[rows]))
+        n_kept = sum(len(k[0]) for k in kept) // cfg.group_size
+        # every rank must agree on when to stop drawing (they run collective ops in lockstep)
+        if int(all_reduce(torch.tensor(n_kept), op=dist.ReduceOp.MIN)) >= per_rank:
+            break
+    stats["draws"] = draw + 1
+    # all ranks train on the same number of groups, or their micro-batch loops would differ
+    n_groups = int(all_reduce(torch.tensor(n_kept), op=dist.ReduceOp.MIN))
+    n_groups = min(n_groups, per_rank)
+    if n_groups == 0:
+        return None, cursor, stats
+    rollouts = qwen.cat_rollouts([k[0] for k in kept]).select(range(n_groups * cfg.group_size))
+    masked = (qwen.cat_rollouts([k[1] for k in kept]).select(range(n_groups * cfg.group_size))
+              if need_masked else None)
+    tensors = [torch.cat([k[i] for k in kept])[: n_groups * cfg.group_size] for i in range(2, 6)]
+    device = rollouts.completion_ids.device
+    return Batch(rollouts, masked, *[t.to(device) for t in tensors]), cursor, stats
+
+
+@torch.no_grad()
+def score_phase(batch: Batch, policy, ref_model, cfg: Config, d: Dist) -> None:
+    """Phase 6: log-probs that the update treats as constants, with the pre-update weights.
+
+    - old: needed only when one rollout batch feeds several optimizer steps (after the first,
+      the policy has moved away from the one that sampled); with one update it equals the live
+      log-prob, so the update uses that, detached, and this forward is skipped.
+    - ref: the frozen starting policy, for the beta * KL_ref term.
+    - masked (official PAPO): the policy on the masked images, computed ONCE here and detached.
+      Its gradient would push the masked branch AWAY from the original one (raising KL by making
+      the blind policy worse) - the official code does not train that branch; --perception-grad
+      recomputes it with gradient at every update instead."""
+    mb = cfg.micro_batch_size
+    rows = [torch.arange(i, min(i + mb, len(batch.rollouts)))
+            for i in range(0, len(batch.rollouts), mb)]
+
+    def run(model, rollouts, with_entropy=False):
+        outs = []
+        for idx in rows:
+            with autocast(cfg, d.device):
+                outs.append(qwen.completion_logprobs(model, rollouts.select(idx),
+                                                     temperature=cfg.temperature,
+                                                     with_entropy=with_entropy))
+        if with_entropy:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
+    policy.eval()   # no dropout in Qwen2.5-VL, but be explicit: scoring is inference
+    if cfg.updates_per_step > 1:
+        batch.old_logp = run(policy, batch.rollouts)
+    if cfg.beta > 0:
+        batch.ref_logp = run(ref_model, batch.rollouts)
+    if batch.masked is not None and not cfg.perception_grad:
+        if cfg.entropy == "exact":
+            batch.masked_logp, batch.masked_entropy = run(policy, batch.masked, with_entropy=True)
+        else:
+            batch.masked_logp = run(policy, batch.masked)
+    policy.train()
+
+
+def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: int) -> dict:
+    """Phase 7: `updates_per_step` optimizer steps on disjoint mini-batches, each accumulated over
+    micro-batches.
+
+    Normalisation: papo.aggregate divides by the GLOBAL number of tokens (or sequences) of the
+    mini-batch, summed over micro-batches AND ranks, so the accumulated gradient equals that of
+    one big batch whatever the micro-batch size or the number of GPUs. DDP averages gradients
+    over ranks, hence the factor world size on each rank's loss."""
+    B = len(batch.rollouts)
+    mask = batch.rollouts.completion_mask.float()                            # [B, T]
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(step_seed(cfg, step, d.rank, 3)))
+    sums: dict[str, float] = {}
+    weight = 0.0
+    grad_norms, skipped = [], 0
+    for mini in perm.chunk(cfg.updates_per_step):
+        count = mask[mini].sum() if cfg.agg_mode == "token-mean" else torch.tensor(float(len(mini)))
+        normalizer = all_reduce(count)
+        micros = mini.split(cfg.micro_batch_size)
+        for i, idx in enumerate(micros):
+            # only the last micro-batch all-reduces gradients; the others accumulate locally
+            sync = i == len(micros) - 1 or not isinstance(policy, DDP)
+            with (contextlib.nullcontext() if sync else policy.no_sync()):
+                micro = batch.rollouts.select(idx)
+                with autocast(cfg, d.device):
+                    out = qwen.completion_logprobs(policy, micro, temperature=cfg.temperature,
+                                                   with_entropy=cfg.entropy == "exact")
+                    logp, ent = out if cfg.entropy == "exact" else (out, None)
+                    masked_logp, masked_ent = _masked_branch(batch, policy, idx, cfg)
+                old = batch.old_logp[idx] if batch.old_logp is not None else logp.detach()
+                loss, metrics = papo.papo_loss(
+                    logp, old, batch.advantages[idx], mask[idx],
+                    masked_logp=masked_logp,
+                    ref_logp=batch.ref_logp[idx] if batch.ref_logp is not None else None,
+                    gamma=cfg.gamma, eta_orig=cfg.eta_orig, eta_mask=cfg.eta_mask, beta=cfg.beta,
+                    clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
+                    entropy=cfg.entropy, entropy_orig=ent, entropy_mask=masked_ent,
+                    normalizer=normalizer, max_len=cfg.max_new_tokens)
+                (loss * d.world).backward()
+            w = float(mask[idx].sum())          # token-weighted average of per-micro metrics
+            for k, v in metrics.items():
+                if k != "loss":
+                    sums[k] = sums.get(k, 0.0) + v * w
+            weight += w
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        if torch.isfinite(grad_norm):   # gradients are all-reduced, so every rank agrees
+            optimizer.step()
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        grad_norms.append(float(grad_norm))
+    # average the metrics over ranks, weighted by their token counts
+    packed = all_reduce(torch.tensor([weight] + [sums[k] for k in sorted(sums)], dtype=torch.float64))
+    out = {k: float(v / max(packed[0], 1.0)) for k, v in zip(sorted(sums), packed[1:])}
+    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped)
+    return out
+
+
+def _masked_branch(batch: Batch, policy, idx, cfg: Config):
+    """Masked-branch log-probs for this micro-batch: the detached ones from score_phase, or -
+    with --perception-grad - a fresh forward WITH gradient (a second forward through the same
+    DDP wrapper before one backward is fine: each parameter's gradient hook fires once)."""
+    if batch.masked is None:
+        return None, None
+    if not cfg.perception_grad:
+        ent = batch.masked_entropy[idx] if batch.masked_entropy is not None else None
+        return batch.masked_logp[idx], ent
+    out = qwen.completion_logprobs(policy, batch.masked.select(idx), temperature=cfg.temperature,
+                                   with_entropy=cfg.entropy == "exact")
+    return out if cfg.entropy == "exact" else (out, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder and renamed, then `latest.txt` is replaced
+# atomically - a crash at any moment leaves the previous checkpoint complete and pointed to.
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: dict,
+                    cfg: Config) -> Path:
+    final = run / f"checkpoint-{step:06d}"
+    tmp = run / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(policy).save_pretrained(tmp)      # loadable by model.load_model and plain transformers
+    processor.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "state": state,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               tmp / "trainer_state.pt")
+    (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run / "latest.txt.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, run / "latest.txt")   # the commit point
+    old = sorted(run.glob("checkpoint-*"))[: -cfg.keep_checkpoints]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path:
+    return run / (run / "latest.txt").read_text().strip()
+
+
+def load_trainer_state(folder: Path, optimizer) -> dict:
+    blob = torch.load(folder / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    rng = blob["rng"]
+    torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return blob["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl, samples.jsonl, a tqdm bar, the collapse watch and the curves.
+# ---------------------------------------------------------------------------------------------
+
+def collapse_warning(history: list[dict], window: int = 10) -> str | None:
+    """The "KL_prcp hacking" signature (PAPO_REFERENCE section 7): KL_prcp jumps while the entropy
+    of BOTH branches rises - the policy raises the divergence by emitting tokens that are unlikely
+    under any image, not by looking more closely. Returns a warning or None."""
+    if len(history) <= window or "kl_prcp" not in history[-1]:
+        return None
+    past, now = history[-window - 1:-1], history[-1]
+    mean = lambda k: float(np.mean([h[k] for h in past]))
+    kl_jump = now["kl_prcp"] > 2.0 * mean("kl_prcp") + 1e-3
+    rising = all(now[k] > 1.1 * mean(k) for k in ("entropy_orig", "entropy_mask"))
+    if kl_jump and rising:
+        return (f"step {now['step']}: possible KL_prcp hacking - KL_prcp {now['kl_prcp']:.4f} vs "
+                f"{mean('kl_prcp'):.4f} over the last {window} steps while both entropies rise "
+                f"(orig {now['entropy_orig']:.3f}, mask {now['entropy_mask']:.3f}). Consider a "
+                "smaller --gamma, the Double Entropy Loss (--eta-orig/--eta-mask) or --beta > 0.")
+    return None
+
+
+CURVES = [("reward", "reward"), ("accuracy", "accuracy"), ("kl_prcp", "KL_prcp"),
+          ("entropy_orig", "entropy (original)"), ("entropy_mask", "entropy (masked)"),
+          ("kl_ref", "KL_ref"), ("response_length", "response length"),
+          ("clip_high", "clip fraction (high)")]
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+        ax.set_title(title); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(out_png, dpi=90); plt.close(fig)
+
+
+def evaluate_heldout(policy, processor, heldout, cfg: Config, d: Dist) -> dict | None:
+    """Held-out accuracy and format rate with the original and with the masked (ratio 0.6) image;
+    rank 0 only (the other ranks wait)."""
+    result = None
+    if d.main and heldout:
+        with autocast(cfg, d.device):
+            result = evaluation.evaluate(unwrap(policy), processor, heldout,
+                                         samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
+                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                         mask_ratios=(cfg.mask_ratio,), batch_size=64)
+    barrier()
+    return result
+
+
+def print_table(before: dict | None, after: dict | None, cfg: Config) -> str:
+    if not before or not after:
+        return ""
+    key = f"accuracy_mask{cfg.mask_ratio}"
+    rows = [("accuracy, original image", "accuracy"), (f"accuracy, image masked {cfg.mask_ratio}", key),
+            ("format rate", "format")]
+    lines = [f"held-out ({before['n']} questions x {cfg.eval_samples} samples, temperature 1.0)",
+             f"{'':34s} {'before RL':>10s} {'after RL':>10s} {'change':>8s}"]
+    for name, k in rows:
+        lines.append(f"{name:34s} {before[k]:10.3f} {after[k]:10.3f} {after[k] - before[k]:+8.3f}")
+    return "\n".join(lines)
+
+
+def rank_fingerprints(policy) -> list[list[float]]:
+    """Every rank's (sum, sum of squares, weighted sum) of its parameters in float64: a cheap
+    check that data-parallel replicas are still identical (they must be: each update applies the
+    same all-reduced gradient to the same weights)."""
+    flat = torch.cat([p.detach().double().flatten() for p in unwrap(policy).parameters()])
+    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    mine = [float(flat.sum()), float((flat ** 2).sum()), float((flat * ramp).sum())]
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None):
+    """The trainable policy (DDP-wrapped under torchrun) and, when beta > 0, a frozen reference
+    copy of the STARTING policy (also after a resume)."""
+    policy, processor = qwen.load_model(str(resume_from or init_path), device=d.device,
+                                        gradient_checkpointing=cfg.gradient_checkpointing)
+    ref = None
+    if cfg.beta > 0:
+        ref, _ = qwen.load_model(init_path, device=d.device) if resume_from else (copy.deepcopy(policy), None)
+        ref.requires_grad_(False).eval()
+    policy.train()
+    if d.world > 1:
+        policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return policy, processor, ref
+
+
+def main(argv=None) -> dict:
+    hf_logging.disable_progress_bar()   # transformers' per-save/load bars would drown the log
+    cfg = parse_config(argv)
+    d = setup_distributed()
+    check_config(cfg, d.world)
+    run = Path(cfg.resume or cfg.out)
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    seed_everything(cfg.seed + d.rank)
+
+    if not cfg.data:
+        prepare_toy_data(cfg, d)
+    train, heldout = load_datasets(cfg)
+    init_path = cfg.model or str(warm_start(cfg, d, train, heldout))
+    resume_from = latest_checkpoint(run) if cfg.resume else None
+    policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    state = {"step": 0, "cursor": 0, "before": None, "history": []}
+    if resume_from:
+        state = load_trainer_state(resume_from, optimizer)
+        if d.main:  # drop log rows written after the checkpoint (the crash's unfinished work)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                f = run / name
+                if f.is_file():
+                    keep = [l for l in f.read_text().splitlines()
+                            if l.strip() and json.loads(l)["step"] <= state["step"]]
+                    f.write_text("".join(l + "\n" for l in keep))
+        print(f"resumed from {resume_from} at step {state['step']}") if d.main else None
+    else:
+        if d.main:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (run / name).unlink(missing_ok=True)
+        state["before"] = evaluate_heldout(policy, processor, heldout, cfg, d)
+
+    need_masked = uses_masked_branch(cfg)
+    bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
+               dynamic_ncols=True, initial=state["step"], total=cfg.steps)
+    for step in bar:
+        times = {}
+        t0 = time.perf_counter()
+        batch, state["cursor"], stats = collect_batch(policy, processor, train, cfg, d, step,
+                                                      state["cursor"], need_masked)
+        times["t_rollout"] = time.perf_counter() - t0
+        metrics = {}
+        if batch is not None:
+            t0 = time.perf_counter()
+            score_phase(batch, policy, ref, cfg, d)
+            times["t_score"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = update_phase(batch, policy, optimizer, cfg, d, step)
+            times["t_update"] = time.perf_counter() - t0
+        # statistics of all sampled rollouts, averaged over ranks
+        means = all_reduce(torch.stack([torch.cat(stats[k]).mean() for k in
+                                        ("reward", "accuracy", "format", "length")]))
+        counts = all_reduce(torch.tensor([stats["zero_var_groups"], stats["groups"]], dtype=torch.float64))
+        row = dict(step=step, reward=float(means[0]) / d.world, accuracy=float(means[1]) / d.world,
+                   format=float(means[2]) / d.world, response_length=float(means[3]) / d.world,
+                   zero_var_frac=float(counts[0] / counts[1]), draws=stats["draws"],
+                   kept_rollouts=len(batch.rollouts) if batch else 0, **metrics, **times)
+        state["step"] = step
+        state["history"] = (state["history"] + [row])[-50:]
+        if d.main:
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
+                            kl_prcp=f"{row.get('kl_prcp', float('nan')):.4f}")
+            warning = collapse_warning(state["history"])
+            if warning:
+                tqdm.write("WARNING " + warning)
+            if batch is not None and cfg.sample_every and step % cfg.sample_every == 0:
+                with open(run / "samples.jsonl", "a") as f:
+                    for b in range(0, len(batch.rollouts), cfg.group_size)[:3]:
+                        sample = dict(step=step, text=batch.rollouts.texts[b],
+                                      reward=float(batch.rewards[b]))
+                        f.write(json.dumps(sample) + "\n")
+                tqdm.write(f"[step {step}] sample (reward {sample['reward']:.1f}): "
+                           f"{sample['text'][:160]!r}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            if d.main:
+                save_checkpoint(run, step, policy, processor, optimizer, state, cfg)
+            barrier()
+    bar.close()
+
+    after = evaluate_heldout(policy, processor, heldout, cfg, d)
+    result = {"before": state["before"], "after": after,
+              "rank_fingerprints": rank_fingerprints(policy)}
+    if d.main:
+        (run / "final_eval.json").write_text(json.dumps(result, indent=2))
+        if (run / "metrics.jsonl").is_file():
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+        table = print_table(state["before"], after, cfg)
+        if table:
+            print(table)
+            (run / "final_table.txt").write_text(table + "\n")
+        print(f"run folder: {run}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -336,7 +336,11 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     Entropies. entropy="sample": H_orig = agg(-l), H_mask = agg(-a), the official estimates.
     entropy="exact": H = -sum_v p_v log p_v per token, either precomputed ([B, T] entropy_orig /
     entropy_mask, so the caller need not keep [B, T, V] logits alive) or from logits /
-    masked_logits [B, T, V]; precomputed values take precedence.
+    masked_logits [B, T, V]; precomputed values take precedence. Beware what the sample form
+    can do: on tokens drawn from the CURRENT policy, E_pi[grad(-log pi)] = 0, so agg(-l) pushes
+    entropy down only through what breaks that identity (tokens sampled by an older policy in
+    later mini-batches, top-p truncation, the length-dependent token-mean weights). The exact
+    form's gradient is the entropy's own gradient (notebooks/02_objective.ipynb shows both).
 
     Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
     metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is

@@ -130,7 +130,7 @@ class Config:
     toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (data.TOY_TASKS).")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
-    sft_steps: int = arg(600, "Most steps of the supervised warm start on the toy solutions.")
+    sft_steps: int = arg(1200, "Most steps of the supervised warm start on the toy solutions.")
     sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
     sft_batch: int = arg(32, "Batch size of the warm start.")
     sft_target_acc: float = arg(0.5, "Stop the warm start once SAMPLED held-out accuracy reaches "
@@ -158,8 +158,11 @@ TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e
 
 def parse_config(argv=None) -> Config:
     """Build the command line from the dataclass, then apply the precedence described above."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    epilog = ("Defaults shown are the official Qwen2.5-VL-3B recipe. Without --model the offline "
+              "toy run overrides: " + ", ".join(f"{k}={v}" for k, v in TOY_OVERRIDES.items())
+              + ". Presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                                          for name, p in PRESETS.items()) + ".")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"]
@@ -266,11 +269,15 @@ def setup_distributed() -> Dist:
 
 
 def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or `op`) a tensor over ranks; a no-op in a single process."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
+    """Sum (or `op`) a tensor over ranks; a no-op in a single process. nccl reduces only CUDA
+    tensors and gloo only CPU ones, so the value travels to the backend's device and back."""
+    if not dist.is_initialized():
+        return x
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    y = x.detach().to(device).clone()
+    dist.all_reduce(y, op=op or dist.ReduceOp.SUM)
+    return y.to(x.device)
 
 
 def unwrap(m):
@@ -370,8 +377,7 @@ def warm_start_path(cfg: Config) -> Path:
             f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}")
 
 
-def warm_start(cfg: Config, d: Dist, train: list[data.Example],
-               heldout: list[data.Example]) -> Path:
+def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
     """Supervised fine-tuning = maximising completion_logprobs of the worked solution: the same
     function that scores rollouts in RL, so the warm start exercises exactly the RL code path."""
     path = warm_start_path(cfg)
@@ -379,7 +385,9 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example],
         seed_everything(cfg.seed)
         policy, processor = qwen.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-        probe = heldout[:64]
+        # The stopping rule watches a slice of the TRAINING split that the warm start never
+        # trains on, so the held-out numbers reported later were not used to pick the model.
+        train, probe = train[:-64], train[-64:]
         bar = tqdm(range(1, cfg.sft_steps + 1), desc="warm start", dynamic_ncols=True)
         acc = 0.0
         for step in bar:
@@ -409,7 +417,7 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example],
         policy.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         tmp.rename(path)
-        print(f"warm start: {step} steps, sampled accuracy on 64 held-out prompts {acc:.2f} "
+        print(f"warm start: {step} steps, sampled accuracy on 64 unseen training prompts {acc:.2f} "
               f"-> {path}")
     barrier()
     return path
@@ -480,14 +488,15 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
     for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
         prompts, cursor = draw_prompts(examples, cfg, d, cursor, cfg.prompts_per_step)
         seed = step_seed(cfg, step, d.rank, salt=draw)
-        rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed, need_masked)
+        with autocast(cfg, d.device):
+            rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed, need_masked)
         rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size)
         advantages = papo.group_advantages(rewards, cfg.group_size)
         by_group = acc.view(-1, cfg.group_size)                              # [N, G]
         zero_var = (by_group == by_group[:, :1]).all(dim=1)                  # [N]
         # statistics describe every sampled rollout, before any group is dropped
         stats["reward"].append(rewards); stats["accuracy"].append(acc); stats["format"].append(fmt)
-        stats["length"].append(rollouts.completion_mask.sum(-1).float())
+        stats["length"].append(rollouts.completion_mask.sum(-1).float().cpu())
         stats["zero_var_groups"] += int(zero_var.sum()); stats["groups"] += len(zero_var)
         keep = (papo.dynamic_sampling_keep(by_group) if cfg.dynamic_sampling
                 else torch.ones(len(prompts), dtype=torch.bool))
@@ -715,11 +724,13 @@ def evaluate_heldout(policy, processor, heldout, cfg: Config, d: Dist) -> dict |
     rank 0 only (the other ranks wait)."""
     result = None
     if d.main and heldout:
+        start = time.perf_counter()
         with autocast(cfg, d.device):
             result = evaluation.evaluate(unwrap(policy), processor, heldout,
                                          samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                          mask_ratios=(cfg.mask_ratio,), batch_size=64)
+        result["seconds"] = round(time.perf_counter() - start, 1)
     barrier()
     return result
 
@@ -764,6 +775,8 @@ def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None)
     if cfg.beta > 0:
         ref, _ = qwen.load_model(init_path, device=d.device) if resume_from else (copy.deepcopy(policy), None)
         ref.requires_grad_(False).eval()
+        if d.device.type == "cuda":   # frozen: bf16 weights suffice and halve its memory
+            ref.to(torch.bfloat16)
     policy.train()
     if d.world > 1:
         policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -784,7 +797,7 @@ def main(argv=None) -> dict:
     if not cfg.data:
         prepare_toy_data(cfg, d)
     train, heldout = load_datasets(cfg)
-    init_path = cfg.model or str(warm_start(cfg, d, train, heldout))
+    init_path = cfg.model or str(warm_start(cfg, d, train))
     resume_from = latest_checkpoint(run) if cfg.resume else None
     policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,

@@ -184,3 +184,14 @@ def test_perception_grad_decides_whether_the_masked_branch_carries_gradient(tmp_
                                        allow_unused=True)
     same = all((a is None and b is None) or torch.allclose(a, b) for a, b in zip(grads, grads_l_only))
     assert same != perception_grad
+
+
+def test_collapse_warning_fires_only_on_the_kl_prcp_hacking_signature():
+    calm = [dict(step=i, kl_prcp=0.10, entropy_orig=0.50, entropy_mask=0.80) for i in range(10)]
+    hacked = dict(step=10, kl_prcp=0.50, entropy_orig=0.70, entropy_mask=1.00)
+    assert "KL_prcp" in train.collapse_warning(calm + [hacked])
+    # a KL jump with falling entropy is the intended effect, not collapse
+    assert train.collapse_warning(calm + [{**hacked, "entropy_orig": 0.40}]) is None
+    # rising entropies without a KL jump: no warning either
+    assert train.collapse_warning(calm + [{**hacked, "kl_prcp": 0.12}]) is None
+    assert train.collapse_warning(calm[:5] + [hacked]) is None         # too little history

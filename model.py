@@ -698,7 +698,7 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
 
 
 def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
-                        with_entropy: bool = False, chunk_size: int = 512):
+                        with_entropy: bool = False, chunk_size: int = 256):
     """Per-token log-probs of the completion tokens: logp [B, T] float32, or (logp, entropy).
 
     logp[b, t] = log softmax(logits / temperature)[completion_ids[b, t]] given the prompt, the

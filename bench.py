@@ -443,8 +443,8 @@ def run_step(s: Setup, objective: str, memory: bool = False) -> dict:
     """Score and update one objective on the shared batch, from the initial weights.
 
     Returns the seconds of each phase (0.0 for a phase the objective does not have), or with
-    memory=True the step's peak memory instead: the tensors held before it (policy, reference,
-    this objective's batch) plus what the score and update phases allocate on top."""
+    memory=True the step's peak memory instead: the larger of (tensors held before scoring +
+    what scoring allocates) and (tensors held before the update + what the update allocates)."""
     cfg = s.cfgs[objective]
     uses_mask = train.uses_masked_branch(cfg)
     times = dict.fromkeys(PHASES, 0.0)
@@ -459,7 +459,8 @@ def run_step(s: Setup, objective: str, memory: bool = False) -> dict:
     resident = tensor_bytes(s.policy, s.ref, batch)
     expected = {"old": cfg.updates_per_step > 1, "ref": cfg.beta > 0,
                 "masked": uses_mask and not cfg.perception_grad}
-    with (PeakMemory(s.d.device) if memory else contextlib.nullcontext()) as mem:
+    watch = lambda: PeakMemory(s.d.device) if memory else contextlib.nullcontext()
+    with watch() as mem_score:
         for part, field in SCORE_PARTS.items():
             part_cfg, part_batch = _only(part, cfg, batch)
             _, seconds = clock(lambda: train.score_phase(part_batch, s.policy, s.ref, part_cfg,
@@ -474,13 +475,20 @@ def run_step(s: Setup, objective: str, memory: bool = False) -> dict:
                 setattr(batch, field, getattr(part_batch, field))
                 if part == "masked":
                     batch.masked_entropy = part_batch.masked_entropy
+                    batch.masked = part_batch.masked   # score_phase drops the masked pictures
+    # What the update starts from: score_phase has released what it no longer needs (the masked
+    # pictures), so the two phases' peaks are measured apart and the larger one is the step's.
+    resident_update = tensor_bytes(s.policy, s.ref, batch)
+    with watch() as mem_update:
         _, times["update"] = clock(lambda: train.update_phase(batch, s.policy, optimizer, cfg,
                                                               s.d, STEP), s.d.device)
     del optimizer
     if memory:
-        return {"peak_mib": None if mem.extra is None else (resident + mem.extra) / MIB,
-                "resident_mib": resident / MIB,
-                "step_extra_mib": None if mem.extra is None else mem.extra / MIB}
+        if mem_score.extra is None or mem_update.extra is None:
+            return {"peak_mib": None, "resident_mib": resident / MIB, "step_extra_mib": None}
+        peak = max(resident + mem_score.extra, resident_update + mem_update.extra)
+        return {"peak_mib": peak / MIB, "resident_mib": resident / MIB,
+                "step_extra_mib": (peak - resident) / MIB}
     return times
 
 

@@ -388,7 +388,8 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
         # The stopping rule watches a slice of the TRAINING split that the warm start never
         # trains on, so the held-out numbers reported later were not used to pick the model.
-        train, probe = train[:-64], train[-64:]
+        n_probe = min(64, len(train) // 4)
+        train, probe = train[:-n_probe], train[-n_probe:]
         bar = tqdm(range(1, cfg.sft_steps + 1), desc="warm start", dynamic_ncols=True)
         acc = 0.0
         for step in bar:
@@ -418,7 +419,7 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
         policy.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         tmp.rename(path)
-        print(f"warm start: {step} steps, sampled accuracy on 64 unseen training prompts {acc:.2f} "
+        print(f"warm start: {step} steps, sampled accuracy on {n_probe} unseen training prompts {acc:.2f} "
               f"-> {path}")
     barrier()
     return path
@@ -504,7 +505,8 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
                 else torch.ones(len(prompts), dtype=torch.bool))
         groups = keep.nonzero().flatten()
         rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten()
-        kept.append((rollouts.select(rows), masked.select(rows) if masked else None,
+        take = lambda r: r if r is None or len(rows) == len(r) else r.select(rows)  # no copy if all kept
+        kept.append((take(rollouts), take(masked),
                      rewards[rows], acc[rows], fmt[rows], advantages[rows]))
         n_kept = sum(len(k[0]) for k in kept) // cfg.group_size
         # every rank must agree on when to stop drawing (they run collective ops in lockstep)
@@ -516,10 +518,14 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
     n_groups = min(n_groups, per_rank)
     if n_groups == 0:
         return None, cursor, stats
-    rollouts = qwen.cat_rollouts([k[0] for k in kept]).select(range(n_groups * cfg.group_size))
-    masked = (qwen.cat_rollouts([k[1] for k in kept]).select(range(n_groups * cfg.group_size))
-              if need_masked else None)
-    tensors = [torch.cat([k[i] for k in kept])[: n_groups * cfg.group_size] for i in range(2, 6)]
+    n = n_groups * cfg.group_size
+
+    def merge(parts):   # one draw with nothing dropped (GRPO, PAPO-G) needs no copy at all
+        whole = parts[0] if len(parts) == 1 else qwen.cat_rollouts(parts)
+        return whole if len(whole) == n else whole.select(range(n))
+    rollouts = merge([k[0] for k in kept])
+    masked = merge([k[1] for k in kept]) if need_masked else None
+    tensors = [torch.cat([k[i] for k in kept])[:n] for i in range(2, 6)]
     device = rollouts.completion_ids.device
     return Batch(rollouts, masked, *[t.to(device) for t in tensors]), cursor, stats
 
@@ -561,6 +567,9 @@ def score_phase(batch: Batch, policy, ref_model, cfg: Config, d: Dist) -> None:
             batch.masked_logp, batch.masked_entropy = run(policy, batch.masked, with_entropy=True)
         else:
             batch.masked_logp = run(policy, batch.masked)
+        # The masked pictures are not needed any more: free their patch rows before the update,
+        # the step's memory peak, so that PAPO's extra memory there is one [B, T] tensor.
+        batch.masked = None
     policy.train()
 
 
@@ -626,14 +635,15 @@ def _masked_branch(batch: Batch, policy, idx, cfg: Config):
     """Masked-branch log-probs for this micro-batch: the detached ones from score_phase, or -
     with --perception-grad - a fresh forward WITH gradient (a second forward through the same
     DDP wrapper before one backward is fine: each parameter's gradient hook fires once)."""
-    if batch.masked is None:
+    if cfg.perception_grad and batch.masked is not None:
+        out = qwen.completion_logprobs(policy, batch.masked.select(idx),
+                                       temperature=cfg.temperature,
+                                       with_entropy=cfg.entropy == "exact")
+        return out if cfg.entropy == "exact" else (out, None)
+    if batch.masked_logp is None:
         return None, None
-    if not cfg.perception_grad:
-        ent = batch.masked_entropy[idx] if batch.masked_entropy is not None else None
-        return batch.masked_logp[idx], ent
-    out = qwen.completion_logprobs(policy, batch.masked.select(idx), temperature=cfg.temperature,
-                                   with_entropy=cfg.entropy == "exact")
-    return out if cfg.entropy == "exact" else (out, None)
+    ent = batch.masked_entropy[idx] if batch.masked_entropy is not None else None
+    return batch.masked_logp[idx], ent
 
 
 # ---------------------------------------------------------------------------------------------

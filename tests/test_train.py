@@ -48,6 +48,11 @@ def test_smoke_one_step_changes_parameters_and_logs_every_field(tmp_path):
         assert row[key] == row[key], key  # not NaN
     assert result["before"] is not None and result["after"] is not None
     assert (run / "curves.png").is_file()
+    # the checkpoint is a plain transformers folder too
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(last_checkpoint(run))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, after[k]), k
 
 
 def test_resume_is_exact(tmp_path):

@@ -383,7 +383,7 @@ TOY_TASKS: dict[str, ToyTask] = {
     "color_shape": ToyTask(("1", "2", "3"), _plan_colour_shape),
     "most_color": ToyTask(tuple(COLOURS), _plan_most_colour),
 }
-DEFAULT_TOY_TASKS = ("count",)  # what `python train.py` trains on by default (see README)
+DEFAULT_TOY_TASKS = ("count", "count_color")  # what `python train.py` trains on (see README)
 
 
 def _place_boxes(rng, sizes: list[int], image_size: int, gap: int = 3,

@@ -154,7 +154,7 @@ PRESETS: dict[str, dict] = {
 # The offline toy world (TOY_WORLD_NOTES): a model of ~1M parameters learns with a much larger
 # learning rate, short responses and small batches; G = 8 keeps enough groups with mixed rewards.
 TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4,
-                     updates_per_step=1, micro_batch_size=64, steps=300, save_every=50)
+                     updates_per_step=1, micro_batch_size=64, steps=150, save_every=50)
 
 
 def parse_config(argv=None) -> Config:

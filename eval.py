@@ -3,6 +3,7 @@
     python eval.py                                    # the checkpoint train.py wrote last
     python eval.py --model runs/papo/checkpoint-000150 --data test.jsonl
     python eval.py --model runs/grpo/... --model runs/papo/... --data a.jsonl --data b.jsonl
+    python eval.py --mean-of runs/exp-eval-seed0.json runs/exp-eval-seed1.json ...   # over seeds
 
 Protocol (PAPO_REFERENCE section 6): k = 8 samples per question at temperature 1.0, top_p 1.0;
 the score is avg@k, the mean accuracy over all k * n samples. Also reported per dataset:
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -113,18 +116,65 @@ def default_targets(run: Path) -> tuple[str, str, int]:
     return str(train.latest_checkpoint(run)), str(heldout), cfg.max_new_tokens
 
 
+def column_names(models: list[str]) -> list[str]:
+    """The shortest path tails that tell the models apart: runs/a/checkpoint-000150 and
+    runs/b/checkpoint-000150 become a/checkpoint-000150 and b/checkpoint-000150."""
+    parts = [Path(m).parts or (m,) for m in models]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(models)            # the same model given twice: nothing shorter tells them apart
+
+
 def format_table(results: dict, models: list[str]) -> str:
     """One block per dataset, one column per model."""
     lines = []
+    names = column_names(models)
     for dataset, per_model in results.items():
         keys = list(next(iter(per_model.values())).keys())
-        names = [Path(m).name or m for m in models]
         lines.append(f"\n{dataset}")
-        lines.append(f"{'':22s}" + "".join(f"{n[-24:]:>26s}" for n in names))
+        widths = [max(14, len(n)) + 2 for n in names]
+        lines.append(f"{'':22s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
         for k in keys:
             vals = [per_model[m][k] for m in models]
-            cells = "".join(f"{v:26.4f}" if isinstance(v, float) else f"{v:>26}" for v in vals)
+            cells = "".join(f"{v:{w}.4f}" if isinstance(v, float) else f"{v:>{w}}"
+                            for v, w in zip(vals, widths))
             lines.append(f"{k:22s}{cells}")
+    return "\n".join(lines)
+
+
+def mean_table(files: list[str]) -> str:
+    """Mean +- std (over files) of result files that compare the same recipes, one file per seed:
+    column j of every file holds the same recipe. Columns are named after the first file's
+    models with "seedN" written "seed*"; std is the sample standard deviation (n - 1)."""
+    if len(files) < 2:
+        raise SystemExit("eval.py --mean-of: give at least two result files")
+    loaded = []
+    for f in files:
+        try:
+            loaded.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"eval.py --mean-of: cannot read {f}: {e}") from None
+    first = loaded[0]
+    lines = [f"mean +- std over {len(files)} files: {', '.join(files)}"]
+    for dataset, per_model in first.items():
+        models = list(per_model)
+        for f, other in zip(files[1:], loaded[1:]):
+            if dataset not in other or len(other[dataset]) != len(models):
+                raise SystemExit(f"eval.py --mean-of: {f} does not have {len(models)} models on "
+                                 f"{dataset} like {files[0]}")
+        names = [re.sub(r"seed\d+", "seed*", n) for n in column_names(models)]
+        widths = [max(18, len(n)) + 2 for n in names]
+        lines += [f"\n{dataset}", f"{'':22s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths))]
+        for key, value in per_model[models[0]].items():
+            if not isinstance(value, (int, float)) or key in ("n", "samples"):
+                continue
+            cells = []
+            for j in range(len(models)):
+                vals = [list(r[dataset].values())[j][key] for r in loaded]
+                cells.append(f"{statistics.mean(vals):.3f} +- {statistics.stdev(vals):.3f}")
+            lines.append(f"{key:22s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths)))
     return "\n".join(lines)
 
 
@@ -145,7 +195,13 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, default=0, help="first N questions only (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
+    p.add_argument("--mean-of", nargs="+", metavar="FILE",
+                   help="only print mean +- std over result files written by earlier runs "
+                        "(one per seed, same models in the same order)")
     args = p.parse_args(argv)
+    if args.mean_of:
+        print(mean_table(args.mean_of))
+        return {}
 
     models, datasets, max_new = args.model, args.data, args.max_new_tokens
     if not models:

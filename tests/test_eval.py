@@ -71,3 +71,36 @@ def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, t
                 "accuracy_mask0.6", "accuracy_mask1.0", "kl_prcp"):
         assert key in res, key
     assert res["kl_prcp"] >= 0.0
+
+
+def test_side_by_side_columns_are_told_apart_by_their_shortest_distinct_tail():
+    models = ["runs/exp-grpo-seed0/checkpoint-000150", "runs/exp-papo-g-seed0/checkpoint-000150",
+              "Qwen/Qwen2.5-VL-3B-Instruct"]
+    assert evaluation.column_names(models) == [
+        "exp-grpo-seed0/checkpoint-000150", "exp-papo-g-seed0/checkpoint-000150",
+        "Qwen/Qwen2.5-VL-3B-Instruct"]
+    assert evaluation.column_names(["a/x", "b/y"]) == ["x", "y"]
+    metrics = {"accuracy": 0.5, "n": 2}
+    table = evaluation.format_table({"d.jsonl": {m: metrics for m in models}}, models)
+    header = table.splitlines()[2]
+    assert "exp-grpo-seed0/checkpoint-000150" in header and "exp-papo-g-seed0/checkpoint-000150" in header
+
+
+def test_mean_of_seed_files_gives_mean_and_sample_std_column_by_column(tmp_path, capsys):
+    files = []
+    for seed, (a, b) in enumerate([(0.2, 0.5), (0.4, 0.5), (0.6, 0.8)]):
+        result = {"d.jsonl": {f"runs/grpo-seed{seed}/ckpt": {"n": 4, "accuracy": a},
+                              f"runs/papo-seed{seed}/ckpt": {"n": 4, "accuracy": b}}}
+        files.append(str(tmp_path / f"seed{seed}.json"))
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(result))
+    evaluation.main(["--mean-of", *files])
+    out = capsys.readouterr().out
+    header, row = [line for line in out.splitlines() if "seed*" in line or "accuracy" in line]
+    assert header.split() == ["grpo-seed*/ckpt", "papo-seed*/ckpt"]
+    # grpo: mean 0.4, std sqrt(((-.2)^2 + 0 + .2^2) / 2) = 0.2; papo: mean 0.6, std 0.1732
+    assert row.split() == ["accuracy", "0.400", "+-", "0.200", "0.600", "+-", "0.173"]
+    assert "n " not in out.split("d.jsonl")[1]          # counts are not averaged
+
+    (tmp_path / "short.json").write_text(json.dumps({"d.jsonl": {"runs/grpo-seed3/ckpt": {"accuracy": 1.0}}}))
+    with pytest.raises(SystemExit, match="short.json does not have 2 models on d.jsonl"):
+        evaluation.main(["--mean-of", files[0], str(tmp_path / "short.json")])

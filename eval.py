@@ -127,20 +127,21 @@ def column_names(models: list[str]) -> list[str]:
     return list(models)            # the same model given twice: nothing shorter tells them apart
 
 
+def _block(dataset: str, names: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """The lines of one dataset's table: a header of column names, then label + cells per row."""
+    widths = [max(16, len(n), *(len(cells[j]) for _, cells in rows)) + 2 for j, n in enumerate(names)]
+    line = lambda label, cells: f"{label:22s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths))
+    return [f"\n{dataset}", line("", names)] + [line(label, cells) for label, cells in rows]
+
+
 def format_table(results: dict, models: list[str]) -> str:
     """One block per dataset, one column per model."""
     lines = []
-    names = column_names(models)
     for dataset, per_model in results.items():
         keys = list(next(iter(per_model.values())).keys())
-        lines.append(f"\n{dataset}")
-        widths = [max(14, len(n)) + 2 for n in names]
-        lines.append(f"{'':22s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
-        for k in keys:
-            vals = [per_model[m][k] for m in models]
-            cells = "".join(f"{v:{w}.4f}" if isinstance(v, float) else f"{v:>{w}}"
-                            for v, w in zip(vals, widths))
-            lines.append(f"{k:22s}{cells}")
+        cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+        rows = [(k, [cell(per_model[m][k]) for m in models]) for k in keys]
+        lines += _block(dataset, column_names(models), rows)
     return "\n".join(lines)
 
 
@@ -156,25 +157,30 @@ def mean_table(files: list[str]) -> str:
             loaded.append(json.loads(Path(f).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"eval.py --mean-of: cannot read {f}: {e}") from None
-    first = loaded[0]
     lines = [f"mean +- std over {len(files)} files: {', '.join(files)}"]
-    for dataset, per_model in first.items():
+    for dataset, per_model in loaded[0].items():
         models = list(per_model)
-        for f, other in zip(files[1:], loaded[1:]):
-            if dataset not in other or len(other[dataset]) != len(models):
+        columns = []                     # per file: its models' metric dicts, in the given order
+        for f, result in zip(files, loaded):
+            if len(result.get(dataset, {})) != len(models):
                 raise SystemExit(f"eval.py --mean-of: {f} does not have {len(models)} models on "
                                  f"{dataset} like {files[0]}")
-        names = [re.sub(r"seed\d+", "seed*", n) for n in column_names(models)]
-        widths = [max(18, len(n)) + 2 for n in names]
-        lines += [f"\n{dataset}", f"{'':22s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths))]
+            columns.append(list(result[dataset].values()))
+        rows = []
         for key, value in per_model[models[0]].items():
             if not isinstance(value, (int, float)) or key in ("n", "samples"):
                 continue
             cells = []
             for j in range(len(models)):
-                vals = [list(r[dataset].values())[j][key] for r in loaded]
+                missing = [f for f, cols in zip(files, columns) if key not in cols[j]]
+                if missing:
+                    raise SystemExit(f"eval.py --mean-of: {missing[0]} has no {key!r} for model "
+                                     f"{j + 1} on {dataset}")
+                vals = [cols[j][key] for cols in columns]
                 cells.append(f"{statistics.mean(vals):.3f} +- {statistics.stdev(vals):.3f}")
-            lines.append(f"{key:22s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths)))
+            rows.append((key, cells))
+        names = [re.sub(r"seed\d+", "seed*", n) for n in column_names(models)]
+        lines += _block(dataset, names, rows)
     return "\n".join(lines)
 
 

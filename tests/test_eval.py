@@ -104,3 +104,8 @@ def test_mean_of_seed_files_gives_mean_and_sample_std_column_by_column(tmp_path,
     (tmp_path / "short.json").write_text(json.dumps({"d.jsonl": {"runs/grpo-seed3/ckpt": {"accuracy": 1.0}}}))
     with pytest.raises(SystemExit, match="short.json does not have 2 models on d.jsonl"):
         evaluation.main(["--mean-of", files[0], str(tmp_path / "short.json")])
+
+    (tmp_path / "nokey.json").write_text(json.dumps(
+        {"d.jsonl": {"runs/grpo-seed4/ckpt": {"n": 4}, "runs/papo-seed4/ckpt": {"n": 4}}}))
+    with pytest.raises(SystemExit, match="nokey.json has no 'accuracy' for model 1 on d.jsonl"):
+        evaluation.main(["--mean-of", files[0], str(tmp_path / "nokey.json")])

@@ -42,6 +42,7 @@ bfloat16 / float16 inputs are upcast to float32, never the other way round.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -382,37 +383,44 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     def agg(v: torch.Tensor) -> torch.Tensor:
         return aggregate(v, mask, agg_mode, normalizer, max_len)
 
-    def token_mean(v: torch.Tensor) -> float:
-        return float(aggregate(v.detach(), mask))
+    # Metrics are kept as 0-dim tensors and turned into Python floats together at the end: ONE
+    # device-to-host copy per call instead of one per metric (each is a sync on a GPU).
+    stats: dict[str, torch.Tensor] = {}
+
+    def log_mean(name: str, v: torch.Tensor) -> None:
+        stats[name] = aggregate(v.detach(), mask)          # token mean over this call's tokens
 
     pg, fractions = clipped_policy_loss(logp, old_logp, advantages, clip_low, clip_high,
                                         dual_clip, mask)                      # [B, T]
     loss = agg(pg)
-    metrics = {"pg_loss": token_mean(pg), **{k: float(v) for k, v in fractions.items()}}
+    log_mean("pg_loss", pg)
+    stats.update(fractions)
     # Each term is added only when its coefficient is non-zero, so GRPO's loss is bit-for-bit
     # agg(L_clip) and a NaN in an unused input cannot leak in through 0 * NaN.
     if ref_logp is not None:
         kl_ref = kl_estimate(logp, ref_logp, kl_kind)                         # [B, T]
-        metrics["kl_ref"] = token_mean(kl_ref)
+        log_mean("kl_ref", kl_ref)
         if beta != 0:
             loss = loss + beta * agg(kl_ref)
     if masked_logp is not None:
         kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
-        metrics["kl_prcp"] = token_mean(kl_prcp)
+        log_mean("kl_prcp", kl_prcp)
         if gamma != 0:
             loss = loss - gamma * agg(kl_prcp)                               # maximised
     for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
         if h is not None:
-            metrics[name] = token_mean(h)
+            log_mean(name, h)
             if eta != 0:
                 loss = loss + eta * agg(h)                                   # entropy pushed down
     with torch.no_grad():
-        metrics["approx_kl_old"] = token_mean(kl_estimate(old_logp, logp, "k3"))
+        log_mean("approx_kl_old", kl_estimate(old_logp, logp, "k3"))
         dtype = _compute_dtype(logp, old_logp)
         log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-20.0, 20.0)  # [B, T]
-        metrics["ratio_mean"] = token_mean(torch.exp(log_ratio))
-    metrics["loss"] = float(loss.detach())
-    return loss, metrics
+        log_mean("ratio_mean", torch.exp(log_ratio))
+    stats["loss"] = loss.detach()
+    widest = functools.reduce(torch.promote_types, (v.dtype for v in stats.values()))
+    values = torch.stack([v.reshape(()).to(widest) for v in stats.values()]).tolist()
+    return loss, dict(zip(stats, values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,12 +497,16 @@ def _mask_one(image: Image.Image, patch_size: int, ratio: float, rng: np.random.
         image = image.convert("RGB")
     pixels = np.array(image)                                  # [H, W] or [H, W, C] uint8, a copy
     grid = patch_mask_grid(image.height, image.width, patch_size, ratio, rng, mode)  # [rows, cols]
-    black = grid.repeat(patch_size, axis=0).repeat(patch_size, axis=1)               # [rows*p, cols*p]
-    black = black[:image.height, :image.width]                                       # [H, W]
+    keep = ~grid.repeat(patch_size, axis=0).repeat(patch_size, axis=1)               # [rows*p, cols*p]
+    keep = keep[:image.height, :image.width]                                         # [H, W]
+    # Multiplying by the 0/1 keep map is the same as writing 0 into the masked pixels, and half
+    # the cost of boolean-index assignment.
     if image.mode == "RGBA":
-        pixels[black, :3] = 0
+        pixels[..., :3] *= keep[..., None]                    # alpha is kept
+    elif image.mode == "RGB":
+        pixels *= keep[..., None]
     else:
-        pixels[black] = 0
+        pixels *= keep
     return Image.fromarray(pixels)            # uint8 [H, W] / [H, W, 3] / [H, W, 4]: L / RGB / RGBA
 
 

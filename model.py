@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5_VLProcessor)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,
+                                                                       smart_resize)
 from transformers.processing_utils import ProcessorMixin
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +495,29 @@ def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], n
     return torch.cat(blocks), torch.cat(grids)
 
 
+def resize_kwargs(image_processor, images: list) -> dict:
+    """{"do_resize": False} when the processor's resize would give every picture back at its own
+    size, else {}.
+
+    Qwen's processor resizes each picture to the nearest multiple of patch_size * merge_size
+    (28 px) within its pixel budget. A picture that is already that size is resampled onto
+    itself, which PIL does as a plain copy: skipping the step gives bit-for-bit the same pixels
+    and saves well over half of the processor's time on small pictures (the toy task's 112 x
+    112, or any dataset stored at a multiple of 28). Both branches - the original pictures in
+    generate_rollouts and the masked ones in encode_images - decide with this same function, so
+    they are always processed alike (tests/test_model.py checks the bitwise equality)."""
+    ip = image_processor
+    factor = ip.patch_size * ip.merge_size
+    for image in images:
+        if not isinstance(image, Image.Image):
+            return {}
+        target = smart_resize(image.height, image.width, factor=factor,
+                              min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        if target != (image.height, image.width):
+            return {}
+    return {"do_resize": False}
+
+
 def encode_images(processor, images_per_prompt: list[list], num_samples: int) -> dict:
     """Image patches for N prompts, repeated G times: {"pixel_values": [rows, D],
     "image_grid_thw": [n_images, 3]}, in the row order generate_rollouts uses.
@@ -504,7 +529,8 @@ def encode_images(processor, images_per_prompt: list[list], num_samples: int) ->
     flat = [image for images in images_per_prompt for image in images]
     if not flat:
         return {"pixel_values": None, "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
-    out = processor.image_processor(images=flat, return_tensors="pt")
+    out = processor.image_processor(images=flat, return_tensors="pt",
+                                    **resize_kwargs(processor.image_processor, flat))
     pixels, grid = _repeat_images(out["pixel_values"], out["image_grid_thw"],
                                   [len(images) for images in images_per_prompt], num_samples)
     return {"pixel_values": pixels, "image_grid_thw": grid}
@@ -532,7 +558,7 @@ def _encode_prompts(processor, prompts: list[dict], num_samples: int) -> dict:
     # makes, so the masked branch's pixels line up row for row with these.
     flat = [image for p in prompts for image in p["images"]]
     inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left",
-                       return_tensors="pt")
+                       return_tensors="pt", **resize_kwargs(processor.image_processor, flat))
     counts = [len(p["images"]) for p in prompts]
     if flat:
         pixels, grid = _repeat_images(inputs["pixel_values"], inputs["image_grid_thw"], counts,

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 import data
 import model as qwen
@@ -282,6 +282,36 @@ def test_masked_image_changes_logprobs_not_shapes(tiny, prompts):
     torch.testing.assert_close(logp_masked, logp_replace, rtol=0, atol=0)
     # the override never touched the rollouts' own pixels
     assert torch.equal(r.pixel_values, same["pixel_values"])
+
+
+# The tiny processor's pixel budget is 56 x 56 to 112 x 112 (shortest_edge 3136, longest_edge
+# 12544) and its resize works in multiples of 28 px.
+@pytest.mark.parametrize("size, mode, skips", [
+    ((112, 112), "RGB", True), ((84, 56), "RGBA", True), ((56, 84), "L", True),
+    ((100, 100), "RGB", False),     # not a multiple of 28: resized to 112 x 112
+    ((28, 28), "RGB", False),       # under the budget: resized up to 56 x 56
+    ((168, 168), "RGB", False),     # over the budget: resized down
+])
+def test_resize_is_skipped_only_where_it_is_the_identity(tiny, size, mode, skips):
+    _, processor = tiny
+    ip = processor.image_processor
+    channels = len(mode)
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], channels), np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    kwargs = qwen.resize_kwargs(ip, [image])
+    assert kwargs == ({"do_resize": False} if skips else {})
+    stock = ip(images=[image], return_tensors="pt")            # always resizes
+    ours = ip(images=[image], return_tensors="pt", **kwargs)
+    assert torch.equal(ours["pixel_values"], stock["pixel_values"])    # bit for bit
+    assert torch.equal(ours["image_grid_thw"], stock["image_grid_thw"])
+
+
+def test_resize_is_kept_if_any_picture_needs_it(tiny):
+    ip = tiny[1].image_processor
+    aligned, other = Image.new("RGB", (112, 112)), Image.new("RGB", (100, 100))
+    assert qwen.resize_kwargs(ip, [aligned, aligned]) == {"do_resize": False}
+    assert qwen.resize_kwargs(ip, [aligned, other]) == {}
+    assert qwen.resize_kwargs(ip, [np.zeros((112, 112, 3), np.uint8)]) == {}   # not a PIL image
 
 
 def test_pixel_values_must_match_the_grid(tiny, prompts):

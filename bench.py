@@ -410,12 +410,19 @@ def replayed_generation(rollouts):
 
 
 def time_mask(s: Setup, cfg) -> float:
+    """Seconds that train.generate_phase spends on PAPO's own work: masking the pictures,
+    re-processing them and checking their grid. With generation replayed, the phase is timed
+    with need_masked=True and with need_masked=False, and the difference is returned; what the
+    two calls share (the prompts' chat messages, seeding) is paid by GRPO too, inside the shared
+    "generate" phase, so it must not be counted twice."""
     with replayed_generation(s.batch.rollouts):
-        (_, masked), seconds = clock(lambda: train.generate_phase(
+        (_, masked), with_mask = clock(lambda: train.generate_phase(
             s.policy, s.processor, s.prompts, cfg, s.seed, need_masked=True), s.d.device)
+        _, without = clock(lambda: train.generate_phase(
+            s.policy, s.processor, s.prompts, cfg, s.seed, need_masked=False), s.d.device)
     if masked is None or not torch.equal(masked.pixel_values, s.batch.masked.pixel_values):
         raise RuntimeError("bench: the replayed masking made different masked images")
-    return seconds
+    return max(with_mask - without, 0.0)
 
 
 # train.score_phase computes the three kinds of no-gradient log-probs in one call, each under its
@@ -787,7 +794,7 @@ def format_report(report: dict) -> str:
 # gradients, AdamW's two moments and the float32 reference copy of ~3.75B parameters need ~75 GB,
 # all of one H100 (--dtype float32 gives train.py's fp32 + bf16 autocast where memory allows).
 DEFAULTS = {
-    "sizes": dict(prompts=8, group_size=4, max_new_tokens=64, repeats=7, warmup=2,
+    "sizes": dict(prompts=8, group_size=4, max_new_tokens=64, repeats=9, warmup=2,
                   updates_per_step=2, micro_batch_size=8, device="cpu", dtype="float32",
                   gradient_checkpointing=False),
     "3b": dict(prompts=8, group_size=5, max_new_tokens=512, repeats=3, warmup=1,

@@ -507,12 +507,16 @@ def resize_kwargs(image_processor, images: list) -> dict:
     generate_rollouts and the masked ones in encode_images - decide with this same function, so
     they are always processed alike (tests/test_model.py checks the bitwise equality)."""
     ip = image_processor
+    size = ip.size if isinstance(ip.size, dict) else vars(ip.size)
+    low, high = size.get("shortest_edge"), size.get("longest_edge")      # the pixel budget
+    if not getattr(ip, "do_resize", True) or not low or not high:
+        return {}                      # a processor set up some other way: leave it alone
     factor = ip.patch_size * ip.merge_size
     for image in images:
         if not isinstance(image, Image.Image):
             return {}
-        target = smart_resize(image.height, image.width, factor=factor,
-                              min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        target = smart_resize(image.height, image.width, factor=factor, min_pixels=low,
+                              max_pixels=high)
         if target != (image.height, image.width):
             return {}
     return {"do_resize": False}

@@ -507,8 +507,7 @@ def resize_kwargs(image_processor, images: list) -> dict:
     generate_rollouts and the masked ones in encode_images - decide with this same function, so
     they are always processed alike (tests/test_model.py checks the bitwise equality)."""
     ip = image_processor
-    size = ip.size if isinstance(ip.size, dict) else vars(ip.size)
-    low, high = size.get("shortest_edge"), size.get("longest_edge")      # the pixel budget
+    low, high = ip.size.get("shortest_edge"), ip.size.get("longest_edge")   # the pixel budget
     if not getattr(ip, "do_resize", True) or not low or not high:
         return {}                      # a processor set up some other way: leave it alone
     factor = ip.patch_size * ip.merge_size

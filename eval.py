@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -44,14 +45,18 @@ def avg_at_k(correct: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(policy, processor, examples: list[data.Example], *, samples: int = 8,
-             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 2048,
+def evaluate(policy, processor, examples, *, samples: int = 8, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 2048,
              batch_size: int = 16, mask_ratios=(0.6, 1.0), kl_ratio: float | None = None,
-             seed: int = 0, progress: bool = False) -> dict:
-    """Score `policy` on `examples`; see the module docstring for the metrics.
+             seed: int = 0, progress: bool = False, template: str | None = None,
+             min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    """Score `policy` on `examples` (a sequence of data.Example); see the module docstring for
+    the metrics.
 
     batch_size counts questions per `generate` call (each with `samples` rollouts).
-    kl_ratio: mask ratio for the KL_prcp measurement (None: skip it)."""
+    kl_ratio: mask ratio for the KL_prcp measurement (None: skip it).
+    template, min_pixels, max_pixels: how rows become prompts (data.Example.to_prompt); the
+    pixel budget is applied to the raw pictures before any masking, as in training."""
     if not examples:
         raise ValueError("evaluate: no examples")
     correct = {None: [], **{r: [] for r in mask_ratios}}
@@ -59,7 +64,7 @@ def evaluate(policy, processor, examples: list[data.Example], *, samples: int = 
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
-        items = [ex.to_prompt() for ex in chunk]
+        items = [ex.to_prompt(template, min_pixels, max_pixels) for ex in chunk]
         answers = [ex.answer for ex in chunk for _ in range(samples)]
         # the same seeds for every model compared, so differences are not sampling luck
         rng = np.random.default_rng([seed, start])
@@ -70,7 +75,8 @@ def evaluate(policy, processor, examples: list[data.Example], *, samples: int = 
             prompts = [{**it, "images": im} for it, im in zip(items, images)]
             rollouts = qwen.generate_rollouts(policy, processor, prompts, num_samples=samples,
                                               max_new_tokens=max_new_tokens,
-                                              temperature=temperature, top_p=top_p)
+                                              temperature=temperature, top_p=top_p,
+                                              top_k=top_k)
             details = [data.reward_details(t, a) for t, a in zip(rollouts.texts, answers)]
             correct[ratio].append(np.array([x["accuracy"] for x in details]).reshape(-1, samples))
             if ratio is None:
@@ -98,22 +104,218 @@ def evaluate(policy, processor, examples: list[data.Example], *, samples: int = 
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper's benchmark suite (Table 1): bookkeeping only, no model and no I/O
+# ---------------------------------------------------------------------------------------------
+# evaluate() gives one avg@8 per (model, benchmark). The paper reports nine of them in a fixed
+# column order, split into two groups, with three averages and, for each PAPO row, a relative
+# gain over its baseline. The functions below turn a {model: {benchmark: score}} dict into that
+# table. Two choices in the paper are easy to get wrong and are spelled out here:
+#   - every AVG is the unweighted mean over benchmarks, and Overall is the mean over all nine
+#     benchmarks, not the mean of the two group averages (5 General vs 4 Vision benchmarks);
+#   - the gain in brackets is the MEAN OF PER-BENCHMARK RELATIVE GAINS (%), not the relative
+#     gain of the averages. The two differ: a low-scoring benchmark (Geo3k ~30%) moves the mean of
+#     gains more than the gain of means (GRPO -> PAPO-G 3B, General: +3.38 vs +2.89).
+
+GENERAL, VISION, OVERALL = "General", "Vision-dependent", "Overall"
+
+SUITE: tuple[tuple[str, str, str], ...] = (
+    # (file as the suite ships it, column name in the paper's table, group), in column order
+    ("hiyouga_geometry3k.json", "Geo3k", GENERAL),
+    ("AI4Math_MathVista.json", "MathVista", GENERAL),
+    ("We-Math_We-Math.json", "We-Math", GENERAL),
+    ("PAPO_MMK12.json", "MMK12", GENERAL),
+    ("AI4Math_MathVerse.json", "MathVerse", GENERAL),
+    ("lscpku_LogicVista.json", "LogicVista", VISION),
+    ("BUAADreamer_clevr_count_70k.json", "Counting", VISION),
+    ("MMMU_MMMU_Pro.json", "MMMU-Pro", VISION),
+    ("AI4Math_MathVerse-vision-dependent.json", "MathVerse-V", VISION),
+)
+SUITE_FILES = [file for file, _, _ in SUITE]
+# the benchmarks each average runs over; Overall is all nine, weighted equally
+SUITE_GROUPS = {GENERAL: [f for f, _, g in SUITE if g == GENERAL],
+                VISION: [f for f, _, g in SUITE if g == VISION],
+                OVERALL: SUITE_FILES}
+
+
+def suite_files(folder) -> tuple[dict[str, Path], list[str]]:
+    """Which of the nine suite files are in `folder` (only checks that they exist).
+
+    Returns (present: {file name: path}, missing: [file names]), both in the paper's column
+    order, so a caller can evaluate what is there and still report what is not.
+    Example: a folder holding only PAPO_MMK12.json and lscpku_LogicVista.json gives
+    ({"PAPO_MMK12.json": folder/"PAPO_MMK12.json", "lscpku_LogicVista.json": ...},
+     ["hiyouga_geometry3k.json", "AI4Math_MathVista.json", ...the other five]).
+    """
+    folder = Path(folder)
+    present = {f: folder / f for f in SUITE_FILES if (folder / f).is_file()}
+    return present, [f for f in SUITE_FILES if f not in present]
+
+
+def relative_gain(base: float, new: float) -> float:
+    """Relative gain of `new` over `base`, in percent: (new - base) / base * 100.
+
+    Example: base 28.72, new 30.95 (Geo3k, GRPO-3B -> PAPO-G-3B) -> +7.76; base 50, new 40 -> -20.
+    base <= 0 raises ValueError rather than returning inf: scores are accuracies, so a baseline
+    of exactly 0 means that evaluation broke (or the benchmark is useless), and an inf would turn
+    the whole group's mean gain into inf and hide every other benchmark.
+    """
+    if base <= 0:
+        raise ValueError(f"relative_gain: the baseline score is {base}; a relative gain needs a "
+                         "positive baseline (a 0 accuracy usually means that evaluation failed)")
+    return (new - base) / base * 100.0
+
+
+def _suite_scores(model: str, per_benchmark: dict, percent: bool) -> dict[str, float | None]:
+    """{suite file: score in percent, or None where missing} for one model.
+
+    Keys may be bare file names or paths (main keys results by the path it was given); only the
+    file name is matched. Benchmarks outside the suite are ignored: a misspelled suite file
+    still shows up, as missing. A None value counts as missing."""
+    by_name: dict[str, float] = {}
+    for key, value in per_benchmark.items():
+        name = Path(key).name
+        if name in by_name:
+            raise ValueError(f"suite_summary: {model} has two scores for {name}")
+        by_name[name] = value
+    out: dict[str, float | None] = {}
+    for f in SUITE_FILES:
+        value = by_name.get(f)
+        if value is not None:
+            # refuse the likely unit mix-up (percent given as fractions) instead of printing a
+            # table 100x off; the reverse (fractions with percent=True) cannot be told apart
+            top = 100.0 if percent else 1.0
+            if not 0.0 <= value <= top:
+                hint = "" if percent else " (percentages? pass percent=True)"
+                raise ValueError(f"suite_summary: {model} on {f}: score {value} is outside "
+                                 f"[0, {top:g}]{hint}")
+            value = float(value) if percent else float(value) * 100.0
+        out[f] = value
+    return out
+
+
+def suite_summary(scores: dict[str, dict[str, float]], models: list[str], *,
+                  percent: bool = False) -> dict[str, dict]:
+    """The numbers of the paper's Table 1 for `models`, the first being the baseline.
+
+    scores: {model: {suite file name (or a path to it): avg@8}}; fractions in [0, 1] as
+    evaluate() returns them, or percentages (the paper's tables) with percent=True.
+    Returns, per model, everything in percent:
+      "scores":  {file: score or None if missing}, in column order
+      "avg":     {"General", "Vision-dependent", "Overall": unweighted mean over the group's
+                  benchmarks, or None if any of them is missing}
+      "gain":    None for the baseline; else {group: mean over the group's benchmarks of
+                  relative_gain(baseline, model), or None if either model misses one}
+      "missing": [suite files with no score], in column order
+    An average is never taken over the benchmarks that happen to be there: one missing score
+    makes its group (and Overall) None, so a partial table cannot pass for a full one.
+
+    Worked example (two General benchmarks, the rest equal): baseline Geo3k 10, MathVista 50;
+    model Geo3k 20 (+100%), MathVista 45 (-10%). General gain = (100 - 10 + 0 + 0 + 0) / 5 = +18,
+    Overall = (100 - 10) / 9 = +10. The gain of the averages would be much smaller (+2.78 with the
+    other three General scores at 40), because Geo3k's large relative jump counts in full.
+    """
+    if not models:
+        raise ValueError("suite_summary: no models")
+    unknown = [m for m in models if m not in scores]
+    if unknown:
+        raise ValueError(f"suite_summary: no scores for {unknown}")
+    table = {m: _suite_scores(m, scores[m], percent) for m in models}
+    base = table[models[0]]
+    summary = {}
+    for m in models:
+        s = table[m]
+        avg = {g: (None if any(s[f] is None for f in files)
+                   else statistics.fmean(s[f] for f in files))
+               for g, files in SUITE_GROUPS.items()}
+        gain = None
+        if m != models[0]:
+            gain = {}
+            for g, files in SUITE_GROUPS.items():
+                if any(s[f] is None or base[f] is None for f in files):
+                    gain[g] = None
+                    continue
+                per_benchmark = []
+                for f in files:
+                    try:
+                        per_benchmark.append(relative_gain(base[f], s[f]))
+                    except ValueError as e:
+                        raise ValueError(f"suite_summary: {models[0]} on {f}: {e}") from None
+                gain[g] = statistics.fmean(per_benchmark)
+        summary[m] = {"scores": s, "avg": avg, "gain": gain,
+                      "missing": [f for f in SUITE_FILES if s[f] is None]}
+    return summary
+
+
+def format_suite_table(summary: dict[str, dict], models: list[str]) -> str:
+    """The paper's Table 1 layout: a row per model, scores in percent with 2 decimals,
+
+        Geo3k MathVista We-Math MMK12 MathVerse | General AVG | LogicVista Counting MMMU-Pro
+        MathVerse-V | Vision-dependent AVG | Overall AVG
+
+    and, for every model after the first, each average followed by its gain, e.g.
+    "53.39 (+3.38)". A missing score prints "missing", an average over an incomplete group
+    "n/a" (a gain that cannot be computed "(n/a)"), and a last line names the missing files.
+    """
+    def score(v):
+        return "missing" if v is None else f"{v:.2f}"
+
+    def average(m, group):
+        v, gain = summary[m]["avg"][group], summary[m]["gain"]
+        if v is None:
+            return "n/a"
+        if gain is None:                                     # the baseline row
+            return f"{v:.2f}"
+        return f"{v:.2f} ({'n/a' if gain[group] is None else format(gain[group], '+.2f')})"
+
+    # blocks of columns, with "|" between blocks like the paper's vertical rules
+    blocks = [[c for _, c, g in SUITE if g == GENERAL], [f"{GENERAL} AVG"],
+              [c for _, c, g in SUITE if g == VISION], [f"{VISION} AVG"], [f"{OVERALL} AVG"]]
+    header = [c for block in blocks for c in block]
+    rows = []
+    for m in models:
+        s = summary[m]["scores"]
+        rows.append([score(s[f]) for f in SUITE_FILES[:5]] + [average(m, GENERAL)]
+                    + [score(s[f]) for f in SUITE_FILES[5:]] + [average(m, VISION)]
+                    + [average(m, OVERALL)])
+    names = column_names(models)
+    name_width = max(len("model"), *(len(n) for n in names))
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
+    ends = {sum(len(b) for b in blocks[:i + 1]) for i in range(len(blocks) - 1)}  # block edges
+
+    def line(label, cells):
+        out = f"{label:<{name_width}s}"
+        for j, (cell, w) in enumerate(zip(cells, widths)):
+            out += (" | " if j in ends else "  ") + f"{cell:>{w}s}"
+        return out
+
+    lines = [line("model", header)] + [line(n, r) for n, r in zip(names, rows)]
+    if len(models) > 1:
+        lines.append(f"(+x): mean of per-benchmark relative gains (%) over {names[0]}")
+    missing = [f"{n}: {', '.join(summary[m]['missing'])}"
+               for n, m in zip(names, models) if summary[m]["missing"]]
+    if missing:
+        lines.append("missing benchmark files - " + "; ".join(missing))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_RUN = Path("runs/default")
 
 
-def default_targets(run: Path) -> tuple[str, str, int]:
-    """(checkpoint, held-out JSONL, max_new_tokens) of the run that `python train.py` wrote."""
-    import train  # imported here: train imports this module
-    pointer = run / "latest.txt"
-    if not pointer.is_file():
-        raise SystemExit(f"eval.py: no --model given and {pointer} not found; run "
-                         "`python train.py` first or pass --model and --data")
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
-    heldout = Path(cfg.eval_data) if cfg.eval_data else train.toy_paths(cfg)[1] / "data.jsonl"
-    return str(train.latest_checkpoint(run)), str(heldout), cfg.max_new_tokens
+def run_targets(run: Path) -> dict:
+    """What `python train.py` recorded in RUN/run.json for a later evaluation: the latest
+    checkpoint, the held-out data, the generation length, the pixel budget, the prompt
+    template and the column names. (This module never imports train.py: the run folder is the
+    interface between the two.)"""
+    path = run / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if not info.get("checkpoint"):
+        raise SystemExit(f"eval.py: no --model given and {path} names no checkpoint; run "
+                         "`python train.py` first, or pass --model and --data")
+    return info
 
 
 def column_names(models: list[str]) -> list[str]:
@@ -187,17 +389,38 @@ def mean_table(files: list[str]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", help="checkpoint folder or hub id (repeatable)")
-    p.add_argument("--data", action="append", help="JSONL dataset (repeatable)")
+    p.add_argument("--data", action="append",
+                   help="dataset (repeatable): JSONL, ShareGPT .json, parquet file/glob/folder, "
+                        "save_to_disk folder, or hub id owner/name[:split]")
+    p.add_argument("--suite", metavar="DIR",
+                   help="the paper's evaluation suite: score every benchmark file of SUITE in DIR "
+                        "and print Table 1 (avg@k, group averages, relative gains)")
     p.add_argument("--samples", type=int, default=8, help="k: samples per question")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k most likely tokens (0 = off); 50 as the official "
+                        "evaluation code")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default 2048, or the training run's value for the offline default")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="pixel budget applied to raw pictures (default 1024, as the official "
+                        "evaluation; the run's own for the offline default)")
+    p.add_argument("--max-pixels", type=int, default=None, help="default 589,824 (see above)")
+    p.add_argument("--prompt-template", default=None,
+                   help="plain-text file with one {problem} (default: the official instruction); "
+                        "ShareGPT rows are used verbatim")
+    p.add_argument("--problem-key", default="problem", help="table column of the question")
+    p.add_argument("--answer-key", default="answer", help="table column of the gold answer")
+    p.add_argument("--image-key", default="images", help="table column of the picture(s)")
+    p.add_argument("--image-dir", default=None, help="folder for relative picture paths")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
-    p.add_argument("--mask-ratios", type=float, nargs="*", default=[0.6, 1.0],
-                   help="also score with the images masked at these ratios")
-    p.add_argument("--kl-ratio", type=float, default=0.6,
-                   help="mask ratio of the KL_prcp measurement (negative: skip)")
+    p.add_argument("--mask-ratios", type=float, nargs="*", default=None,
+                   help="also score with the images masked at these ratios (default 0.6 1.0; "
+                        "none with --suite, whose protocol is avg@k alone)")
+    p.add_argument("--kl-ratio", type=float, default=None,
+                   help="mask ratio of the KL_prcp measurement, negative: skip (default 0.6; "
+                        "skipped with --suite)")
     p.add_argument("--limit", type=int, default=0, help="first N questions only (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
@@ -209,32 +432,64 @@ def main(argv=None) -> dict:
         print(mean_table(args.mean_of))
         return {}
 
-    models, datasets, max_new = args.model, args.data, args.max_new_tokens
-    if not models:
-        ckpt, heldout, run_max_new = default_targets(DEFAULT_RUN)
-        models, datasets = [ckpt], datasets or [heldout]
-        max_new = max_new or run_max_new
-    if not datasets:
-        p.error("--data is required when --model is given")
+    models, sources, max_new = args.model, list(args.data or []), args.max_new_tokens
+    budget = (args.min_pixels, args.max_pixels)
+    template_file = args.prompt_template
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
+                image_key=args.image_key, image_dir=args.image_dir)
+    if not models:                       # the offline default: the run train.py wrote
+        info = run_targets(DEFAULT_RUN)
+        models = [info["checkpoint"]]
+        sources = sources or ([info["eval_data"]] if info.get("eval_data") else [])
+        max_new = max_new or info.get("max_new_tokens")
+        budget = (budget[0] or info.get("min_pixels"), budget[1] or info.get("max_pixels"))
+        template_file = template_file or info.get("prompt_template")
+        keys = {k: info.get(k) or v for k, v in keys.items()}
+    missing = []
+    if args.suite:
+        present, missing = suite_files(args.suite)
+        if not present:
+            p.error(f"--suite {args.suite}: none of the benchmark files is there "
+                    f"({', '.join(SUITE_FILES)})")
+        sources += [str(path) for path in present.values()]
+    if not sources:
+        p.error("--data or --suite is required when --model is given")
     max_new = max_new or 2048
-    loaded = {d: data.load_jsonl(d)[: args.limit or None] for d in datasets}  # validate first
+    min_pixels, max_pixels = budget[0] or 1024, budget[1] or 589_824
+    mask_ratios = args.mask_ratios if args.mask_ratios is not None else (
+        [] if args.suite else [0.6, 1.0])
+    kl_ratio = args.kl_ratio if args.kl_ratio is not None else (-1 if args.suite else 0.6)
+    out = Path(args.out)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        p.error(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    try:
+        template = data.read_template(template_file) if template_file else None
+        loaded = {s: data.load_dataset(s, **keys)[: args.limit or None] for s in sources}
+    except (data.DatasetError, ValueError) as err:   # every source is checked before any model
+        raise SystemExit(f"eval.py: {err}") from None
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict[str, dict] = {d: {} for d in datasets}
+    results: dict[str, dict] = {s: {} for s in sources}
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
-        for d, examples in loaded.items():
+        for s, examples in loaded.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                results[d][name] = evaluate(
+                results[s][name] = evaluate(
                     policy, processor, examples, samples=args.samples,
-                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
-                    batch_size=args.batch_size, mask_ratios=tuple(args.mask_ratios),
-                    kl_ratio=args.kl_ratio if args.kl_ratio >= 0 else None, seed=args.seed,
-                    progress=True)
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    max_new_tokens=max_new, batch_size=args.batch_size,
+                    mask_ratios=tuple(mask_ratios), kl_ratio=kl_ratio if kl_ratio >= 0 else None,
+                    seed=args.seed, progress=True, template=template, min_pixels=min_pixels,
+                    max_pixels=max_pixels)
         del policy
+        out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost
     print(format_table(results, models))
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    if args.suite:
+        scores = {m: {Path(s).name: results[s][m]["accuracy"] for s in sources if Path(s).name
+                      in SUITE_FILES} for m in models}
+        print("\n" + format_suite_table(suite_summary(scores, models), models))
+    print(f"\nwrote {out}")
     return results
 
 

@@ -4,7 +4,8 @@ The RL math (papo.py) sees only tensors: per-token log-probs, masks, advantages.
 turns a Qwen2.5-VL model and its processor into exactly those tensors, and it is the only place
 that has to know the model's quirks. Read it top to bottom:
 
-  1. Loading     load_model: a hub id or a folder written by save_pretrained, no torchvision.
+  1. Loading     load_model: a hub id or a saved folder, no torchvision; save_processor writes
+                 folders that stock AutoProcessor (with torchvision) loads in full.
   2. Offline     SIZES, build_tiny_model: a randomly initialised Qwen2.5-VL of the real class,
                  with a tokenizer trained locally, so the whole method runs with no network.
   3. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
@@ -60,8 +61,12 @@ class QwenVLImageTextProcessor(Qwen2_5_VLProcessor):
     save_pretrained and from from_pretrained alike. Everything else (the <|image_pad|>
     expansion, mm_token_type_ids) is inherited unchanged.
 
-    Note: AutoProcessor does not know this class and silently returns only the tokenizer for a
-    folder it saved; load such folders with `load_model` (or this class's from_pretrained)."""
+    Saving: write folders with `save_processor(processor, folder)`, not plain save_pretrained.
+    A plain save names this class in processor_config.json, which AutoProcessor does not know
+    (it then silently returns only the tokenizer); save_processor names the stock
+    Qwen2_5_VLProcessor and adds a video processor config, so `AutoProcessor.from_pretrained`
+    on a machine with torchvision returns the full stock processor. Either kind of folder loads
+    here with `load_model` (or this class's from_pretrained)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         # the attributes the parent's __init__ would set before handing over to ProcessorMixin
@@ -71,6 +76,65 @@ class QwenVLImageTextProcessor(Qwen2_5_VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template,
                                 **kwargs)
+
+
+# The image processor settings that a video processor shares (same vision tower, same patching,
+# same normalisation). Video-only knobs (frame sampling, fps) keep their class defaults.
+_SHARED_WITH_VIDEO = ("do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                      "image_mean", "image_std", "do_convert_rgb", "patch_size",
+                      "temporal_patch_size", "merge_size")
+
+
+def save_processor(processor, folder) -> None:
+    """processor.save_pretrained(folder), rewritten so the folder names transformers' STOCK classes.
+
+    Why: QwenVLImageTextProcessor exists only because this project runs without torchvision.
+    A checkpoint, though, is also read by people with a normal GPU install (torchvision present)
+    calling `AutoProcessor.from_pretrained(folder)`. AutoProcessor picks the class named by
+    processor_config.json's "processor_class"; it does not know ours, and falls back to the
+    tokenizer alone - no error, just a processor that cannot take images. So after saving:
+
+      * "processor_class" becomes "Qwen2_5_VLProcessor" (in processor_config.json and in
+        tokenizer_config.json, which save_pretrained stamps too), the class such a user expects;
+      * a nested "video_processor" entry is added, because the stock processor has a third part
+        and transformers looks for its config first inside processor_config.json (then in
+        video_preprocessor_config.json, then preprocessor_config.json). Its type is
+        Qwen2VLVideoProcessor (what Qwen2.5-VL uses) and its settings are copied from the saved
+        image processor: same patch / temporal patch / merge sizes, same mean and std, and the
+        same pixel budget `size` = {"shortest_edge": min pixels, "longest_edge": max pixels} -
+        the key the video class reads (its min_pixels / max_pixels arguments only fill `size`).
+        Falling back to the image processor's settings is also what transformers itself does for
+        a folder with no video config.
+
+    Loading stays torchvision-free: load_model uses our subclass, which has no video_processor
+    argument, so the nested entry is simply ignored, and it forces the PIL image processor.
+    Folders saved before this function existed (naming our class, no video entry) load there too.
+    """
+    processor.save_pretrained(folder)
+    folder = Path(folder)
+    config_file = folder / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["processor_class"] = "Qwen2_5_VLProcessor"
+    image = config["image_processor"]
+    video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
+    size = dict(image.get("size") or {})
+    if "min_pixels" in image:                  # an older image processor that saved the budget flat
+        size.setdefault("shortest_edge", image["min_pixels"])
+    if "max_pixels" in image:
+        size.setdefault("longest_edge", image["max_pixels"])
+    if size:
+        video["size"] = {k: size[k] for k in ("shortest_edge", "longest_edge") if k in size}
+    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    config["video_processor"] = video
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    tokenizer_file = folder / "tokenizer_config.json"
+    if tokenizer_file.is_file():
+        tokenizer_config = json.loads(tokenizer_file.read_text())
+        if "processor_class" in tokenizer_config:
+            tokenizer_config["processor_class"] = "Qwen2_5_VLProcessor"
+            tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
+                                      + "\n")
 
 
 def unwrap(model):
@@ -129,8 +193,9 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
     """Load a Qwen2.5-VL model and its processor -> (model, processor).
 
     name_or_path: a hub id such as "Qwen/Qwen2.5-VL-3B-Instruct" (downloaded, or read from the
-        local cache), or a folder written by `model.save_pretrained` + `processor.save_pretrained`
-        (the tiny model, a warm start, a training checkpoint).
+        local cache), or a folder written by `model.save_pretrained` + `save_processor` (the
+        tiny model, a warm start, a training checkpoint; older folders from a plain
+        `processor.save_pretrained` load too).
     dtype: torch dtype or name ("bfloat16", "float32", "auto" = as stored); None = float32
         master weights (use torch.autocast for bf16 compute, as train.py does).
     device: where to put the model ("cuda:0", torch.device, ...); None leaves it on the CPU.
@@ -164,7 +229,7 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"load_model: {name} has no usable processor files (tokenizer, image "
                          f"processor); save them next to the weights with "
-                         f"processor.save_pretrained(folder). Cause: {err}") from None
+                         f"model.save_processor(processor, folder). Cause: {err}") from None
     if not isinstance(processor.image_processor, Qwen2VLImageProcessorPil):
         # with torchvision installed, transformers picks its torchvision image processor
         processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
@@ -521,6 +586,36 @@ def resize_kwargs(image_processor, images: list) -> dict:
     return {"do_resize": False}
 
 
+def image_token_count(image_processor, width: int, height: int) -> int:
+    """How many <|image_pad|> tokens a width x height picture becomes in the prompt.
+
+    The processor resizes it to multiples of patch_size * merge_size (28 px) inside its own pixel
+    budget (smart_resize), cuts it into 14-px patches and merges 2 x 2 patches into one token:
+    (H / 28) * (W / 28) tokens. Computed from the size alone, so a dataset's prompt lengths are
+    known without decoding a single picture. Example: 112 x 112 -> 4 * 4 = 16."""
+    ip = image_processor
+    factor = ip.patch_size * ip.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
+                        max_pixels=ip.size["longest_edge"])
+    return (h // factor) * (w // factor)
+
+
+def prompt_lengths(processor, prompts: list[tuple[list[dict], list[tuple[int, int]]]],
+                   ) -> list[int]:
+    """Prompt length in tokens, image tokens included, of each (chat messages, picture sizes).
+
+    Exactly the length _encode_prompts produces (tests/test_model.py checks): the chat template
+    with one <|image_pad|> per picture, tokenised, plus (tokens of the picture - 1) per picture,
+    since the processor expands each placeholder to the picture's token count. The sizes are
+    those the processor will receive (after any pixel-budget resize)."""
+    texts = [processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+             for messages, _ in prompts]
+    ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(tokens) + sum(image_token_count(processor.image_processor, w, h) - 1
+                              for w, h in sizes)
+            for tokens, (_, sizes) in zip(ids, prompts)]
+
+
 def encode_images(processor, images_per_prompt: list[list], num_samples: int) -> dict:
     """Image patches for N prompts, repeated G times: {"pixel_values": [rows, D],
     "image_grid_thw": [n_images, 3]}, in the row order generate_rollouts uses.
@@ -611,7 +706,7 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
 @torch.no_grad()
 def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int,
                       max_new_tokens: int, temperature: float = 1.0,
-                      top_p: float = 1.0) -> Rollouts:
+                      top_p: float = 1.0, top_k: int = 0) -> Rollouts:
     """Sample `num_samples` completions for each prompt with Hugging Face `generate`.
 
     prompts: [{"messages": chat messages (data.make_messages), "images": [PIL images]}, ...]
@@ -620,6 +715,8 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     top_p: nucleus sampling. Note that log-probs are always those of the full (temperature-
         scaled) distribution, as in the official code; with top_p < 1 the sampler and the scorer
         differ slightly, which the clipped importance ratio tolerates.
+    top_k: sample only among the k most likely tokens; 0 = off (training, as the official
+        rollouts). The paper's evaluation sampled with top_k 50, eval.py's default.
 
     Works on a DDP-wrapped model (generation needs no gradient synchronisation, so it runs on the
     bare model). The model is put in eval mode for sampling and restored afterwards."""
@@ -634,11 +731,12 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     # Every sampling knob is spelled out: unset fields are filled from the model's
     # generation_config.json, and Qwen2.5-VL-Instruct ships top_k=1, top_p=0.001 and
     # repetition_penalty=1.05 there - which would silently turn "sampling" into greedy decoding
-    # with a penalty. The global default top_k=50 would also truncate the distribution.
+    # with a penalty. The global default top_k=50 would also truncate the distribution, so it
+    # is set explicitly too (0 = off).
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
         temperature=1.0 if greedy else float(temperature), top_p=1.0 if greedy else float(top_p),
-        top_k=None if greedy else 0,                          # 0 = off; greedy ignores it
+        top_k=None if greedy else int(top_k),                 # 0 = off; greedy ignores it
         repetition_penalty=1.0, no_repeat_ngram_size=0,       # switched off
         eos_token_id=eos, pad_token_id=pad,
         suppress_tokens=_vision_token_ids(net),

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,9 +72,29 @@ class Config:
     preset: str = arg("papo-g", "grpo | papo-g | dapo | papo-d: objective settings of the paper.")
     model: str = arg("", "Qwen2.5-VL hub id or local folder. Empty: the offline tiny model, "
                          "warm-started on the toy task (cached).")
-    data: str = arg("", "Training JSONL ({problem, answer, images}). Empty: the offline toy task.")
-    eval_data: str = arg("", "Held-out JSONL for the before/after table. Empty: the toy held-out "
-                             "split when training on the toy task, else no evaluation.")
+    data: str = arg("", "Training data: a JSONL file, a ShareGPT .json file, a parquet file, glob "
+                        "or folder, a save_to_disk folder, or a hub dataset owner/name[:split] "
+                        "(e.g. PAPOGalaxy/PAPO_ViRL39K_train). Empty: the offline toy task.")
+    eval_data: str = arg("", "Held-out data (same forms as --data) for the before/after table. "
+                             "Empty: the toy held-out split when training on the toy task, else "
+                             "no evaluation.")
+    problem_key: str = arg("problem", "Table column holding the question.")
+    answer_key: str = arg("answer", "Table column holding the gold answer.")
+    image_key: str = arg("images", "Table column holding the picture(s): Image features, "
+                                   "{bytes, path} dicts or paths.")
+    image_dir: str = arg("", "Folder that relative picture paths are relative to (default: the "
+                             "data file's folder).")
+    prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
+                                   "official one (the trimmed question, a blank line, the "
+                                   "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
+    min_pixels: int = arg(200_704, "Pixel budget: every raw picture is scaled up to at least this "
+                                   "area BEFORE masking and processing (official: 256 image tokens).")
+    max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
+                                     "area before masking and processing (official: 1,280 tokens).")
+    max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
+                                       "stop the run before training unless --drop-long-prompts.")
+    drop_long_prompts: bool = arg(False, "Drop (and count, print and log) rows longer than "
+                                         "--max-prompt-length instead of stopping.")
     out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
     resume: str = arg("", "Run folder to continue from its latest checkpoint (exactly).")
     seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
@@ -153,8 +174,12 @@ PRESETS: dict[str, dict] = {
 
 # The offline toy world (TOY_WORLD_NOTES): a model of ~1M parameters learns with a much larger
 # learning rate, short responses and small batches; G = 8 keeps enough groups with mixed rewards.
+# Its 112 x 112 pictures (16 image tokens) are far below the official budget's 200,704 pixels,
+# which would upscale them 4x in area (256 tokens, mostly blur); the toy budget is the tiny
+# processor's own range, so budget_resize leaves them untouched.
 TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4,
-                     updates_per_step=1, micro_batch_size=64, steps=150, save_every=50)
+                     updates_per_step=1, micro_batch_size=64, steps=150, save_every=50,
+                     min_pixels=56 * 56, max_pixels=112 * 112)
 
 
 def parse_config(argv=None) -> Config:
@@ -215,12 +240,19 @@ def check_config(cfg: Config, world_size: int) -> None:
     if cfg.entropy not in ("sample", "exact"):
         problems.append(f"--entropy {cfg.entropy!r}: choose sample or exact")
     if cfg.model and not cfg.data:
-        problems.append("--model is given but --data is not: a real model needs a JSONL dataset "
+        problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
-    for name in ("data", "eval_data"):
-        path = getattr(cfg, name)
-        if path and not Path(path).is_file():
-            problems.append(f"--{name.replace('_', '-')} {path}: no such file")
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} / --max-pixels {cfg.max_pixels}: need "
+                        "0 < min <= max")
+    if cfg.max_prompt_length < 1:
+        problems.append(f"--max-prompt-length {cfg.max_prompt_length} must be >= 1")
+    if cfg.prompt_template:
+        try:
+            data.read_template(cfg.prompt_template)
+        except ValueError as err:
+            problems.append(str(err))
+    # (data sources are checked when they are loaded: a hub id or a glob is not a file)
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
     if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
@@ -332,18 +364,72 @@ def prepare_toy_data(cfg: Config, d: Dist) -> None:
     barrier()
 
 
-def load_datasets(cfg: Config) -> tuple[list[data.Example], list[data.Example]]:
-    """Every row is validated before training starts (data.load_jsonl): a bad row - including one
-    without an image, which the masked branch could not mask - stops the run with file:line."""
+def data_sources(cfg: Config) -> tuple[str, str | None]:
+    """(training source, held-out source or None): the flags, or the toy splits' files."""
     train_dir, eval_dir = toy_paths(cfg)
-    train_file = Path(cfg.data) if cfg.data else train_dir / "data.jsonl"
-    eval_file = Path(cfg.eval_data) if cfg.eval_data else (None if cfg.data else eval_dir / "data.jsonl")
+    if cfg.data:
+        return cfg.data, cfg.eval_data or None
+    return str(train_dir / "data.jsonl"), cfg.eval_data or str(eval_dir / "data.jsonl")
+
+
+def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, data.Dataset | None]:
+    """Every row is checked before training starts (data.load_dataset): a bad row - including one
+    without a picture, which the masked branch could not mask - stops the run naming its source
+    and row, all bad rows at once. Pictures stay on disk (or in the table) until drawn."""
+    train_src, eval_src = data_sources(cfg)
+    keys = dict(problem_key=cfg.problem_key, answer_key=cfg.answer_key, image_key=cfg.image_key,
+                image_dir=cfg.image_dir or None, progress=d.main)
     try:
-        train = data.load_jsonl(train_file)
-        heldout = data.load_jsonl(eval_file) if eval_file else []
+        train = data.load_dataset(train_src, **keys)
+        heldout = data.load_dataset(eval_src, **keys) if eval_src else None
     except data.DatasetError as err:
         raise SystemExit(f"train.py: {err}") from None
-    return train, heldout[: cfg.eval_size or None]
+    return train, heldout[: cfg.eval_size or None] if heldout else None
+
+
+@functools.lru_cache(maxsize=4)
+def _template(path: str) -> str | None:
+    return data.read_template(path) if path else None
+
+
+def prompt_options(cfg: Config) -> dict:
+    """How a dataset row becomes a prompt: the template and the pixel budget (Example.to_prompt)."""
+    return dict(template=_template(cfg.prompt_template), min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels)
+
+
+def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: str,
+                         ) -> tuple[data.Dataset, int]:
+    """Count the rows whose prompt (pictures' tokens included) is over --max-prompt-length.
+
+    Computed from the text and the picture sizes recorded when the rows were checked - no
+    picture is decoded. Long rows stop the run, named, unless --drop-long-prompts; then they are
+    left out and their number is returned, to be printed and logged. Never a silent skip."""
+    opts = prompt_options(cfg)
+    rows = dataset.rows
+    lengths = []
+    for start in range(0, len(rows), 1024):    # batches: the tokenizer is fastest on lists
+        lengths += qwen.prompt_lengths(processor, [
+            (data.chat_messages(ex.prompt_text(opts["template"]), len(ex.sizes)),
+             [data.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
+            for ex in rows[start:start + 1024]])
+    long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
+    if not long:
+        return dataset, 0
+    named = [f"{rows[i].source}: {lengths[i]} tokens" for i in long]
+    if not cfg.drop_long_prompts:
+        raise SystemExit(
+            f"train.py: {len(long)} of {len(rows)} {what} prompts are longer than "
+            f"--max-prompt-length {cfg.max_prompt_length} (pictures' tokens included); shorten "
+            f"them, raise the limit, lower --max-pixels, or pass --drop-long-prompts:\n  "
+            + "\n  ".join(named[:20]) + (f"\n  ... and {len(named) - 20} more" if len(named) > 20 else ""))
+    keep = [i for i in range(len(rows)) if lengths[i] <= cfg.max_prompt_length]
+    if not keep:
+        raise SystemExit(f"train.py: every {what} prompt is over --max-prompt-length "
+                         f"{cfg.max_prompt_length}: nothing left to train on")
+    print(f"--drop-long-prompts: dropped {len(long)} of {len(rows)} {what} rows over "
+          f"{cfg.max_prompt_length} tokens (first: {named[0]})")
+    return dataset.subset(keep), len(long)
 
 
 def draw_prompts(examples: list[data.Example], cfg: Config, d: Dist, cursor: int, n: int,
@@ -378,7 +464,7 @@ def warm_start_path(cfg: Config) -> Path:
             f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}")
 
 
-def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
+def warm_start(cfg: Config, d: Dist, train: data.Dataset) -> Path:
     """Supervised fine-tuning = maximising completion_logprobs of the worked solution: the same
     function that scores rollouts in RL, so the warm start exercises exactly the RL code path."""
     path = warm_start_path(cfg)
@@ -395,7 +481,7 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
         for step in bar:
             rng = np.random.default_rng([cfg.seed, step, 17])
             batch = [train[i] for i in rng.integers(0, len(train), cfg.sft_batch)]
-            prompts = [ex.to_prompt() for ex in batch]
+            prompts = [ex.to_prompt(**prompt_options(cfg)) for ex in batch]
             targets = qwen.rollouts_from_texts(processor, prompts, [ex.solution for ex in batch])
             # A short linear warm-up keeps the first large-lr steps of a random model stable.
             for group in optimizer.param_groups:
@@ -409,7 +495,7 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
             if step % 25 == 0:
                 acc = evaluation.evaluate(policy, processor, probe, samples=2, temperature=1.0,
                                           max_new_tokens=cfg.max_new_tokens, seed=step,
-                                          mask_ratios=())["accuracy"]
+                                          mask_ratios=(), **prompt_options(cfg))["accuracy"]
                 if acc >= cfg.sft_target_acc:
                     break
             bar.set_postfix(nll=f"{loss.item():.3f}", sampled_acc=f"{acc:.2f}")
@@ -417,7 +503,7 @@ def warm_start(cfg: Config, d: Dist, train: list[data.Example]) -> Path:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        qwen.save_processor(processor, tmp)
         tmp.rename(path)
         print(f"warm start: {step} steps, sampled accuracy on {n_probe} unseen training prompts {acc:.2f} "
               f"-> {path}")
@@ -449,7 +535,7 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
     G rollouts of a group are all compared against the SAME corrupted picture: their advantages
     and their KL_prcp then differ only through the sampled text."""
-    items = [ex.to_prompt() for ex in prompts]
+    items = [ex.to_prompt(**prompt_options(cfg)) for ex in prompts]
     torch.manual_seed(seed)                         # sampling of this step is reproducible
     rollouts = qwen.generate_rollouts(policy, processor, items, num_samples=cfg.group_size,
                                       max_new_tokens=cfg.max_new_tokens,
@@ -657,7 +743,7 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
     tmp = run / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(policy).save_pretrained(tmp)      # loadable by model.load_model and plain transformers
-    processor.save_pretrained(tmp)
+    qwen.save_processor(processor, tmp)      # names the stock processor classes (see there)
     torch.save({"optimizer": optimizer.state_dict(), "state": state,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
@@ -669,10 +755,23 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
     pointer = run / "latest.txt.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, run / "latest.txt")   # the commit point
+    write_run_info(run, checkpoint=str(final.absolute()))
     old = sorted(run.glob("checkpoint-*"))[: -cfg.keep_checkpoints]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)
     return final
+
+
+def write_run_info(run: Path, **fields) -> None:
+    """Merge `fields` into run.json: what a later evaluation of this run needs - the latest
+    checkpoint, the held-out data, the generation length, the pixel budget and the prompt
+    template. eval.py reads this file (and never imports this one). Replaced atomically."""
+    path = run / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.update(fields)
+    tmp = run / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -741,7 +840,8 @@ def evaluate_heldout(policy, processor, heldout, cfg: Config, d: Dist) -> dict |
             result = evaluation.evaluate(unwrap(policy), processor, heldout,
                                          samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                         mask_ratios=(cfg.mask_ratio,), batch_size=64)
+                                         mask_ratios=(cfg.mask_ratio,), batch_size=64,
+                                         **prompt_options(cfg))
         result["seconds"] = round(time.perf_counter() - start, 1)
     barrier()
     return result
@@ -808,10 +908,23 @@ def main(argv=None) -> dict:
 
     if not cfg.data:
         prepare_toy_data(cfg, d)
-    train, heldout = load_datasets(cfg)
+    train, heldout = load_datasets(cfg, d)
     init_path = cfg.model or str(warm_start(cfg, d, train))
     resume_from = latest_checkpoint(run) if cfg.resume else None
     policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
+    # Every rank computes the same lengths, so every rank keeps the same rows.
+    dropped = {}
+    train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
+    if heldout:
+        heldout, dropped["held-out"] = check_prompt_lengths(heldout, processor, cfg, "held-out")
+    if d.main:
+        absolute = lambda p: str(Path(p).absolute()) if p and Path(p).exists() else p or None
+        write_run_info(run, eval_data=absolute(data_sources(cfg)[1]), eval_size=cfg.eval_size,
+                       max_new_tokens=cfg.max_new_tokens, min_pixels=cfg.min_pixels,
+                       max_pixels=cfg.max_pixels, prompt_template=absolute(cfg.prompt_template),
+                       problem_key=cfg.problem_key, answer_key=cfg.answer_key,
+                       image_key=cfg.image_key, image_dir=absolute(cfg.image_dir),
+                       dropped_long_prompts=dropped)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     state = {"step": 0, "cursor": 0, "before": None, "history": []}

@@ -191,7 +191,7 @@ def test_make_messages():
     assert len(messages) == 1 and messages[0]["role"] == "user"
     content = messages[0]["content"]
     assert content[:2] == [{"type": "image"}, {"type": "image"}]
-    assert content[2] == {"type": "text", "text": "How many circles?\n" + data.INSTRUCTION}
+    assert content[2] == {"type": "text", "text": "How many circles?\n\n" + data.INSTRUCTION}
     assert len(data.make_messages("q", 0)[0]["content"]) == 1
     for needle in ("<think>", "</think>", "\\boxed{}"):
         assert needle in data.INSTRUCTION
@@ -246,8 +246,9 @@ def test_valid_dataset_with_relative_paths_loads_from_anywhere(folder, tmp_path_
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # relative to the file, not the cwd
     examples = data.load_jsonl(path)
     assert [ex.source for ex in examples] == [f"{path}:1", f"{path}:3", f"{path}:4"]
-    assert [len(ex.image_paths) for ex in examples] == [1, 1, 2]
-    assert all(p.is_absolute() and p.is_file() for ex in examples for p in ex.image_paths)
+    assert [len(ex.images) for ex in examples] == [1, 1, 2]
+    assert all(p.is_absolute() and p.is_file() for ex in examples for p in ex.images)
+    assert [ex.sizes for ex in examples] == [[(20, 10)], [(8, 8)], [(20, 10), (8, 8)]]
     assert examples[1].solution.endswith("\\boxed{red}") and examples[1].id == "7"
     assert examples[1].task == "colour" and examples[0].solution is None
     prompt = examples[2].to_prompt()
@@ -481,7 +482,7 @@ def test_tokenizer_corpus_covers_every_prompt_and_solution():
     rng = np.random.default_rng(5)
     for _ in range(300):
         ex = data.sample_toy_example(rng, tuple(data.TOY_TASKS))
-        assert ex["problem"] + "\n" + data.INSTRUCTION in texts
+        assert ex["problem"] + "\n\n" + data.INSTRUCTION in texts
         assert ex["solution"] in texts
     joined = " ".join(corpus)
     for word in [*data.COLOURS, *data.SHAPES, *"0123456789"]:
@@ -544,7 +545,7 @@ def test_text_only_accuracy_oracle():
 def test_toy_example_in_memory_and_options(tmp_path):
     ex = data.toy_example(np.random.default_rng(0), tasks=("most_color",))
     prompt = ex.to_prompt()
-    assert ex.image_paths == [] and ex.task == "most_color"
+    assert len(ex.images) == 1 and ex.task == "most_color"
     assert prompt["images"][0].size == (112, 112) and ex.answer in data.COLOURS
     assert prompt["messages"] == data.make_messages(ex.problem, 1)
     big = data.sample_toy_example(np.random.default_rng(0), image_size=224)

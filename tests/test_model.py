@@ -372,7 +372,7 @@ def test_gradient_checkpointing_same_gradients_and_cached_greedy_generation(tiny
                                                                              tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    qwen.save_processor(processor, tmp_path)
     plain, _ = qwen.load_model(tmp_path)
     ckpt, _ = qwen.load_model(tmp_path, gradient_checkpointing=True)
     blocks = list(ckpt.model.language_model.layers) + list(ckpt.model.visual.blocks)
@@ -417,7 +417,7 @@ def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
     model, processor = tiny
     r = generate_with_logits(model, processor, prompts, num_samples=2, max_new_tokens=MAX_NEW)[0]
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    qwen.save_processor(processor, tmp_path)
     loaded, loaded_processor = qwen.load_model(str(tmp_path), dtype="float32")
     assert isinstance(loaded, type(model)) and isinstance(loaded_processor, type(processor))
     assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
@@ -435,7 +435,7 @@ def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
 def test_load_model_dtype_and_device(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    qwen.save_processor(processor, tmp_path)
     loaded, _ = qwen.load_model(tmp_path, dtype="bfloat16", device="cpu")
     assert next(loaded.parameters()).dtype == torch.bfloat16
     loaded, _ = qwen.load_model(tmp_path, dtype=torch.float16)
@@ -526,3 +526,87 @@ def test_rollouts_from_texts_encode_prompt_like_generation_and_end_with_eos(tiny
     loss.backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# saved processor folders: load_model without torchvision, stock AutoProcessor with it
+# ---------------------------------------------------------------------------------------------
+
+def _encode_one(processor, prompt):
+    """The processor's own call on one prompt (no project code in between): ids and patches."""
+    text = processor.apply_chat_template(prompt["messages"], add_generation_prompt=True,
+                                         tokenize=False)
+    return processor(text=[text], images=prompt["images"], return_tensors="pt")
+
+
+def _resized_prompt(prompts):
+    """One picture whose size is not a multiple of 28, so the image processor really resizes it
+    (150 x 95 -> 140 x 84, a 6 x 10 grid); prompts[3]'s two pictures need no resize."""
+    return {"messages": data.make_messages("How many shapes?", 1),
+            "images": [prompts[0]["images"][0].resize((150, 95))]}
+
+
+def test_saved_processor_config_names_the_stock_classes(tiny, tmp_path):
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.auto.processing_auto import processor_class_from_name
+    _, processor = tiny
+    qwen.save_processor(processor, tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["processor_class"] == tokenizer_config["processor_class"] == "Qwen2_5_VLProcessor"
+    # AutoProcessor's own name lookup: the stock class for the saved name, nothing for ours
+    # (which is why a plain save_pretrained folder gives a stock user only the tokenizer)
+    assert processor_class_from_name(config["processor_class"]) is Qwen2_5_VLProcessor
+    assert processor_class_from_name("QwenVLImageTextProcessor") is None
+    image, video = config["image_processor"], config["video_processor"]
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                "size"):
+        assert video[key] == image[key], key
+    tiny_size = qwen.SIZES["tiny"]
+    assert video["size"] == {"shortest_edge": tiny_size["min_pixels"],
+                             "longest_edge": tiny_size["max_pixels"]}
+
+
+@pytest.mark.parametrize("saver", ["save_processor", "plain save_pretrained (older folders)"])
+def test_load_model_reads_saved_processor_with_pil_images_and_same_encoding(tiny, prompts,
+                                                                           tmp_path, saver):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+        Qwen2VLImageProcessorPil
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    if saver == "save_processor":
+        qwen.save_processor(processor, tmp_path)
+    else:
+        processor.save_pretrained(tmp_path)
+    _, loaded = qwen.load_model(tmp_path)
+    assert type(loaded) is qwen.QwenVLImageTextProcessor
+    assert type(loaded.image_processor) is Qwen2VLImageProcessorPil   # also with torchvision
+    for prompt in (prompts[3], _resized_prompt(prompts)):
+        want, got = _encode_one(processor, prompt), _encode_one(loaded, prompt)
+        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_stock_autoprocessor_loads_the_full_processor_with_torchvision(tiny, prompts, tmp_path):
+    """What a user with a normal GPU install gets: AutoProcessor on a saved checkpoint is the
+    stock Qwen2_5_VLProcessor, video processor included, and encodes as ours does (pixels only
+    close where a picture is resized: torchvision's bicubic differs slightly from PIL's)."""
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    _, processor = tiny
+    qwen.save_processor(processor, tmp_path)
+    stock = AutoProcessor.from_pretrained(tmp_path)
+    assert type(stock) is Qwen2_5_VLProcessor
+    assert isinstance(stock.video_processor, Qwen2VLVideoProcessor)
+    # the video processor got the image pixel budget, not its class default (>= 100,352 pixels
+    # per frame): a 2-frame 112 x 112 clip stays 112 x 112 -> one 8 x 8 grid of patch pairs
+    clip = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+    video = stock.video_processor(videos=[clip], cap_pixels_per_frame=False, return_tensors="pt")
+    assert video["video_grid_thw"].tolist() == [[1, 8, 8]]
+    for prompt, atol in ((prompts[3], 1e-5), (_resized_prompt(prompts), 0.1)):
+        want, got = _encode_one(processor, prompt), _encode_one(stock, prompt)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+        torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=atol)

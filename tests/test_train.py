@@ -129,7 +129,7 @@ def _tiny_batch(tmp_path, *extra):
     cfg = train.parse_config(tiny_args(tmp_path, *extra))
     d = train.Dist()
     train.prepare_toy_data(cfg, d)
-    examples, _ = train.load_datasets(cfg)
+    examples, _ = train.load_datasets(cfg, d)
     policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
     return cfg, d, examples, policy, processor
 

@@ -687,10 +687,14 @@ def _open_table(source: str):
 def _open_hub(repo: str, split: str | None, source: str):
     """A hub dataset: from the hub when it is reachable, else from the local cache."""
     import datasets
-    offline = bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
+    # Parsed as huggingface_hub does: "0" or "false" means online, not "set, hence offline".
+    offline = (os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               or not _hub_reachable())
     try:
         with _hub_offline(offline):
-            loaded = datasets.load_dataset(repo, split=split)
+            # every split, then pick: an unknown split is then an error naming the known ones,
+            # not a ValueError that would read like a cache miss
+            loaded = datasets.load_dataset(repo)
     except DatasetError:
         raise
     except Exception as err:   # ConnectionError, FileNotFoundError, ValueError for a bad split, ...

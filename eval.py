@@ -1,16 +1,22 @@
-"""Evaluate Qwen2.5-VL policies on JSONL datasets with the paper's protocol.
+"""Evaluate Qwen2.5-VL policies with the paper's protocol, on any dataset or on the paper's suite.
 
     python eval.py                                    # the checkpoint train.py wrote last
     python eval.py --model runs/papo/checkpoint-000150 --data test.jsonl
-    python eval.py --model runs/grpo/... --model runs/papo/... --data a.jsonl --data b.jsonl
+    python eval.py --model runs/grpo/... --model runs/papo/... --data a.parquet --data b.json
+    python eval.py --suite suite/ --model runs/grpo/... --model runs/papo/...   # Table 1
     python eval.py --mean-of runs/exp-eval-seed0.json runs/exp-eval-seed1.json ...   # over seeds
 
-Protocol (PAPO_REFERENCE section 6): k = 8 samples per question at temperature 1.0, top_p 1.0;
-the score is avg@k, the mean accuracy over all k * n samples. Also reported per dataset:
-pass@k (a question counts if any of its k samples is right), the format rate, the mean response
-length, avg@k with the image masked at ratio 0.6 and 1.0 (how much the answers depend on seeing
-the picture), and the mean per-token KL_prcp between the original-image and masked-image
-policies on the model's own rollouts (how differently the policy behaves when it cannot see).
+Protocol (PAPO_REFERENCE section 6): k = 8 samples per question at temperature 1.0, top_p 1.0,
+top_k 50, pictures resized into [1,024, 589,824] pixels; the score is avg@k, the mean accuracy
+over all k * n samples. Also reported per dataset: pass@k (a question counts if any of its k
+samples is right), the format rate, the mean response length, and - outside --suite - avg@k with
+the image masked at ratio 0.6 and 1.0 (how much the answers depend on seeing the picture) and
+the mean per-token KL_prcp between the original-image and masked-image policies on the model's
+own rollouts (how differently the policy behaves when it cannot see).
+
+--suite DIR scores the nine benchmark files of the paper's evaluation suite (ShareGPT JSON, see
+SUITE) and prints Table 1: avg@k per benchmark, the General / Vision-dependent / Overall
+averages, and each later model's relative gain over the first as the paper computes it.
 """
 
 from __future__ import annotations
@@ -206,6 +212,7 @@ def suite_summary(scores: dict[str, dict[str, float]], models: list[str], *,
       "gain":    None for the baseline; else {group: mean over the group's benchmarks of
                   relative_gain(baseline, model), or None if either model misses one}
       "missing": [suite files with no score], in column order
+      "zero":    [suite files scored 0]: a baseline's zero leaves its groups' gains None
     An average is never taken over the benchmarks that happen to be there: one missing score
     makes its group (and Overall) None, so a partial table cannot pass for a full one.
 
@@ -234,15 +241,15 @@ def suite_summary(scores: dict[str, dict[str, float]], models: list[str], *,
                 if any(s[f] is None or base[f] is None for f in files):
                     gain[g] = None
                     continue
-                per_benchmark = []
-                for f in files:
-                    try:
-                        per_benchmark.append(relative_gain(base[f], s[f]))
-                    except ValueError as e:
-                        raise ValueError(f"suite_summary: {models[0]} on {f}: {e}") from None
-                gain[g] = statistics.fmean(per_benchmark)
+                if any(base[f] <= 0 for f in files):
+                    # no relative gain over a zero score; this runs at the end of a long
+                    # evaluation, so it is reported in the table instead of raised
+                    gain[g] = None
+                    continue
+                gain[g] = statistics.fmean(relative_gain(base[f], s[f]) for f in files)
         summary[m] = {"scores": s, "avg": avg, "gain": gain,
-                      "missing": [f for f in SUITE_FILES if s[f] is None]}
+                      "missing": [f for f in SUITE_FILES if s[f] is None],
+                      "zero": [f for f in SUITE_FILES if s[f] is not None and s[f] <= 0]}
     return summary
 
 
@@ -291,6 +298,10 @@ def format_suite_table(summary: dict[str, dict], models: list[str]) -> str:
     lines = [line("model", header)] + [line(n, r) for n, r in zip(names, rows)]
     if len(models) > 1:
         lines.append(f"(+x): mean of per-benchmark relative gains (%) over {names[0]}")
+    zero = summary[models[0]]["zero"]
+    if len(models) > 1 and zero:
+        lines.append(f"(n/a) gains: {names[0]} scores 0 on {', '.join(zero)}, so no relative gain "
+                     "is defined there")
     missing = [f"{n}: {', '.join(summary[m]['missing'])}"
                for n, m in zip(names, models) if summary[m]["missing"]]
     if missing:

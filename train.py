@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -175,7 +176,7 @@ PRESETS: dict[str, dict] = {
 # The offline toy world (TOY_WORLD_NOTES): a model of ~1M parameters learns with a much larger
 # learning rate, short responses and small batches; G = 8 keeps enough groups with mixed rewards.
 # Its 112 x 112 pictures (16 image tokens) are far below the official budget's 200,704 pixels,
-# which would upscale them 4x in area (256 tokens, mostly blur); the toy budget is the tiny
+# which would upscale them 16x in area (256 tokens, mostly blur); the toy budget is the tiny
 # processor's own range, so budget_resize leaves them untouched.
 TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4,
                      updates_per_step=1, micro_batch_size=64, steps=150, save_every=50,
@@ -459,9 +460,18 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------------------------
 
 def warm_start_path(cfg: Config) -> Path:
+    """The cache folder of the warm start for these settings. The prompt is part of the key: a
+    warm start trained on other wording (and a tokenizer trained on another corpus) would start
+    RL off its own distribution."""
     tasks = cfg.toy_tasks.replace(",", "+")
+    prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
     return (Path(cfg.cache) / f"warmstart-{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
-            f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}")
+            f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}-prompt{prompt}")
+
+
+def _prompt_fingerprint(cfg: Config) -> str:
+    """The prompt text of a fixed question: changes whenever the template or instruction does."""
+    return data.format_prompt("{problem}", _template(cfg.prompt_template))
 
 
 def warm_start(cfg: Config, d: Dist, train: data.Dataset) -> Path:

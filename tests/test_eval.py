@@ -1,6 +1,7 @@
 """eval.py: metrics on hand-made cases with known answers."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -319,3 +320,52 @@ def test_suite_files_splits_a_folder_into_present_and_missing(tmp_path):
                        "lscpku_LogicVista.json": tmp_path / "lscpku_LogicVista.json"}
     assert missing == [f for f in evaluation.SUITE_FILES
                        if f not in ("PAPO_MMK12.json", "lscpku_LogicVista.json")]
+
+
+def test_suite_cli_scores_sharegpt_files_and_reports_the_missing_ones(tmp_path, capsys):
+    """eval.py --suite on a folder holding 3 of the 9 benchmark files (ShareGPT JSON with an
+    image folder beside them): each present file is scored for each model, the table names the
+    6 missing files, and no average is computed over an incomplete group."""
+    import model as qwen
+    (tmp_path / "suite" / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (10, 200, 10)).save(tmp_path / "suite" / "images" / "g.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>How many shapes? Answer in \\boxed{}."},
+                          {"role": "assistant", "content": "2"}], "images": ["images/g.png"]}]
+    present = ["hiyouga_geometry3k.json", "PAPO_MMK12.json", "lscpku_LogicVista.json"]
+    for name in present:
+        (tmp_path / "suite" / name).write_text(json.dumps(rows))
+    models = []
+    for seed in (0, 1):
+        policy, processor = qwen.build_tiny_model(seed=seed, size="tiny")
+        policy.save_pretrained(tmp_path / f"m{seed}"); qwen.save_processor(processor, tmp_path / f"m{seed}")
+        models += ["--model", str(tmp_path / f"m{seed}")]
+    out = tmp_path / "suite.json"
+    results = evaluation.main(["--suite", str(tmp_path / "suite"), *models, "--samples", "2",
+                               "--max-new-tokens", "4", "--out", str(out)])
+    assert sorted(Path(k).name for k in results) == sorted(present)
+    assert json.loads(out.read_text()) == results
+    for per_model in results.values():
+        assert sorted(per_model) == sorted([str(tmp_path / "m0"), str(tmp_path / "m1")])
+        assert all(set(m) >= {"accuracy", "pass@2", "format"} for m in per_model.values())
+        assert all("accuracy_mask0.6" not in m for m in per_model.values())   # avg@k alone
+    text = capsys.readouterr().out
+    table = text[text.index("Geo3k"):]
+    assert table.count("missing") >= 6 and "n/a" in table
+    named = [line for line in table.splitlines() if line.startswith("missing benchmark files")]
+    for name in set(evaluation.SUITE_FILES) - set(present):
+        assert name in named[0]
+
+
+def test_a_zero_baseline_score_leaves_that_groups_gain_undefined_not_a_crash():
+    """A baseline that scores 0 on one benchmark has no relative gain there: the group's gain
+    (and Overall's) is n/a and the table says why; the other group keeps its gain."""
+    base = {f: 0.5 for f in evaluation.SUITE_FILES}
+    base["hiyouga_geometry3k.json"] = 0.0
+    new = {f: 0.6 for f in evaluation.SUITE_FILES}
+    summary = evaluation.suite_summary({"a": base, "b": new}, ["a", "b"])
+    gain = summary["b"]["gain"]
+    assert gain["General"] is None and gain["Overall"] is None
+    assert gain["Vision-dependent"] == pytest.approx(20.0)       # (0.6 - 0.5) / 0.5
+    assert summary["a"]["avg"]["General"] == pytest.approx(40.0)  # averages are still defined
+    table = evaluation.format_suite_table(summary, ["a", "b"])
+    assert "(n/a)" in table and "a scores 0 on hiyouga_geometry3k.json" in table

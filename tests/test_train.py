@@ -200,3 +200,82 @@ def test_collapse_warning_fires_only_on_the_kl_prcp_hacking_signature():
     # rising entropies without a KL jump: no warning either
     assert train.collapse_warning(calm + [{**hacked, "kl_prcp": 0.12}]) is None
     assert train.collapse_warning(calm[:5] + [hacked]) is None         # too little history
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data formats from the command line: a parquet table with <image> markers, the prompt-
+# length guard, and the run.json that eval.py reads.
+# ---------------------------------------------------------------------------------------------
+
+def _toy_parquet(path: Path, n: int, long_rows: int = 0) -> Path:
+    """n toy rows as the PAPO sets store them: images = a list of Image features (PNG bytes),
+    the picture placed by an <image> marker; `long_rows` extra rows with a very long question."""
+    import io
+    import datasets
+    import numpy as np
+    import data
+    rows = {"problem": [], "answer": [], "images": []}
+    for i in range(n + long_rows):
+        ex = data.sample_toy_example(np.random.default_rng([5, i]))
+        buf = io.BytesIO()
+        ex["image"].save(buf, format="PNG")
+        question = ex["problem"] + (" Look again." * 400 if i >= n else "")
+        rows["problem"].append(f"Picture: <image> {question}")
+        rows["answer"].append(ex["answer"])
+        rows["images"].append([{"bytes": buf.getvalue(), "path": None}])
+    features = datasets.Features({"problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string"),
+                                  "images": datasets.List(datasets.Image())})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def _real_model_args(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
+    """--model given: the official recipe's defaults apply, so the test shrinks them by flag."""
+    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy.save_pretrained(tmp_path / "base")
+    qwen.save_processor(processor, tmp_path / "base")
+    return ["--model", str(tmp_path / "base"), "--data", str(data_file),
+            "--eval-data", str(data_file), "--eval-size", "2", "--eval-samples", "1",
+            "--out", str(tmp_path / "runs" / "default"), "--steps", "2", "--prompts-per-step", "2",
+            "--group-size", "2", "--updates-per-step", "1", "--max-new-tokens", "6",
+            "--micro-batch-size", "4", "--lr", "1e-3", "--sample-every", "1",
+            "--min-pixels", "3136", "--max-pixels", "12544", *extra]
+
+
+def test_two_steps_on_a_parquet_table_then_eval_reads_the_run_folder(tmp_path, monkeypatch):
+    import datasets
+    import eval as evaluation
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    table = _toy_parquet(tmp_path / "train.parquet", 6, long_rows=1)
+    args = _real_model_args(tmp_path, table, "--preset", "papo-g", "--max-prompt-length", "200")
+    run = tmp_path / "runs" / "default"
+
+    # one row is ~1,600 tokens: the run stops before training and names the row
+    with pytest.raises(SystemExit, match=r"1 of 7 training prompts are longer than "
+                                         r"--max-prompt-length 200[\s\S]*train\.parquet:6: \d+ tokens"):
+        train.main(args)
+    assert not (run / "metrics.jsonl").exists()
+
+    # with --drop-long-prompts it is dropped, counted, and recorded
+    train.main(args + ["--drop-long-prompts"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["kl_prcp"] >= 0 for r in rows)
+    info = json.loads((run / "run.json").read_text())
+    assert info["dropped_long_prompts"] == {"training": 1, "held-out": 0}  # eval-size 2: no long row
+    assert info["checkpoint"] == str((run / "checkpoint-000002").absolute())
+    assert (info["min_pixels"], info["max_pixels"], info["max_new_tokens"]) == (3136, 12544, 6)
+    assert info["eval_data"] == str(table.absolute())
+
+    # eval.py with no --model: everything from run.json, nothing from train.py
+    monkeypatch.chdir(tmp_path)
+    results = evaluation.main(["--samples", "1", "--limit", "2", "--mask-ratios", "--kl-ratio", "-1",
+                               "--out", str(tmp_path / "res.json")])
+    assert list(results) == [str(table.absolute())]
+    assert list(results[str(table.absolute())]) == [info["checkpoint"]]
+
+
+def test_eval_py_never_imports_train():
+    """eval.py is a leaf beside the loop: importing it must not import train.py (a circle)."""
+    code = "import sys, eval; assert 'train' not in sys.modules, 'eval imported train'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

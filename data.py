@@ -673,7 +673,8 @@ def _open_table(source: str):
             raise DatasetError([f"{spec}: no file matches this pattern"])
     elif path.exists():
         return None
-    elif spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "~")):
+    elif (spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "~"))
+          and path.suffix not in (".parquet", ".arrow", ".json", ".jsonl", ".csv")):
         return _open_hub(spec, split, source), None, source
     else:
         raise DatasetError([f"{source}: no such file or folder (and not a hub id owner/name)"])

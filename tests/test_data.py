@@ -133,6 +133,29 @@ def test_format_reward(text, expected):
     assert data.format_reward(text) == expected
 
 
+@pytest.mark.parametrize("text,tidy", [
+    ("< think > a </ think > \\boxed{1}", "<think>a</think>\\boxed{1}"),
+    ("<think>\n  a\n</think>\n\\boxed{1}", "<think>a</think>\\boxed{1}"),
+    ("\\boxed{1 / 2}", "\\boxed{1/2}"),
+    ("\\boxed{x < 3}", "\\boxed{x<3}"),
+    ("no tags at all", "no tags at all"),
+])
+def test_whitespace_around_angle_brackets_and_slashes_is_removed(text, tidy):
+    """The official reward's rule: whitespace around "<", ">" and "/" goes before grading."""
+    assert data.tidy_response(text) == tidy
+    assert data.tidy_response(tidy) == tidy                          # idempotent
+
+
+def test_the_whitespace_rule_applies_to_both_checks():
+    # spaced-out tags pass the format check only because of the rule
+    assert data.format_reward("< think >I see 2.</ think > \\boxed{2}") == 1.0
+    assert data.format_reward("<think>I see 2.</th ink> \\boxed{2}") == 0.0  # not a tag
+    # an answer whose box is written "\boxed{ 1 / 2 }" is the fraction, as in the official grader
+    assert data.accuracy_reward("<think>x</think> \\boxed{ 1 / 2 }", "\\frac{1}{2}") == 1.0
+    assert data.reward_details("< think >x</ think >\\boxed{3}", "3") == {
+        "reward": 1.0, "accuracy": 1.0, "format": 1.0}
+
+
 @pytest.mark.parametrize("gold", ["abc+", "", "   ", "\\frac{", "???", "$$", "1 + (", "#", "(3",
                                   "\\"])
 def test_unparseable_gold_answer_is_an_error(gold):

@@ -658,3 +658,17 @@ def test_hub_id_is_read_from_the_local_cache(tmp_path, monkeypatch):
     [line] = err.problems
     # a wrong split is named as such, with the split that exists - not taken for a cache miss
     assert line == "owner/name:train: no split 'train'; it has test"
+
+
+@pytest.mark.parametrize("source", ["data/missing.parquet", "missing_folder", "a/b/c",
+                                    "runs/x.json", "./owner/name"])
+def test_a_missing_path_is_reported_as_missing_not_looked_up_on_the_hub(source, tmp_path,
+                                                                        monkeypatch):
+    """Only owner/name without a file suffix is taken for a hub id; a mistyped path must not send
+    the user to the hub (or wait for it)."""
+    monkeypatch.chdir(tmp_path)
+    err = dataset_error(lambda: data.load_dataset(source))
+    [line] = err.problems
+    assert line.startswith(source)
+    assert "file not found" in line or "no such file or folder" in line
+    assert "cache" not in str(err)

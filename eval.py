@@ -456,6 +456,7 @@ def main(argv=None) -> dict:
         budget = (budget[0] or info.get("min_pixels"), budget[1] or info.get("max_pixels"))
         template_file = template_file or info.get("prompt_template")
         keys = {k: info.get(k) or v for k, v in keys.items()}
+        args.limit = args.limit or info.get("eval_size") or 0   # the run's held-out slice
     missing = []
     if args.suite:
         present, missing = suite_files(args.suite)

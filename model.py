@@ -188,6 +188,42 @@ def _looks_like_hub_id(name: str) -> bool:
             and "\\" not in name and all(name.split("/")))
 
 
+def _model_source(name_or_path) -> str:
+    """The folder or hub id to load from, checked: an error names the path or id, instead of
+    failing deep inside transformers' loading code."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_checkpoint_folder(path)
+        return str(path)
+    if not _looks_like_hub_id(name):
+        raise FileNotFoundError(f"load_model: no such model folder: {path}")
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except OSError as err:  # offline without a cache, or a misspelt id
+        raise ValueError(f"load_model: {name!r} is not a local folder and could not be "
+                         f"loaded as a Hugging Face hub id: {err}") from None
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"load_model: {name} is a {model_type!r} model, not Qwen2.5-VL")
+    return name
+
+
+def load_processor(name_or_path) -> QwenVLImageTextProcessor:
+    """The processor alone (tokenizer + PIL image processor) of a model folder or hub id: what
+    train.py needs to measure prompt lengths before it loads gigabytes of weights."""
+    source = _model_source(name_or_path)
+    try:
+        processor = QwenVLImageTextProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"load_model: {source} has no usable processor files (tokenizer, image "
+                         f"processor); save them next to the weights with "
+                         f"model.save_processor(processor, folder). Cause: {err}") from None
+    if not isinstance(processor.image_processor, Qwen2VLImageProcessorPil):
+        # with torchvision installed, transformers picks its torchvision image processor
+        processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
+    return processor
+
+
 def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing: bool = False,
                attn_implementation: str | None = None):
     """Load a Qwen2.5-VL model and its processor -> (model, processor).
@@ -206,34 +242,9 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
 
     The processor always uses the PIL image processor: no torchvision needed, and identical
     pixels on every machine (the torchvision backend resizes slightly differently)."""
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        _check_checkpoint_folder(path)
-        source = str(path)
-    elif _looks_like_hub_id(name):
-        source = name
-        try:
-            model_type = AutoConfig.from_pretrained(source).model_type
-        except OSError as err:  # offline without a cache, or a misspelt id
-            raise ValueError(f"load_model: {name!r} is not a local folder and could not be "
-                             f"loaded as a Hugging Face hub id: {err}") from None
-        if model_type != "qwen2_5_vl":
-            raise ValueError(f"load_model: {name} is a {model_type!r} model, not Qwen2.5-VL")
-    else:
-        raise FileNotFoundError(f"load_model: no such model folder: {path}")
-
+    source = _model_source(name_or_path)
     # the processor first: it is cheap, and a folder without one should fail before gigabytes load
-    try:
-        processor = QwenVLImageTextProcessor.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"load_model: {name} has no usable processor files (tokenizer, image "
-                         f"processor); save them next to the weights with "
-                         f"model.save_processor(processor, folder). Cause: {err}") from None
-    if not isinstance(processor.image_processor, Qwen2VLImageProcessorPil):
-        # with torchvision installed, transformers picks its torchvision image processor
-        processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
-
+    processor = load_processor(source)
     kwargs = {"dtype": _as_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

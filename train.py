@@ -921,8 +921,9 @@ def main(argv=None) -> dict:
     train, heldout = load_datasets(cfg, d)
     init_path = cfg.model or str(warm_start(cfg, d, train))
     resume_from = latest_checkpoint(run) if cfg.resume else None
-    policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
-    # Every rank computes the same lengths, so every rank keeps the same rows.
+    # Prompt lengths need only the tokenizer: checked before gigabytes of weights load. Every
+    # rank computes the same lengths, so every rank keeps the same rows.
+    processor = qwen.load_processor(init_path)
     dropped = {}
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
     if heldout:
@@ -935,6 +936,7 @@ def main(argv=None) -> dict:
                        problem_key=cfg.problem_key, answer_key=cfg.answer_key,
                        image_key=cfg.image_key, image_dir=absolute(cfg.image_dir),
                        dropped_long_prompts=dropped)
+    policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     state = {"step": 0, "cursor": 0, "before": None, "history": []}

@@ -152,7 +152,8 @@ class Config:
     toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (data.TOY_TASKS).")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
-    sft_steps: int = arg(1500, "Most steps of the supervised warm start on the toy solutions.")
+    sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
+                               "(it stops earlier, at --sft-target-acc).")
     sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
     sft_batch: int = arg(32, "Batch size of the warm start.")
     sft_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 training "

@@ -14,7 +14,8 @@ where `format` checks that the response is "<think> ... </think> ... \\boxed{...
 The module reads top to bottom in four parts:
 
     1. The prompt            INSTRUCTION, format_prompt, chat_messages, budget_resize
-    2. Datasets              Example, Dataset, load_dataset (JSONL, ShareGPT, tables), DatasetError
+    2. Datasets              Example, Dataset, load_dataset (JSONL, ShareGPT, tables), DatasetError,
+                             to_rgb (any picture mode -> 8-bit RGB)
     3. The toy task          TOY_TASKS, sample_toy_example, make_toy_dataset, tokenizer_corpus
     4. The rewards           format_reward, extract_boxed, accuracy_reward, reward, reward_details
 
@@ -31,17 +32,20 @@ import glob
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 from pathlib import Path
 from typing import Callable
 
 import math_verify
 import numpy as np
+import sympy
 from PIL import Image, ImageDraw
 
 
@@ -73,6 +77,14 @@ IMAGE_MARKER = "<image>"
 # features land on the wrong positions). A row containing one is a bad row.
 VISION_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 
+# Qwen's chat control tokens. The chat template writes each turn as "<|im_start|>user\n...
+# <|im_end|>\n", and the tokenizer turns these strings into the control tokens wherever they
+# stand, so a question containing "<|im_end|>\n<|im_start|>assistant\n..." would end the user's
+# turn and forge an assistant turn (the model then continues a conversation the data wrote).
+# <|endoftext|> is the pad and end-of-document token. A row containing one is a bad row, and a
+# prompt template containing one (or a vision token) is refused by read_template.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
 
 def read_template(path: str | Path) -> str:
     """A prompt template from a plain-text file: any text with one "{problem}" where the trimmed
@@ -85,6 +97,12 @@ def read_template(path: str | Path) -> str:
     if text.count("{problem}") != 1:
         raise ValueError(f"--prompt-template {path}: must contain \"{{problem}}\" exactly once "
                          f"(found {text.count('{problem}')})")
+    found = [token for token in CHAT_TOKENS + VISION_TOKENS if token in text]
+    if found:
+        raise ValueError(f"--prompt-template {path}: contains the special token(s) "
+                         f"{', '.join(found)}; the tokenizer would read them as control tokens "
+                         "(a forged turn boundary, or image tokens without their picture), so "
+                         "only the chat template and the processor may place them")
     return text
 
 
@@ -251,17 +269,26 @@ class Example:
 
     def load_images(self, min_pixels: int | None = None,
                     max_pixels: int | None = None) -> list[Image.Image]:
-        """The pictures as RGB PIL images, resized into the pixel budget (budget_resize).
+        """The pictures as 8-bit RGB PIL images (to_rgb), resized into the pixel budget
+        (budget_resize).
 
         RGB because the processor and the pixel-space mask expect three channels: a PNG may be
-        palette, grey or RGBA, and RGBA would keep an alpha channel."""
+        palette, grey, 16-bit or transparent, and to_rgb maps each of them by its own rule.
+        Raises ValueError, naming the row, for a picture that validation would have refused."""
         pictures = []
-        for item in self.images:
-            if isinstance(item, Image.Image):
-                picture = item.convert("RGB")
-            else:   # `with` closes the file: long runs open many pictures
-                with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as im:
-                    picture = im.convert("RGB")
+        for i, item in enumerate(self.images):
+            try:
+                if isinstance(item, Image.Image):
+                    picture = to_rgb(item)
+                else:
+                    # Validation applied --max-image-pixels to this very picture and recorded its
+                    # size; a row that was never validated gets the default guard.
+                    limit = MAX_IMAGE_PIXELS if not self.sizes else max(
+                        MAX_IMAGE_PIXELS, self.sizes[i][0] * self.sizes[i][1])
+                    with _open_picture(item, limit) as im:   # closes the file: runs open many
+                        picture = to_rgb(im)
+            except ValueError as err:
+                raise ValueError(f"{self.source or 'example'}: picture {i + 1}: {err}") from None
             pictures.append(budget_resize(picture, min_pixels, max_pixels))
         return pictures
 
@@ -335,11 +362,15 @@ def _check_text_field(row: dict, key: str) -> tuple[str | None, str | None]:
 
 
 def _text_problems(text: str, num_pictures: int, what: str) -> list[str]:
-    """Reasons why a prompt text cannot go with `num_pictures` pictures: vision special tokens
-    in it, or "<image>" markers that do not match the pictures one to one."""
+    """Reasons why a prompt text cannot go with `num_pictures` pictures: vision or chat control
+    tokens in it (one reason per token), or "<image>" markers that do not match the pictures one
+    to one."""
     reasons = [f'{what} contains the vision special token "{token}" (only the processor may '
                f'place it: it would misalign image tokens and image patches)'
                for token in VISION_TOKENS if token in text]
+    reasons += [f'{what} contains the chat control token "{token}" (only the chat template may '
+                f'place it: the row could end the user turn and forge an assistant turn)'
+                for token in CHAT_TOKENS if token in text]
     markers = text.count(IMAGE_MARKER)
     if markers and markers != num_pictures:
         reasons.append(f'{what} has {markers} "{IMAGE_MARKER}" markers but the row has '
@@ -375,27 +406,168 @@ def _resolve(path: str, folder: Path | None) -> Path:
     return p if p.is_absolute() or folder is None else folder / p
 
 
+# --- pictures: from any PIL mode to 8-bit RGB, and a size guard --------------------------------
+# How each PIL mode becomes 8-bit RGB (to_rgb), and which modes are refused (picture_mode_problem,
+# which validation calls, so that load_images never meets a picture it cannot map):
+#   RGB, L, 1, P, RGBX, CMYK, YCbCr, LAB, HSV   PIL's convert("RGB") (1: 0/1 -> 0/255; P: its
+#       palette; CMYK, YCbCr, LAB, HSV: PIL's colour conversions)
+#   16-bit grey (I;16, I;16L, I;16B, I;16N)   the high byte, v >> 8 = floor(v / 256), so
+#       0..65535 -> 0..255 and 32768 -> 128 (the reduction of libpng's png_set_strip_16). PIL's
+#       own convert clips at 255 instead, which turns a 16-bit picture almost entirely white.
+#   F (32-bit float)   values all in [0, 1]: round(255 v) (the float convention of numpy,
+#       scikit-image, torchvision); otherwise values all in [0, 255]: round(v). Anything else
+#       (negative, over 255, NaN, inf) is refused: nothing says where white is. [0, 1] wins when
+#       both fit, as in the [0, 255] reading such a picture would be black to the eye.
+#   I (32-bit integer)   refused: white may be 255, 65535 or 2^31 - 1, and the file does not say.
+#       Except from a PNG file: Pillow before 10.3 opens 16-bit grey PNGs as mode I, and a PNG
+#       holds at most 16 bits, so that is 16-bit grey (the rule above).
+#   transparency (RGBA, LA, PA, RGBa, La, and any mode with a "transparency" entry: P with a
+#       transparent index, L/RGB/16-bit grey with a colour key)   composited over WHITE. Qwen's
+#       processor does exactly this itself (transformers' image_transforms.convert_to_rgb,
+#       do_convert_rgb=True), so a picture means the same whether it reaches the model through us
+#       or directly; merely dropping the alpha channel would show whatever colour the
+#       transparent pixels happen to store (often black), which is arbitrary.
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _is_16bit_png(image: Image.Image) -> bool:
+    """A mode-I picture read from a PNG file (Pillow < 10.3's mode for 16-bit grey PNGs)."""
+    return image.mode == "I" and getattr(image, "format", None) == "PNG"
+
+
+def picture_mode_problem(image: Image.Image) -> str | None:
+    """Why to_rgb cannot map this picture to 8-bit RGB (naming its mode), or None when it can.
+
+    Reads only the mode, except for a float picture (mode F), whose pixels are decoded to find
+    their range - such pictures are rare, so validation stays a header read for the rest."""
+    mode = image.mode
+    if (mode in CONVERTIBLE_MODES or mode in ALPHA_MODES or mode in SIXTEEN_BIT_GREY
+            or _is_16bit_png(image)):
+        return None
+    if mode == "F":
+        values = np.asarray(image)
+        if not np.isfinite(values).all():
+            return "a float picture (mode F) with NaN or infinite values"
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 255:
+            return (f"a float picture (mode F) with values in [{low:g}, {high:g}]: only values "
+                    "in [0, 1] or [0, 255] map to 8-bit RGB unambiguously")
+        return None
+    if mode == "I":
+        return ("a 32-bit integer picture (mode I): its white level (255? 65535? 2^31 - 1?) is "
+                "not defined; save it as an 8- or 16-bit picture")
+    return f"a picture of mode {mode}, which cannot be mapped to RGB"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The picture as 8-bit RGB, by the rule of its mode (the table above); ValueError, naming
+    the mode, for a picture that picture_mode_problem refuses.
+
+    >>> to_rgb(Image.new("I;16", (1, 1), 32768)).getpixel((0, 0))       # 32768 >> 8 = 128
+    (128, 128, 128)
+    >>> to_rgb(Image.new("RGBA", (1, 1), (255, 0, 0, 128))).getpixel((0, 0))   # over white
+    (255, 127, 127)
+    """
+    if (why := picture_mode_problem(image)):
+        raise ValueError(why)
+    transparency = image.info.get("transparency")
+    if image.mode in SIXTEEN_BIT_GREY or _is_16bit_png(image):
+        values = np.asarray(image)                                   # [H, W] uint16, any byte order
+        grey = (values >> 8).astype(np.uint8)                        # [H, W] the high byte
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8) \
+            if isinstance(transparency, int) else np.full_like(grey, 255)
+        image = Image.fromarray(np.stack([grey, grey, grey, alpha], axis=-1), "RGBA")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)                 # [H, W]
+        scale = 255.0 if values.max() <= 1 else 1.0
+        image = Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
+    if image.mode == "La":      # premultiplied grey: PIL converts it to RGBA only through LA
+        image = image.convert("LA")
+    if image.mode in ALPHA_MODES or transparency is not None:
+        rgba = image.convert("RGBA")     # applies a palette's or a colour key's transparency
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# The largest picture a row may have, in pixels (--max-image-pixels), read from the file header
+# before a pixel is decoded. A 12,000 x 12,000 picture costs 432 MB as RGB, once per rollout
+# that loads it, and budget_resize would shrink it to ~1M pixels anyway; a larger one is more
+# likely a decompression bomb or a mistake than a picture worth training on.
+MAX_IMAGE_PIXELS = 50_000_000
+
+# PIL has a guard of its own: Image.open warns when a picture has more than Image.MAX_IMAGE_PIXELS
+# pixels (89.5M by default) and raises DecompressionBombError above twice that, and some formats
+# check again while decoding. Its message names neither the row nor an option, and its limit is
+# not ours: a 144M-pixel picture would print PIL's warning before our reason, a 400M one would be
+# reported as "not a readable image", and a --max-image-pixels above 89.5M could never be used.
+# Catching PIL's warning and error would keep the last two problems (the error does not say the
+# size). So while one of OUR opens runs, PIL's guard is lifted and ours is applied to the header
+# size in its place; PIL's setting is restored as soon as that picture is done, under a lock (two
+# threads restoring each other's saved value could otherwise leave the guard off), and every
+# other Image.open in the process keeps PIL's protection.
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+class _PictureTooLarge(ValueError):
+    """A picture over the --max-image-pixels guard; the message is the row's reason."""
+
+
+def _size_problem(size: tuple[int, int], max_image_pixels: int) -> str | None:
+    width, height = size
+    if width * height > max_image_pixels:
+        return (f"picture of {width}x{height} px ({width * height:,} pixels) is over "
+                f"--max-image-pixels {max_image_pixels:,}")
+    return None
+
+
+@contextlib.contextmanager
+def _open_picture(ref, max_image_pixels: int):
+    """Image.open(ref) for the `with` block, with our size guard in place of PIL's (see above):
+    _PictureTooLarge is raised from the header size, before any pixel is decoded."""
+    with _PIL_GUARD_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+                if (why := _size_problem(im.size, max_image_pixels)):
+                    raise _PictureTooLarge(why)
+                yield im
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 # Qwen2.5-VL's processor refuses pictures whose longer side is over 200 times the shorter one.
 MAX_ASPECT_RATIO = 200
 
 
-def _check_picture(ref) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) for a readable picture, else (None, reason).
+def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                   ) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) for a picture that load_images can use, else (None, reason).
 
-    PIL's verify() checks the file's structure (headers, chunk checksums) without decoding every
-    pixel, which keeps checking tens of thousands of pictures to seconds."""
+    The size guard reads the header only. PIL's verify() then checks the file's structure
+    (headers, chunk checksums) without decoding every pixel, which keeps checking tens of
+    thousands of pictures to seconds; only a float picture is decoded, to read its range."""
     if isinstance(ref, Image.Image):
         size = ref.size
+        why = _size_problem(size, max_image_pixels) or picture_mode_problem(ref)
     else:
         name = "picture bytes" if isinstance(ref, bytes) else str(ref)
         if isinstance(ref, Path) and not ref.is_file():
             return None, f"image not found: {ref}"
         try:
-            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+            with _open_picture(ref, max_image_pixels) as im:
                 size = im.size
-                im.verify()
+                why = picture_mode_problem(im)
+                if im.mode != "F":      # a float picture was just decoded, which checks it fully
+                    im.verify()
+        except _PictureTooLarge as err:
+            return None, str(err)
         except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
             return None, f"not a readable image: {name} ({type(err).__name__}: {err})"
+    if why:
+        return None, why
     if max(size) > MAX_ASPECT_RATIO * max(min(size), 1):
         return None, (f"picture of {size[0]}x{size[1]} px: an aspect ratio over "
                       f"{MAX_ASPECT_RATIO}, which Qwen2.5-VL's processor refuses")
@@ -405,7 +577,8 @@ def _check_picture(ref) -> tuple[tuple[int, int] | None, str | None]:
 class _PictureChecker:
     """Checks pictures, each file only once (datasets often reuse a picture)."""
 
-    def __init__(self):
+    def __init__(self, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        self.max_image_pixels = max_image_pixels
         self.seen: dict[Path, tuple] = {}
 
     def __call__(self, refs: list) -> tuple[list, list[str]]:
@@ -413,10 +586,10 @@ class _PictureChecker:
         for ref in refs:
             if isinstance(ref, Path):
                 if ref not in self.seen:
-                    self.seen[ref] = _check_picture(ref)
+                    self.seen[ref] = _check_picture(ref, self.max_image_pixels)
                 size, why = self.seen[ref]
             else:
-                size, why = _check_picture(ref)
+                size, why = _check_picture(ref, self.max_image_pixels)
             sizes.append(size)
             if why:
                 reasons.append(why)
@@ -461,8 +634,10 @@ def _check_image_field(row: dict) -> tuple[list[str] | None, str | None]:
     return value, None
 
 
-def load_jsonl(path: str | Path, image_dir: str | Path | None = None) -> list[Example]:
-    """Read and check a JSONL dataset; raise one DatasetError that lists every bad row.
+def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *,
+               max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Example]:
+    """Read and check a JSONL dataset; raise one DatasetError that lists every bad row. A row
+    with a picture of more than `max_image_pixels` pixels is a bad row.
 
     >>> rows = load_jsonl("toy/data.jsonl")                                 # doctest: +SKIP
     >>> rows[0].problem, rows[0].answer, rows[0].source                      # doctest: +SKIP
@@ -474,7 +649,7 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None) -> list[Ex
     folder = Path(image_dir) if image_dir else path.absolute().parent
     problems: list[str] = []
     examples: list[Example] = []
-    check_pictures = _PictureChecker()
+    check_pictures = _PictureChecker(max_image_pixels)
     rows_seen = 0
     for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
         where = f"{path}:{line_no}"
@@ -564,9 +739,10 @@ def _sharegpt_turns(row: dict) -> tuple[str | None, str | None, str | None]:
     return user, assistant.strip(), None
 
 
-def load_sharegpt(path: str | Path, image_dir: str | Path | None = None) -> list[Example]:
+def load_sharegpt(path: str | Path, image_dir: str | Path | None = None, *,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Example]:
     """Read and check a ShareGPT JSON file (see the top of this part); one DatasetError lists
-    every bad row as "file:index: reason"."""
+    every bad row as "file:index: reason" (a picture over `max_image_pixels` makes a bad row)."""
     path = Path(path)
     folder = Path(image_dir) if image_dir else path.absolute().parent
     try:
@@ -577,7 +753,7 @@ def load_sharegpt(path: str | Path, image_dir: str | Path | None = None) -> list
         raise DatasetError([f"{path}: expected a non-empty JSON list of ShareGPT rows "
                             f"({{\"messages\": [...], \"images\": [...]}})"])
     problems, examples = [], []
-    check_pictures = _PictureChecker()
+    check_pictures = _PictureChecker(max_image_pixels)
     for i, row in enumerate(rows):
         where = f"{path}:{i}"
         if not isinstance(row, dict):
@@ -711,9 +887,10 @@ def _open_hub(repo: str, split: str | None, source: str):
 
 def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "answer",
                image_key: str = "images", image_dir: str | Path | None = None,
-               progress: bool = False) -> Dataset:
+               progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
     """Open a table source and check every row in one streaming pass (text columns in memory,
-    pictures read batch by batch and let go); one DatasetError lists every bad row."""
+    pictures read batch by batch and let go); one DatasetError lists every bad row (a picture
+    over `max_image_pixels` makes a bad row)."""
     opened = _open_table(source)
     if opened is None:
         raise DatasetError([f"{source}: not a table (expected .parquet, a folder or a hub id)"])
@@ -726,7 +903,7 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
                             "--image-key)"])
     table = table.select_columns([problem_key, answer_key, image_key]).with_format("arrow")
     problems, rows, table_rows = [], [], []
-    check_pictures = _PictureChecker()
+    check_pictures = _PictureChecker(max_image_pixels)
     batches = table.iter(batch_size=256)
     if progress:
         from tqdm.auto import tqdm
@@ -762,22 +939,23 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
 
 def load_dataset(source: str | Path, *, problem_key: str = "problem", answer_key: str = "answer",
                  image_key: str = "images", image_dir: str | Path | None = None,
-                 progress: bool = False) -> Dataset:
+                 progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
     """Any supported source (see the top of this part) -> a checked Dataset of Examples.
 
     .jsonl -> load_jsonl; .json -> load_sharegpt; anything else -> load_table (parquet file,
     glob or folder, save_to_disk folder, hub id with optional ":split"). The column names apply
-    to tables; JSONL and ShareGPT files have fixed keys."""
+    to tables; JSONL and ShareGPT files have fixed keys. A picture of more than
+    `max_image_pixels` pixels (read from its header) makes its row a bad row, in every format."""
     source = str(source)
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
-        return Dataset(source, load_jsonl(path, image_dir))
+        return Dataset(source, load_jsonl(path, image_dir, max_image_pixels=max_image_pixels))
     if path.suffix == ".json":
         if not path.is_file():
             raise DatasetError([f"{path}: file not found"])
-        return Dataset(source, load_sharegpt(path, image_dir))
+        return Dataset(source, load_sharegpt(path, image_dir, max_image_pixels=max_image_pixels))
     return load_table(source, problem_key=problem_key, answer_key=answer_key, image_key=image_key,
-                      image_dir=image_dir, progress=progress)
+                      image_dir=image_dir, progress=progress, max_image_pixels=max_image_pixels)
 
 
 # =============================================================================================
@@ -1059,9 +1237,17 @@ def tokenizer_corpus() -> list[str]:
 # 4. The rewards
 # =============================================================================================
 # Rule-based and verifiable: no reward model to hack, just two checks a reader can do by hand.
+#
+# COST. The policy can write anything, and a reward that stalls on one response stalls the whole
+# run. So every check here finishes in bounded time on any response (tests/test_rewards.py times
+# 100k-character adversarial ones): the string checks are single linear scans, with no regular
+# expression that can backtrack, and the one step whose cost nothing can bound - sympy, inside
+# math-verify - runs in a child process that is killed when it overruns (see answers_match).
 
-_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)  # DOTALL: "." spans lines
-_AROUND_TAG_CHARS = re.compile(r"\s*([<>/])\s*")
+# Each run of whitespace next to a "<", ">" or "/". (?<!\s) lets a match start only where a run
+# starts, so each run is scanned once; the obvious \s*([<>/])\s* rescans a run from each of its
+# characters, quadratic: 100k spaces took about a minute.
+_AROUND_TAG_CHARS = re.compile(r"(?<=[<>/])\s+|(?<!\s)\s+(?=[<>/])")
 
 
 def tidy_response(text: str) -> str:
@@ -1075,7 +1261,7 @@ def tidy_response(text: str) -> str:
     >>> tidy_response("< think > a </ think > \\\\boxed{1 / 2}")
     '<think>a</think>\\\\boxed{1/2}'
     """
-    return _AROUND_TAG_CHARS.sub(r"\1", text)
+    return _AROUND_TAG_CHARS.sub("", text)
 
 
 def format_reward(text: str) -> float:
@@ -1089,17 +1275,48 @@ def format_reward(text: str) -> float:
     1.0
     >>> format_reward("The answer is \\\\boxed{2}")  # no thinking
     0.0
+
+    The official check is the regex <think>.*</think>.*\\boxed\\{.*\\}.* (DOTALL, whole string),
+    which backtracks: its cost grows with the cube of the length (a 48k-character response took a
+    minute). It says: the string starts with "<think>", and after it come a "</think>", then a
+    "\\boxed{", then a "}". Taking the earliest of each leaves the most room for the next, so four
+    find() calls succeed exactly when the regex matches (tests/test_rewards.py checks this against
+    the regex on random strings), in linear time.
     """
-    return 1.0 if _FORMAT.fullmatch(tidy_response(text).strip()) else 0.0
+    s = tidy_response(text).strip()
+    pos = len("<think>") if s.startswith("<think>") else -1
+    for tag in ("</think>", "\\boxed{", "}"):
+        found = s.find(tag, pos) if pos >= 0 else -1
+        pos = found + len(tag) if found >= 0 else -1
+    return 1.0 if pos >= 0 else 0.0
+
+
+_ESCAPE_OR_BRACE = re.compile(r"\\.|[{}]", re.DOTALL)  # a backslash pair, or a brace
+
+
+def _closing_brace(text: str, begin: int) -> int | None:
+    """Where the "}" closing a "{" just before `begin` is, counting braces; None if none does.
+    A backslash escapes the next character, so \\{ and \\} (set braces in LaTeX) do not count."""
+    depth = 1
+    for m in _ESCAPE_OR_BRACE.finditer(text, begin):
+        if m[0] == "{":
+            depth += 1
+        elif m[0] == "}":
+            depth -= 1
+            if depth == 0:
+                return m.start()
+    return None
 
 
 def extract_boxed(text: str) -> str | None:
     """The content of the LAST \\boxed{...}, braces balanced; None if there is none.
 
     The content is read by counting braces, so nested braces are kept whole; a backslash escapes
-    the next character, so \\{ and \\} (set braces in LaTeX) do not count. If the last \\boxed is
-    never closed - the response was cut off at the token limit - the answer is None even when an
-    earlier box was complete: the model had not finished, so its final answer is unknown.
+    the next character, so \\{ and \\} (set braces in LaTeX) do not count. The response's final
+    answer is its last top-level box (one not inside another box). If that box is never closed -
+    the response was cut off at the token limit - the answer is None even when an earlier box, or
+    a box inside it, was complete: the model had not finished, so its final answer is unknown.
+    Inside a closed box, the last box opened wins (a box in a box is read as its inner box).
     Only "\\boxed{" exactly is recognised ("\\boxed {" with a space is not), the same rule as the
     format reward's pattern, so the two rewards never disagree about where the box is.
 
@@ -1107,50 +1324,96 @@ def extract_boxed(text: str) -> str | None:
     '\\\\frac{1}{\\\\sqrt{2}}'
     >>> extract_boxed("\\\\boxed{1} then \\\\boxed{2}")
     '2'
-    >>> extract_boxed("\\\\boxed{3"), extract_boxed("3")
-    (None, None)
+    >>> extract_boxed("\\\\boxed{3"), extract_boxed("3"), extract_boxed("\\\\boxed{\\\\boxed{3}")
+    (None, None, None)
     """
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    box = "\\boxed{"
+    last = None  # (start, end) of the last top-level box
+    start = text.find(box)
+    while start >= 0:  # top-level boxes, left to right: each character is scanned once
+        end = _closing_brace(text, start + len(box))
+        if end is None:
+            return None  # the rest of the response is inside this unclosed box
+        last = (start, end)
+        start = text.find(box, end + 1)
+    if last is None:
         return None
-    i = start + len("\\boxed{")
-    depth, begin = 1, i
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # skip the escaped character
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i]
-        i += 1
-    return None
+    inner = text.rfind(box, *last) + len(box)  # the last box opened inside it (or itself)
+    return text[inner:_closing_brace(text, inner)]
 
 
 # --- Comparing two answers ------------------------------------------------------------------
-# Step 1, a cheap normalised string comparison: drop surrounding whitespace and $ signs, a
-# trailing period and a \text{...} wrapper; this settles most answers without any parsing.
+# Both answers are normalised first: surrounding whitespace and $ signs, a trailing period and a
+# \text{...} wrapper go. Then, cheapest first:
 #
-# Step 2, for everything else, math-verify (the maintained successor of the official grader,
-# mathruler) parses both sides with sympy and compares the values, so 1/2 = 0.5 = \frac{1}{2} =
-# \dfrac12, 3 = 3.0, 2 = 2.00, 1000 = 1,000, 50\% = 0.5, {1,2} = {2,1}, x=3 = 3, and
-# \frac{1}{\sqrt{2}} = \sqrt{2}/2. Numbers are compared after rounding to 6 decimals
-# (math-verify's default), so 0.5000001 also equals 1/2.
+# 1. TEXT. Equal strings (spaces aside) match. WORD ANSWERS - only letters and single spaces,
+#    like "red", "north east", "B" - are compared as text, case-insensitively, and never given to
+#    math-verify: sympy would read "red" as the product r*e*d (e being Euler's number), and then
+#    "der" would be "equal" to it. Every other gold answer must be something math-verify can parse
+#    into a value; one it cannot parse is an error (load_jsonl reports it), because a reward
+#    computed against an unreadable gold answer would be noise at best, and a free 1.0 at worst.
+#    (Letters mixed with punctuation, like "red, blue" or "n/a", are NOT word answers:
+#    math-verify reads them as formulas in the symbols r, e, d, ... Keep text answers to letters
+#    and spaces.)
+# 2. PLAIN NUMBERS on both sides are compared here, by value: 12, -3.5, .5, 1,000, 1e5, 1.5E-3,
+#    1.5\times10^{-3}, 2\cdot10^{4}, 10^{5}. Our own code, because math-verify reads 1e5 as
+#    1*e*5 (Euler's number again) and so scored 100000 != 1e5.
+# 3. EVERYTHING ELSE goes to math-verify (the maintained successor of the official grader,
+#    mathruler), which parses both sides with sympy and compares values: 1/2 = \frac{1}{2} =
+#    \dfrac12, {1,2} = {2,1}, \frac{1}{\sqrt{2}} = \sqrt{2}/2, x=3 = 3.
 #
-# WORD ANSWERS are the exception. An answer made only of letters and single spaces ("red",
-# "north east", "B") is compared as text, case-insensitively, and never given to math-verify:
-# sympy would read "red" as the product r*e*d (e being Euler's number), and then "der" would be
-# "equal" to it. Every other gold answer must be something math-verify can parse into a value;
-# one it cannot parse is an error (load_jsonl reports it), because a reward computed against an
-# unreadable gold answer would be noise at best, and a free 1.0 at worst. (Letters mixed with
-# punctuation, like "red, blue" or "n/a", are NOT word answers: math-verify reads them as
-# formulas in the symbols r, e, d, ... Keep text answers to letters and spaces.)
+# The rules, the same on every path:
+# - NUMBERS. Exact values (integers, fractions, roots, powers) must be equal. When either answer
+#   is written with a decimal point it is a rounded value, and the two match when they differ by
+#   at most half a unit in the 6th significant digit of the larger (|a - b| <= 5e-6 * 10^k, 10^k
+#   the leading digit's place): 3.0000004 = 3 and 0.3000004 = 0.3, 0.333333 = 1/3, 3.14159 = \pi,
+#   but 3.01 != 3, 0.31 != 0.3, 3.1416 != \pi, 1e-7 != 0. The tolerance is relative, so it means
+#   the same at every scale. (math-verify rounds to 6 decimals, and since sympy 1.13 a Float never
+#   equals an Integer, so it scored 3.0000004 != 3 but 0.3000004 = 0.3.) Numbers inside sets,
+#   tuples and intervals keep math-verify's rule.
+# - PERCENT. "50\%" may mean 50 or 0.5, and benchmarks write percentages both ways. A trailing
+#   percent sign (\% or %) on one side only accepts both readings: gold 50 matches 50\% and 50%,
+#   gold 50\% matches 50 and 0.5, gold 0.5 matches 50\%. On both sides it is dropped (50\% = 50%).
+#   (mathruler drops it everywhere, so 0.5 != 50\%; we keep 0.5 = 50\%, which math-verify and
+#   this project's tests always accepted.)
+# - EQUATIONS. An equation is the answer only when its left side is a lone variable - a letter,
+#   Latin or Greek, optionally with a subscript: x=3, y = 3 and x_1=3 are the answer 3, but 4=3,
+#   1+1=3, 0=3, AB=3 and 2x=6 are not. (math-verify takes the right side of ANY equation, so
+#   4=3 scored 1.0.) When the gold answer is itself an equation, math-verify's rules apply.
+#
+# COST. sympy can take unbounded time on short inputs - 9^{9^{9}} builds a 370-million-digit
+# integer, (10^{10})! never ends, simplify on (x+1)^{9}(y+2)^{9}(z+3)^{9}(w+4)^{9} ran past 20 s
+# - and no timeout can stop it in this process: math-verify's signal.alarm works only in the main
+# thread, and a long integer operation holds the GIL even there. So step 3 runs in a child process
+# (one per calling thread, forked on first use) that is killed, and replaced at the next call,
+# when a comparison takes longer than MATH_TIME_LIMIT; the prediction then scores 0. Before that,
+# _too_complex turns away predictions no real answer looks like, which would otherwise burn the
+# whole time limit: too long or deep, towers, huge exponents, factorials and binomials of
+# anything but small numbers, sums, products, integrals and limits the gold answer does not have.
+
+# Seconds. Real answers take milliseconds: at most 50 ms seen, 0.2 s in a just-forked process.
+MATH_TIME_LIMIT = 0.5
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", re.DOTALL)
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
+_PLAIN_NUMBER = re.compile(r"""
+      (?P<mantissa> [-+]? (?: (?:\d{1,3}(?:,\d{3})+ | \d+) (?:\.\d*)? | \.\d+ ) )
+      (?: [eE] (?P<e>[-+]?\d{1,9})
+        | (?:\\times|\\cdot|\*) 10\^ (?: \{(?P<e_braced>[-+]?\d{1,9})\} | (?P<e_digit>\d) ) )?
+    | (?P<sign>[-+]?) 10\^ (?: \{(?P<ten_braced>[-+]?\d{1,9})\} | (?P<ten_digit>\d) )
+""", re.VERBOSE)
+_DECIMAL_POINT = re.compile(r"\.\d")
+_TOLERANCE_CONTEXT = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN)
+# Symbol names sympy gives a letter: x, x_1, x_{12}, theta (from \theta), delta (from \Delta).
+_GREEK = ("alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|"
+          "mu|nu|xi|omicron|rho|sigma|tau|upsilon|phi|varphi|chi|psi|omega")
+_VARIABLE = re.compile(rf"(?:[A-Za-z]|{_GREEK})(?:_\{{?\w+\}}?)?", re.IGNORECASE)
+_HEAVY_COMMAND = re.compile(r"\\(?:sum|prod|int|iint|iiint|oint|lim|operatorname|mathop)"
+                            r"(?![A-Za-z])")
+_BINOMIAL = re.compile(r"\\(?:binom|dbinom|tbinom|choose|Gamma)(?![A-Za-z])")
+_FACTORIAL = re.compile(r"(?<!\\)!")  # "\!" is a thin space, not a factorial
+_SMALL_FACTORIAL = re.compile(r"(?<![\w.}^)\]])\d{1,3}!")  # 5!, 120!: a literal of <= 3 digits
+_BIG_E_EXPONENT = re.compile(r"\d[eE][-+]?\d{5}")
 
 
 def _normalise(s: str) -> str:
@@ -1160,6 +1423,52 @@ def _normalise(s: str) -> str:
         s = m.group(1).strip()
     s = s.removesuffix(".").strip()
     return " ".join(s.split())
+
+
+def _drop_percent(s: str) -> tuple[str, bool]:
+    """'50\\%' -> ('50', True), '50%' -> ('50', True), '50' -> ('50', False)."""
+    for sign in ("\\%", "%"):
+        if s.endswith(sign):
+            return s[: -len(sign)].strip(), True
+    return s, False
+
+
+def _plain_number(s: str) -> Decimal | None:
+    """The exact value of a plain number (the forms listed above), else None.
+
+    >>> _plain_number("1,000"), _plain_number("1.5\\\\times10^{-3}"), _plain_number("10^5")
+    (Decimal('1000'), Decimal('0.0015'), Decimal('1E+5'))
+    >>> _plain_number("2e3"), _plain_number("x"), _plain_number("1/2")
+    (Decimal('2E+3'), None, None)
+    """
+    m = _PLAIN_NUMBER.fullmatch(s.replace(" ", ""))
+    if m is None:
+        return None
+    if m["mantissa"] is None:
+        return Decimal(f"{m['sign']}1E{m['ten_braced'] or m['ten_digit']}")
+    exponent = m["e"] or m["e_braced"] or m["e_digit"] or "0"
+    return Decimal(f"{m['mantissa'].replace(',', '')}E{exponent}")  # exact: no context rounding
+
+
+def _close(a: Decimal, b: Decimal) -> bool:
+    """Do a and b differ by at most half a unit in the 6th significant digit of the larger?
+
+    >>> _close(Decimal("3"), Decimal("3.0000004")), _close(Decimal("0.3"), Decimal("0.3000004"))
+    (True, True)
+    >>> _close(Decimal("3"), Decimal("3.01")), _close(Decimal("0.3"), Decimal("0.31"))
+    (False, False)
+    """
+    with localcontext(_TOLERANCE_CONTEXT):  # wide exponents: 1e-999999999 stays exact, no trap
+        larger = max(abs(a), abs(b))
+        return larger == 0 or abs(a - b) <= Decimal(5).scaleb(larger.adjusted() - 6)
+
+
+def _per_cent(s: str) -> str:
+    """The answer divided by 100: '50' -> '0.50', 'x' -> '\\frac{x}{100}'."""
+    if (value := _plain_number(s)) is None:
+        return "\\frac{" + s + "}{100}"
+    sign, digits, exponent = value.as_tuple()
+    return str(Decimal((sign, digits, exponent - 2)))  # exact, where scaleb rounds to 28 digits
 
 
 def _complexity(s: str) -> tuple[int, int, int]:
@@ -1190,13 +1499,56 @@ def _complexity(s: str) -> tuple[int, int, int]:
     return len(s), deepest, s.count("^")
 
 
+def _exponents(s: str) -> list[tuple[str, bool]]:
+    """Each exponent of s - the braced group, digit run or character after a ^ - and whether
+    another ^ follows it at once (x^{2}^{3}).
+
+    >>> _exponents("x^{y^2}+10^99+e^\\\\pi")
+    [('y^2', False), ('2', False), ('99', False), ('\\\\pi', False)]
+    """
+    found = []
+    for m in re.finditer(r"\^\s*", s):
+        i = m.end()
+        if s.startswith("{", i):
+            end = _closing_brace(s, i + 1)
+            end = len(s) if end is None else end
+            found.append((s[i + 1:end], end + 1))
+        elif (word := re.match(r"[-+]?\d+|\\[A-Za-z]+|.", s[i:i + 64], re.DOTALL)):
+            found.append((word[0], i + len(word[0])))
+    return [(e, s[after:].lstrip().startswith("^")) for e, after in found]
+
+
+def _tower(s: str) -> bool:
+    """A power in an exponent, or an exponent of 5+ digits: 9^{9^{9}}, 2^{10^{5}}, 9^99999."""
+    return any("^" in e or "!" in e or then_power or re.search(r"\d{5}", e)
+               for e, then_power in _exponents(s))
+
+
 def _too_complex(pred: str, gold: str) -> bool:
-    """Limits that real answers never reach, with room for forms more complex than the gold:
-    at most max(200, 4x the gold's) characters, nesting 6 (or the gold's + 2), 10 powers (or the
-    gold's + 2). Inside them math-verify took at most about 2 s on the worst inputs tried, and
-    milliseconds on ordinary answers."""
-    (n, d, p), (gn, gd, gp) = _complexity(pred), _complexity(gold)
-    return n > max(200, 4 * gn) or d > max(6, gd + 2) or p > max(10, gp + 2)
+    """Is `pred` a shape no real answer takes, and one that can make sympy run for minutes?
+
+    With room for forms more complex than the gold, and the gold's own shapes allowed: at most
+    max(200, 4x the gold's) characters, nesting 6 (or the gold's + 2), 10 powers (or the gold's
+    + 2); no tower or exponent of 5+ digits (9^{9^{9}}, 10^{99999}, 1e99999); no factorial but of
+    a literal of at most 3 digits (5!, 120!); a binomial or Gamma only of small literals (no 4+
+    digits, no ^ or ! anywhere); no sum, product, integral or limit unless the gold has one.
+    A screen, not the guarantee (that is MATH_TIME_LIMIT): it spares the usual explosions a
+    killed process each, and keeps real answers, which take milliseconds, well away from it.
+
+    >>> [_too_complex(p, "3") for p in ("\\\\frac{1}{2}", "5!", "\\\\binom{5}{2}", "9^{9^{9}}",
+    ...                                 "100000!", "\\\\binom{10000}{5000}", "1e99999",
+    ...                                 "\\\\sum_{i=1}^{9} i")]
+    [False, False, False, True, True, True, True, True]
+    """
+    if len(pred) > max(200, 4 * len(gold)):  # first: the checks below walk the string
+        return True
+    (_, d, p), (_, gd, gp) = _complexity(pred), _complexity(gold)
+    return (d > max(6, gd + 2) or p > max(10, gp + 2)
+            or (_tower(pred) and not _tower(gold))
+            or bool(_BIG_E_EXPONENT.search(pred))
+            or len(_FACTORIAL.findall(pred)) > len(_SMALL_FACTORIAL.findall(pred))
+            or bool(_BINOMIAL.search(pred) and re.search(r"\d{4}|\^|(?<!\\)!", pred))
+            or bool(set(_HEAVY_COMMAND.findall(pred)) - set(_HEAVY_COMMAND.findall(gold))))
 
 
 def _timeout() -> int | None:
@@ -1204,21 +1556,131 @@ def _timeout() -> int | None:
 
     It enforces the limit with signal.alarm, which Python allows only in the main thread; from any
     other thread (a reward worker, a data-loader thread) math-verify raises instead. So: 5 s in the
-    main thread, no limit elsewhere. Without a limit a pathological expression could stall sympy;
-    _too_complex keeps such inputs away, and toy or benchmark answers parse in milliseconds.
-    (math-verify logs a one-time warning when the limit is off.)"""
+    main thread, no limit elsewhere. It matters only for gold answers, parsed here (data, not
+    policy output); predictions are compared in the math process, whose hard limit is
+    MATH_TIME_LIMIT. (math-verify logs a one-time warning when its limit is off.)"""
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
 def _parse(s: str) -> list:
     """math-verify's parse of one bare answer. Wrapping it in \\boxed{} tells math-verify where the
-    answer is (it searches a whole response otherwise); the caller has balanced its braces."""
+    answer is (it searches a whole response otherwise); the caller has balanced its braces. A
+    plain number in e-notation is rewritten first: math-verify would read 1e5 as 1*e*5."""
+    m = _PLAIN_NUMBER.fullmatch(s.replace(" ", ""))
+    if m and m["e"]:
+        s = f"{m['mantissa']}\\times10^{{{m['e']}}}"
     return math_verify.parse("\\boxed{" + s + "}", parsing_timeout=_timeout())
 
 
 def _is_value(x) -> bool:
     """math-verify returns sympy values, plus the matched text as a string fallback."""
     return not isinstance(x, str)
+
+
+def _as_answer(pred, gold):
+    """The parsed prediction as an answer to `gold`, by the EQUATIONS rule: x = v with a lone
+    variable on the left stands for v; any other equation is no answer (None), unless the gold
+    answer is itself a relation (then math-verify compares the two)."""
+    grader = math_verify.grader
+    if not grader.is_equation(pred) or grader.is_relation(gold):
+        return pred
+    lhs = grader.take_first_relation(pred).lhs
+    if isinstance(lhs, sympy.Symbol) and _VARIABLE.fullmatch(lhs.name):
+        return grader.take_last_relation(pred).rhs
+    return None
+
+
+def _real_value(x) -> Decimal | None:
+    """x to 30 digits if it is a real number, else None (a symbol, a set, an infinity, ...)."""
+    if not isinstance(x, sympy.Expr) or not x.is_number:
+        return None
+    value = x.evalf(30)
+    return Decimal(str(value)) if isinstance(value, sympy.Float) else None
+
+
+def _math_equal(readings: list[tuple[str, str]], approximate: bool) -> bool:
+    """Does any (prediction, gold) reading match by math-verify, under the NUMBERS and EQUATIONS
+    rules? `approximate`: an answer has a decimal point. Runs in the math process."""
+    for pred_text, gold_text in readings:
+        golds = [g for g in _parse(gold_text) if _is_value(g)]
+        for parsed in _parse(pred_text):
+            for gold in golds if _is_value(parsed) else ():
+                pred = _as_answer(parsed, gold)
+                if pred is None:
+                    continue
+                values = (_real_value(pred), _real_value(gold)) if approximate else (None,)
+                if None not in values:  # two real numbers, one of them rounded
+                    if _close(*values):
+                        return True
+                elif math_verify.verify(gold, pred, timeout_seconds=_timeout()):
+                    return True
+    return False
+
+
+# A forked child starts in milliseconds with math-verify already imported (and is what PyTorch's
+# data loaders use on Linux); "spawn", where there is no fork, starts a fresh interpreter.
+_PROCESSES = multiprocessing.get_context(
+    "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _serve_math(conn, parent_end) -> None:
+    """The math process: answer each (readings, approximate) request with _math_equal."""
+    parent_end.close()  # then the trainer's exit ends recv() below with EOFError
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        try:
+            verdict = _math_equal(*request)
+        except Exception:  # a garbage prediction scores 0, and the process lives on
+            verdict = False
+        conn.send(verdict)
+
+
+class _MathProcess:
+    """A child process running _math_equal, killed when a request overruns MATH_TIME_LIMIT and
+    started afresh at the next one."""
+
+    def __init__(self):
+        self.process = self.conn = None
+        self.owner = os.getpid()  # a forked child inherits this object, but not the process
+
+    def compare(self, readings: list[tuple[str, str]], approximate: bool) -> bool:
+        if os.getpid() != self.owner:  # we are a fork of its owner: that process is not ours
+            self.process = self.conn = None
+            self.owner = os.getpid()
+        if self.process is None or not self.process.is_alive():
+            self.stop()
+            self.conn, child_end = _PROCESSES.Pipe()
+            self.process = _PROCESSES.Process(target=_serve_math, args=(child_end, self.conn),
+                                              daemon=True)  # ends with the trainer
+            self.process.start()
+            child_end.close()
+        try:
+            self.conn.send((readings, approximate))
+            if self.conn.poll(MATH_TIME_LIMIT):
+                return self.conn.recv()
+        except (EOFError, OSError):  # the process died (out of memory, say)
+            pass
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None and os.getpid() == self.owner:
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+            self.process = self.conn = None
+
+    def __del__(self):  # its thread has ended
+        try:
+            self.stop()
+        except Exception:  # at interpreter exit the modules stop() needs may be gone already;
+            pass           # the daemon child ends with this process anyway
+
+
+_MATH = threading.local()  # one math process per thread, so threads never wait for each other
 
 
 @functools.lru_cache(maxsize=65536)  # one gold answer is scored against G rollouts every step
@@ -1248,23 +1710,36 @@ def gold_answer_problem(answer: str) -> str | None:
 def answers_match(predicted: str, answer: str) -> bool:
     """Is the predicted answer (the content of a box) equivalent to the gold answer?
 
-    Raises ValueError for an unusable gold answer; never raises for any prediction.
+    Raises ValueError for an unusable gold answer; never raises for any prediction, and returns
+    within about MATH_TIME_LIMIT whatever the prediction holds.
 
     >>> answers_match("\\\\dfrac12", "0.5"), answers_match("Red", "red"), answers_match("4", "3")
     (True, True, False)
+    >>> answers_match("3.0000004", "3"), answers_match("1e5", "100000"), answers_match("4=3", "3")
+    (True, True, False)
     """
-    kind, gold = _gold(answer)
+    kind, gold_words = _gold(answer)
     pred = _normalise(predicted)
     if kind == "words":
-        return pred.lower() == gold
-    if pred.replace(" ", "") == _normalise(answer).replace(" ", ""):
+        return pred.lower() == gold_words
+    pred, pred_percent = _drop_percent(pred)
+    gold, gold_percent = _drop_percent(_normalise(answer))
+    readings = [(pred, gold)]  # PERCENT: a sign on one side only may also mean "divided by 100"
+    if pred_percent and not gold_percent:
+        readings.append((_per_cent(pred), gold))
+    elif gold_percent and not pred_percent:
+        readings.append((pred, _per_cent(gold)))
+    if any(p.replace(" ", "") == g.replace(" ", "") for p, g in readings):
         return True
-    if not pred or _too_complex(pred, _normalise(answer)):
+    if not pred or _too_complex(pred, gold):
         return False
-    try:
-        return bool(math_verify.verify(list(gold), _parse(pred), timeout_seconds=_timeout()))
-    except Exception:  # a garbage prediction must score 0, never stop the training run
-        return False
+    approximate = bool(_DECIMAL_POINT.search(pred) or _DECIMAL_POINT.search(gold))
+    numbers = [(_plain_number(p), _plain_number(g)) for p, g in readings]
+    if all(None not in pair for pair in numbers):
+        return any(p == g or (approximate and _close(p, g)) for p, g in numbers)
+    if not hasattr(_MATH, "process"):
+        _MATH.process = _MathProcess()
+    return _MATH.process.compare(readings, approximate)
 
 
 def accuracy_reward(text: str, answer: str) -> float:

@@ -425,6 +425,8 @@ def main(argv=None) -> dict:
     p.add_argument("--answer-key", default="answer", help="table column of the gold answer")
     p.add_argument("--image-key", default="images", help="table column of the picture(s)")
     p.add_argument("--image-dir", default=None, help="folder for relative picture paths")
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                   help="largest picture (width x height) a row may have")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     p.add_argument("--mask-ratios", type=float, nargs="*", default=None,
                    help="also score with the images masked at these ratios (default 0.6 1.0; "
@@ -447,13 +449,15 @@ def main(argv=None) -> dict:
     budget = (args.min_pixels, args.max_pixels)
     template_file = args.prompt_template
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
-                image_key=args.image_key, image_dir=args.image_dir)
+                image_key=args.image_key, image_dir=args.image_dir,
+                max_image_pixels=args.max_image_pixels)
     if not models:                       # the offline default: the run train.py wrote
         info = run_targets(DEFAULT_RUN)
         models = [info["checkpoint"]]
         sources = sources or ([info["eval_data"]] if info.get("eval_data") else [])
-        max_new = max_new or info.get("max_new_tokens")
-        budget = (budget[0] or info.get("min_pixels"), budget[1] or info.get("max_pixels"))
+        max_new = info.get("max_new_tokens") if max_new is None else max_new
+        budget = tuple(info.get(k) if v is None else v
+                       for v, k in zip(budget, ("min_pixels", "max_pixels")))
         template_file = template_file or info.get("prompt_template")
         keys = {k: info.get(k) or v for k, v in keys.items()}
         args.limit = args.limit or info.get("eval_size") or 0   # the run's held-out slice
@@ -466,14 +470,38 @@ def main(argv=None) -> dict:
         sources += [str(path) for path in present.values()]
     if not sources:
         p.error("--data or --suite is required when --model is given")
-    max_new = max_new or 2048
-    min_pixels, max_pixels = budget[0] or 1024, budget[1] or 589_824
+    # "is None", not "or": an explicit 0 must be refused below, not replaced by the default
+    max_new = 2048 if max_new is None else max_new
+    min_pixels = 1024 if budget[0] is None else budget[0]
+    max_pixels = 589_824 if budget[1] is None else budget[1]
     mask_ratios = args.mask_ratios if args.mask_ratios is not None else (
         [] if args.suite else [0.6, 1.0])
     kl_ratio = args.kl_ratio if args.kl_ratio is not None else (-1 if args.suite else 0.6)
+    bad = [f"--{flag} {value!r}: must be {allowed}" for flag, value, ok, allowed in (
+        ("samples", args.samples, args.samples >= 1, ">= 1"),
+        ("max-image-pixels", args.max_image_pixels, args.max_image_pixels >= 1, ">= 1"),
+        ("batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("limit", args.limit, args.limit >= 0, ">= 0 (0 = all)"),
+        ("temperature", args.temperature, 0 <= args.temperature < float("inf"), ">= 0 (0 = greedy)"),
+        ("top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+        ("max-new-tokens", max_new, max_new >= 1, ">= 1"),
+        ("min-pixels", min_pixels, 1 <= min_pixels <= max_pixels, ">= 1 and <= --max-pixels"),
+        ("mask-ratios", mask_ratios, all(0 <= r <= 1 for r in mask_ratios), "each in [0, 1]"),
+        ("kl-ratio", kl_ratio, kl_ratio <= 1, "<= 1 (negative: skip)"),
+    ) if not ok]
     out = Path(args.out)
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        p.error(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    if out.is_dir():
+        bad.append(f"--out {out}: is a folder; give a file name")
+    elif not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        bad.append(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    for name in models:       # every model must be loadable before the first one is scored
+        try:
+            qwen.model_source(name)
+        except (ValueError, FileNotFoundError) as err:
+            bad.append(str(err))
+    if bad:
+        p.error("\n  " + "\n  ".join(bad))
     try:
         template = data.read_template(template_file) if template_file else None
         loaded = {s: data.load_dataset(s, **keys)[: args.limit or None] for s in sources}

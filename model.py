@@ -188,7 +188,7 @@ def _looks_like_hub_id(name: str) -> bool:
             and "\\" not in name and all(name.split("/")))
 
 
-def _model_source(name_or_path) -> str:
+def model_source(name_or_path) -> str:
     """The folder or hub id to load from, checked: an error names the path or id, instead of
     failing deep inside transformers' loading code."""
     name = str(name_or_path)
@@ -211,7 +211,7 @@ def _model_source(name_or_path) -> str:
 def load_processor(name_or_path) -> QwenVLImageTextProcessor:
     """The processor alone (tokenizer + PIL image processor) of a model folder or hub id: what
     train.py needs to measure prompt lengths before it loads gigabytes of weights."""
-    source = _model_source(name_or_path)
+    source = model_source(name_or_path)
     try:
         processor = QwenVLImageTextProcessor.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
@@ -242,7 +242,7 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
 
     The processor always uses the PIL image processor: no torchvision needed, and identical
     pixels on every machine (the torchvision backend resizes slightly differently)."""
-    source = _model_source(name_or_path)
+    source = model_source(name_or_path)
     # the processor first: it is cheap, and a folder without one should fail before gigabytes load
     processor = load_processor(source)
     kwargs = {"dtype": _as_dtype(dtype)}

@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -92,12 +93,16 @@ class Config:
                                    "area BEFORE masking and processing (official: 256 image tokens).")
     max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
                                      "area before masking and processing (official: 1,280 tokens).")
+    max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
+                                            "header) a row may have; a larger one is a bad row.")
     max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
                                        "stop the run before training unless --drop-long-prompts.")
     drop_long_prompts: bool = arg(False, "Drop (and count, print and log) rows longer than "
                                          "--max-prompt-length instead of stopping.")
     out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
     resume: str = arg("", "Run folder to continue from its latest checkpoint (exactly).")
+    overwrite: bool = arg(False, "Start afresh in an --out folder that holds an earlier run, "
+                                 "deleting that run's files (without it such a folder is refused).")
     seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
     steps: int = arg(200, "Number of RL steps (rollout batches).")
 
@@ -184,6 +189,24 @@ TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e
                      min_pixels=56 * 56, max_pixels=112 * 112)
 
 
+PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
+               "image_dir")
+
+
+def saved_config(cfg: Config) -> dict:
+    """The config as config.json stores it: every local path absolute, so that --resume from
+    any working directory finds the same data, cache and warm start (a relative cache would
+    silently rebuild the toy data and a NEW warm start - and with it a new KL_ref reference).
+    Hub ids stay as they are."""
+    out = dataclasses.asdict(cfg)
+    for name in PATH_FIELDS:
+        value = out[name]
+        if value and (Path(value).expanduser().exists() or name in ("out", "cache", "resume")
+                      or any(c in value for c in "*?[")):
+            out[name] = os.path.abspath(os.path.expanduser(value))
+    return out
+
+
 def parse_config(argv=None) -> Config:
     """Build the command line from the dataclass, then apply the precedence described above."""
     epilog = ("Defaults shown are the official Qwen2.5-VL-3B recipe. Without --model the offline "
@@ -211,7 +234,20 @@ def parse_config(argv=None) -> Config:
         saved = Path(given["resume"]) / "config.json"
         if not saved.is_file():
             parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
-        return Config(**{**json.loads(saved.read_text()), **given})
+        if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
+            parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
+                         "continues in its own folder; drop --out (or copy the run folder first)")
+        try:
+            values = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--resume: {saved} is not readable JSON ({err})")
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            print(f"note: {saved} has settings this version does not know, ignored: "
+                  f"{', '.join(unknown)}")
+        values = {k: v for k, v in values.items() if k in known}
+        return Config(**{**values, **given, "resume": given["resume"]})
     values = {}
     if not given.get("model"):
         values.update(TOY_OVERRIDES)
@@ -220,35 +256,77 @@ def parse_config(argv=None) -> Config:
     return Config(**values)
 
 
+# Every flag's allowed range, checked before anything heavy. A value outside it does not fail
+# loudly by itself - it runs and trains wrongly (a negative --grad-clip turns descent into
+# ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
+# crashes much later with an unrelated error - so each is named here with its range.
+FLAG_RULES: list[tuple[str, Callable, str]] = [
+    ("steps", lambda v: v >= 1, ">= 1"),
+    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: 0 < v < math.inf, "> 0 (0 is greedy: a group's rollouts would "
+                                                "all be equal and carry no learning signal)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("lr", lambda v: 0 < v < math.inf, "> 0"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
+    ("updates_per_step", lambda v: v >= 1, ">= 1"),
+    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("gamma", lambda v: 0 <= v < math.inf, ">= 0 (the sign is in the objective: KL_prcp is "
+                                            "maximised)"),
+    ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("eta_mask", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("beta", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
+    ("agg_mode", lambda v: v in papo.AGG_MODES, "one of " + ", ".join(papo.AGG_MODES)),
+    ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
+    ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
+    ("max_draws", lambda v: v >= 1, ">= 1"),
+    ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("mask_patch", lambda v: v >= 1, ">= 1 (pixels)"),
+    ("mask_mode", lambda v: v in papo.MASK_MODES, "one of " + ", ".join(papo.MASK_MODES)),
+    ("min_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_prompt_length", lambda v: v >= 1, ">= 1"),
+    ("max_image_pixels", lambda v: v >= 1, ">= 1"),
+    ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+    ("save_every", lambda v: v >= 1, ">= 1"),
+    ("keep_checkpoints", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
+    ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("eval_samples", lambda v: v >= 1, ">= 1"),
+    ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
+    ("toy_tasks", lambda v: bool(v) and all(t in data.TOY_TASKS for t in v.split(",")),
+     "comma-separated names from " + ", ".join(data.TOY_TASKS)),
+    ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
+    ("toy_eval_size", lambda v: v >= 1, ">= 1"),
+    ("sft_steps", lambda v: v >= 1, ">= 1"),
+    ("sft_lr", lambda v: 0 < v < math.inf, "> 0"),
+    ("sft_batch", lambda v: v >= 1, ">= 1"),
+    ("sft_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
 def check_config(cfg: Config, world_size: int) -> None:
-    """Refuse bad settings before any heavy work, with a message that names the flag."""
-    problems = []
-    if cfg.group_size < 2:
-        problems.append(f"--group-size {cfg.group_size}: a group needs at least 2 rollouts "
-                        "(advantages are rewards relative to the group mean)")
-    if cfg.prompts_per_step % world_size:
+    """Refuse bad settings before any heavy work: one message naming every bad flag and its
+    allowed range."""
+    problems = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
+                for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+    if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
                         f"{world_size} processes")
     local = cfg.prompts_per_step // max(world_size, 1) * cfg.group_size
-    if cfg.updates_per_step < 1 or (local and local % cfg.updates_per_step):
+    if cfg.updates_per_step >= 1 and local and local % cfg.updates_per_step:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} rollouts each process holds per step")
-    if cfg.micro_batch_size < 1:
-        problems.append("--micro-batch-size must be >= 1")
-    if not 0.0 <= cfg.mask_ratio <= 1.0:
-        problems.append(f"--mask-ratio {cfg.mask_ratio} is not in [0, 1]")
-    if cfg.agg_mode not in papo.AGG_MODES:
-        problems.append(f"--agg-mode {cfg.agg_mode!r}: choose one of {', '.join(papo.AGG_MODES)}")
-    if cfg.entropy not in ("sample", "exact"):
-        problems.append(f"--entropy {cfg.entropy!r}: choose sample or exact")
     if cfg.model and not cfg.data:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
-    if not 0 < cfg.min_pixels <= cfg.max_pixels:
-        problems.append(f"--min-pixels {cfg.min_pixels} / --max-pixels {cfg.max_pixels}: need "
-                        "0 < min <= max")
-    if cfg.max_prompt_length < 1:
-        problems.append(f"--max-prompt-length {cfg.max_prompt_length} must be >= 1")
+    if 1 <= cfg.max_pixels < cfg.min_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
     if cfg.prompt_template:
         try:
             data.read_template(cfg.prompt_template)
@@ -259,6 +337,9 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
     if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
         problems.append(f"--resume {cfg.resume}: no checkpoint there (latest.txt missing)")
+    out = Path(cfg.resume or cfg.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: is a file, not a run folder")
     if problems:
         raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
 
@@ -380,7 +461,8 @@ def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, data.Dataset | No
     and row, all bad rows at once. Pictures stay on disk (or in the table) until drawn."""
     train_src, eval_src = data_sources(cfg)
     keys = dict(problem_key=cfg.problem_key, answer_key=cfg.answer_key, image_key=cfg.image_key,
-                image_dir=cfg.image_dir or None, progress=d.main)
+                image_dir=cfg.image_dir or None, max_image_pixels=cfg.max_image_pixels,
+                progress=d.main)
     try:
         train = data.load_dataset(train_src, **keys)
         heldout = data.load_dataset(eval_src, **keys) if eval_src else None
@@ -767,10 +849,24 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
     pointer.write_text(final.name + "\n")
     os.replace(pointer, run / "latest.txt")   # the commit point
     write_run_info(run, checkpoint=str(final.absolute()))
-    old = sorted(run.glob("checkpoint-*"))[: -cfg.keep_checkpoints]
-    for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
+    prune_checkpoints(run, cfg.keep_checkpoints, keep=final)
     return final
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """checkpoint-000150 -> 150; None for any other name."""
+    digits = folder.name.removeprefix("checkpoint-")
+    return int(digits) if folder.name.startswith("checkpoint-") and digits.isdigit() else None
+
+
+def prune_checkpoints(run: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the `keep_last` newest checkpoints BY STEP (a name sort breaks past step
+    999,999), never `keep` - the one latest.txt names."""
+    folders = sorted((f for f in run.glob("checkpoint-*") if checkpoint_step(f) is not None),
+                     key=checkpoint_step)
+    for folder in folders[:-keep_last]:
+        if folder.resolve() != keep.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_run_info(run: Path, **fields) -> None:
@@ -783,6 +879,158 @@ def write_run_info(run: Path, **fields) -> None:
     tmp = run / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# What a run writes into its folder: --overwrite deletes exactly these, nothing else.
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "latest.txt", "latest.txt.tmp", "run.json",
+             "run.json.tmp", "config.json", "final_eval.json", "final_table.txt", "curves.png")
+
+
+def prepare_run_folder(cfg: Config, run: Path) -> None:
+    """Make the (locked) run folder safe to write (rank 0): a fresh run refuses a folder that
+    holds anything but an empty lock, unless --overwrite, which deletes the earlier run's files
+    and nothing else; --resume continues the folder it names."""
+    if cfg.resume:
+        return
+    earlier = sorted(p.name for p in run.iterdir() if p.name != ".lock")
+    if not earlier:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(
+            f"train.py: --out {run} is not empty ({', '.join(earlier[:5])}"
+            f"{', ...' if len(earlier) > 5 else ''}). Continue that run with --resume {run}, "
+            f"start afresh with --overwrite, or pick another --out.")
+    ours = [n for n in earlier if n in RUN_FILES or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
+    for name in ours:
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    print(f"--overwrite: deleted the earlier run's {len(ours)} files in {run}")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a JSONL log. A line that does not parse - the last one, torn by a crash in
+    the middle of a write - is dropped with a note instead of stopping the resume."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"note: {path}:{n} is not complete JSON (a write cut short); dropped")
+    return rows
+
+
+def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
+    """(policy, processor, ref, optimizer, state) to start the loop from: fresh, or - with
+    --resume - the newest checkpoint that loads. A checkpoint that fails to load (a truncated
+    file, a disk error) is named and the previous intact one is used instead."""
+    candidates = [None]
+    if cfg.resume:
+        named = latest_checkpoint(run)
+        older = sorted((f for f in run.glob("checkpoint-*") if checkpoint_step(f) is not None
+                        and f.resolve() != named.resolve()), key=checkpoint_step, reverse=True)
+        candidates = [named, *older]
+    for i, folder in enumerate(candidates):
+        try:
+            policy, processor, ref = build_policy(cfg, d, init_path, folder)
+            optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                          lr=cfg.lr, weight_decay=cfg.weight_decay)
+            state = {"step": 0, "cursor": 0, "before": None, "history": []}
+            if folder is not None:
+                state = load_trainer_state(folder, optimizer)
+        except Exception as err:   # whatever a damaged checkpoint raises, with its path named
+            rest = candidates[i + 1:]
+            if folder is None or not rest:
+                if folder is None:
+                    raise
+                raise SystemExit(f"train.py: cannot resume: checkpoint {folder} does not load "
+                                 f"({type(err).__name__}: {err}) and no older one is left") from None
+            print(f"WARNING: checkpoint {folder} does not load ({type(err).__name__}: "
+                  f"{str(err)[:200]}); falling back to {rest[0]}")
+            continue
+        break
+    if folder is not None and d.main:
+        # drop log rows written after the checkpoint (the interrupted run's unfinished work)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            f = run / name
+            if f.is_file():
+                keep = [r for r in read_log(f) if r.get("step", 0) <= state["step"]]
+                f.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        print(f"resumed from {folder} at step {state['step']}")
+    elif d.main:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (run / name).unlink(missing_ok=True)
+    return policy, processor, ref, optimizer, state
+
+
+class RunLock:
+    """A run folder's lock file: ".lock", holding the owner's host and pid.
+
+    Two processes training into one folder would interleave their metrics and delete each
+    other's checkpoints. The lock is created atomically (O_EXCL), released on exit - also after
+    an exception - and a lock whose process is gone (a crash, a SIGKILL) is recognised as stale
+    and taken over with a note. Only rank 0 holds it."""
+
+    def __init__(self, run: Path):
+        self.path = run / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _owner(run: Path) -> tuple[str, int] | None:
+        try:
+            host, pid = (run / ".lock").read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(owner: tuple[str, int]) -> bool:
+        host, pid = owner
+        if host != os.uname().nodename:
+            return True                  # another machine's process: cannot tell, assume alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    @classmethod
+    def free(cls, run: Path) -> bool:
+        owner = cls._owner(run)
+        return owner is None or not cls._alive(owner)
+
+    @classmethod
+    def describe(cls, run: Path) -> str:
+        owner = cls._owner(run)
+        return f"{run / '.lock'}: process {owner[1]} on {owner[0]}" if owner else str(run / ".lock")
+
+    def acquire(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner(self.path.parent)
+                if owner is not None and self._alive(owner):
+                    raise SystemExit(f"train.py: another training process is writing to "
+                                     f"{self.path.parent} ({self.describe(self.path.parent)}); "
+                                     "wait for it, or use another --out") from None
+                print(f"note: removing the stale lock of a process that is gone "
+                      f"({self.describe(self.path.parent)})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.uname().nodename} {os.getpid()}\n")
+            self.held = True
+            return self
+        raise SystemExit(f"train.py: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -912,16 +1160,36 @@ def main(argv=None) -> dict:
     d = setup_distributed()
     check_config(cfg, d.world)
     run = Path(cfg.resume or cfg.out)
-    if d.main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    seed_everything(cfg.seed + d.rank)
+    lock = None
+    try:
+        if d.main:
+            run.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run).acquire()      # first: nobody else may write here meanwhile
+            prepare_run_folder(cfg, run)
+        barrier()
+        return train_run(cfg, d, run)
+    except KeyboardInterrupt:
+        if d.main:   # checkpoints are written atomically: the last complete one is intact
+            done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
+            print(f"\ninterrupted. " + (
+                f"The last complete checkpoint is {done}; continue with:\n"
+                f"  python train.py --resume {run}" if done else
+                "No checkpoint was written yet; start again with --overwrite."), file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if lock:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def train_run(cfg: Config, d: Dist, run: Path) -> dict:
+    """Everything after the run folder is safe to write: data, warm start, the RL loop."""
+    seed_everything(cfg.seed + d.rank)
     if not cfg.data:
         prepare_toy_data(cfg, d)
     train, heldout = load_datasets(cfg, d)
     init_path = cfg.model or str(warm_start(cfg, d, train))
-    resume_from = latest_checkpoint(run) if cfg.resume else None
     # Prompt lengths need only the tokenizer: checked before gigabytes of weights load. Every
     # rank computes the same lengths, so every rank keeps the same rows.
     processor = qwen.load_processor(init_path)
@@ -930,6 +1198,9 @@ def main(argv=None) -> dict:
     if heldout:
         heldout, dropped["held-out"] = check_prompt_lengths(heldout, processor, cfg, "held-out")
     if d.main:
+        # written once the data is known to be usable, so that a run refused for its data
+        # leaves an empty folder behind, not one a fresh run would have to --overwrite
+        (run / "config.json").write_text(json.dumps(saved_config(cfg), indent=2))
         absolute = lambda p: str(Path(p).absolute()) if p and Path(p).exists() else p or None
         write_run_info(run, eval_data=absolute(data_sources(cfg)[1]), eval_size=cfg.eval_size,
                        max_new_tokens=cfg.max_new_tokens, min_pixels=cfg.min_pixels,
@@ -937,24 +1208,8 @@ def main(argv=None) -> dict:
                        problem_key=cfg.problem_key, answer_key=cfg.answer_key,
                        image_key=cfg.image_key, image_dir=absolute(cfg.image_dir),
                        dropped_long_prompts=dropped)
-    policy, processor, ref = build_policy(cfg, d, init_path, resume_from)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    state = {"step": 0, "cursor": 0, "before": None, "history": []}
-    if resume_from:
-        state = load_trainer_state(resume_from, optimizer)
-        if d.main:  # drop log rows written after the checkpoint (the crash's unfinished work)
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                f = run / name
-                if f.is_file():
-                    keep = [l for l in f.read_text().splitlines()
-                            if l.strip() and json.loads(l)["step"] <= state["step"]]
-                    f.write_text("".join(l + "\n" for l in keep))
-        print(f"resumed from {resume_from} at step {state['step']}") if d.main else None
-    else:
-        if d.main:
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                (run / name).unlink(missing_ok=True)
+    policy, processor, ref, optimizer, state = load_start(cfg, d, run, init_path)
+    if not cfg.resume:
         state["before"] = evaluate_heldout(policy, processor, heldout, cfg, d)
 
     need_masked = uses_masked_branch(cfg)
@@ -1018,8 +1273,6 @@ def main(argv=None) -> dict:
             print(table)
             (run / "final_table.txt").write_text(table + "\n")
         print(f"run folder: {run}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return result
 
 

@@ -1,0 +1,257 @@
+"""Tests of the reward's answer rules and cost bounds (data.py part 4), from a user audit.
+
+Each rule has rows that must match and rows that must stay different; the format and tidy checks
+are compared with the official regexes they replace (oracles) on random strings; and adversarial
+responses are timed, on the main thread and in a worker thread, against a fixed budget.
+"""
+import multiprocessing
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import data
+
+
+def boxed(content: str) -> str:
+    """A well-formed response whose final answer is `content`."""
+    return f"<think>looking at it</think> \\boxed{{{content}}}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Equations: the answer only with a lone variable on the left
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, expected", [
+    ("4=3", 0.0), ("1+1=3", 0.0), ("0=3", 0.0),   # math-verify took the right side: 1.0
+    ("AB=3", 0.0), ("2x=6", 0.0), ("\\pi=3", 0.0), ("3=x", 0.0), ("f(x)=3", 0.0),
+    ("x=3", 1.0), ("y = 3", 1.0), ("x_1=3", 1.0), ("x_{12} = 3", 1.0), ("\\theta=3", 1.0),
+    ("x = 2+1", 1.0), ("x=4", 0.0),
+])
+def test_an_equation_is_the_answer_only_with_a_lone_variable_on_the_left(pred, expected):
+    assert data.accuracy_reward(boxed(pred), "3") == expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("y=2x+1", "y=2x+1", 1.0), ("2x+1", "y=2x+1", 1.0), ("y = 1+2x", "y=2x+1", 1.0),
+    ("y=2x+2", "y=2x+1", 0.0),
+])
+def test_an_equation_gold_answer_keeps_math_verify_rules(pred, gold, expected):
+    assert data.accuracy_reward(boxed(pred), gold) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes: an unclosed final box is no answer, whatever it contains
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{\\boxed{3}", None),                  # the outer (final) box never closes
+    ("\\boxed{1} \\boxed{\\boxed{3}", None),
+    ("\\boxed{3 and then \\boxed{4}", None),       # a later box inside an unclosed one
+    ("\\boxed{\\boxed{3}}", "3"),                  # closed: the inner box, as before
+    ("\\boxed{2} \\boxed{\\boxed{3}}", "3"),
+    ("\\boxed{\\{1\\} \\boxed{3}}", "3"),
+    ("\\boxed{a} b \\boxed{c}", "c"),
+])
+def test_extract_boxed_needs_the_final_top_level_box_closed(text, expected):
+    assert data.extract_boxed(text) == expected
+
+
+def test_an_unclosed_outer_box_scores_no_accuracy():
+    text = "<think>x</think> \\boxed{\\boxed{3}"
+    assert data.reward_details(text, "3") == {"reward": 0.1, "accuracy": 0.0, "format": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: one rule at every scale, scientific notation by value
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("3.0000004", "3", True), ("0.3000004", "0.3", True),    # once 0 and 1: now the same rule
+    ("2.9999996", "3", True), ("3000000.4", "3000000", True), ("0.0000030000004", "3e-6", True),
+    ("0.333333", "\\frac{1}{3}", True), ("0.142857", "\\frac{1}{7}", True),
+    ("3.14159", "\\pi", True), ("0.707107", "\\frac{\\sqrt{2}}{2}", True),
+    ("3.01", "3", False), ("0.31", "0.3", False), ("3.00001", "3", False),
+    ("3.1416", "\\pi", False), ("0.0000001", "0", False), ("0.666666", "\\frac{2}{3}", False),
+    ("1234567", "1234568", False),                           # integers are exact
+])
+def test_rounded_numbers_match_to_half_a_unit_in_the_sixth_significant_digit(a, b, equal):
+    assert data.answers_match(a, b) == equal
+    assert data.answers_match(b, a) == equal
+
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("100000", "1e5", True), ("1.5e-3", "0.0015", True), ("1.5E-3", "0.0015", True),
+    ("10^5", "100000", True), ("10^{5}", "1e5", True), ("1.5\\times10^{-3}", "0.0015", True),
+    ("2\\cdot 10^{4}", "20000", True), ("1e5", "\\frac{10^{6}}{10}", True),
+    ("1.5e-3", "\\frac{3}{2000}", True), ("-2e3", "-2000", True),
+    ("2e5", "100000", False), ("1e-5", "1e5", False), ("1e5", "1e6", False),
+])
+def test_scientific_notation_compares_by_value(a, b, equal):
+    assert data.answers_match(a, b) == equal
+    assert data.answers_match(b, a) == equal
+
+
+def test_scientific_notation_is_a_usable_gold_answer():
+    assert data.gold_answer_problem("1e5") is None
+    assert data.accuracy_reward(boxed("100000"), "1e5") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Percent: a sign on one side only accepts both readings
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("50\\%", "50", True), ("50%", "50", True),
+    ("50", "50\\%", True), ("0.5", "50\\%", True), ("\\frac{1}{2}", "50\\%", True),
+    ("50\\%", "0.5", True), ("50%", "50\\%", True), ("12.5\\%", "0.125", True),
+    ("0.5", "50", False), ("50", "0.5", False), ("5", "50\\%", False), ("0.05", "50\\%", False),
+    ("50\\%", "5", False), ("\\%", "50", False),
+])
+def test_percent_rule(pred, gold, equal):
+    assert data.answers_match(pred, gold) == equal
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear format and tidy checks equal the official regexes (oracles)
+# ---------------------------------------------------------------------------------------------
+
+OFFICIAL_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+PIECES = ["<think>", "</think>", "\\boxed{", "}", "</ think>",     # the format's parts, drawn
+          "{", "<", ">", "/", "think", "\\boxed", "a", " ", "\n", "\t", "< think >", "x"]
+WEIGHTS = np.array([1, 4, 4, 4, 2] + [1] * 12) / 27                  # more often than the rest
+
+
+def random_strings(n: int, seed: int):
+    """Up to 8 random pieces; half of them open with a think tag, so that both verdicts occur."""
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        pieces = rng.choice(PIECES, size=rng.integers(0, 9), p=WEIGHTS)
+        yield ("<think>" if k % 2 else "") + "".join(pieces)
+
+
+def test_format_reward_equals_the_official_regex_on_random_strings():
+    matched = 0
+    for s in random_strings(20000, seed=0):
+        expected = 1.0 if OFFICIAL_FORMAT.fullmatch(data.tidy_response(s).strip()) else 0.0
+        assert data.format_reward(s) == expected, repr(s)
+        matched += expected == 1.0
+    assert matched > 300  # the random strings do reach both verdicts (428 of 20000 match)
+
+
+def test_tidy_response_equals_the_official_regex_on_random_strings():
+    for s in random_strings(20000, seed=1):
+        assert data.tidy_response(s) == re.sub(r"\s*([<>/])\s*", r"\1", s), repr(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: any response is graded within a fixed budget, on any thread
+# ---------------------------------------------------------------------------------------------
+
+BUDGET_S = 2.0  # per call; the worst case measured is MATH_TIME_LIMIT + about 20 ms
+
+rng = np.random.default_rng(0)
+ADVERSARIAL = {
+    "random unicode, 100k": "".join(chr(int(c)) for c in rng.integers(32, 0x2FFF, 100_000)),
+    "random {}\\^!<>/ 100k": "<think>" + "".join(rng.choice(list("{}\\^!<>/ 9x"), 100_000)),
+    "cubic for the format regex": "<think>" + "</think>\\boxed{" * 6600,
+    "quadratic for the tidy regex": " " * 100_000 + "a",
+    "many unclosed boxes": "<think></think>" + "\\boxed{" * 14000,
+    "many closed boxes": "<think></think>" + "\\boxed{1}" * 11000,
+    "deep braces": boxed("{" * 50000 + "}" * 50000),
+    "long digits": boxed("9" * 99_950),
+    "tower": boxed("9^{9^{9}}"),
+    "huge exponent": boxed("10^{9999999}"),
+    "factorial": boxed("(10^{10})!"),
+    "binomial": boxed("\\binom{100000}{50000}"),
+    "huge e-notation": boxed("1e999999999"),
+    "nested powers (passes the screen)": boxed("((9^{9999})^{9999})^{9999}"),
+    "polynomial simplify (passes the screen)": boxed(
+        "(x+1)^{9}(y+2)^{9}(z+3)^{9}(w+4)^{9}-(x+2)^{9}(y+1)^{9}"),
+}
+
+
+def timed_reward(text: str, gold: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    value = data.reward(text, gold)
+    return time.perf_counter() - start, value
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_any_response_is_graded_within_the_budget_on_any_thread(name):
+    text = ADVERSARIAL[name]
+    for gold in ("3", "2x+1"):
+        seconds, value = timed_reward(text, gold)
+        assert value in (0.0, 0.1) and seconds < BUDGET_S, (gold, seconds)
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(result=timed_reward(text, gold)))
+        worker.start()
+        worker.join()
+        assert out["result"][1] == value and out["result"][0] < BUDGET_S, (gold, out)
+
+
+def test_an_overrunning_comparison_is_killed_and_the_next_call_works():
+    assert data.answers_match("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}")  # starts this thread's process
+    first = data._MATH.process.process.pid
+    start = time.perf_counter()
+    assert not data.answers_match("((9^{9999})^{9999})^{9999}", "2x+1")
+    assert time.perf_counter() - start < data.MATH_TIME_LIMIT + 0.5
+    assert data._MATH.process.process is None  # killed
+    assert data.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+    assert data._MATH.process.process.pid != first  # a fresh one
+
+
+def test_a_math_process_that_died_is_replaced():
+    assert data.answers_match("\\frac{1}{2}", "0.5")
+    data._MATH.process.process.kill()
+    data._MATH.process.process.join()
+    assert data.answers_match("\\frac{1}{2}", "0.5")
+
+
+REAL_ANSWERS = [  # (prediction, gold): equal values, as models and benchmarks write them
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
+    ("2\\sqrt{3}+\\frac{\\pi}{6}", "\\frac{\\pi}{6}+2\\sqrt{3}"),
+    ("(1,\\infty)", "(1, \\infty)"), ("x^2+2x+1", "(x+1)^2"), ("\\{1,2,3\\}", "\\{3,2,1\\}"),
+    ("\\sqrt{50}", "5\\sqrt{2}"), ("e^{2}", "\\exp(2)"), ("2^{10}", "1024"), ("5!", "120"),
+    ("\\binom{5}{2}", "10"), ("\\frac{(n+1)(n+2)}{2}", "\\frac{n^2+3n+2}{2}"),
+    ("-\\frac{5}{12}", "-0.416667"), ("y=2x+1", "2x+1"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", REAL_ANSWERS)
+def test_real_answers_pass_the_screen_and_finish_well_inside_the_time_limit(pred, gold):
+    assert not data._too_complex(pred, gold)
+    start = time.perf_counter()
+    assert data.answers_match(pred, gold) and data.answers_match(gold, pred)
+    assert time.perf_counter() - start < data.MATH_TIME_LIMIT  # two calls, each far below it
+
+
+@pytest.mark.parametrize("pred", ["9^{9^{9}}", "2^{2^{100}}", "10^{10^{10}}", "9^99999999",
+                                  "10^{9999999}", "100000!", "(10^{10})!", "((6!)!)!",
+                                  "\\binom{100000}{50000}", "\\Gamma(100000)", "1e999999999",
+                                  "\\sum_{i=1}^{1000000} i^i", "\\int_0^1 e^{x^2} dx",
+                                  "{" * 20 + "}" * 20, "x^" * 12 + "2", "9" * 250])
+def test_the_screen_turns_away_explosive_shapes(pred):
+    assert data._too_complex(pred, "3")
+    start = time.perf_counter()
+    assert not data.answers_match(pred, "3")
+    assert time.perf_counter() - start < 0.1  # no process, no sympy
+
+
+def _grade_in_a_fork(queue):
+    queue.put(data.answers_match("\\frac{1}{2}", "0.5"))
+
+
+def test_a_forked_process_grades_with_its_own_math_process():
+    """A fork (a data-loader worker, say) inherits this thread's math process, but not as its
+    child: it must start its own."""
+    assert data.answers_match("\\frac{1}{2}", "0.5")  # this process now has a math process
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_grade_in_a_fork, args=(queue,))
+    child.start()
+    assert queue.get(timeout=30) is True
+    child.join(timeout=30)
+    assert child.exitcode == 0

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import data
 import model as qwen
 import papo
+import rewards
 
 
 def pass_at_k(correct: np.ndarray) -> float:
@@ -83,7 +84,7 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
                                               max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p,
                                               top_k=top_k)
-            details = [data.reward_details(t, a) for t, a in zip(rollouts.texts, answers)]
+            details = [rewards.reward_details(t, a) for t, a in zip(rollouts.texts, answers)]
             correct[ratio].append(np.array([x["accuracy"] for x in details]).reshape(-1, samples))
             if ratio is None:
                 fmt += [x["format"] for x in details]

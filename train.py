@@ -52,6 +52,7 @@ import data
 import eval as evaluation
 import model as qwen
 import papo
+import rewards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,8 +651,8 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 
 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int):
-    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (data.reward_details)."""
-    details = [data.reward_details(text, prompts[b // group_size].answer)
+    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details)."""
+    details = [rewards.reward_details(text, prompts[b // group_size].answer)
                for b, text in enumerate(rollouts.texts)]
     as_tensor = lambda key: torch.tensor([x[key] for x in details], dtype=torch.float32)
     return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import data
+import rewards
 
 
 def boxed(content: str) -> str:
@@ -87,8 +88,8 @@ REWARD_CASES = [
 
 @pytest.mark.parametrize("text,answer,expected", REWARD_CASES)
 def test_reward_table(text, answer, expected):
-    assert data.reward(text, answer) == expected
-    details = data.reward_details(text, answer)
+    assert rewards.reward(text, answer) == expected
+    details = rewards.reward_details(text, answer)
     assert details["reward"] == expected
     assert details["reward"] == 0.9 * details["accuracy"] + 0.1 * details["format"]
     assert details["accuracy"] in (0.0, 1.0) and details["format"] in (0.0, 1.0)
@@ -96,10 +97,10 @@ def test_reward_table(text, answer, expected):
 
 def test_reward_takes_exactly_four_values():
     good = "<think>I see 2 red shapes.</think> \\boxed{2}"
-    assert data.reward_details(good, "2") == {"reward": 1.0, "accuracy": 1.0, "format": 1.0}
-    assert data.reward_details("\\boxed{2}", "2") == {"reward": 0.9, "accuracy": 1.0, "format": 0.0}
-    assert data.reward_details(good, "3") == {"reward": 0.1, "accuracy": 0.0, "format": 1.0}
-    assert data.reward_details("2", "2") == {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
+    assert rewards.reward_details(good, "2") == {"reward": 1.0, "accuracy": 1.0, "format": 1.0}
+    assert rewards.reward_details("\\boxed{2}", "2") == {"reward": 0.9, "accuracy": 1.0, "format": 0.0}
+    assert rewards.reward_details(good, "3") == {"reward": 0.1, "accuracy": 0.0, "format": 1.0}
+    assert rewards.reward_details("2", "2") == {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -116,7 +117,7 @@ def test_reward_takes_exactly_four_values():
     ("", None),
 ])
 def test_extract_boxed(text, expected):
-    assert data.extract_boxed(text) == expected
+    assert rewards.extract_boxed(text) == expected
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -130,7 +131,7 @@ def test_extract_boxed(text, expected):
     ("<think>a</think> \\boxed{1", 0.0),
 ])
 def test_format_reward(text, expected):
-    assert data.format_reward(text) == expected
+    assert rewards.format_reward(text) == expected
 
 
 @pytest.mark.parametrize("text,tidy", [
@@ -142,17 +143,17 @@ def test_format_reward(text, expected):
 ])
 def test_whitespace_around_angle_brackets_and_slashes_is_removed(text, tidy):
     """The official reward's rule: whitespace around "<", ">" and "/" goes before grading."""
-    assert data.tidy_response(text) == tidy
-    assert data.tidy_response(tidy) == tidy                          # idempotent
+    assert rewards.tidy_response(text) == tidy
+    assert rewards.tidy_response(tidy) == tidy                          # idempotent
 
 
 def test_the_whitespace_rule_applies_to_both_checks():
     # spaced-out tags pass the format check only because of the rule
-    assert data.format_reward("< think >I see 2.</ think > \\boxed{2}") == 1.0
-    assert data.format_reward("<think>I see 2.</th ink> \\boxed{2}") == 0.0  # not a tag
+    assert rewards.format_reward("< think >I see 2.</ think > \\boxed{2}") == 1.0
+    assert rewards.format_reward("<think>I see 2.</th ink> \\boxed{2}") == 0.0  # not a tag
     # an answer whose box is written "\boxed{ 1 / 2 }" is the fraction, as in the official grader
-    assert data.accuracy_reward("<think>x</think> \\boxed{ 1 / 2 }", "\\frac{1}{2}") == 1.0
-    assert data.reward_details("< think >x</ think >\\boxed{3}", "3") == {
+    assert rewards.accuracy_reward("<think>x</think> \\boxed{ 1 / 2 }", "\\frac{1}{2}") == 1.0
+    assert rewards.reward_details("< think >x</ think >\\boxed{3}", "3") == {
         "reward": 1.0, "accuracy": 1.0, "format": 1.0}
 
 
@@ -160,16 +161,16 @@ def test_the_whitespace_rule_applies_to_both_checks():
                                   "\\"])
 def test_unparseable_gold_answer_is_an_error(gold):
     with pytest.raises(ValueError):
-        data.accuracy_reward(boxed("3"), gold)
+        rewards.accuracy_reward(boxed("3"), gold)
     with pytest.raises(ValueError):  # also when the response has no box at all
-        data.reward("no box", gold)
-    assert data.gold_answer_problem(gold) is not None
+        rewards.reward("no box", gold)
+    assert rewards.gold_answer_problem(gold) is not None
 
 
 @pytest.mark.parametrize("gold", ["3", "-2.5", "\\frac{1}{2}", "red", "north east", "B", "$5$",
                                   "50\\%", "\\{1,2\\}", "x=3", "\\sqrt{2}"])
 def test_parseable_gold_answers_are_accepted(gold):
-    assert data.gold_answer_problem(gold) is None
+    assert rewards.gold_answer_problem(gold) is None
 
 
 def test_garbage_predictions_never_raise():
@@ -184,7 +185,7 @@ def test_garbage_predictions_never_raise():
     start = time.perf_counter()
     for text in junk:
         for gold in ("3", "red", "\\frac{1}{2}"):
-            assert data.reward(text, gold) in (0.0, 0.1, 0.9, 1.0)
+            assert rewards.reward(text, gold) in (0.0, 0.1, 0.9, 1.0)
     assert time.perf_counter() - start < 10
 
 
@@ -194,8 +195,8 @@ def test_rewards_work_outside_the_main_thread():
 
     def work():
         try:
-            results.append(data.reward(boxed("\\dfrac{1}{2}"), "0.5"))
-            results.append(data.reward(boxed("0.25"), "\\frac{1}{3}"))
+            results.append(rewards.reward(boxed("\\dfrac{1}{2}"), "0.5"))
+            results.append(rewards.reward(boxed("0.25"), "\\frac{1}{3}"))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -475,9 +476,9 @@ def test_worked_solutions_are_short_and_earn_full_reward(task):
     rng = np.random.default_rng(3)
     for _ in range(30):
         ex = data.sample_toy_example(rng, tasks=(task,))
-        assert data.reward_details(ex["solution"], ex["answer"]) == {
+        assert rewards.reward_details(ex["solution"], ex["answer"]) == {
             "reward": 1.0, "accuracy": 1.0, "format": 1.0}
-        assert data.extract_boxed(ex["solution"]) == ex["answer"]
+        assert rewards.extract_boxed(ex["solution"]) == ex["answer"]
         assert ex["solution"].startswith("<think>I see ") and len(ex["solution"]) <= 60
 
 
@@ -536,7 +537,7 @@ def test_make_toy_dataset_is_deterministic_and_loadable(tmp_path, capsys):
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     for ex, row in zip(examples, rows):
         assert row["images"] == [f"images/{row['id'][-5:]}.png"]  # relative paths
-        assert ex.answer == row["answer"] and data.reward(ex.solution, ex.answer) == 1.0
+        assert ex.answer == row["answer"] and rewards.reward(ex.solution, ex.answer) == 1.0
         image = ex.load_images()[0]
         assert solve(ex.problem, read_shapes(image)) == ex.answer
     assert "text-only best-guess accuracy" in capsys.readouterr().out
@@ -558,6 +559,7 @@ def test_text_only_accuracy_of_a_split_is_near_chance(tmp_path, capsys):
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(data).failed == 0
+    assert doctest.testmod(rewards).failed == 0
 
 
 def test_text_only_accuracy_oracle():

@@ -1,4 +1,4 @@
-"""Tests of the reward's answer rules and cost bounds (data.py part 4), from a user audit.
+"""Tests of the reward's answer rules and cost bounds (rewards.py), from a user audit.
 
 Each rule has rows that must match and rows that must stay different; the format and tidy checks
 are compared with the official regexes they replace (oracles) on random strings; and adversarial
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-import data
+import rewards
 
 
 def boxed(content: str) -> str:
@@ -31,7 +31,7 @@ def boxed(content: str) -> str:
     ("x = 2+1", 1.0), ("x=4", 0.0),
 ])
 def test_an_equation_is_the_answer_only_with_a_lone_variable_on_the_left(pred, expected):
-    assert data.accuracy_reward(boxed(pred), "3") == expected
+    assert rewards.accuracy_reward(boxed(pred), "3") == expected
 
 
 @pytest.mark.parametrize("pred, gold, expected", [
@@ -39,7 +39,7 @@ def test_an_equation_is_the_answer_only_with_a_lone_variable_on_the_left(pred, e
     ("y=2x+2", "y=2x+1", 0.0),
 ])
 def test_an_equation_gold_answer_keeps_math_verify_rules(pred, gold, expected):
-    assert data.accuracy_reward(boxed(pred), gold) == expected
+    assert rewards.accuracy_reward(boxed(pred), gold) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +56,12 @@ def test_an_equation_gold_answer_keeps_math_verify_rules(pred, gold, expected):
     ("\\boxed{a} b \\boxed{c}", "c"),
 ])
 def test_extract_boxed_needs_the_final_top_level_box_closed(text, expected):
-    assert data.extract_boxed(text) == expected
+    assert rewards.extract_boxed(text) == expected
 
 
 def test_an_unclosed_outer_box_scores_no_accuracy():
     text = "<think>x</think> \\boxed{\\boxed{3}"
-    assert data.reward_details(text, "3") == {"reward": 0.1, "accuracy": 0.0, "format": 1.0}
+    assert rewards.reward_details(text, "3") == {"reward": 0.1, "accuracy": 0.0, "format": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +78,8 @@ def test_an_unclosed_outer_box_scores_no_accuracy():
     ("1234567", "1234568", False),                           # integers are exact
 ])
 def test_rounded_numbers_match_to_half_a_unit_in_the_sixth_significant_digit(a, b, equal):
-    assert data.answers_match(a, b) == equal
-    assert data.answers_match(b, a) == equal
+    assert rewards.answers_match(a, b) == equal
+    assert rewards.answers_match(b, a) == equal
 
 
 @pytest.mark.parametrize("a, b, equal", [
@@ -90,13 +90,13 @@ def test_rounded_numbers_match_to_half_a_unit_in_the_sixth_significant_digit(a, 
     ("2e5", "100000", False), ("1e-5", "1e5", False), ("1e5", "1e6", False),
 ])
 def test_scientific_notation_compares_by_value(a, b, equal):
-    assert data.answers_match(a, b) == equal
-    assert data.answers_match(b, a) == equal
+    assert rewards.answers_match(a, b) == equal
+    assert rewards.answers_match(b, a) == equal
 
 
 def test_scientific_notation_is_a_usable_gold_answer():
-    assert data.gold_answer_problem("1e5") is None
-    assert data.accuracy_reward(boxed("100000"), "1e5") == 1.0
+    assert rewards.gold_answer_problem("1e5") is None
+    assert rewards.accuracy_reward(boxed("100000"), "1e5") == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_scientific_notation_is_a_usable_gold_answer():
     ("50\\%", "5", False), ("\\%", "50", False),
 ])
 def test_percent_rule(pred, gold, equal):
-    assert data.answers_match(pred, gold) == equal
+    assert rewards.answers_match(pred, gold) == equal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,15 +135,15 @@ def random_strings(n: int, seed: int):
 def test_format_reward_equals_the_official_regex_on_random_strings():
     matched = 0
     for s in random_strings(20000, seed=0):
-        expected = 1.0 if OFFICIAL_FORMAT.fullmatch(data.tidy_response(s).strip()) else 0.0
-        assert data.format_reward(s) == expected, repr(s)
+        expected = 1.0 if OFFICIAL_FORMAT.fullmatch(rewards.tidy_response(s).strip()) else 0.0
+        assert rewards.format_reward(s) == expected, repr(s)
         matched += expected == 1.0
     assert matched > 300  # the random strings do reach both verdicts (428 of 20000 match)
 
 
 def test_tidy_response_equals_the_official_regex_on_random_strings():
     for s in random_strings(20000, seed=1):
-        assert data.tidy_response(s) == re.sub(r"\s*([<>/])\s*", r"\1", s), repr(s)
+        assert rewards.tidy_response(s) == re.sub(r"\s*([<>/])\s*", r"\1", s), repr(s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ ADVERSARIAL = {
 
 def timed_reward(text: str, gold: str) -> tuple[float, float]:
     start = time.perf_counter()
-    value = data.reward(text, gold)
+    value = rewards.reward(text, gold)
     return time.perf_counter() - start, value
 
 
@@ -193,21 +193,21 @@ def test_any_response_is_graded_within_the_budget_on_any_thread(name):
 
 
 def test_an_overrunning_comparison_is_killed_and_the_next_call_works():
-    assert data.answers_match("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}")  # starts this thread's process
-    first = data._MATH.process.process.pid
+    assert rewards.answers_match("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}")  # starts this thread's process
+    first = rewards._MATH.process.process.pid
     start = time.perf_counter()
-    assert not data.answers_match("((9^{9999})^{9999})^{9999}", "2x+1")
-    assert time.perf_counter() - start < data.MATH_TIME_LIMIT + 0.5
-    assert data._MATH.process.process is None  # killed
-    assert data.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
-    assert data._MATH.process.process.pid != first  # a fresh one
+    assert not rewards.answers_match("((9^{9999})^{9999})^{9999}", "2x+1")
+    assert time.perf_counter() - start < rewards.MATH_TIME_LIMIT + 0.5
+    assert rewards._MATH.process.process is None  # killed
+    assert rewards.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+    assert rewards._MATH.process.process.pid != first  # a fresh one
 
 
 def test_a_math_process_that_died_is_replaced():
-    assert data.answers_match("\\frac{1}{2}", "0.5")
-    data._MATH.process.process.kill()
-    data._MATH.process.process.join()
-    assert data.answers_match("\\frac{1}{2}", "0.5")
+    assert rewards.answers_match("\\frac{1}{2}", "0.5")
+    rewards._MATH.process.process.kill()
+    rewards._MATH.process.process.join()
+    assert rewards.answers_match("\\frac{1}{2}", "0.5")
 
 
 REAL_ANSWERS = [  # (prediction, gold): equal values, as models and benchmarks write them
@@ -222,10 +222,10 @@ REAL_ANSWERS = [  # (prediction, gold): equal values, as models and benchmarks w
 
 @pytest.mark.parametrize("pred, gold", REAL_ANSWERS)
 def test_real_answers_pass_the_screen_and_finish_well_inside_the_time_limit(pred, gold):
-    assert not data._too_complex(pred, gold)
+    assert not rewards._too_complex(pred, gold)
     start = time.perf_counter()
-    assert data.answers_match(pred, gold) and data.answers_match(gold, pred)
-    assert time.perf_counter() - start < data.MATH_TIME_LIMIT  # two calls, each far below it
+    assert rewards.answers_match(pred, gold) and rewards.answers_match(gold, pred)
+    assert time.perf_counter() - start < rewards.MATH_TIME_LIMIT  # two calls, each far below it
 
 
 @pytest.mark.parametrize("pred", ["9^{9^{9}}", "2^{2^{100}}", "10^{10^{10}}", "9^99999999",
@@ -234,20 +234,20 @@ def test_real_answers_pass_the_screen_and_finish_well_inside_the_time_limit(pred
                                   "\\sum_{i=1}^{1000000} i^i", "\\int_0^1 e^{x^2} dx",
                                   "{" * 20 + "}" * 20, "x^" * 12 + "2", "9" * 250])
 def test_the_screen_turns_away_explosive_shapes(pred):
-    assert data._too_complex(pred, "3")
+    assert rewards._too_complex(pred, "3")
     start = time.perf_counter()
-    assert not data.answers_match(pred, "3")
+    assert not rewards.answers_match(pred, "3")
     assert time.perf_counter() - start < 0.1  # no process, no sympy
 
 
 def _grade_in_a_fork(queue):
-    queue.put(data.answers_match("\\frac{1}{2}", "0.5"))
+    queue.put(rewards.answers_match("\\frac{1}{2}", "0.5"))
 
 
 def test_a_forked_process_grades_with_its_own_math_process():
     """A fork (a data-loader worker, say) inherits this thread's math process, but not as its
     child: it must start its own."""
-    assert data.answers_match("\\frac{1}{2}", "0.5")  # this process now has a math process
+    assert rewards.answers_match("\\frac{1}{2}", "0.5")  # this process now has a math process
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_grade_in_a_fork, args=(queue,))

@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 import threading
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 
@@ -182,7 +183,22 @@ def extract_boxed(text: str) -> str | None:
 # anything but small numbers, sums, products, integrals and limits the gold answer does not have.
 
 # Seconds. Real answers take milliseconds: at most 50 ms seen, 0.2 s in a just-forked process.
-MATH_TIME_LIMIT = 0.5
+# 1 s leaves room for a machine whose cores are busy (data loaders, other ranks): a comparison
+# stopped too early would score a right answer 0, so every stop is reported (_report_stop).
+MATH_TIME_LIMIT = 1.0
+_STOPS = {"count": 0}
+
+
+def _report_stop(readings) -> None:
+    """A comparison ran past MATH_TIME_LIMIT and scored 0: say so on stderr (the first time, then
+    every 100th), so that a time limit too short for a busy machine cannot silently cost reward."""
+    _STOPS["count"] += 1
+    n = _STOPS["count"]
+    if n == 1 or n % 100 == 0:
+        pred = str(readings[0][0])[:80] if readings else ""
+        print(f"rewards: a math-verify comparison ran past {MATH_TIME_LIMIT} s and scored 0 "
+              f"({n} so far; this one: {pred!r}). If these are real answers, raise "
+              "rewards.MATH_TIME_LIMIT.", file=sys.stderr)
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", re.DOTALL)
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
@@ -451,6 +467,7 @@ class _MathProcess:
             self.conn.send((readings, approximate))
             if self.conn.poll(MATH_TIME_LIMIT):
                 return self.conn.recv()
+            _report_stop(readings)
         except (EOFError, OSError):  # the process died (out of memory, say)
             pass
         self.stop()

@@ -72,8 +72,8 @@ import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import data
 import model as qwen
+import toy
 import train
 
 MIB = 2 ** 20
@@ -372,7 +372,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     # On the CPU so that it is not counted in GPU memory: it exists only for the bench.
     initial = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
     rng = np.random.default_rng(args.seed)
-    examples = [data.toy_example(rng, image_size=image_size) for _ in range(args.prompts)]
+    examples = [toy.toy_example(rng, image_size=image_size) for _ in range(args.prompts)]
     cfgs = objective_configs(args)
     d = train.Dist(device=device)
     batch, _, _ = train.collect_batch(policy, processor, examples, cfgs["papo-g"], d, STEP, 0,
@@ -607,7 +607,7 @@ def bench_logprob_memory(args, device: torch.device) -> dict:
                                           device=device)
     model.eval()
     T = args.logprob_tokens
-    prompt = data.toy_example(np.random.default_rng(args.seed)).to_prompt()
+    prompt = toy.toy_example(np.random.default_rng(args.seed)).to_prompt()
     # a prompt encoded exactly as in RL, then T completion tokens drawn from the tokenizer's
     # ordinary ids (0..6 are the special tokens)
     base = qwen.rollouts_from_texts(processor, [prompt], [""])

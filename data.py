@@ -2,17 +2,15 @@
 
 A training example is a question about one or more images together with a gold answer. This
 module turns such examples into chat prompts for Qwen2.5-VL, reads and checks them from JSONL
-files, parquet tables, hub datasets and the ShareGPT files of the evaluation suite, and
-generates a small synthetic task whose questions can only be answered by looking at the
-picture. The reward that scores the answers lives in rewards.py; this module uses it only to
-refuse gold answers it cannot compare.
+files, parquet tables, hub datasets and the ShareGPT files of the evaluation suite. The reward
+that scores the answers lives in rewards.py (this module uses it only to refuse gold answers it
+cannot compare); the offline toy world that generates examples lives in toy.py.
 
-The module reads top to bottom in three parts:
+The module reads top to bottom in two parts:
 
     1. The prompt            INSTRUCTION, format_prompt, chat_messages, budget_resize
     2. Datasets              Example, Dataset, load_dataset (JSONL, ShareGPT, tables), DatasetError,
                              to_rgb (any picture mode -> 8-bit RGB)
-    3. The toy task          TOY_TASKS, sample_toy_example, make_toy_dataset, tokenizer_corpus
 
 It imports no deep-learning library (`datasets` reads tables, and only when a table is loaded).
 """
@@ -26,14 +24,12 @@ import json
 import math
 import os
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from rewards import gold_answer_problem   # a gold answer the reward cannot compare is a bad row
 
@@ -945,278 +941,3 @@ def load_dataset(source: str | Path, *, problem_key: str = "problem", answer_key
         return Dataset(source, load_sharegpt(path, image_dir, max_image_pixels=max_image_pixels))
     return load_table(source, problem_key=problem_key, answer_key=answer_key, image_key=image_key,
                       image_dir=image_dir, progress=progress, max_image_pixels=max_image_pixels)
-
-
-# =============================================================================================
-# 3. The toy task: questions that only the picture can answer
-# =============================================================================================
-# To run the whole method offline on a laptop we need a task that (a) a tiny model can learn in
-# minutes, (b) cannot be solved from the text alone, so that "looking at the image" is exactly
-# what perception-aware training rewards, and (c) has an unlimited supply of fresh examples, since
-# a small fixed pool gets memorised.
-#
-# Each picture is a light 112x112 canvas with a few non-overlapping circles, squares and
-# triangles in red, green and blue. Qwen2.5-VL cuts 112x112 pixels into 14-px patches and merges
-# 2x2 of them into one token, so one picture costs 4x4 = 16 image tokens: cheap. A shape (18-24
-# px) lies on 4 to 9 of the 14-px squares that PAPO's mask blacks out with probability 0.6 each,
-# so in the masked copy most shapes lose parts and some vanish: the count becomes uncertain, and
-# the masked-image policy really does know less.
-#
-# The ANSWER IS DRAWN FIRST, uniformly from the task's possible answers, and then a picture is
-# built to match it. So within a task every answer is equally likely whatever the question says,
-# and a model that ignores the picture can do no better than chance (1/5 for "count").
-
-COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220)}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUND = (235, 235, 230)
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "shape": "shapes"}
-MAX_SHAPES = 6  # at most this many shapes per picture; more would crowd 112 px (see _place_boxes)
-
-
-def _noun(word: str, n: int) -> str:
-    """'1 circle', '2 circles': the worked solutions should read naturally."""
-    return f"{n} {word if n == 1 else PLURAL[word]}"
-
-
-@dataclass(frozen=True)
-class ToyTask:
-    """One kind of question. `plan(rng)` draws the answer first, then returns
-    (question, answer, shapes to draw as (colour, shape) pairs, the thought naming what is seen)."""
-    answers: tuple[str, ...]
-    plan: Callable[[np.random.Generator], tuple[str, str, list[tuple[str, str]], str]]
-
-
-def _pick(rng: np.random.Generator, options) -> str:
-    """A uniform choice that returns a plain Python str (np.str_ would leak into JSON and repr)."""
-    return str(options[int(rng.integers(len(options)))])
-
-
-def _random_shapes(rng, n: int, allowed: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [allowed[int(rng.integers(len(allowed)))] for _ in range(n)]
-
-
-ALL_KINDS = [(c, s) for c in COLOURS for s in SHAPES]  # the 9 (colour, shape) combinations
-
-
-def _plan_count(rng):
-    """How many shapes in all? Answers 1-5, colours and kinds random."""
-    n = int(rng.integers(1, 6))
-    shapes = _random_shapes(rng, n, ALL_KINDS)
-    return "How many shapes are in the image?", str(n), shapes, f"I see {_noun('shape', n)}."
-
-
-def _plan_count_colour(rng):
-    """How many red (green, blue) shapes? Answers 1-4, plus 0-2 shapes of other colours, so that
-    counting every shape (the shortcut a tiny model finds first) is right only a third of the
-    time."""
-    colour = _pick(rng, list(COLOURS))
-    k = int(rng.integers(1, 5))
-    others = int(rng.integers(0, 3))
-    shapes = (_random_shapes(rng, k, [(colour, s) for s in SHAPES])
-              + _random_shapes(rng, others, [(c, s) for c, s in ALL_KINDS if c != colour]))
-    return (f"How many {colour} shapes are in the image?", str(k), shapes,
-            f"I see {k} {colour} {'shape' if k == 1 else 'shapes'}.")
-
-
-def _plan_count_shape(rng):
-    """How many circles (squares, triangles)? Answers 1-4, plus 0-2 shapes of other kinds."""
-    kind = _pick(rng, SHAPES)
-    k = int(rng.integers(1, 5))
-    others = int(rng.integers(0, 3))
-    shapes = (_random_shapes(rng, k, [(c, kind) for c in COLOURS])
-              + _random_shapes(rng, others, [(c, s) for c, s in ALL_KINDS if s != kind]))
-    return (f"How many {PLURAL[kind]} are in the image?", str(k), shapes,
-            f"I see {_noun(kind, k)}.")
-
-
-def _plan_colour_shape(rng):
-    """How many red circles? Answers 1-3, plus 0-3 other shapes that share at most one of the two
-    properties, so the question needs colour AND kind at once."""
-    colour, kind = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
-    k = int(rng.integers(1, 4))
-    others = int(rng.integers(0, 4))
-    shapes = [(colour, kind)] * k + _random_shapes(
-        rng, others, [cs for cs in ALL_KINDS if cs != (colour, kind)])
-    return (f"How many {colour} {PLURAL[kind]} are in the image?", str(k), shapes,
-            f"I see {k} {colour} {kind if k == 1 else PLURAL[kind]}.")
-
-
-def _plan_most_colour(rng):
-    """Which colour appears most often? The answer is a colour word, with a unique winner:
-    the winner has 2 or 3 shapes and each other colour fewer, at most MAX_SHAPES in all."""
-    winner = _pick(rng, list(COLOURS))
-    top = int(rng.integers(2, 4))
-    while True:  # redraw the losers until the picture fits (a few tries at most)
-        counts = {c: (top if c == winner else int(rng.integers(0, top))) for c in COLOURS}
-        if sum(counts.values()) <= MAX_SHAPES:
-            break
-    shapes = [(c, _pick(rng, SHAPES)) for c, n in counts.items() for _ in range(n)]
-    seen = ", ".join(f"{n} {c}" for c, n in counts.items())
-    return ("Which colour appears most often in the image: red, green or blue?", winner, shapes,
-            f"I see {seen}.")
-
-
-TOY_TASKS: dict[str, ToyTask] = {
-    "count": ToyTask(("1", "2", "3", "4", "5"), _plan_count),
-    "count_color": ToyTask(("1", "2", "3", "4"), _plan_count_colour),
-    "count_shape": ToyTask(("1", "2", "3", "4"), _plan_count_shape),
-    "color_shape": ToyTask(("1", "2", "3"), _plan_colour_shape),
-    "most_color": ToyTask(tuple(COLOURS), _plan_most_colour),
-}
-DEFAULT_TOY_TASKS = ("count", "count_color")  # what `python train.py` trains on (see README)
-
-
-def _place_boxes(rng, sizes: list[int], image_size: int, gap: int = 3,
-                 tries: int = 200, restarts: int = 100) -> list[tuple[int, int, int]]:
-    """Random non-overlapping square boxes (x, y, size), at least `gap` px apart and off the edge.
-
-    Rejection sampling: draw a position, keep it if it clears every box placed so far. With at
-    most 6 boxes of <= 24 px on 112 px they cover about a third of the canvas, far below the point
-    where random placement jams, so a retry is rare; the bounded loops make a bad case an error
-    instead of a hang."""
-    for _ in range(restarts):
-        boxes: list[tuple[int, int, int]] = []
-        for s in sizes:
-            for _ in range(tries):
-                x = int(rng.integers(gap, image_size - s - gap + 1))
-                y = int(rng.integers(gap, image_size - s - gap + 1))
-                if all(x + s + gap <= bx or bx + bs + gap <= x or y + s + gap <= by
-                       or by + bs + gap <= y for bx, by, bs in boxes):
-                    boxes.append((x, y, s))
-                    break
-            else:
-                break  # this shape found no room: start the whole layout again
-        if len(boxes) == len(sizes):
-            return boxes
-    raise RuntimeError(f"could not place {len(sizes)} shapes on a {image_size}-px canvas")
-
-
-def draw_shapes(rng: np.random.Generator, shapes: list[tuple[str, str]],
-                image_size: int = 112) -> Image.Image:
-    """A light canvas with each (colour, shape) drawn once at a random free spot.
-
-    Drawn without anti-aliasing, so every shape pixel has exactly its colour's RGB value: a test
-    can count a colour's pixels or its connected blobs and recover the answer."""
-    lo, hi = round(18 * image_size / 112), round(24 * image_size / 112)  # scale with the canvas
-    sizes = [int(rng.integers(lo, hi + 1)) for _ in shapes]
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    for (colour, kind), (x, y, s) in zip(shapes, _place_boxes(rng, sizes, image_size)):
-        fill = COLOURS[colour]
-        if kind == "circle":
-            draw.ellipse([x, y, x + s - 1, y + s - 1], fill=fill)
-        elif kind == "square":
-            draw.rectangle([x, y, x + s - 1, y + s - 1], fill=fill)
-        else:  # an upright triangle filling its box
-            draw.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
-    return image
-
-
-def sample_toy_example(rng: np.random.Generator, tasks=DEFAULT_TOY_TASKS,
-                       image_size: int = 112) -> dict:
-    """One fresh example: a task drawn uniformly from `tasks`, its answer, a matching picture.
-
-    >>> ex = sample_toy_example(np.random.default_rng(0), tasks=("count_color",))
-    >>> sorted(ex), ex["image"].size
-    (['answer', 'image', 'problem', 'solution', 'task'], (112, 112))
-    >>> ex["problem"], ex["answer"]
-    ('How many blue shapes are in the image?', '3')
-    >>> print(ex["solution"])
-    <think>I see 3 blue shapes.</think> \\boxed{3}
-    """
-    task = _pick(rng, list(tasks))
-    problem, answer, shapes, thought = TOY_TASKS[task].plan(rng)
-    # Mix asked-about shapes and distractors: shapes placed later fill the gaps left by earlier
-    # ones, and that faint trace should not tell them apart.
-    shapes = [shapes[i] for i in rng.permutation(len(shapes))]
-    return {"image": draw_shapes(rng, shapes, image_size), "problem": problem, "answer": answer,
-            "solution": f"<think>{thought}</think> \\boxed{{{answer}}}", "task": task}
-
-
-def toy_example(rng: np.random.Generator, tasks=DEFAULT_TOY_TASKS, image_size: int = 112,
-                ) -> Example:
-    """sample_toy_example as an in-memory Example, for a trainer that draws fresh prompts."""
-    ex = sample_toy_example(rng, tasks, image_size)
-    return Example(problem=ex["problem"], answer=ex["answer"], images=[ex["image"]],
-                   solution=ex["solution"], source="toy", task=ex["task"],
-                   sizes=[ex["image"].size])
-
-
-def text_only_accuracy(rows: list[dict]) -> float:
-    """Accuracy of the best guess that never looks at the picture.
-
-    For each distinct problem text, guess the answer that is most frequent among the rows with that
-    same text. Measured on the rows themselves, so it slightly flatters the guesser on small
-    splits; on the toy task it should sit near 1/k (k answers per task).
-
-    >>> text_only_accuracy([{"problem": "q", "answer": "1"}, {"problem": "q", "answer": "1"},
-    ...                     {"problem": "q", "answer": "2"}, {"problem": "r", "answer": "5"}])
-    0.75
-    """
-    by_text: dict[str, Counter] = {}
-    for row in rows:
-        by_text.setdefault(row["problem"], Counter())[row["answer"]] += 1
-    right = sum(c.most_common(1)[0][1] for c in by_text.values())
-    return right / max(len(rows), 1)
-
-
-def make_toy_dataset(n: int, seed: int, out_dir: str | Path, tasks=DEFAULT_TOY_TASKS,
-                     image_size: int = 112) -> Path:
-    """Write n toy examples as a user-facing dataset: out_dir/data.jsonl + out_dir/images/*.png.
-
-    Example i is drawn from its own generator seeded with (seed, i): the files are byte-identical
-    for the same seed, and the first 100 examples are the same whether n is 100 or 10,000.
-    Also writes out_dir/summary.json (answer counts per task, text-only accuracy) and prints a
-    one-line summary. Returns the path of data.jsonl.
-    """
-    unknown = [t for t in tasks if t not in TOY_TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"unknown toy task(s) {unknown or tasks}; choose from {list(TOY_TASKS)}")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        ex = sample_toy_example(np.random.default_rng([seed, i]), tasks, image_size)
-        name = f"images/{i:05d}.png"
-        ex["image"].save(out_dir / name)
-        rows.append({"id": f"toy-{seed}-{i:05d}", "problem": ex["problem"], "answer": ex["answer"],
-                     "images": [name], "solution": ex["solution"], "task": ex["task"]})
-    path = write_jsonl(rows, out_dir / "data.jsonl")
-    acc = text_only_accuracy(rows)
-    counts = {t: dict(sorted(Counter(r["answer"] for r in rows if r["task"] == t).items()))
-              for t in tasks}
-    chance = {t: 1 / len(TOY_TASKS[t].answers) for t in tasks}
-    summary = {"n": n, "seed": seed, "tasks": list(tasks), "image_size": image_size,
-               "text_only_accuracy": acc, "chance_per_task": chance, "answer_counts": counts}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(f"toy dataset: {n} examples of {','.join(tasks)} -> {path} "
-          f"(text-only best-guess accuracy {acc:.3f})")
-    return path
-
-
-def tokenizer_corpus() -> list[str]:
-    """Every kind of text the tiny model will read or write, for training its tokenizer offline.
-
-    A byte-level BPE tokenizer can encode anything, but it only learns merges for what it was
-    trained on; training it on exactly these texts makes the toy prompts and solutions short in
-    tokens. Deterministic (fixed seeds), so the same tokenizer is built every time.
-    """
-    texts = [INSTRUCTION,
-             # Qwen's chat template adds a default system turn and role names around the messages.
-             "You are a helpful assistant.", "system", "user", "assistant",
-             " ".join(str(d) for d in range(10)), " ".join(COLOURS), " ".join(SHAPES),
-             " ".join(PLURAL.values()), "<think> </think> \\boxed{}"]
-    # Every question with the instruction, as the default template writes it, and every worked
-    # solution: each task's plan is run 400 times, enough to produce each of its (at most 36)
-    # solutions.
-    seen: set[str] = set()
-    for k, task in enumerate(TOY_TASKS):
-        rng = np.random.default_rng([12345, k])
-        for _ in range(400):
-            problem, answer, _, thought = TOY_TASKS[task].plan(rng)
-            for text in (format_prompt(problem),
-                         f"<think>{thought}</think> \\boxed{{{answer}}}"):
-                if text not in seen:
-                    seen.add(text)
-                    texts.append(text)
-    return texts

@@ -342,12 +342,12 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained here, on data.tokenizer_corpus(), in well under a second.
+    """A byte-level BPE tokenizer trained here, on toy.tokenizer_corpus(), in well under a second.
 
     Byte-level: any string can be encoded (unknown characters fall back to bytes), so prompts and
     answers never hit an <unk>. Qwen's special tokens get ids 0..6 and are never split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    import data  # imported here: only the offline model needs the toy corpus
+    import toy  # imported here: only the offline model needs the toy corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -355,7 +355,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(data.tokenizer_corpus(), trainer)
+    bpe.train_from_iterator(toy.tokenizer_corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=IM_END, pad_token=ENDOFTEXT,
         additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")

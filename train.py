@@ -53,6 +53,7 @@ import eval as evaluation
 import model as qwen
 import papo
 import rewards
+import toy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-TOY_TASKS_DEFAULT = ",".join(data.DEFAULT_TOY_TASKS)   # (inside Config, `data` is a field)
+TOY_TASKS_DEFAULT = ",".join(toy.DEFAULT_TOY_TASKS)   # (inside Config, `data` is a field)
 
 
 @dataclass
@@ -155,7 +156,7 @@ class Config:
 
     # --- the offline default (used only when --model is empty) -------------------------------
     tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
-    toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (data.TOY_TASKS).")
+    toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (toy.TOY_TASKS).")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
     sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
@@ -300,8 +301,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("eval_samples", lambda v: v >= 1, ">= 1"),
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
-    ("toy_tasks", lambda v: bool(v) and all(t in data.TOY_TASKS for t in v.split(",")),
-     "comma-separated names from " + ", ".join(data.TOY_TASKS)),
+    ("toy_tasks", lambda v: bool(v) and all(t in toy.TOY_TASKS for t in v.split(",")),
+     "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
     ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
     ("toy_eval_size", lambda v: v >= 1, ">= 1"),
     ("sft_steps", lambda v: v >= 1, ">= 1"),
@@ -433,17 +434,17 @@ def prepare_toy_data(cfg: Config, d: Dist) -> None:
     """Write the toy splits once (rank 0), so every later run and every rank reads the same files.
     Train and held-out use disjoint seeds, so no held-out image is ever trained on."""
     tasks = tuple(t for t in cfg.toy_tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in data.TOY_TASKS]
+    unknown = [t for t in tasks if t not in toy.TOY_TASKS]
     if unknown:
         raise SystemExit(f"train.py: --toy-tasks: unknown task(s) {unknown}; "
-                         f"choose from {', '.join(data.TOY_TASKS)}")
+                         f"choose from {', '.join(toy.TOY_TASKS)}")
     if d.main:
         for folder, n, seed in zip(toy_paths(cfg), (cfg.toy_train_size, cfg.toy_eval_size),
                                    (1, 2)):
             if not (folder / "data.jsonl").is_file():
                 tmp = folder.with_name(folder.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                data.make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks)
+                toy.make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks)
                 tmp.rename(folder)
     barrier()
 

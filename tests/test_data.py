@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import data
+import toy
 import rewards
 
 
@@ -383,7 +384,7 @@ def read_shapes(image: Image.Image) -> list[tuple[str, str]]:
     fills: a square fills all of it, a circle about pi/4, a triangle about half."""
     pixels = np.asarray(image)
     found = []
-    for colour, rgb in data.COLOURS.items():
+    for colour, rgb in toy.COLOURS.items():
         mask = np.all(pixels == rgb, axis=-1)
         seen = np.zeros_like(mask)
         for y0, x0 in zip(*np.nonzero(mask)):
@@ -413,21 +414,21 @@ def solve(problem: str, shapes: list[tuple[str, str]]) -> str:
     words = problem.rstrip("?").split()
     if problem.startswith("Which colour"):
         counts = Counter(c for c, _ in shapes)
-        return max(data.COLOURS, key=lambda c: counts[c])
+        return max(toy.COLOURS, key=lambda c: counts[c])
     target = words[2:words.index("are")]  # "How many [red] [circles|shapes] are ..."
-    colour = target[0] if target[0] in data.COLOURS else None
-    kind = {v: k for k, v in data.PLURAL.items()}[target[-1]]
+    colour = target[0] if target[0] in toy.COLOURS else None
+    kind = {v: k for k, v in toy.PLURAL.items()}[target[-1]]
     return str(sum((colour in (None, c)) and kind in ("shape", s) for c, s in shapes))
 
 
-@pytest.mark.parametrize("task", list(data.TOY_TASKS))
+@pytest.mark.parametrize("task", list(toy.TOY_TASKS))
 def test_pictures_show_the_answer(task):
     rng = np.random.default_rng(1)
     for _ in range(40):
-        ex = data.sample_toy_example(rng, tasks=(task,))
+        ex = toy.sample_toy_example(rng, tasks=(task,))
         assert ex["task"] == task and ex["image"].size == (112, 112) and ex["image"].mode == "RGB"
         shapes = read_shapes(ex["image"])
-        assert 1 <= len(shapes) <= data.MAX_SHAPES
+        assert 1 <= len(shapes) <= toy.MAX_SHAPES
         assert solve(ex["problem"], shapes) == ex["answer"]
         if task == "most_color":  # the winner is unique
             counts = sorted(Counter(c for c, _ in shapes).values())
@@ -441,17 +442,17 @@ def test_counting_every_shape_is_a_shortcut_that_often_fails(task):
     rng = np.random.default_rng(6)
     hits = []
     for _ in range(60):
-        ex = data.sample_toy_example(rng, tasks=(task,))
+        ex = toy.sample_toy_example(rng, tasks=(task,))
         hits.append(len(read_shapes(ex["image"])) == int(ex["answer"]))
     assert 0.15 < np.mean(hits) < 0.6
 
 
-@pytest.mark.parametrize("task", list(data.TOY_TASKS))
+@pytest.mark.parametrize("task", list(toy.TOY_TASKS))
 def test_answers_are_balanced_and_independent_of_the_question(task):
     rng = np.random.default_rng(2)
-    rows = [data.sample_toy_example(rng, tasks=(task,)) for _ in range(400)]
+    rows = [toy.sample_toy_example(rng, tasks=(task,)) for _ in range(400)]
     counts = Counter(r["answer"] for r in rows)
-    answers = data.TOY_TASKS[task].answers
+    answers = toy.TOY_TASKS[task].answers
     assert set(counts) == set(answers)
     expected = len(rows) / len(answers)
     chi2 = sum((counts[a] - expected) ** 2 / expected for a in answers)
@@ -471,11 +472,11 @@ def test_answers_are_balanced_and_independent_of_the_question(task):
     assert abs(np.mean(held_out) - 1 / len(answers)) < 0.1
 
 
-@pytest.mark.parametrize("task", list(data.TOY_TASKS))
+@pytest.mark.parametrize("task", list(toy.TOY_TASKS))
 def test_worked_solutions_are_short_and_earn_full_reward(task):
     rng = np.random.default_rng(3)
     for _ in range(30):
-        ex = data.sample_toy_example(rng, tasks=(task,))
+        ex = toy.sample_toy_example(rng, tasks=(task,))
         assert rewards.reward_details(ex["solution"], ex["answer"]) == {
             "reward": 1.0, "accuracy": 1.0, "format": 1.0}
         assert rewards.extract_boxed(ex["solution"]) == ex["answer"]
@@ -491,25 +492,25 @@ def test_solutions_fit_a_tiny_bpe_tokenizer():
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=340, show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(data.tokenizer_corpus(), trainer)
+    tok.train_from_iterator(toy.tokenizer_corpus(), trainer)
     rng = np.random.default_rng(4)
-    lengths = [len(tok.encode(data.sample_toy_example(rng, tuple(data.TOY_TASKS))["solution"]).ids)
+    lengths = [len(tok.encode(toy.sample_toy_example(rng, tuple(toy.TOY_TASKS))["solution"]).ids)
                for _ in range(200)]
     assert max(lengths) <= 24
 
 
 def test_tokenizer_corpus_covers_every_prompt_and_solution():
-    corpus = data.tokenizer_corpus()
-    assert corpus == data.tokenizer_corpus()  # deterministic
+    corpus = toy.tokenizer_corpus()
+    assert corpus == toy.tokenizer_corpus()  # deterministic
     assert data.INSTRUCTION in corpus and all(isinstance(t, str) and t for t in corpus)
     texts = set(corpus)
     rng = np.random.default_rng(5)
     for _ in range(300):
-        ex = data.sample_toy_example(rng, tuple(data.TOY_TASKS))
+        ex = toy.sample_toy_example(rng, tuple(toy.TOY_TASKS))
         assert ex["problem"] + "\n\n" + data.INSTRUCTION in texts
         assert ex["solution"] in texts
     joined = " ".join(corpus)
-    for word in [*data.COLOURS, *data.SHAPES, *"0123456789"]:
+    for word in [*toy.COLOURS, *toy.SHAPES, *"0123456789"]:
         assert word in joined
 
 
@@ -519,10 +520,10 @@ def dataset_files(folder: Path) -> dict[str, bytes]:
 
 
 def test_make_toy_dataset_is_deterministic_and_loadable(tmp_path, capsys):
-    first = data.make_toy_dataset(24, seed=3, out_dir=tmp_path / "a")
-    data.make_toy_dataset(24, seed=3, out_dir=tmp_path / "b")
-    data.make_toy_dataset(24, seed=4, out_dir=tmp_path / "c")
-    data.make_toy_dataset(8, seed=3, out_dir=tmp_path / "short")
+    first = toy.make_toy_dataset(24, seed=3, out_dir=tmp_path / "a")
+    toy.make_toy_dataset(24, seed=3, out_dir=tmp_path / "b")
+    toy.make_toy_dataset(24, seed=4, out_dir=tmp_path / "c")
+    toy.make_toy_dataset(8, seed=3, out_dir=tmp_path / "short")
     a, b = dataset_files(tmp_path / "a"), dataset_files(tmp_path / "b")
     c, short = dataset_files(tmp_path / "c"), dataset_files(tmp_path / "short")
     assert first == tmp_path / "a" / "data.jsonl"
@@ -533,7 +534,7 @@ def test_make_toy_dataset_is_deterministic_and_loadable(tmp_path, capsys):
     assert short["data.jsonl"].splitlines() == a["data.jsonl"].splitlines()[:8]
 
     examples = data.load_jsonl(first)
-    assert len(examples) == 24 and {ex.task for ex in examples} <= set(data.DEFAULT_TOY_TASKS)
+    assert len(examples) == 24 and {ex.task for ex in examples} <= set(toy.DEFAULT_TOY_TASKS)
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     for ex, row in zip(examples, rows):
         assert row["images"] == [f"images/{row['id'][-5:]}.png"]  # relative paths
@@ -544,37 +545,38 @@ def test_make_toy_dataset_is_deterministic_and_loadable(tmp_path, capsys):
 
 
 def test_text_only_accuracy_of_a_split_is_near_chance(tmp_path, capsys):
-    path = data.make_toy_dataset(600, seed=0, out_dir=tmp_path / "toy")
+    path = toy.make_toy_dataset(600, seed=0, out_dir=tmp_path / "toy")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
-    acc = data.text_only_accuracy(rows)
+    acc = toy.text_only_accuracy(rows)
     assert summary["text_only_accuracy"] == acc
     assert f"{acc:.3f}" in capsys.readouterr().out
     # count has 5 answers and count_color 4, drawn equally often: chance is (1/5 + 1/4) / 2.
     assert abs(acc - (0.2 + 0.25) / 2) < 0.05
     for task, counts in summary["answer_counts"].items():
-        assert sorted(counts) == sorted(data.TOY_TASKS[task].answers)
+        assert sorted(counts) == sorted(toy.TOY_TASKS[task].answers)
 
 
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(data).failed == 0
     assert doctest.testmod(rewards).failed == 0
+    assert doctest.testmod(toy).failed == 0
 
 
 def test_text_only_accuracy_oracle():
     rows = [{"problem": "q", "answer": a} for a in "1123"] + [{"problem": "r", "answer": "x"}]
-    assert data.text_only_accuracy(rows) == pytest.approx(3 / 5)
+    assert toy.text_only_accuracy(rows) == pytest.approx(3 / 5)
 
 
 def test_toy_example_in_memory_and_options(tmp_path):
-    ex = data.toy_example(np.random.default_rng(0), tasks=("most_color",))
+    ex = toy.toy_example(np.random.default_rng(0), tasks=("most_color",))
     prompt = ex.to_prompt()
     assert len(ex.images) == 1 and ex.task == "most_color"
-    assert prompt["images"][0].size == (112, 112) and ex.answer in data.COLOURS
+    assert prompt["images"][0].size == (112, 112) and ex.answer in toy.COLOURS
     assert prompt["messages"] == data.make_messages(ex.problem, 1)
-    big = data.sample_toy_example(np.random.default_rng(0), image_size=224)
+    big = toy.sample_toy_example(np.random.default_rng(0), image_size=224)
     assert big["image"].size == (224, 224)
-    assert set(data.DEFAULT_TOY_TASKS) <= set(data.TOY_TASKS)
+    assert set(toy.DEFAULT_TOY_TASKS) <= set(toy.TOY_TASKS)
     with pytest.raises(ValueError):
-        data.make_toy_dataset(2, seed=0, out_dir=tmp_path, tasks=("no_such_task",))
+        toy.make_toy_dataset(2, seed=0, out_dir=tmp_path, tasks=("no_such_task",))

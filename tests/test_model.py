@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import toy
 import model as qwen
 
 MAX_NEW = 12
@@ -34,8 +35,8 @@ def prompts():
     """Three toy prompts of different lengths (so left padding happens) plus one prompt with two
     images of different sizes (so image rows per rollout differ)."""
     rng = np.random.default_rng(0)
-    items = [data.toy_example(rng).to_prompt() for _ in range(3)]
-    two = [data.toy_example(rng).load_images()[0], data.toy_example(rng).load_images()[0]]
+    items = [toy.toy_example(rng).to_prompt() for _ in range(3)]
+    two = [toy.toy_example(rng).load_images()[0], toy.toy_example(rng).load_images()[0]]
     two[1] = two[1].resize((140, 84))   # -> a 6 x 10 patch grid, 15 image tokens
     items.append({"messages": data.make_messages("Which picture has more shapes?", 2),
                   "images": two})

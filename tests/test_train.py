@@ -213,10 +213,10 @@ def _toy_parquet(path: Path, n: int, long_rows: int = 0) -> Path:
     import io
     import datasets
     import numpy as np
-    import data
+    import toy
     rows = {"problem": [], "answer": [], "images": []}
     for i in range(n + long_rows):
-        ex = data.sample_toy_example(np.random.default_rng([5, i]))
+        ex = toy.sample_toy_example(np.random.default_rng([5, i]))
         buf = io.BytesIO()
         ex["image"].save(buf, format="PNG")
         question = ex["problem"] + (" Look again." * 400 if i >= n else "")

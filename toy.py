@@ -130,12 +130,49 @@ def _plan_most_colour(rng):
             f"I see {seen}.")
 
 
+# --- A world with a shortcut -------------------------------------------------------------------
+# The tasks above leave the text no say: a policy that does not look is right 1 time in 4 or 5,
+# so any reward for right answers is already a reward for looking, and PAPO has nothing to add.
+# The paper's case is a policy that CAN score from the wording and learns to. These two tasks
+# build that case: every "count" question names a panel, A to E, and in the TRAINING-like task
+# the panel letter agrees with the answer (A = 1 shape, ..., E = 5) 80% of the time - a dataset
+# artifact, like a template word that usually goes with one answer. The picture always gives the
+# exact answer. In the CONFLICT task the letter never agrees with the answer, so a policy that
+# follows the wording is always wrong there, and only one that looks is right.
+PANELS = ("A", "B", "C", "D", "E")      # panel i + 1 "goes with" answer i + 1
+HINT_AGREEMENT = 0.8                    # how often the letter agrees with the answer in training
+SHORTCUT_TASKS = ("count_hint", "count_conflict")   # where the wording DOES say something
+
+
+def _plan_count_hinted(rng, agreement: float):
+    n = int(rng.integers(1, 6))
+    if rng.random() < agreement:
+        panel = PANELS[n - 1]
+    else:                                # one of the four letters that point elsewhere
+        panel = _pick(rng, [p for i, p in enumerate(PANELS) if i != n - 1])
+    shapes = _random_shapes(rng, n, ALL_KINDS)
+    return (f"Panel {panel}: how many shapes are in the image?", str(n), shapes,
+            f"I see {_noun('shape', n)}.")
+
+
+def _plan_count_hint(rng):
+    """Panel-named count questions whose letter agrees with the answer 80% of the time."""
+    return _plan_count_hinted(rng, HINT_AGREEMENT)
+
+
+def _plan_count_conflict(rng):
+    """The same questions with a letter that always points to a wrong answer."""
+    return _plan_count_hinted(rng, 0.0)
+
+
 TOY_TASKS: dict[str, ToyTask] = {
     "count": ToyTask(("1", "2", "3", "4", "5"), _plan_count),
     "count_color": ToyTask(("1", "2", "3", "4"), _plan_count_colour),
     "count_shape": ToyTask(("1", "2", "3", "4"), _plan_count_shape),
     "color_shape": ToyTask(("1", "2", "3"), _plan_colour_shape),
     "most_color": ToyTask(tuple(COLOURS), _plan_most_colour),
+    "count_hint": ToyTask(("1", "2", "3", "4", "5"), _plan_count_hint),
+    "count_conflict": ToyTask(("1", "2", "3", "4", "5"), _plan_count_conflict),
 }
 DEFAULT_TOY_TASKS = ("count", "count_color")  # what `python train.py` trains on (see README)
 
@@ -283,8 +320,11 @@ def tokenizer_corpus() -> list[str]:
     # Every question with the instruction, as the default template writes it, and every worked
     # solution: each task's plan is run 400 times, enough to produce each of its (at most 36)
     # solutions.
+    # The corpus covers the five original tasks only: a task added later must not change the
+    # tokenizer (and so the trajectory) of every run that does not use it. The shortcut world's
+    # "Panel X:" words are encoded from bytes and the merges they share with the rest.
     seen: set[str] = set()
-    for k, task in enumerate(TOY_TASKS):
+    for k, task in enumerate(t for t in TOY_TASKS if t not in SHORTCUT_TASKS):
         rng = np.random.default_rng([12345, k])
         for _ in range(400):
             problem, answer, _, thought = TOY_TASKS[task].plan(rng)

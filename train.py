@@ -153,6 +153,9 @@ class Config:
     sample_every: int = arg(25, "Log a few sample completions every N steps.")
     eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
     eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
+    eval_every: int = arg(0, "Also score the held-out set every N steps (0 = only before and after) "
+                             "and log eval_* columns and its time t_eval in metrics.jsonl, so the "
+                             "curves show WHEN accuracy with and without the picture moves.")
 
     # --- the offline default (used only when --model is empty) -------------------------------
     tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
@@ -300,6 +303,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("eval_samples", lambda v: v >= 1, ">= 1"),
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
     ("toy_tasks", lambda v: bool(v) and all(t in toy.TOY_TASKS for t in v.split(",")),
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
@@ -1231,6 +1235,15 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
             t0 = time.perf_counter()
             metrics = update_phase(batch, policy, optimizer, cfg, d, step)
             times["t_update"] = time.perf_counter() - t0
+        if cfg.eval_every and step % cfg.eval_every == 0 and heldout:
+            # the same questions and sampling seeds every time, so the curve moves only with the
+            # policy; it does not disturb training (each step reseeds its own sampling)
+            t0 = time.perf_counter()
+            held = evaluate_heldout(policy, processor, heldout, cfg, d)
+            times["t_eval"] = time.perf_counter() - t0
+            if held:
+                metrics.update({f"eval_{k}": v for k, v in held.items()
+                                if k.startswith(("accuracy", "format", "pass@"))})
         # statistics of all sampled rollouts, averaged over ranks
         means = all_reduce(torch.stack([torch.cat(stats[k]).mean() for k in
                                         ("reward", "accuracy", "format", "length")]))

@@ -279,3 +279,30 @@ def test_eval_py_never_imports_train():
     """eval.py is a leaf beside the loop: importing it must not import train.py (a circle)."""
     code = "import sys, eval; assert 'train' not in sys.modules, 'eval imported train'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_eval_every_logs_held_out_accuracy_with_and_without_the_picture(tmp_path):
+    """--eval-every 2 over 4 steps: steps 2 and 4 carry eval_* columns and their time, and the
+    last one equals the final evaluation (same questions, same seeds, same weights)."""
+    result = train.main(tiny_args(tmp_path, "--steps", "4", "--eval-every", "2"))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in rows if "eval_accuracy" in r]
+    assert logged == [2, 4]
+    for r in rows:
+        assert ("t_eval" in r) == (r["step"] in (2, 4))
+    last = rows[-1]
+    assert last["eval_accuracy"] == result["after"]["accuracy"]
+    assert last["eval_accuracy_mask0.6"] == result["after"]["accuracy_mask0.6"]
+    assert last["t_eval"] > 0
+
+
+def test_eval_every_does_not_change_the_training_trajectory(tmp_path):
+    """The periodic evaluation reseeds torch's generator; each step reseeds its own sampling,
+    so the training metrics are the same with and without it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(tiny_args(a, "--steps", "3", "--eval-every", "1"))
+    train.main(tiny_args(b, "--steps", "3"))
+    keys = ("reward", "accuracy", "response_length", "pg_loss", "kl_prcp", "grad_norm")
+    rows = [[{k: json.loads(l)[k] for k in keys} for l in (x / "run" / "metrics.jsonl").read_text().splitlines()]
+            for x in (a, b)]
+    assert rows[0] == rows[1]

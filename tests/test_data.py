@@ -509,6 +509,9 @@ def test_tokenizer_corpus_covers_every_prompt_and_solution():
     rng = np.random.default_rng(5)
     for _ in range(300):
         ex = toy.sample_toy_example(rng, tuple(toy.TOY_TASKS))
+        if ex["task"] in toy.SHORTCUT_TASKS:       # left out on purpose (see tokenizer_corpus),
+            assert ex["solution"] in texts         # but its solutions are the count task's
+            continue
         assert ex["problem"] + "\n\n" + data.INSTRUCTION in texts
         assert ex["solution"] in texts
     joined = " ".join(corpus)

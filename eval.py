@@ -26,7 +26,6 @@ import json
 import os
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np

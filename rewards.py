@@ -16,7 +16,6 @@ gold answers it cannot compare; train.py and eval.py call reward_details.
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing
 import os
 import re

@@ -1177,7 +1177,7 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         if d.main:   # checkpoints are written atomically: the last complete one is intact
             done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
-            print(f"\ninterrupted. " + (
+            print("\ninterrupted. " + (
                 f"The last complete checkpoint is {done}; continue with:\n"
                 f"  python train.py --resume {run}" if done else
                 "No checkpoint was written yet; start again with --overwrite."), file=sys.stderr)

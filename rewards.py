@@ -422,15 +422,19 @@ def _math_equal(readings: list[tuple[str, str]], approximate: bool) -> bool:
     return False
 
 
-# A forked child starts in milliseconds with math-verify already imported (and is what PyTorch's
-# data loaders use on Linux); "spawn", where there is no fork, starts a fresh interpreter.
-_PROCESSES = multiprocessing.get_context(
-    "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+# On Linux a forked child starts in milliseconds with math-verify already imported (as PyTorch's
+# data loaders do there). Elsewhere "spawn" starts a fresh interpreter, which imports this module
+# first (a second or two): macOS has fork, but its system frameworks are not safe to fork, which
+# is why Python itself defaults to spawn there. The time limit counts only from the moment the
+# child says it is ready (STARTUP_LIMIT covers the start), so a slow start never costs a reward.
+_PROCESSES = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+STARTUP_LIMIT = 120.0   # seconds for a new math process to say it is ready
 
 
 def _serve_math(conn, parent_end) -> None:
     """The math process: answer each (readings, approximate) request with _math_equal."""
     parent_end.close()  # then the trainer's exit ends recv() below with EOFError
+    conn.send("ready")
     while True:
         try:
             request = conn.recv()
@@ -462,6 +466,15 @@ class _MathProcess:
                                               daemon=True)  # ends with the trainer
             self.process.start()
             child_end.close()
+            try:
+                ready = self.conn.poll(STARTUP_LIMIT) and self.conn.recv() == "ready"
+            except (EOFError, OSError):
+                ready = False
+            if not ready:
+                print(f"rewards: the math process did not start within {STARTUP_LIMIT} s; "
+                      "this answer scored 0", file=sys.stderr)
+                self.stop()
+                return False
         try:
             self.conn.send((readings, approximate))
             if self.conn.poll(MATH_TIME_LIMIT):

@@ -255,3 +255,47 @@ def test_a_forked_process_grades_with_its_own_math_process():
     assert queue.get(timeout=30) is True
     child.join(timeout=30)
     assert child.exitcode == 0
+
+
+def test_a_spawned_math_process_grades_too_and_its_start_does_not_count(monkeypatch):
+    """Where there is no safe fork (macOS, Windows) the math process is spawned: a fresh
+    interpreter that imports this module, which takes longer than MATH_TIME_LIMIT. The limit
+    counts from the child's "ready", so the first comparison is still graded, not zeroed."""
+    monkeypatch.setattr(rewards, "_PROCESSES", multiprocessing.get_context("spawn"))
+    monkeypatch.setattr(rewards, "MATH_TIME_LIMIT", 0.5)
+    worker = rewards._MathProcess()
+    try:
+        assert worker.compare([("\\frac{1}{2}", "0.5")], False) is True
+        assert worker.compare([("\\frac{1}{3}", "0.5")], False) is False
+    finally:
+        worker.stop()
+
+
+def _slow_start_serve(conn, parent_end):
+    time.sleep(1.0)                               # a start slower than the time limit below
+    _REAL_SERVE(conn, parent_end)
+
+
+_REAL_SERVE = rewards._serve_math
+
+
+def test_the_time_limit_counts_from_ready_not_from_the_start(monkeypatch):
+    """A math process that takes 1 s to start (as a spawned interpreter can) is waited for; the
+    0.5 s limit then applies to the comparison alone. Without the ready handshake this first
+    comparison would be cut off and scored 0."""
+    monkeypatch.setattr(rewards, "_PROCESSES", multiprocessing.get_context("fork"))
+    monkeypatch.setattr(rewards, "_serve_math", _slow_start_serve)
+    monkeypatch.setattr(rewards, "MATH_TIME_LIMIT", 0.5)
+    worker = rewards._MathProcess()
+    try:
+        start = time.perf_counter()
+        assert worker.compare([("\\frac{1}{2}", "0.5")], False) is True
+        assert time.perf_counter() - start >= 1.0
+    finally:
+        worker.stop()
+    monkeypatch.setattr(rewards, "STARTUP_LIMIT", 0.2)   # a start that never says ready in time
+    worker = rewards._MathProcess()
+    try:
+        assert worker.compare([("\\frac{1}{2}", "0.5")], False) is False
+    finally:
+        worker.stop()

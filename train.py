@@ -205,11 +205,16 @@ def saved_config(cfg: Config) -> dict:
     Hub ids stay as they are."""
     out = dataclasses.asdict(cfg)
     for name in PATH_FIELDS:
-        value = out[name]
-        if value and (Path(value).expanduser().exists() or name in ("out", "cache", "resume")
-                      or any(c in value for c in "*?[")):
-            out[name] = os.path.abspath(os.path.expanduser(value))
+        out[name] = absolute_path(out[name], always=name in ("out", "cache", "resume"))
     return out
+
+
+def absolute_path(value: str, always: bool = False) -> str:
+    """A local path or glob made absolute (`always`: even if it does not exist yet); anything
+    else - a hub id, "" - as it is."""
+    if value and (always or Path(value).expanduser().exists() or any(c in value for c in "*?[")):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def parse_config(argv=None) -> Config:
@@ -1206,13 +1211,14 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     if d.main:
         # written once the data is known to be usable, so that a run refused for its data
         # leaves an empty folder behind, not one a fresh run would have to --overwrite
-        (run / "config.json").write_text(json.dumps(saved_config(cfg), indent=2))
-        absolute = lambda p: str(Path(p).absolute()) if p and Path(p).exists() else p or None
-        write_run_info(run, eval_data=absolute(data_sources(cfg)[1]), eval_size=cfg.eval_size,
-                       max_new_tokens=cfg.max_new_tokens, min_pixels=cfg.min_pixels,
-                       max_pixels=cfg.max_pixels, prompt_template=absolute(cfg.prompt_template),
+        saved = saved_config(cfg)
+        (run / "config.json").write_text(json.dumps(saved, indent=2))
+        write_run_info(run, eval_data=absolute_path(data_sources(cfg)[1] or "") or None,
+                       eval_size=cfg.eval_size, max_new_tokens=cfg.max_new_tokens,
+                       min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                       prompt_template=saved["prompt_template"] or None,
                        problem_key=cfg.problem_key, answer_key=cfg.answer_key,
-                       image_key=cfg.image_key, image_dir=absolute(cfg.image_dir),
+                       image_key=cfg.image_key, image_dir=saved["image_dir"] or None,
                        dropped_long_prompts=dropped)
     policy, processor, ref, optimizer, state = load_start(cfg, d, run, init_path)
     if not cfg.resume:

@@ -55,18 +55,21 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
              top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 2048,
              batch_size: int = 16, mask_ratios=(0.6, 1.0), kl_ratio: float | None = None,
              seed: int = 0, progress: bool = False, template: str | None = None,
-             min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+             min_pixels: int | None = None, max_pixels: int | None = None,
+             decoys: list[str | None] | None = None) -> dict:
     """Score `policy` on `examples` (a sequence of data.Example); see the module docstring for
     the metrics.
 
     batch_size counts questions per `generate` call (each with `samples` rollouts).
     kl_ratio: mask ratio for the KL_prcp measurement (None: skip it).
     template, min_pixels, max_pixels: how rows become prompts (data.Example.to_prompt); the
-    pixel budget is applied to the raw pictures before any masking, as in training."""
+    pixel budget is applied to the raw pictures before any masking, as in training.
+    decoys: per example, a WRONG answer a shortcut would give (or None); reports "decoy_rate",
+    the share of samples with the original picture that give it, over the examples that have one."""
     if not examples:
         raise ValueError("evaluate: no examples")
     correct = {None: [], **{r: [] for r in mask_ratios}}
-    fmt, lengths, kl_sum, kl_tokens = [], [], 0.0, 0.0
+    fmt, lengths, kl_sum, kl_tokens, decoyed = [], [], 0.0, 0.0, []
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
@@ -87,6 +90,10 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
             correct[ratio].append(np.array([x["accuracy"] for x in details]).reshape(-1, samples))
             if ratio is None:
                 fmt += [x["format"] for x in details]
+                if decoys is not None:
+                    wrong = [decoys[start + i // samples] for i in range(len(details))]
+                    decoyed += [rewards.reward_details(t, w)["accuracy"]
+                                for t, w in zip(rollouts.texts, wrong) if w is not None]
                 lengths += rollouts.completion_mask.sum(-1).tolist()
                 if kl_ratio is not None:
                     masked = [papo.mask_image(it["images"], ratio=kl_ratio, rng=rng) for it in items]
@@ -106,6 +113,8 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
         out[f"accuracy_mask{ratio}"] = avg_at_k(np.concatenate(correct[ratio]))
     if kl_ratio is not None:
         out["kl_prcp"] = kl_sum / max(kl_tokens, 1.0)
+    if decoyed:
+        out["decoy_rate"] = float(np.mean(decoyed))
     return out
 
 

@@ -155,6 +155,24 @@ def _plan_count_hinted(rng, agreement: float):
             f"I see {_noun('shape', n)}.")
 
 
+def wording_answer(problem: str) -> str | None:
+    """The answer the wording points to - the count its panel letter goes with - or None for a
+    question without a panel letter. Answering this without looking is the shortcut."""
+    head, sep, _ = problem.partition(":")
+    if not sep or not head.startswith("Panel ") or head[6:] not in PANELS:
+        return None
+    return str(PANELS.index(head[6:]) + 1)
+
+
+def wording_rule_accuracy(rows: list[dict]) -> float | None:
+    """How often answering what the wording points to is right, over the rows whose wording
+    points somewhere (None if none does): 0.8 on count_hint, 0 on count_conflict - the
+    text-only accuracy of the shortcut itself."""
+    pointed = [(wording_answer(r["problem"]), r["answer"]) for r in rows]
+    pointed = [(w, a) for w, a in pointed if w is not None]
+    return sum(w == a for w, a in pointed) / len(pointed) if pointed else None
+
+
 def _plan_count_hint(rng):
     """Panel-named count questions whose letter agrees with the answer 80% of the time."""
     return _plan_count_hinted(rng, HINT_AGREEMENT)
@@ -175,6 +193,27 @@ TOY_TASKS: dict[str, ToyTask] = {
     "count_conflict": ToyTask(("1", "2", "3", "4", "5"), _plan_count_conflict),
 }
 DEFAULT_TOY_TASKS = ("count", "count_color")  # what `python train.py` trains on (see README)
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """What a toy run trains on, and the held-out splits it is scored on besides one drawn like
+    training (`extra`: split name -> its tasks)."""
+    tasks: tuple[str, ...]
+    extra: dict[str, tuple[str, ...]]
+    about: str
+
+
+TOY_WORLDS: dict[str, ToyWorld] = {
+    "plain": ToyWorld(DEFAULT_TOY_TASKS, {},
+                      "counting questions whose wording says nothing about the answer"),
+    # The plain tasks plus panel-lettered counting, whose letter agrees with the answer 80% of
+    # the time: the plain questions teach the model to count, the lettered ones offer a cheaper
+    # way to be right. The conflict split shows which way a policy answers when the two disagree.
+    "shortcut": ToyWorld(DEFAULT_TOY_TASKS + ("count_hint",), {"conflict": ("count_conflict",)},
+                         "the plain tasks plus lettered counting questions whose letter usually "
+                         "gives the answer away; scored also on a split where it never does"),
+}
 
 
 def _place_boxes(rng, sizes: list[int], image_size: int, gap: int = 3,
@@ -298,10 +337,13 @@ def make_toy_dataset(n: int, seed: int, out_dir: str | Path, tasks=DEFAULT_TOY_T
               for t in tasks}
     chance = {t: 1 / len(TOY_TASKS[t].answers) for t in tasks}
     summary = {"n": n, "seed": seed, "tasks": list(tasks), "image_size": image_size,
-               "text_only_accuracy": acc, "chance_per_task": chance, "answer_counts": counts}
+               "text_only_accuracy": acc, "wording_rule_accuracy": wording_rule_accuracy(rows),
+               "chance_per_task": chance, "answer_counts": counts}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    rule = summary["wording_rule_accuracy"]
     print(f"toy dataset: {n} examples of {','.join(tasks)} -> {path} "
-          f"(text-only best-guess accuracy {acc:.3f})")
+          f"(text-only best-guess accuracy {acc:.3f}"
+          + (f"; answering what a panel letter points to: {rule:.3f})" if rule is not None else ")"))
     return path
 
 

@@ -67,9 +67,6 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-TOY_TASKS_DEFAULT = ",".join(toy.DEFAULT_TOY_TASKS)   # (inside Config, `data` is a field)
-
-
 @dataclass
 class Config:
     # --- what to train on --------------------------------------------------------------------
@@ -153,13 +150,18 @@ class Config:
     sample_every: int = arg(25, "Log a few sample completions every N steps.")
     eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
     eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
-    eval_every: int = arg(0, "Also score the held-out set every N steps (0 = only before and after) "
-                             "and log eval_* columns and its time t_eval in metrics.jsonl, so the "
-                             "curves show WHEN accuracy with and without the picture moves.")
+    eval_every: int = arg(0, "Also score the held-out set(s) every N steps and at the last step "
+                             "(0 = only before and after) and log eval_* columns and its time "
+                             "t_eval in metrics.jsonl, so the curves show WHEN accuracy with and "
+                             "without the picture moves. The last step's is the final evaluation.")
 
     # --- the offline default (used only when --model is empty) -------------------------------
     tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
-    toy_tasks: str = arg(TOY_TASKS_DEFAULT, "Comma-separated toy tasks (toy.TOY_TASKS).")
+    toy_world: str = arg("plain", "The toy world (toy.TOY_WORLDS): plain, or shortcut - the "
+                                  "wording of some questions usually gives the answer away, and "
+                                  "a 'conflict' split, where it never does, is scored as well.")
+    toy_tasks: str = arg("", "Comma-separated toy tasks (toy.TOY_TASKS) to train on instead of "
+                             "the world's own.")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
     sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
@@ -310,7 +312,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
-    ("toy_tasks", lambda v: bool(v) and all(t in toy.TOY_TASKS for t in v.split(",")),
+    ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
+    ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
     ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
     ("toy_eval_size", lambda v: v >= 1, ">= 1"),
@@ -433,23 +436,30 @@ def autocast(cfg: Config, device: torch.device):
 # Data: a JSONL dataset, or the offline toy task written to the cache folder once.
 # ---------------------------------------------------------------------------------------------
 
-def toy_paths(cfg: Config) -> tuple[Path, Path]:
-    tasks = cfg.toy_tasks.replace(",", "+")
-    root = Path(cfg.cache) / f"toy-{tasks}"
-    return root / f"train-{cfg.toy_train_size}", root / f"heldout-{cfg.toy_eval_size}"
+def toy_tasks(cfg: Config) -> tuple[str, ...]:
+    """The toy tasks trained on: --toy-tasks, else the world's."""
+    given = tuple(t for t in cfg.toy_tasks.split(",") if t)
+    return given or toy.TOY_WORLDS[cfg.toy_world].tasks
+
+
+def toy_splits(cfg: Config) -> dict[str, tuple[Path, tuple[str, ...], int, int]]:
+    """Every toy split: name -> (folder, tasks, size, seed). Each split has its own seed, so no
+    held-out picture is ever trained on; the folder is named by tasks and size, so a world that
+    shares a split with another (the plain tasks) shares its files too."""
+    def folder(tasks, name, n):
+        return Path(cfg.cache) / f"toy-{'+'.join(tasks)}" / f"{name}-{n}"
+    tasks = toy_tasks(cfg)
+    splits = {"train": (folder(tasks, "train", cfg.toy_train_size), tasks, cfg.toy_train_size, 1),
+              "held-out": (folder(tasks, "heldout", cfg.toy_eval_size), tasks, cfg.toy_eval_size, 2)}
+    for k, (name, extra) in enumerate(toy.TOY_WORLDS[cfg.toy_world].extra.items()):
+        splits[name] = (folder(extra, "heldout", cfg.toy_eval_size), extra, cfg.toy_eval_size, 3 + k)
+    return splits
 
 
 def prepare_toy_data(cfg: Config, d: Dist) -> None:
-    """Write the toy splits once (rank 0), so every later run and every rank reads the same files.
-    Train and held-out use disjoint seeds, so no held-out image is ever trained on."""
-    tasks = tuple(t for t in cfg.toy_tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in toy.TOY_TASKS]
-    if unknown:
-        raise SystemExit(f"train.py: --toy-tasks: unknown task(s) {unknown}; "
-                         f"choose from {', '.join(toy.TOY_TASKS)}")
+    """Write the toy splits once (rank 0), so every later run and every rank reads the same files."""
     if d.main:
-        for folder, n, seed in zip(toy_paths(cfg), (cfg.toy_train_size, cfg.toy_eval_size),
-                                   (1, 2)):
+        for folder, tasks, n, seed in toy_splits(cfg).values():
             if not (folder / "data.jsonl").is_file():
                 tmp = folder.with_name(folder.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -458,28 +468,34 @@ def prepare_toy_data(cfg: Config, d: Dist) -> None:
     barrier()
 
 
-def data_sources(cfg: Config) -> tuple[str, str | None]:
-    """(training source, held-out source or None): the flags, or the toy splits' files."""
-    train_dir, eval_dir = toy_paths(cfg)
+def data_sources(cfg: Config) -> tuple[str, dict[str, str]]:
+    """(training source, {held-out split name: source}): the flags, or the toy splits' files.
+    --eval-data replaces the toy held-out split drawn like training; the world's other splits
+    (the shortcut world's conflict split) stay as long as the training data is the toy's."""
     if cfg.data:
-        return cfg.data, cfg.eval_data or None
-    return str(train_dir / "data.jsonl"), cfg.eval_data or str(eval_dir / "data.jsonl")
+        return cfg.data, {"held-out": cfg.eval_data} if cfg.eval_data else {}
+    splits = {name: str(folder / "data.jsonl") for name, (folder, *_) in toy_splits(cfg).items()}
+    train = splits.pop("train")
+    if cfg.eval_data:
+        splits["held-out"] = cfg.eval_data
+    return train, splits
 
 
-def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, data.Dataset | None]:
+def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, dict[str, data.Dataset]]:
     """Every row is checked before training starts (data.load_dataset): a bad row - including one
     without a picture, which the masked branch could not mask - stops the run naming its source
     and row, all bad rows at once. Pictures stay on disk (or in the table) until drawn."""
-    train_src, eval_src = data_sources(cfg)
+    train_src, eval_srcs = data_sources(cfg)
     keys = dict(problem_key=cfg.problem_key, answer_key=cfg.answer_key, image_key=cfg.image_key,
                 image_dir=cfg.image_dir or None, max_image_pixels=cfg.max_image_pixels,
                 progress=d.main)
     try:
         train = data.load_dataset(train_src, **keys)
-        heldout = data.load_dataset(eval_src, **keys) if eval_src else None
+        heldout = {name: data.load_dataset(src, **keys)[: cfg.eval_size or None]
+                   for name, src in eval_srcs.items()}
     except data.DatasetError as err:
         raise SystemExit(f"train.py: {err}") from None
-    return train, heldout[: cfg.eval_size or None] if heldout else None
+    return train, heldout
 
 
 @functools.lru_cache(maxsize=4)
@@ -557,7 +573,7 @@ def warm_start_path(cfg: Config) -> Path:
     """The cache folder of the warm start for these settings. The prompt is part of the key: a
     warm start trained on other wording (and a tokenizer trained on another corpus) would start
     RL off its own distribution."""
-    tasks = cfg.toy_tasks.replace(",", "+")
+    tasks = "+".join(toy_tasks(cfg))
     prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
     return (Path(cfg.cache) / f"warmstart-{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
             f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}-prompt{prompt}")
@@ -1100,33 +1116,65 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout(); fig.savefig(out_png, dpi=90); plt.close(fig)
 
 
-def evaluate_heldout(policy, processor, heldout, cfg: Config, d: Dist) -> dict | None:
-    """Held-out accuracy and format rate with the original and with the masked (ratio 0.6) image;
-    rank 0 only (the other ranks wait)."""
+def eval_mask_ratios(cfg: Config) -> tuple[float, ...]:
+    """Held-out accuracy is measured with the picture masked at the training ratio and fully."""
+    return tuple(dict.fromkeys((cfg.mask_ratio, 1.0)))
+
+
+def shortcut_decoys(examples) -> list[str | None] | None:
+    """Per question, the answer its wording points to when that answer is WRONG (toy.wording_answer),
+    so the evaluation can count how often the policy takes the shortcut; None when no question
+    has a panel letter (every dataset but the shortcut world's)."""
+    pointed = [toy.wording_answer(ex.problem) for ex in examples]
+    if not any(pointed):
+        return None
+    return [w if w is not None and w != ex.answer else None for w, ex in zip(pointed, examples)]
+
+
+def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> dict | None:
+    """Per held-out split: accuracy with the original picture and with it masked (eval_mask_ratios),
+    format rate, and KL_prcp on the policy's own samples; rank 0 only (the other ranks wait).
+    One flat dict: the split drawn like training unprefixed, another split's keys prefixed with
+    its name ("conflict_accuracy"), so that metrics.jsonl columns stay flat."""
     result = None
     if d.main and heldout:
         start = time.perf_counter()
-        with autocast(cfg, d.device):
-            result = evaluation.evaluate(unwrap(policy), processor, heldout,
-                                         samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
-                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                         mask_ratios=(cfg.mask_ratio,), batch_size=64,
-                                         **prompt_options(cfg))
+        result = {}
+        for name, examples in heldout.items():
+            with autocast(cfg, d.device):
+                scores = evaluation.evaluate(unwrap(policy), processor, examples,
+                                             samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
+                                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                             mask_ratios=eval_mask_ratios(cfg),
+                                             kl_ratio=cfg.mask_ratio, batch_size=64,
+                                             decoys=shortcut_decoys(examples),
+                                             **prompt_options(cfg))
+            prefix = "" if name == "held-out" else f"{name}_"
+            result.update({prefix + k: v for k, v in scores.items()})
         result["seconds"] = round(time.perf_counter() - start, 1)
     barrier()
     return result
 
 
-def print_table(before: dict | None, after: dict | None, cfg: Config) -> str:
+def print_table(before: dict | None, after: dict | None, cfg: Config, splits) -> str:
+    """The before/after table, one block per held-out split."""
     if not before or not after:
         return ""
-    key = f"accuracy_mask{cfg.mask_ratio}"
-    rows = [("accuracy, original image", "accuracy"), (f"accuracy, image masked {cfg.mask_ratio}", key),
-            ("format rate", "format")]
-    lines = [f"held-out ({before['n']} questions x {cfg.eval_samples} samples, temperature 1.0)",
-             f"{'':34s} {'before RL':>10s} {'after RL':>10s} {'change':>8s}"]
-    for name, k in rows:
-        lines.append(f"{name:34s} {before[k]:10.3f} {after[k]:10.3f} {after[k] - before[k]:+8.3f}")
+    rows = [("accuracy, original image", "accuracy")]
+    rows += [(f"accuracy, image masked {r}", f"accuracy_mask{r}") for r in eval_mask_ratios(cfg)]
+    rows += [(f"KL_prcp on own samples (mask {cfg.mask_ratio})", "kl_prcp"), ("format rate", "format"),
+             ("wrong answers the wording points to", "decoy_rate")]
+    lines = []
+    for split in splits:
+        prefix = "" if split == "held-out" else f"{split}_"
+        lines += [f"{split} ({before[prefix + 'n']} questions x {cfg.eval_samples} samples, "
+                  "temperature 1.0)",
+                  f"{'':38s} {'before RL':>10s} {'after RL':>10s} {'change':>8s}"]
+        for name, k in rows:
+            if prefix + k not in before:    # decoy_rate: only where the wording points somewhere
+                continue
+            b, a = before[prefix + k], after[prefix + k]
+            lines.append(f"{name:38s} {b:10.3f} {a:10.3f} {a - b:+8.3f}")
     return "\n".join(lines)
 
 
@@ -1206,14 +1254,16 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     processor = qwen.load_processor(init_path)
     dropped = {}
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
-    if heldout:
-        heldout, dropped["held-out"] = check_prompt_lengths(heldout, processor, cfg, "held-out")
+    for name in heldout:
+        heldout[name], dropped[name] = check_prompt_lengths(heldout[name], processor, cfg, name)
     if d.main:
         # written once the data is known to be usable, so that a run refused for its data
         # leaves an empty folder behind, not one a fresh run would have to --overwrite
         saved = saved_config(cfg)
         (run / "config.json").write_text(json.dumps(saved, indent=2))
-        write_run_info(run, eval_data=absolute_path(data_sources(cfg)[1] or "") or None,
+        eval_srcs = {name: absolute_path(src) for name, src in data_sources(cfg)[1].items()}
+        write_run_info(run, eval_data=eval_srcs.pop("held-out", None),
+                       other_eval_data=eval_srcs,
                        eval_size=cfg.eval_size, max_new_tokens=cfg.max_new_tokens,
                        min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                        prompt_template=saved["prompt_template"] or None,
@@ -1227,6 +1277,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     need_masked = uses_masked_branch(cfg)
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
+    held, evaluated_at = None, None
     for step in bar:
         times = {}
         t0 = time.perf_counter()
@@ -1241,15 +1292,16 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
             t0 = time.perf_counter()
             metrics = update_phase(batch, policy, optimizer, cfg, d, step)
             times["t_update"] = time.perf_counter() - t0
-        if cfg.eval_every and step % cfg.eval_every == 0 and heldout:
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and heldout:
             # the same questions and sampling seeds every time, so the curve moves only with the
             # policy; it does not disturb training (each step reseeds its own sampling)
             t0 = time.perf_counter()
-            held = evaluate_heldout(policy, processor, heldout, cfg, d)
+            held, evaluated_at = evaluate_heldout(policy, processor, heldout, cfg, d), step
             times["t_eval"] = time.perf_counter() - t0
             if held:
                 metrics.update({f"eval_{k}": v for k, v in held.items()
-                                if k.startswith(("accuracy", "format", "pass@"))})
+                                if any(w in k for w in ("accuracy", "format", "pass@", "kl_prcp",
+                                                        "decoy_rate"))})
         # statistics of all sampled rollouts, averaged over ranks
         means = all_reduce(torch.stack([torch.cat(stats[k]).mean() for k in
                                         ("reward", "accuracy", "format", "length")]))
@@ -1282,14 +1334,17 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
             barrier()
     bar.close()
 
-    after = evaluate_heldout(policy, processor, heldout, cfg, d)
+    # the last step's evaluation IS the final one (same policy, same questions and seeds); the
+    # test is the same on every rank, so all of them skip or all call evaluate_heldout
+    after = held if evaluated_at == cfg.steps else evaluate_heldout(policy, processor, heldout,
+                                                                    cfg, d)
     result = {"before": state["before"], "after": after,
               "rank_fingerprints": rank_fingerprints(policy)}
     if d.main:
         (run / "final_eval.json").write_text(json.dumps(result, indent=2))
         if (run / "metrics.jsonl").is_file():
             plot_curves(run / "metrics.jsonl", run / "curves.png")
-        table = print_table(state["before"], after, cfg)
+        table = print_table(state["before"], after, cfg, heldout)
         if table:
             print(table)
             (run / "final_table.txt").write_text(table + "\n")

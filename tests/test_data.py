@@ -599,6 +599,18 @@ def test_the_shortcut_world_letter_agrees_with_the_answer_as_designed(task, agre
                        for r in rows])
     band = 4 * np.sqrt(agreement * (1 - agreement) / len(rows))
     assert abs(follows - agreement) <= band
+    # the summary's shortcut accuracy is the same number, parsed by toy.wording_answer
+    assert toy.wording_rule_accuracy(rows) == pytest.approx(follows)
     # the answers themselves stay uniform: the picture, not the answer distribution, decides
     counts = Counter(r["answer"] for r in rows)
     assert sorted(counts) == ["1", "2", "3", "4", "5"] and min(counts.values()) > 320
+
+
+def test_wording_answer_reads_only_a_leading_panel_letter():
+    assert toy.wording_answer("Panel C: how many shapes are in the image?") == "3"
+    assert toy.wording_answer("Panel E: how many shapes are in the image?") == "5"
+    # no letter, an unknown letter, or "Panel" elsewhere in the text: the wording points nowhere
+    assert toy.wording_answer("How many shapes are in the image?") is None
+    assert toy.wording_answer("Panel F: how many shapes are in the image?") is None
+    assert toy.wording_answer("How many shapes? Panel A: see above") is None
+    assert toy.wording_rule_accuracy([{"problem": "How many shapes?", "answer": "2"}]) is None

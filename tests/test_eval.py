@@ -58,6 +58,15 @@ def test_evaluate_with_a_stub_policy_gives_exact_metrics(two_questions, monkeypa
     assert out["accuracy_mask1.0"] == 0.0
     assert out["response_length"] == 5.0
     assert out["n"] == 2 and out["samples"] == 4
+    assert "decoy_rate" not in out                              # no decoys given: no column
+    # decoys: question 1's shortcut says 4 (1 of its 4 samples gives it); question 2 has none, so
+    # only question 1's samples count. A masked sample (\boxed{0}) never counts.
+    out = evaluation.evaluate(None, None, two_questions, samples=4, mask_ratios=(1.0,),
+                              kl_ratio=None, decoys=["4", None])
+    assert out["decoy_rate"] == pytest.approx(1 / 4)
+    out = evaluation.evaluate(None, None, two_questions, samples=4, mask_ratios=(1.0,),
+                              kl_ratio=None, decoys=["5", "blue"])
+    assert out["decoy_rate"] == pytest.approx(2 / 8)
 
 
 def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, tmp_path):

@@ -11,6 +11,8 @@ import torch
 
 import train
 import model as qwen
+import data
+import toy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -306,3 +308,67 @@ def test_eval_every_does_not_change_the_training_trajectory(tmp_path):
     rows = [[{k: json.loads(l)[k] for k in keys} for l in (x / "run" / "metrics.jsonl").read_text().splitlines()]
             for x in (a, b)]
     assert rows[0] == rows[1]
+
+
+def test_the_shortcut_world_scores_a_conflict_split_where_the_wording_always_misleads(tmp_path):
+    """--toy-world shortcut: the before/after evaluation, the eval_* columns, the table and
+    run.json carry the conflict split besides the training-like one; the conflict split was drawn
+    with its own seed and its letter never gives the answer."""
+    result = train.main(tiny_args(tmp_path, "--toy-world", "shortcut", "--eval-every", "1"))
+    run = tmp_path / "run"
+    for key in ("accuracy", "accuracy_mask0.6", "accuracy_mask1.0", "kl_prcp"):
+        assert key in result["after"] and f"conflict_{key}" in result["after"], key
+    # every conflict question has a decoy; the 4 training-like ones may have none
+    assert "conflict_decoy_rate" in result["after"]
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["eval_conflict_accuracy"] == result["after"]["conflict_accuracy"]
+    assert row["eval_conflict_decoy_rate"] == result["after"]["conflict_decoy_rate"]
+    table = (run / "final_table.txt").read_text()
+    assert "held-out (" in table and "conflict (" in table and "masked 1.0" in table
+    info = json.loads((run / "run.json").read_text())
+    conflict = [json.loads(l) for l in Path(info["other_eval_data"]["conflict"]).read_text().splitlines()]
+    heldout = [json.loads(l) for l in Path(info["eval_data"]).read_text().splitlines()]
+    assert {r["task"] for r in conflict} == {"count_conflict"}
+    assert toy.wording_rule_accuracy(conflict) == 0.0
+    assert {r["task"] for r in heldout} == {"count", "count_color", "count_hint"}
+    train_rows = (tmp_path / "cache" / "toy-count+count_color+count_hint" / "train-64" / "data.jsonl")
+    seeds = {r["id"].split("-")[1] for r in map(json.loads, train_rows.read_text().splitlines())}
+    assert seeds == {"1"} and {r["id"].split("-")[1] for r in heldout} == {"2"}
+    assert {r["id"].split("-")[1] for r in conflict} == {"3"}
+
+
+def test_eval_data_replaces_only_the_training_like_split_of_the_shortcut_world(tmp_path):
+    cfg = train.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut",
+                                       "--eval-data", "mine.jsonl"))
+    _, held = train.data_sources(cfg)
+    assert held["held-out"] == "mine.jsonl" and held["conflict"].endswith("heldout-4/data.jsonl")
+    # the plain world keeps its tasks, and with them its cached warm start's name
+    plain = train.parse_config(tiny_args(tmp_path))
+    assert train.toy_tasks(plain) == toy.DEFAULT_TOY_TASKS
+    assert "-count+count_color-seed0-" in train.warm_start_path(plain).name
+    assert list(train.data_sources(plain)[1]) == ["held-out"]
+    # training on one's own data: no toy split is added
+    own = train.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut", "--data", "t.jsonl"))
+    assert train.data_sources(own) == ("t.jsonl", {})
+
+
+def test_shortcut_decoys_are_the_letters_wrong_answers_only():
+    ex = lambda problem, answer: data.Example(problem=problem, answer=answer, images=[])
+    examples = [ex("Panel B: how many shapes are in the image?", "4"),   # points to 2: a decoy
+                ex("Panel D: how many shapes are in the image?", "4"),   # points to the answer
+                ex("How many shapes are in the image?", "3")]            # points nowhere
+    assert train.shortcut_decoys(examples) == ["2", None, None]
+    assert train.shortcut_decoys(examples[2:]) is None
+
+
+def test_the_last_steps_evaluation_is_the_final_one_not_a_second_pass(tmp_path, monkeypatch):
+    """--eval-every 3 over 4 steps evaluates at step 3 and at the last step, and the final table
+    reuses the last step's numbers: 1 (before) + 2 calls, not 4."""
+    calls = []
+    real = train.evaluate_heldout
+    monkeypatch.setattr(train, "evaluate_heldout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = train.main(tiny_args(tmp_path, "--steps", "4", "--eval-every", "3"))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [3, 4]
+    assert len(calls) == 3
+    assert rows[-1]["eval_accuracy"] == result["after"]["accuracy"]

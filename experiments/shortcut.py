@@ -58,9 +58,11 @@ def t975(df: int) -> float:
 
 
 def interval(values) -> tuple[float, float, float]:
-    """Mean and its 95% t-interval (half-width 0 for a single value)."""
+    """Mean and its 95% t-interval."""
     v = np.asarray(values, dtype=float)
-    half = t975(len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    if len(v) < 2:
+        raise ValueError("a 95% interval needs at least two values")
+    half = t975(len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
@@ -115,8 +117,10 @@ def step(out: Path, recipe: str, seed: int, threads: int, extra: list[str]) -> N
         cmd = [c for c in cmd if c != "--overwrite"]
         i = cmd.index("--out")
         del cmd[i:i + 2]
-    rc = run(cmd, out / "logs" / f"{recipe}-seed{seed}.log", threads)
-    print(f"{recipe} seed {seed}: exit {rc} after {(time.time() - start) / 60:.1f} min", flush=True)
+    log = out / "logs" / f"{recipe}-seed{seed}.log"
+    rc = run(cmd, log, threads)
+    print(f"{recipe} seed {seed}: exit {rc} after {(time.time() - start) / 60:.1f} min"
+          + (f" - FAILED, see {log}" if rc else ""), flush=True)
 
 
 def load_runs(out: Path, recipes: list[str], seeds: list[int]) -> dict:
@@ -167,10 +171,13 @@ def summarise(runs: dict) -> tuple[dict, str]:
         for _, k in COLUMNS:
             diffs = [seeds[s]["after"][k] - base[s]["after"][k] for s in common
                      if k in seeds[s]["after"] and k in base[s]["after"]]
-            if diffs:
+            if len(diffs) > 1:
                 m, lo, hi = interval(diffs)
                 row[k] = {"mean": m, "low": lo, "high": hi, "per_seed": diffs}
                 cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            elif diffs:   # one seed: a difference, but no interval
+                row[k] = {"mean": diffs[0], "low": None, "high": None, "per_seed": diffs}
+                cells.append(f"{diffs[0]:+.3f} [one seed]")
             else:
                 cells.append("-")
         summary["paired"][r] = row

@@ -41,6 +41,9 @@ def test_paired_differences_are_taken_seed_by_seed():
     assert paired["per_seed"] == pytest.approx([0.1, 0.1, 0.1])
     assert summary["paired"]["papo-g"]["conflict_accuracy"]["mean"] == pytest.approx(0.0)
     assert summary["recipes"]["grpo"]["accuracy"] == [0.2, 0.6, 0.4]
+    # what RL did, per recipe: after minus its own warm start (0.4 on every seed here)
+    assert summary["change"]["grpo"]["accuracy"]["per_seed"] == pytest.approx([-0.2, 0.2, 0.0])
+    assert summary["change"]["papo-g"]["accuracy"]["mean"] == pytest.approx(0.1)
     assert "| papo-g | 3 | 0.500 ± 0.200 |" in table
     # a seed only one recipe finished is left out of the pairing
     runs["papo-g"][3] = _run(0.9, 0.9)

@@ -1,6 +1,7 @@
 """The shortcut-world experiment: GRPO and PAPO recipes from the same warm starts, over seeds.
 
     python experiments/shortcut.py --out runs/shortcut                  # 5 seeds x 4 recipes
+    python experiments/shortcut.py --out runs/shortcut --recipes papo-g-gamma0.2-entropy
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
 
 Every (recipe, seed) is one `train.py --toy-world shortcut` run in OUT/<recipe>-seed<S>; the runs
@@ -32,13 +33,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> train.py flags. PAPO-G at the paper's gamma and at 10x it (is 0.02 simply too weak for a
-# model this small?); PAPO-D adds the Double Entropy Loss, which the paper needs at larger gammas.
+# model this small?); PAPO-D (DAPO + gamma 0.01 + the Double Entropy Loss); and 10x gamma with the
+# Double Entropy Loss at PAPO-D's weights, the paper's remedy for the collapse large gammas cause.
 RECIPES: dict[str, list[str]] = {
     "grpo": ["--preset", "grpo"],
     "papo-g": ["--preset", "papo-g"],
     "papo-g-gamma0.2": ["--preset", "papo-g", "--gamma", "0.2"],
     "papo-d": ["--preset", "papo-d"],
+    "papo-g-gamma0.2-entropy": ["--preset", "papo-g", "--gamma", "0.2", "--eta-orig", "0.03",
+                                "--eta-mask", "0.03"],
 }
+DEFAULT_RECIPES = ["grpo", "papo-g", "papo-g-gamma0.2", "papo-d"]   # the README's table
 BASELINE = "grpo"
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
@@ -212,7 +217,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="Folder of the runs and the summary.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
     p.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
     p.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
     p.add_argument("--summary-only", action="store_true", help="Do not train; summarise.")

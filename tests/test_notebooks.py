@@ -6,7 +6,10 @@ masked image, ...), so a change that breaks what a notebook explains fails here 
 
 Every notebooks/*.ipynb is picked up, so a new notebook is tested without touching this file. Each
 runs in a fresh "python3" kernel whose working directory is notebooks/, as when opened in Jupyter.
-The notebooks are stored without outputs (small diffs), and the second test keeps them that way.
+The notebooks are stored WITH their outputs, so that their figures show where the repository is
+browsed, without running anything; the second test checks that every code cell was run, in order,
+and that the figures are there. (The re-execution above happens in memory: it never rewrites the
+stored outputs, which come from the real runs the notebooks read when those exist.)
 """
 
 import os
@@ -42,10 +45,17 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_is_stored_without_outputs(path):
+def test_notebook_is_stored_run_top_to_bottom_with_its_figures(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    dirty = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-             and (cell.get("outputs") or cell.get("execution_count") is not None)]
-    assert not dirty, (f"{path.name}: code cells {dirty} hold outputs; clear them before committing "
-                       f"(jupyter nbconvert --clear-output --inplace {path.name})")
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    counts = [cell.get("execution_count") for cell in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name}: execution counts {counts}; run it top to bottom in a fresh kernel before "
+        f"committing (jupyter nbconvert --to notebook --execute --inplace {path.name})")
+    errors = [i for i, cell in enumerate(code) for out in cell.get("outputs", [])
+              if out.get("output_type") == "error"]
+    assert not errors, f"{path.name}: code cells {errors} stored with an error"
+    figures = sum("image/png" in out.get("data", {}) for cell in code
+                  for out in cell.get("outputs", []))
+    assert figures >= 1, f"{path.name}: no figure among its stored outputs"

@@ -1,4 +1,4 @@
-"""The offline toy world: questions about synthetic pictures that only the picture can answer.
+"""The offline toy worlds: questions about synthetic pictures that the picture always answers.
 
 This is what lets the whole method run on a laptop with no network: fresh examples without
 end, drawn with PIL, for a tiny Qwen2.5-VL that learns them in minutes. It also writes the same
@@ -7,6 +7,10 @@ tokenizer is trained on.
 
     TOY_TASKS            the kinds of question (count, count_color, ...), each drawing its answer
                          FIRST and then a picture that shows it
+    TOY_WORLDS           what a run trains and is scored on: "plain" (the wording says nothing
+                         about the answer) or "shortcut" (a panel letter usually gives it away,
+                         and a conflict split where it never does)
+    wording_answer       the answer a question's wording points to (the shortcut), if any
     sample_toy_example   one fresh example; toy_example wraps it as a data.Example
     make_toy_dataset     n examples written as data.jsonl + images/
     tokenizer_corpus     every text the tiny model will read or write

@@ -119,12 +119,10 @@ def step(out: Path, recipe: str, seed: int, threads: int, extra: list[str]) -> N
     if (folder / "final_eval.json").is_file():
         return
     start = time.time()
-    cmd = train_command(out, recipe, seed, extra)
-    cmd += ["--resume", str(folder)] if (folder / "latest.txt").is_file() else ["--overwrite"]
-    if "--resume" in cmd:   # a resumed run keeps its own settings and folder
-        cmd = [c for c in cmd if c != "--overwrite"]
-        i = cmd.index("--out")
-        del cmd[i:i + 2]
+    if (folder / "latest.txt").is_file():   # interrupted: continue with its own saved settings
+        cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(folder), *extra]
+    else:                                    # never started, or stopped before a checkpoint
+        cmd = train_command(out, recipe, seed, extra) + ["--overwrite"]
     log = out / "logs" / f"{recipe}-seed{seed}.log"
     rc = run(cmd, log, threads)
     print(f"{recipe} seed {seed}: exit {rc} after {(time.time() - start) / 60:.1f} min"

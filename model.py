@@ -805,11 +805,17 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
 #       states and the [B, T] results.
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 / fp32 -> fp32; fp64 stays fp64 (a float64 model, as the tests use to compare
+    two computations to 1e-10, keeps its precision all the way to the log-probs)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _chunk_logp_entropy(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
     """Log-prob of `targets` and entropy under softmax(lm_head(hidden) / temperature).
 
     hidden [n, H], targets [n] -> logp [n] (fp32), entropy [n] (fp32; zeros if not asked)."""
-    z = F.linear(hidden, weight, bias).float() / temperature          # [n, V] fp32
+    z = _at_least_fp32(F.linear(hidden, weight, bias)) / temperature  # [n, V] fp32
     lse = torch.logsumexp(z, dim=-1)                                  # [n]
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse           # [n]
     if not with_entropy:
@@ -837,7 +843,8 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
 
 def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
                         with_entropy: bool = False, chunk_size: int = 256):
-    """Per-token log-probs of the completion tokens: logp [B, T] float32, or (logp, entropy).
+    """Per-token log-probs of the completion tokens: logp [B, T] float32 (float64 for a float64
+    model), or (logp, entropy).
 
     logp[b, t] = log softmax(logits / temperature)[completion_ids[b, t]] given the prompt, the
     images and completion_ids[b, :t]; entropy[b, t] = -sum_v p_v log p_v of that same
@@ -897,7 +904,7 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
         entropies.append(ent)
 
     def scatter(values):    # [N] -> [B, T], zeros where the mask is 0 (out of place: keeps grad)
-        full = torch.zeros(B, T, dtype=torch.float32, device=device)
+        full = torch.zeros(B, T, dtype=_at_least_fp32(hidden).dtype, device=device)
         if not values:                                      # no real tokens: keep the graph alive
             return full + 0.0 * hidden.sum()
         return full.masked_scatter(real, torch.cat(values))
@@ -918,7 +925,7 @@ def naive_completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None,
     temperature = float(temperature) if temperature > 0 else 1.0
     T = r.completion_ids.shape[1]
     logits = model(**_scoring_inputs(r, pixels)).logits[:, -T - 1:-1]   # [B, T, V]
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)         # [B, T, V]
+    logp_all = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)  # [B, T, V]
     mask = r.completion_mask                                                   # [B, T]
     logp = logp_all.gather(-1, r.completion_ids[..., None]).squeeze(-1) * mask  # [B, T]
     if not with_entropy:

@@ -36,6 +36,7 @@ from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLProcessor)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,
                                                                        smart_resize)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import ProcessorMixin
 
 # ---------------------------------------------------------------------------------------------
@@ -803,6 +804,9 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
 #   (d) with gradients, each chunk runs under torch.utils.checkpoint: its logits are freed
 #       after the forward and recomputed in the backward, so the graph holds only the hidden
 #       states and the [B, T] results.
+#   (e) the vision tower runs once per DISTINCT picture, not once per row: the G rollouts of a
+#       group show the same picture, and every row carries its own copy of it (Rollouts), so a
+#       plain forward would encode each picture G times. See _encode_each_picture_once.
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -839,6 +843,39 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
                 pixel_values=pixel_values if has_images else None,
                 image_grid_thw=r.image_grid_thw if has_images else None,
                 use_cache=False)    # a scoring pass has no next step: building a cache is waste
+
+
+def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOutputWithPooling:
+    """The vision features of every image of a batch, with each distinct picture encoded once.
+
+    Returns what the model's forward accepts as mm_encoder_outputs["image"]: pooler_output = one
+    [tokens_i, H] tensor per image, in the order of image_grid_thw (the layout of the model's own
+    get_image_features). Images that show the same picture get the SAME tensor, so in the
+    backward autograd sums the gradients of every row that reuses it - what the per-row forward
+    gives, since there each copy's gradient reaches the same vision weights.
+
+    Which pictures are the same is decided by comparing them: same (t, h, w) grid and identical
+    patch rows (torch.equal, exact). Not by a group size: update_phase's micro-batches are random
+    rows of the batch, DAPO's refills reorder groups, and Rollouts carry no group id, so the
+    copies of a picture need not be adjacent. The comparison is exact whatever the order, and
+    cheap next to the tower (one pass over the pixel rows). The newest distinct picture is tried
+    first, so the adjacent rows of a group match at the first try. Sharing is exact because the
+    tower encodes each image on its own (its attention stays within an image, via cu_seqlens):
+    an image's features depend on its own pixels and grid only."""
+    blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())   # one [rows_i, D] per image
+    grids = image_grid_thw.tolist()
+    first, shows = [], []   # first image of each distinct picture; image i shows picture shows[i]
+    for i, block in enumerate(blocks):
+        same = (k for k in reversed(range(len(first)))
+                if grids[first[k]] == grids[i] and torch.equal(blocks[first[k]], block))
+        k = next(same, None)
+        if k is None:
+            k = len(first)
+            first.append(i)
+        shows.append(k)
+    features = net.get_image_features(torch.cat([blocks[i] for i in first]),
+                                      image_grid_thw[first], return_dict=True).pooler_output
+    return BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in shows))
 
 
 def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
@@ -879,9 +916,17 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
     def keep_completion_states(module, args, output):
         captured["hidden"] = output[:, -T - 1:-1]                        # [B, T, H]
 
+    inputs = _scoring_inputs(r, pixels)
+    if inputs["pixel_values"] is not None:
+        # (e) encode each distinct picture once; the forward merges the features into the token
+        # embeddings and computes the 3-D positions from image_grid_thw as it would from pixels.
+        # The vision tower runs here, outside the wrapper's forward: DDP still all-reduces its
+        # gradients, because DDP's hooks sit on the parameters and fire in the backward.
+        inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
+            net, inputs.pop("pixel_values"), inputs["image_grid_thw"])}
     hook = net.model.language_model.norm.register_forward_hook(keep_completion_states)
     try:
-        model(**_scoring_inputs(r, pixels), logits_to_keep=1)        # (a) through the wrapper
+        model(**inputs, logits_to_keep=1)                            # (a) through the wrapper
     finally:
         hook.remove()
     hidden = captured.pop("hidden")                                       # [B, T, H]
@@ -916,8 +961,8 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
 def naive_completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None,
                               temperature: float = 1.0, with_entropy: bool = False):
     """THE ORACLE for tests and benchmarks - same contract as completion_logprobs, computed the
-    obvious way: full [B, T, V] logits -> log_softmax -> gather. Memory-hungry; do not train
-    with it."""
+    obvious way: the model's plain forward (pixel_values in, so the vision tower runs once per
+    row), full [B, T, V] logits -> log_softmax -> gather. Memory-hungry; do not train with it."""
     net = unwrap(model)
     device = next(net.parameters()).device
     r = rollouts.to(device)

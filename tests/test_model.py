@@ -5,6 +5,7 @@ full-vocabulary formula; micro-batching, gradient checkpointing and a save/load 
 not change a number; the completion mask must count the first EOS and nothing after it.
 """
 
+import copy
 import dataclasses
 import json
 
@@ -363,6 +364,112 @@ def test_every_rollout_carries_its_own_prompts_pixels(tiny, prompts):
         assert torch.equal(row.pixel_values, alone["pixel_values"])
         assert torch.equal(row.image_grid_thw, alone["image_grid_thw"])
         assert torch.equal(r.prompt_ids[b], r.prompt_ids[n * G])
+
+
+# ---------------------------------------------------------------------------------------------
+# the vision tower encodes each distinct picture once per call, not once per row
+# ---------------------------------------------------------------------------------------------
+
+G_SHARED = 3
+# rows of the 4 prompts x 3 rollouts batch (prompt 3 has two pictures): the whole batch; a
+# micro-batch that cuts groups 0 and 2; groups interleaved as a refilled or shuffled batch is;
+# one row per group (nothing to share)
+SHARING_ROWS = {"whole": list(range(12)), "cut": [2, 3, 4, 5, 6],
+                "interleaved": [9, 0, 10, 3, 1, 11, 4], "unrelated": [0, 3, 6, 9]}
+
+
+@pytest.fixture(scope="module")
+def shared_batch(tiny, prompts):
+    """A float64 copy of the tiny model (two computations compared to 1e-10), rollouts of G = 3,
+    and the masked-branch pixels of the same rollouts (one blacked picture per prompt)."""
+    model, processor = tiny
+    r = generate_with_logits(model, processor, prompts, num_samples=G_SHARED,
+                             max_new_tokens=MAX_NEW)[0]
+    blacked = [[black_square(im) for im in p["images"]] for p in prompts]
+    masked = qwen.encode_images(processor, blacked, G_SHARED)["pixel_values"]
+    return copy.deepcopy(model).double(), r, dataclasses.replace(r, pixel_values=masked)
+
+
+def _part(shared_batch, rows, branch):
+    """(rollouts of `rows`, pixel_values= argument or None) for the original or masked branch."""
+    _, r, masked = shared_batch
+    part = r.select(rows)
+    return part, (masked.select(rows).pixel_values if branch == "masked" else None)
+
+
+def _patch_rows_seen(model):
+    """A forward hook on the vision tower's patch embedding: the patch rows of each call."""
+    seen = []
+    hook = model.model.visual.patch_embed.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    return seen, hook
+
+
+@pytest.mark.parametrize("branch", ["original", "masked"])
+@pytest.mark.parametrize("case", list(SHARING_ROWS))
+def test_each_picture_encoded_once_same_logprobs_as_per_row(shared_batch, case, branch):
+    """Values equal the plain per-row forward (the naive oracle passes pixel_values, so the tower
+    runs once per row), and the tower sees each distinct picture once: its patch rows, not the
+    B copies. One-picture and two-picture prompts, cut and interleaved groups alike."""
+    model = shared_batch[0]
+    rows = SHARING_ROWS[case]
+    part, pixels = _part(shared_batch, rows, branch)
+    seen, hook = _patch_rows_seen(model)
+    try:
+        with torch.no_grad():
+            logp, ent = qwen.completion_logprobs(model, part, pixel_values=pixels,
+                                                 temperature=0.8, with_entropy=True)
+            shared_rows = list(seen)
+            ref_logp, ref_ent = qwen.naive_completion_logprobs(model, part, pixel_values=pixels,
+                                                               temperature=0.8, with_entropy=True)
+    finally:
+        hook.remove()
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
+    # work count: one row of each group shown to the tower, against one per rollout
+    r = shared_batch[1]
+    one_per_group = sorted({b // G_SHARED * G_SHARED for b in rows})
+    distinct = int(r.select(one_per_group).image_grid_thw.prod(-1).sum())
+    every_row = int(part.image_grid_thw.prod(-1).sum())
+    assert shared_rows == [distinct] and seen == [distinct, every_row]
+    if case == "unrelated":
+        assert distinct == every_row
+    else:
+        assert distinct < every_row
+
+
+@pytest.mark.parametrize("branch", ["original", "masked"])
+@pytest.mark.parametrize("case", ["whole", "cut", "interleaved"])
+def test_each_picture_encoded_once_same_gradients_as_per_row(shared_batch, case, branch):
+    """The gradient of a loss on log-probs and entropies, w.r.t. every parameter (vision tower
+    included), equals the per-row forward's: the shared features sum their rows' gradients.
+
+    Vision-tower gradients agree to float32 rounding (~1e-8 relative), not 1e-10: transformers
+    computes the tower's RMSNorms and its rotary embedding in float32 even in a float64 model,
+    and the backward through them rounds the sum of the rows' gradients (shared) differently
+    from each row's gradient (per row). With those two upcasts removed (a probe, not kept here)
+    the vision gradients agree to 2e-15. A row's gradient lost or counted once instead of G times
+    would be off by far more than that."""
+    model = shared_batch[0]
+    part, pixels = _part(shared_batch, SHARING_ROWS[case], branch)
+    weights = torch.randn(part.completion_ids.shape, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        logp, ent = fn(model, part, pixel_values=pixels, with_entropy=True)
+        ((logp * weights).sum() + (ent * weights.flip(1)).sum()).backward()
+        return grads(model)
+
+    shared, per_row = run(qwen.completion_logprobs), run(qwen.naive_completion_logprobs)
+    model.zero_grad(set_to_none=True)
+    assert shared.keys() == per_row.keys() and len(shared) == len(list(model.parameters()))
+    assert per_row["model.visual.patch_embed.proj.weight"].abs().sum() > 0   # the tower learns
+    for name in per_row:
+        tol = dict(rtol=1e-6, atol=1e-7) if name.startswith("model.visual.") else \
+            dict(rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(shared[name], per_row[name], msg=name, **tol)
 
 
 # ---------------------------------------------------------------------------------------------

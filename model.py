@@ -922,6 +922,9 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
         # embeddings and computes the 3-D positions from image_grid_thw as it would from pixels.
         # The vision tower runs here, outside the wrapper's forward: DDP still all-reduces its
         # gradients, because DDP's hooks sit on the parameters and fire in the backward.
+        # mm_encoder_outputs is the forward's own argument for precomputed features (transformers
+        # 5.x). A version without it could swallow it in **kwargs and leave the image tokens
+        # unfilled: tests/test_model.py compares with the plain pixel_values forward.
         inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
             net, inputs.pop("pixel_values"), inputs["image_grid_thw"])}
     hook = net.model.language_model.norm.register_forward_hook(keep_completion_states)

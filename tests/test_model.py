@@ -52,7 +52,8 @@ def generate_with_logits(model, processor, prompts, seed=0, **kwargs):
     """generate_rollouts, plus the raw logits generate computed at each step ([B, T, V]): a hook
     on lm_head records what generate itself saw, before any temperature / top-p processing."""
     steps = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, out: steps.append(out[:, -1].float()))
+    hook = model.lm_head.register_forward_hook(
+        lambda m, i, out: steps.append(qwen._at_least_fp32(out[:, -1])))
     try:
         torch.manual_seed(seed)
         rollouts = qwen.generate_rollouts(model, processor, prompts, **kwargs)
@@ -387,12 +388,13 @@ def shared_batch(tiny, prompts):
                              max_new_tokens=MAX_NEW)[0]
     blacked = [[black_square(im) for im in p["images"]] for p in prompts]
     masked = qwen.encode_images(processor, blacked, G_SHARED)["pixel_values"]
-    return copy.deepcopy(model).double(), r, dataclasses.replace(r, pixel_values=masked)
+    return (copy.deepcopy(model).double(), r, dataclasses.replace(r, pixel_values=masked),
+            processor)
 
 
 def _part(shared_batch, rows, branch):
     """(rollouts of `rows`, pixel_values= argument or None) for the original or masked branch."""
-    _, r, masked = shared_batch
+    _, r, masked, _ = shared_batch
     part = r.select(rows)
     return part, (masked.select(rows).pixel_values if branch == "masked" else None)
 
@@ -472,6 +474,58 @@ def test_each_picture_encoded_once_same_gradients_as_per_row(shared_batch, case,
         torch.testing.assert_close(shared[name], per_row[name], msg=name, **tol)
 
 
+def _plain_generate(net, once, num_samples, config):
+    """The oracle for generation: one plain `generate` over all N * G rows (every row's prompt
+    and pictures read in the first forward)."""
+    enc = qwen._repeat_encoded(once, num_samples)
+    return net.generate(input_ids=enc["prompt_ids"], attention_mask=enc["prompt_mask"],
+                        mm_token_type_ids=enc["mm_token_type_ids"],
+                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                        generation_config=config)
+
+
+def _language_model_rows(model):
+    """A pre-hook on the language model: (rows, positions) of each of its calls."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+    return seen, hook
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generation_reads_each_prompt_once_same_samples_and_logits(shared_batch, prompts,
+                                                                  temperature, monkeypatch):
+    """Sampling G answers from a cache filled once per prompt gives what the plain generate over
+    N * G rows gives: the same tokens from the same seed and the same logits at every step
+    (float64, 1e-10), with left-padded prompts and a two-picture prompt. Work: the prompt pass
+    and the vision tower see N rows, not N * G."""
+    model = shared_batch[0]
+    processor = shared_batch[3]
+    runs = {}
+    for name in ("shared", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(qwen, "_generate_from_shared_prompts", _plain_generate)
+        rows, hook = _language_model_rows(model)
+        patches, vision_hook = _patch_rows_seen(model)
+        try:
+            r, logits = generate_with_logits(model, processor, prompts, seed=3,
+                                             num_samples=G_SHARED, max_new_tokens=MAX_NEW,
+                                             temperature=temperature)
+        finally:
+            hook.remove()
+            vision_hook.remove()
+        runs[name] = r, logits, rows, patches
+    (r, logits, rows, patches), (r0, logits0, rows0, patches0) = runs["shared"], runs["plain"]
+    assert torch.equal(r.completion_ids, r0.completion_ids) and r.texts == r0.texts
+    assert torch.equal(r.prompt_ids, r0.prompt_ids) and torch.equal(r.pixel_values, r0.pixel_values)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, logits0, rtol=0, atol=1e-10)
+    N, B, P, T = len(prompts), len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    assert rows == [(N, P - 1)] + [(B, 1)] * T
+    assert rows0 == [(B, P)] + [(B, 1)] * (T - 1)
+    assert patches0 == [G_SHARED * patches[0]] and len(patches) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # gradient checkpointing, save / load, determinism, errors
 # ---------------------------------------------------------------------------------------------
@@ -496,9 +550,10 @@ def test_gradient_checkpointing_same_gradients_and_cached_greedy_generation(tiny
     r_ckpt = qwen.generate_rollouts(ckpt, processor, prompts, **greedy)
     hook.remove()
     assert torch.equal(r_plain.completion_ids, r_ckpt.completion_ids)
-    # KV cache in use: one pass over the prompt, then one token per step
+    # KV cache in use: one pass over the prompt but its last token (which fills the cache),
+    # then one token per step, that last prompt token first
     T = r_ckpt.completion_ids.shape[1]
-    assert seen == [r_ckpt.prompt_ids.shape[1]] + [1] * (T - 1)
+    assert seen == [r_ckpt.prompt_ids.shape[1] - 1] + [1] * T
     assert ckpt.training and plain.training                 # train mode restored
 
     grads_by_model = []

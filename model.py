@@ -933,6 +933,114 @@ def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOut
     return BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in shows))
 
 
+def _checkpointing(net) -> bool:
+    return any(getattr(layer, "gradient_checkpointing", False)
+               for layer in net.model.language_model.layers)
+
+
+def _distinct_prompts(r: Rollouts, pixel_values) -> tuple[list[int], torch.Tensor]:
+    """Which rows repeat an earlier row's prompt: (first, prompt_of) with `first` the first row
+    of each distinct prompt and prompt_of [B] the index in `first` of each row's prompt.
+
+    Same prompt = same token ids, same padding and identical pictures (grid and patch rows,
+    torch.equal, exact). Compared, not assumed from a group size: micro-batches may hold parts
+    of groups, DAPO's refills reorder them, and Rollouts carry no group id. The newest distinct
+    prompt is tried first, so the adjacent rows of a group match at the first try."""
+    count = r.images_per_rollout.tolist()
+    first_image = [0, *accumulate(count)]                                   # [B + 1]
+    first_row = [0, *accumulate(r.image_grid_thw.prod(-1).tolist())]        # [n_images + 1]
+    pictures = lambda b: pixel_values[first_row[first_image[b]]:first_row[first_image[b + 1]]]
+    grids = lambda b: r.image_grid_thw[first_image[b]:first_image[b + 1]]
+
+    def same(a, b):
+        return (torch.equal(r.prompt_ids[a], r.prompt_ids[b])
+                and torch.equal(r.prompt_mask[a], r.prompt_mask[b])
+                and torch.equal(grids(a), grids(b))
+                and (pixel_values is None or torch.equal(pictures(a), pictures(b))))
+
+    first, prompt_of = [], []
+    for b in range(len(r)):
+        k = next((k for k in reversed(range(len(first))) if same(first[k], b)), None)
+        if k is None:
+            k = len(first)
+            first.append(b)
+        prompt_of.append(k)
+    return first, torch.tensor(prompt_of, dtype=torch.long, device=r.prompt_ids.device)
+
+
+def _final_states(net, keep):
+    """A forward hook on the language model's final norm (the input of lm_head) that appends
+    keep(states) of each call to the returned list: (list, hook handle)."""
+    captured = []
+    hook = net.model.language_model.norm.register_forward_hook(
+        lambda module, args, output: captured.append(keep(output)))
+    return captured, hook
+
+
+def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
+    """Final hidden states predicting the completion tokens, [B, T, H], from ONE forward over
+    prompt + completion per row: position P-1+t (the last prompt token, then each completion
+    token) predicts token t. Pictures are still encoded once each (e)."""
+    net = unwrap(model)
+    T = r.completion_ids.shape[1]
+    inputs = _scoring_inputs(r, pixels)
+    if inputs["pixel_values"] is not None:
+        # (e) the forward merges precomputed features into the token embeddings and computes the
+        # 3-D positions from image_grid_thw as it would from pixels. The vision tower runs here,
+        # outside the wrapper's forward: DDP still all-reduces its gradients, because DDP's hooks
+        # sit on the parameters and fire in the backward. mm_encoder_outputs is the forward's
+        # own argument for precomputed features (transformers 5.x); tests/test_model.py compares
+        # with the plain pixel_values forward.
+        inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
+            net, inputs.pop("pixel_values"), inputs["image_grid_thw"])}
+    captured, hook = _final_states(net, lambda states: states[:, -T - 1:-1])
+    try:
+        model(**inputs, logits_to_keep=1)                            # (a) through the wrapper
+    finally:
+        hook.remove()
+    return captured[0]                                                     # [B, T, H]
+
+
+def _states_prompt_once(model, r: Rollouts, pixels, first: list[int], prompt_of) -> torch.Tensor:
+    """The same states as _states_one_pass, reading each distinct prompt ONCE (f):
+
+      1. a forward over the distinct prompts (and their pictures) fills a KV cache, [N, P];
+      2. the cache is indexed by prompt_of: each row gets its prompt's keys and values, [B, P]
+         (an index, so in the backward each row's gradient flows into its prompt's states and
+         the G rows of a group add up there, as the G copies of the one-pass forward do);
+      3. a forward over the completions attends to that cache, [B, T].
+    Exact by causality: no prompt position attends to the completion, so the prompt's states do
+    not depend on which completion follows. The state that predicts token 0 is the prompt's last
+    one; token t > 0 is predicted by completion position t - 1. Positions are passed in: the
+    completion pass cannot work them out without its prompt (rotary_positions).
+
+    Not used with gradient checkpointing and gradients on: checkpointed layers drop the cache
+    (transformers), so that case takes the one-pass forward."""
+    net = unwrap(model)
+    T = r.completion_ids.shape[1]
+    p = dataclasses.replace(r, pixel_values=pixels).select(first)         # the distinct prompts
+    positions = rotary_positions(net, p.prompt_ids, p.prompt_mask, p.mm_token_type_ids,
+                                 p.image_grid_thw)                         # [3, N, P]
+    prompt_pass = dict(input_ids=p.prompt_ids, attention_mask=p.prompt_mask,
+                       position_ids=positions, use_cache=True)
+    if p.pixel_values is not None and len(p.image_grid_thw):
+        prompt_pass.update(image_grid_thw=p.image_grid_thw, mm_encoder_outputs={
+            "image": _encode_each_picture_once(net, p.pixel_values, p.image_grid_thw)})
+    after_prompt = positions[:, prompt_of, -1:] + 1 + torch.arange(T, device=positions.device)
+    captured, hook = _final_states(net, lambda states: states)
+    try:
+        cache = net.model(**prompt_pass).cache                             # [N, P] keys, values
+        last = captured.pop()[:, -1]                                       # [N, H]
+        cache.batch_select_indices(prompt_of)                              # [B, P]
+        model(input_ids=r.completion_ids,                                  # through the wrapper
+              attention_mask=torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1),
+              position_ids=after_prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        completion = captured.pop()                                        # [B, T, H]
+    finally:
+        hook.remove()
+    return torch.cat([last[prompt_of, None], completion[:, :-1]], dim=1)  # [B, T, H]
+
+
 def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
                         with_entropy: bool = False, chunk_size: int = 256):
     """Per-token log-probs of the completion tokens: logp [B, T] float32 (float64 for a float64
@@ -964,30 +1072,12 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
     temperature = float(temperature) if temperature > 0 else 1.0
     B, T = r.completion_ids.shape
 
-    # (b) catch the final hidden states - only the T positions that predict completion tokens:
-    # position P-1+t (the last prompt token, then each completion token) predicts token t.
-    captured = {}
-
-    def keep_completion_states(module, args, output):
-        captured["hidden"] = output[:, -T - 1:-1]                        # [B, T, H]
-
-    inputs = _scoring_inputs(r, pixels)
-    if inputs["pixel_values"] is not None:
-        # (e) encode each distinct picture once; the forward merges the features into the token
-        # embeddings and computes the 3-D positions from image_grid_thw as it would from pixels.
-        # The vision tower runs here, outside the wrapper's forward: DDP still all-reduces its
-        # gradients, because DDP's hooks sit on the parameters and fire in the backward.
-        # mm_encoder_outputs is the forward's own argument for precomputed features (transformers
-        # 5.x). A version without it could swallow it in **kwargs and leave the image tokens
-        # unfilled: tests/test_model.py compares with the plain pixel_values forward.
-        inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
-            net, inputs.pop("pixel_values"), inputs["image_grid_thw"])}
-    hook = net.model.language_model.norm.register_forward_hook(keep_completion_states)
-    try:
-        model(**inputs, logits_to_keep=1)                            # (a) through the wrapper
-    finally:
-        hook.remove()
-    hidden = captured.pop("hidden")                                       # [B, T, H]
+    # (a, b, e, f) the final hidden states that predict the completion tokens
+    first, prompt_of = _distinct_prompts(r, pixels)
+    if len(first) < B and not (torch.is_grad_enabled() and _checkpointing(net)):
+        hidden = _states_prompt_once(model, r, pixels, first, prompt_of)      # [B, T, H]
+    else:
+        hidden = _states_one_pass(model, r, pixels)                          # [B, T, H]
 
     # (c) lm_head on the real completion positions only, chunk by chunk
     real = r.completion_mask.bool()                                       # [B, T]

@@ -332,10 +332,11 @@ def check_config(cfg: Config, world_size: int) -> None:
     if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
                         f"{world_size} processes")
-    local = cfg.prompts_per_step // max(world_size, 1) * cfg.group_size
+    local = cfg.prompts_per_step // max(world_size, 1)       # groups per process and step
     if cfg.updates_per_step >= 1 and local and local % cfg.updates_per_step:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
-                        f"{local} rollouts each process holds per step")
+                        f"{local} groups (prompts) each process holds per step: mini-batches "
+                        f"are whole groups")
     if cfg.model and not cfg.data:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
@@ -787,13 +788,19 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     mini-batch, summed over micro-batches AND ranks, so the accumulated gradient equals that of
     one big batch whatever the micro-batch size or the number of GPUs. DDP averages gradients
     over ranks, hence the factor world size on each rank's loss."""
-    B = len(batch.rollouts)
+    B, G = len(batch.rollouts), cfg.group_size
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
-    perm = torch.randperm(B, generator=torch.Generator().manual_seed(step_seed(cfg, step, d.rank, 3)))
+    # Mini-batches are random GROUPS, their G rollouts kept together and adjacent: a micro-batch
+    # then holds whole groups, and completion_logprobs reads each group's prompt and picture once
+    # for its G rollouts (random rows would split groups over micro-batches and read them again).
+    order = torch.randperm(B // G, generator=torch.Generator().manual_seed(
+        step_seed(cfg, step, d.rank, 3)))                                     # [B / G] groups
+    minis = [(groups[:, None] * G + torch.arange(G)).flatten()               # rows of the groups
+             for groups in order.chunk(cfg.updates_per_step)]
     sums: dict[str, float] = {}
     weight = 0.0
     grad_norms, skipped = [], 0
-    for mini in perm.chunk(cfg.updates_per_step):
+    for mini in minis:
         count = mask[mini].sum() if cfg.agg_mode == "token-mean" else torch.tensor(float(len(mini)))
         normalizer = all_reduce(count)
         micros = mini.split(cfg.micro_batch_size)

@@ -193,6 +193,34 @@ def test_perception_grad_decides_whether_the_masked_branch_carries_gradient(tmp_
     assert same != perception_grad
 
 
+def test_update_micro_batches_hold_whole_groups_each_row_once(tmp_path, monkeypatch):
+    """Mini-batches are random groups with their G rollouts adjacent, so every micro-batch
+    holds whole groups (each read by completion_logprobs with its prompt once), and each rollout
+    is trained on exactly once per step."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "grpo", "--beta", "0", "--updates-per-step", "2",
+        "--micro-batch-size", "4", "--group-size", "2", "--prompts-per-step", "8")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=False)
+    micro_batches = []
+    select = qwen.Rollouts.select
+
+    def recording(self, indices):
+        if self is batch.rollouts:     # the update's micro-batches, not selections inside them
+            micro_batches.append([int(i) for i in indices])
+        return select(self, indices)
+    monkeypatch.setattr(qwen.Rollouts, "select", recording)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    out = train.update_phase(batch, policy, optimizer, cfg, d, step=1)
+    G, B = cfg.group_size, len(batch.rollouts)
+    assert B == 16 and len(micro_batches) == 4                  # 2 mini-batches x 2 micro
+    assert sorted(i for rows in micro_batches for i in rows) == list(range(B))
+    for rows in micro_batches:
+        assert len(rows) == 4 and all(rows[k] % G == 0 and rows[k:k + G] == list(
+            range(rows[k], rows[k] + G)) for k in range(0, len(rows), G))
+    assert out["skipped_updates"] == 0
+
+
 def test_collapse_warning_fires_only_on_the_kl_prcp_hacking_signature():
     calm = [dict(step=i, kl_prcp=0.10, entropy_orig=0.50, entropy_mask=0.80) for i in range(10)]
     hacked = dict(step=10, kl_prcp=0.50, entropy_orig=0.70, entropy_mask=1.00)

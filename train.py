@@ -37,6 +37,7 @@ import random
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -656,7 +657,10 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
     G rollouts of a group are all compared against the SAME corrupted picture: their advantages
     and their KL_prcp then differ only through the sampled text."""
-    items = [ex.to_prompt(**prompt_options(cfg)) for ex in prompts]
+    # Decoding and resizing the pictures is PIL work, which releases the GIL: one thread per
+    # core (torch is idle meanwhile). Same pictures, same order as a plain loop.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        items = list(pool.map(lambda ex: ex.to_prompt(**prompt_options(cfg)), prompts))
     torch.manual_seed(seed)                         # sampling of this step is reproducible
     rollouts = qwen.generate_rollouts(policy, processor, items, num_samples=cfg.group_size,
                                       max_new_tokens=cfg.max_new_tokens,

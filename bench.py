@@ -424,8 +424,8 @@ def bench_generation(s: Setup, args) -> dict:
     """Tokens/s of train.generate_phase on the step's prompts, policy in train mode as in
     training, and the language model's calls: with the cache (N, P - 1) for the N prompts
     (generate_rollouts' prefill), then (B, 1) per new token; with it forced off, the whole
-    sequence at every token (the control: the count sees it). At most 64 new tokens: the
-    control costs quadratically."""
+    sequence again at every token from the second on (the control: the count sees it). At most
+    64 new tokens: the control costs quadratically."""
     cfg = dataclasses.replace(s.cfgs["grpo"], max_new_tokens=min(args.max_new_tokens, 64))
     runs, seen = {name: [] for name in VARIANTS}, {}
     try:
@@ -557,7 +557,7 @@ def collect_targets(models: dict, lp: dict) -> list[dict]:
                         f"per new token {on['positions_per_token']:.2f} (use_cache off: "
                         f"{control['positions_per_token']:.2f})")]
         vision = m["vision_rows_ratio"]
-        for what, phases in (("generate + scoring", ("generate", "old", "ref", "masked")),
+        for what, phases in (("generate, scoring", ("generate", "old", "ref", "masked")),
                              ("update", ("update",))):
             values = {f"{k} {p}": v for k in vision for p, v in vision[k].items() if p in phases}
             worst = max(values, key=values.get)
@@ -622,7 +622,7 @@ def format_report(report: dict) -> str:
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  [{ {True: 'PASS', False: 'FAIL', None: 'n/a '}[t['pass']]}] "
-                     f"{t['target']:54s} {t['model']:24s} {value:>7s} {t['comparison']} "
+                     f"{t['target']:57s} {t['model']:24s} {value:>7s} {t['comparison']} "
                      f"{t['limit']}" + (f"   ({t['note']})" if t["note"] else ""))
     return "\n".join(lines)
 

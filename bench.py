@@ -406,14 +406,17 @@ def bench_objectives(s: Setup, args):
 # 5. Target 3: generation keeps the KV cache with gradient checkpointing on
 # ---------------------------------------------------------------------------------------------
 
-def kv_cache_forced_off(net):
-    """The control: generate_rollouts asks generate for use_cache=True; an instance attribute
-    shadowing the model's generate, for the block, passes a copy with use_cache=False."""
-    def generate(*args, generation_config, **kwargs):
-        config = copy.deepcopy(generation_config)
+def kv_cache_forced_off():
+    """The control: generation without any KV cache. generate_rollouts' shared prefill is a
+    cache too, so it goes as well: one plain generate over the B rows, use_cache=False."""
+    def plain(net, once, num_samples, config):
+        enc, config = qwen._repeat_encoded(once, num_samples), copy.deepcopy(config)
         config.use_cache = False
-        return type(net).generate(net, *args, generation_config=config, **kwargs)
-    return mock.patch.object(net, "generate", generate)
+        return net.generate(input_ids=enc["prompt_ids"], attention_mask=enc["prompt_mask"],
+                            mm_token_type_ids=enc["mm_token_type_ids"],
+                            pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                            generation_config=config)
+    return mock.patch.object(qwen, "_generate_from_shared_prompts", plain)
 
 
 VARIANTS = {"checkpointing on": (True, True), "checkpointing off": (False, True),
@@ -423,9 +426,9 @@ VARIANTS = {"checkpointing on": (True, True), "checkpointing off": (False, True)
 def bench_generation(s: Setup, args) -> dict:
     """Tokens/s of train.generate_phase on the step's prompts, policy in train mode as in
     training, and the language model's calls: with the cache (N, P - 1) for the N prompts
-    (generate_rollouts' prefill), then (B, 1) per new token; with it forced off, the whole
-    sequence again at every token from the second on (the control: the count sees it). At most
-    64 new tokens: the control costs quadratically."""
+    (generate_rollouts' prefill), then (B, 1) per new token; without, (B, P + t) for token t,
+    the whole sequence again (the control: the count sees it). At most 64 new tokens: the
+    control costs quadratically."""
     cfg = dataclasses.replace(s.cfgs["grpo"], max_new_tokens=min(args.max_new_tokens, 64))
     runs, seen = {name: [] for name in VARIANTS}, {}
     try:
@@ -434,7 +437,7 @@ def bench_generation(s: Setup, args) -> dict:
                 set_checkpointing(s.policy, VARIANTS[name][0])
                 s.policy.train()
                 with Work(s.policy) as w, (contextlib.nullcontext() if VARIANTS[name][1]
-                                           else kv_cache_forced_off(s.policy)):
+                                           else kv_cache_forced_off()):
                     rollouts, seconds = time_generate(s, cfg)
                 if r >= args.warmup:
                     runs[name].append(rollouts.completion_ids.numel() / seconds)
@@ -446,7 +449,7 @@ def bench_generation(s: Setup, args) -> dict:
     for name, (w, r) in seen.items():
         N, B, P, T = len(s.prompts), len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1]
         out[name] = {"tokens_per_s": median(runs[name]), "new_tokens": T,
-                     # positions each row reads per new token, after the prompt pass
+                     # positions each row reads per new token, after the first call
                      "positions_per_token": sum(p for _, p in w.lm_calls[1:]) / T,
                      "kv_cache_used": w.lm_calls == [(N, P - 1)] + [(B, 1)] * T, **w.counts()}
     return out
@@ -609,8 +612,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{'generate, same prompts':34s}tokens/s  positions per new token  "
                      "language-model calls [rows, positions, repeats]")
         for variant, g in m["generation"].items():
+            c = g["lm_calls"]     # the control's calls all differ: first two and last
             lines.append(f"  {variant:32s}{g['tokens_per_s']:8.0f}  "
-                         f"{g['positions_per_token']:23.2f}  {g['lm_calls']}")
+                         f"{g['positions_per_token']:23.2f}  " +
+                         (str(c) if len(c) < 4 else f"[{c[0]}, {c[1]}, ..., {c[-1]}]"))
         lines.append("")
     lp = report["logprob_memory"]
     mib = lambda v: "n/a" if v is None else f"{v:.1f} MiB"

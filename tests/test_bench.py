@@ -90,11 +90,12 @@ def test_smoke_bench_tiny_reports_every_field_and_its_work_in_closed_form(tmp_pa
         g = generation[variant]
         assert g["kv_cache_used"] and g["positions_per_token"] == 1.0
         assert g["lm_calls"] == calls([N, P - 1, 1], [B, 1, g["new_tokens"]])
-    # the control: from the second new token on, the whole sequence again at every token
+    # the control, no cache at all: every row's prompt and picture, then the whole sequence
+    # again for each new token
     control = generation["checkpointing on, use_cache off"]
-    T_gen = control["new_tokens"]
     assert not control["kv_cache_used"] and control["positions_per_token"] > P / 2
-    assert control["lm_calls"][2:] == calls(*[[B, P + t, 1] for t in range(1, T_gen)])
+    assert control["lm_calls"] == calls(*[[B, P + t, 1] for t in range(control["new_tokens"])])
+    assert control["vision_rows"] == rows
 
     lp = report["logprob_memory"]
     assert lp["vocab"] == 151_936 and lp["completion_tokens"] == 64 and lp["rows"] == 1

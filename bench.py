@@ -389,8 +389,10 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
 
 
 def bench_objectives(s: Setup, args):
-    """The timed repeats, then one measuring pass per objective -> (objective -> [seconds per
-    phase, per repeat], objective -> run_step(measure=True))."""
+    """The timed repeats, then the measuring passes -> (objective -> [seconds per phase, per
+    repeat], objective -> [run_step(measure=True), per pass]). A CPU's resident size varies by
+    a few MiB between identical steps (the allocator), hence --repeats passes there and their
+    median; a GPU's allocator counts tensors exactly: one pass."""
     runs = {name: [] for name in OBJECTIVES}
     for r, order in rotations(list(OBJECTIVES), args.warmup + args.repeats):
         _, generate_s = time_generate(s)        # shared: one generation serves every objective
@@ -399,7 +401,11 @@ def bench_objectives(s: Setup, args):
             if r >= args.warmup:
                 runs[name].append({**times, "step": sum(times.values())})
         log(f"{s.name}: repeat {r + 1}/{args.warmup + args.repeats}")
-    return runs, {name: run_step(s, name, measure=True) for name in OBJECTIVES}
+    measured = {name: [] for name in OBJECTIVES}
+    for _, order in rotations(list(OBJECTIVES), 1 if s.d.device.type == "cuda" else args.repeats):
+        for name in order:
+            measured[name].append(run_step(s, name, measure=True))
+    return runs, measured
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,8 +501,11 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     """One model's medians, ratios to GRPO, work, and what targets 1 and 4 compare."""
     phases = {k: {p: median([t[p] for t in ts]) for p in (*PHASES, "step")}
               for k, ts in runs.items()}
-    peak = {k: m["peak_mib"] for k, m in measured.items()}
-    work = {k: m["work"] for k, m in measured.items()}
+    peak = {k: None if None in (p := [m["peak_mib"] for m in ms]) else median(p)
+            for k, ms in measured.items()}
+    work = {k: ms[0]["work"] for k, ms in measured.items()}
+    if any(m["work"] != work[k] for k, ms in measured.items() for m in ms):
+        raise RuntimeError("bench: the same step did different work twice")
     r = s.batch.rollouts
     B, P, T, G = len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1], r.num_samples
     rows = int(r.image_grid_thw.prod(-1).sum())         # the rollouts' patch rows: B copies
@@ -742,7 +751,8 @@ def run_bench(args, device: torch.device) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "not available (needs glibc and Linux)" if probe is None else
-                         "resident set size, malloc_trim + clear_refs before each measurement",
+                         "resident set size (malloc_trim + clear_refs before each block), "
+                         "median of --repeats passes",
         "memory_probe_mib": probe, "models": {}}
     for name in args.models:
         log(f"{name}: building the model and generating the shared rollouts")

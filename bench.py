@@ -433,13 +433,15 @@ def bench_generation(s: Setup, args) -> dict:
     """Tokens/s of train.generate_phase on the step's prompts, policy in train mode as in
     training, and the language model's calls: with the cache (N, P - 1) for the N prompts
     (generate_rollouts' prefill), then (B, 1) per new token; without, (B, P + t) for token t,
-    the whole sequence again (the control: the count sees it). At most 64 new tokens: the
-    control costs quadratically."""
+    the whole sequence again (the control: the count sees it). At most 64 new tokens, and the
+    control once: it costs quadratically."""
     cfg = dataclasses.replace(s.cfgs["grpo"], max_new_tokens=min(args.max_new_tokens, 64))
     runs, seen = {name: [] for name in VARIANTS}, {}
     try:
         for r, order in rotations(list(VARIANTS), args.warmup + args.repeats):
             for name in order:
+                if not VARIANTS[name][1] and r < args.warmup + args.repeats - 1:
+                    continue                            # the control: in the last repeat only
                 set_checkpointing(s.policy, VARIANTS[name][0])
                 s.policy.train()
                 with Work(s.policy) as w, (contextlib.nullcontext() if VARIANTS[name][1]
@@ -501,8 +503,8 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     """One model's medians, ratios to GRPO, work, and what targets 1 and 4 compare."""
     phases = {k: {p: median([t[p] for t in ts]) for p in (*PHASES, "step")}
               for k, ts in runs.items()}
-    peak = {k: None if None in (p := [m["peak_mib"] for m in ms]) else median(p)
-            for k, ms in measured.items()}
+    peaks = {k: [m["peak_mib"] for m in ms] for k, ms in measured.items()}
+    peak = {k: None if None in v else median(v) for k, v in peaks.items()}
     work = {k: ms[0]["work"] for k, ms in measured.items()}
     if any(m["work"] != work[k] for k, ms in measured.items() for m in ms):
         raise RuntimeError("bench: the same step did different work twice")
@@ -647,9 +649,9 @@ def format_report(report: dict) -> str:
 
 # Defaults per kind of run. CPU sizes: tiny + small take 2-3 minutes on 2 cores. 3b: the issue's
 # G = 5, 8 prompts, 512 new tokens, bf16 weights (float32 master weights, gradients, AdamW's
-# moments and a float32 reference of ~3.75B parameters need ~75 GB). Micro-batches of G rows:
-# score_phase cuts the batch into consecutive micro-batches, and only whole groups let each
-# read every picture once (target 4).
+# moments and a float32 reference of ~3.75B parameters need ~75 GB). Micro-batches of a
+# multiple of G rows: score_phase cuts the batch into consecutive micro-batches, and only whole
+# groups let each read every picture once (target 4).
 DEFAULTS = {
     "sizes": dict(prompts=8, group_size=4, max_new_tokens=64, repeats=9, warmup=2,
                   updates_per_step=2, micro_batch_size=8, device="cpu", dtype="float32",

@@ -1,109 +1,197 @@
-"""Tests of bench.py: smoke tests (the benchmark runs and reports every field, on the tiny model and
-on the 3B code path with tiny widths) and checks of the 3B shape against Qwen2.5-VL-3B itself.
-Timings are not checked: they depend on the machine."""
+"""Tests of bench.py: a smoke test of the whole report on the tiny model, closed-form checks of
+its work counts (vision patch rows, language-model calls) on the tiny model and on the 3B code
+path with tiny widths, and checks of the 3B shape against Qwen2.5-VL-3B itself. Timings are not
+checked: they depend on the machine."""
 
 import json
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 import bench
-import model as qwen
 
-# as small as a run can be: 2 prompts x G = 2, a handful of tokens, no warm-up, one repeat
+# 2 prompts x G = 2, 4 new tokens, two updates (so old log-probs are computed), micro-batches of
+# G rows (so score_phase's consecutive micro-batches hold one whole group each)
 QUICK = ["--repeats", "1", "--warmup", "0", "--prompts", "2", "--group-size", "2",
-         "--max-new-tokens", "4", "--logprob-tokens", "64"]
+         "--max-new-tokens", "4", "--micro-batch-size", "2", "--logprob-tokens", "64"]
+OBJECTIVES = ["grpo", "papo-g", "papo-g+grad"]
 
 
-def test_smoke_bench_tiny_reports_every_field(tmp_path, capsys):
-    """Smoke test: bench.main on the tiny model writes every field of the report, and the
-    log-prob memory comparison's two methods agree to 1e-5."""
+def calls(*runs):
+    """Language-model calls as Work.counts() writes them: [rows, positions, repeats] per run of
+    equal calls."""
+    return [list(run) for run in runs]
+
+
+def test_smoke_bench_tiny_reports_every_field_and_its_work_in_closed_form(tmp_path, capsys):
+    """bench.main on the tiny model: every field of the report, the JSON file equal to what main
+    returns, which phases each objective has, and the work of each phase as the formulas of
+    model.py's read-once paths give it."""
     out = tmp_path / "bench.json"
     returned = bench.main(["--sizes", "tiny", *QUICK, "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report == json.loads(json.dumps(returned))           # the file is what main returns
-
-    for key in ("date", "device", "settings", "note", "memory_method", "memory_probe_mib",
-                "models", "logprob_memory", "targets", "load_average"):
+    assert report == json.loads(json.dumps(returned))
+    for key in ("date", "device", "settings", "memory_method", "memory_probe_mib", "models",
+                "logprob_memory", "targets", "load_average"):
         assert key in report, key
-    for key in ("type", "name", "threads", "torch", "transformers"):
+    for key in ("type", "name", "threads", "cpus", "torch", "transformers"):
         assert key in report["device"], key
-    assert report["settings"]["models"] == ["tiny"]
-
-    m = report["models"]["tiny"]
-    objectives = ["grpo", "papo-g", "papo-g+grad"]
-    for key in ("parameters", "rollouts", "prompt_tokens", "new_tokens", "mean_response_tokens",
-                "phases_s", "ratios_to_grpo", "memory", "papo_g_extra_s", "masked_forward_s",
-                "extra_over_forward", "mask_share_of_step", "generation"):
-        assert key in m, key
-    assert m["rollouts"] == 4 and m["new_tokens"] == 4 and m["rollouts_reproducible"]
-    for name in objectives:
-        for phase in (*bench.PHASES, "step", "step_without_generate"):
-            assert m["phases_s"][name][phase] >= 0.0, (name, phase)
-        for key in ("peak_mib", "resident_mib", "step_extra_mib"):
-            assert m["memory"][name][key] > 0, (name, key)
-    # which phases each objective has is a fact, not a timing
-    assert m["phases_s"]["grpo"]["mask"] == m["phases_s"]["grpo"]["masked"] == 0.0
-    assert m["phases_s"]["papo-g"]["mask"] > 0 and m["phases_s"]["papo-g"]["masked"] > 0
-    assert m["phases_s"]["papo-g+grad"]["masked"] == 0.0      # computed inside the update instead
-    for name in objectives[1:]:
-        assert set(m["ratios_to_grpo"][name]) == {"step", "step_without_generate", "update",
-                                                  "memory"}
-    generation = m["generation"]
-    assert set(generation) == set(bench.GENERATION_VARIANTS)
-    assert generation["checkpointing on"]["kv_cache_used"]
-    assert generation["checkpointing off"]["kv_cache_used"]
-    assert not generation["checkpointing on, use_cache off"]["kv_cache_used"]
-
-    lp = report["logprob_memory"]
-    for key in ("naive_mib", "chunked_mib", "ratio", "vocab", "completion_tokens", "chunk_size"):
-        assert key in lp, key
-    assert lp["vocab"] == 151_936 and lp["completion_tokens"] == 64
-    assert lp["max_abs_diff"] <= 1e-5                          # the same log-probs
-    assert 0 < lp["chunked_mib"] < lp["naive_mib"]
+    assert report["settings"]["models"] == ["tiny"] and report["settings"]["updates_per_step"] == 2
     assert abs(report["memory_probe_mib"] - 64) < 6            # the memory method measures right
 
-    assert len(report["targets"]) == 5                         # 3 x target 1, 2, 3 for one model
-    for row in report["targets"]:
+    m = report["models"]["tiny"]
+    N, G, B, P, T = m["prompts"], m["group_size"], m["rollouts"], m["prompt_tokens"], m["new_tokens"]
+    rows = m["rollouts_patch_rows"]                             # B copies of the pictures
+    assert (N, G, B) == (2, 2, 4) and T == 4 and rows % B == 0
+    phases = m["phases_s"]
+    for name in OBJECTIVES:
+        assert all(phases[name][p] >= 0 for p in (*bench.PHASES, "step")), name
+        assert m["peak_mib"][name] > 0
+    # which phases each objective has is a fact, not a timing
+    assert phases["grpo"]["mask"] == phases["grpo"]["masked"] == 0.0
+    assert phases["papo-g"]["mask"] > 0 and phases["papo-g"]["masked"] > 0
+    assert phases["papo-g+grad"]["masked"] == 0.0               # inside the update instead
+    assert m["ratios_to_grpo"]["grpo"] == {"step": 1.0, "update": 1.0, "memory": 1.0}
+
+    work = m["work"]
+    # generation: one prefill over the N prompts without their last token, their N pictures,
+    # then B rows x 1 position per new token
+    for name in OBJECTIVES:
+        assert work[name]["generate"] == {"vision_rows": rows // G, "passes": 1,
+                                          "lm_tokens": N * (P - 1) + B * T,
+                                          "lm_calls": calls([N, P - 1, 1], [B, 1, T])}
+    # scoring, one group per micro-batch: its prompt and picture once, then its G completions
+    scored = {"vision_rows": rows // G, "lm_tokens": N * P + B * T, "passes": 1,
+              "lm_calls": calls(*[[1, P, 1], [G, T, 1]] * N)}
+    none = {"vision_rows": 0, "lm_tokens": 0, "lm_calls": [], "passes": 0}
+    for name in OBJECTIVES:
+        assert work[name]["old"] == work[name]["ref"] == scored
+    assert work["papo-g"]["masked"] == scored                   # the masked pictures, once each
+    assert work["grpo"]["masked"] == work["papo-g+grad"]["masked"] == none
+    # the update's micro-batches are random rows: between each picture once and once per row;
+    # --perception-grad does all of it twice (same rows, original and masked pictures)
+    update = work["grpo"]["update"]
+    assert rows // G <= update["vision_rows"] <= rows
+    assert N * P + B * T <= update["lm_tokens"] <= B * (P + T)
+    assert work["papo-g"]["update"] == update
+    grad = work["papo-g+grad"]["update"]
+    assert grad["passes"] == 2 and grad["vision_rows"] == 2 * update["vision_rows"]
+    assert grad["lm_tokens"] == 2 * update["lm_tokens"]
+    assert m["per_rollout_pass"] == {"generate": [rows, B * (P + T - 1)],
+                                     "scoring": [rows, B * (P + T)]}
+    for name in OBJECTIVES:
+        ratio = m["vision_rows_ratio"][name]
+        assert ratio["generate"] == ratio["ref"] == ratio["old"] == 1.0
+        assert ratio["update"] == update["vision_rows"] * G / rows
+
+    generation = m["generation"]
+    assert set(generation) == set(bench.VARIANTS)
+    for variant in ("checkpointing on", "checkpointing off"):
+        g = generation[variant]
+        assert g["kv_cache_used"] and g["positions_per_token"] == 1.0
+        assert g["lm_calls"] == calls([N, P - 1, 1], [B, 1, g["new_tokens"]])
+    # the control, no cache at all: every row's prompt and picture, then the whole sequence
+    # again for each new token
+    control = generation["checkpointing on, use_cache off"]
+    assert not control["kv_cache_used"] and control["positions_per_token"] > P / 2
+    assert control["lm_calls"] == calls(*[[B, P + t, 1] for t in range(control["new_tokens"])])
+    assert control["vision_rows"] == rows
+
+    lp = report["logprob_memory"]
+    assert lp["vocab"] == 151_936 and lp["completion_tokens"] == 64 and lp["rows"] == 1
+    assert lp["max_abs_diff"] <= 1e-5                           # the same log-probs
+    assert 0 < lp["chunked_mib"] < lp["naive_mib"]
+    # one row, one pass: both read the same positions, only the logits differ
+    assert lp["chunked_lm_calls"] == lp["naive_lm_calls"] and len(lp["naive_lm_calls"]) == 1
+    assert lp["naive_lm_calls"][0][0] == 1 and lp["naive_lm_calls"][0][1] > 64
+
+    targets = report["targets"]
+    assert [t["target"][0] for t in targets] == list("1112344")
+    for row in targets:
         assert set(row) == {"target", "model", "value", "limit", "comparison", "pass", "note"}
         assert row["pass"] in (True, False)
+    assert targets[5]["value"] == 1.0 and targets[5]["pass"]   # generate + scoring: 1 exactly
     printed = capsys.readouterr().out
-    assert printed.count("[PASS]") + printed.count("[FAIL]") == 5
-    assert "papo-g+grad" in printed and "peak memory" in printed
+    assert printed.count("[PASS]") + printed.count("[FAIL]") == len(targets) == 7
+    assert "papo-g+grad" in printed and "peak memory" in printed and "one per-rollout" in printed
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_work_of_one_micro_batch_in_closed_form(checkpointing):
+    """The whole batch in one micro-batch and one update: every pass reads each picture once.
+    Scoring (no gradient) reads each prompt once, then the completions; the update does too
+    without checkpointing, and with it reads prompt + completion per row (checkpointed layers
+    drop the KV cache) while still encoding each picture once."""
+    args = bench.parse_args(["--sizes", "tiny", *QUICK, "--micro-batch-size", "4",
+                             "--updates-per-step", "1",
+                             "--gradient-checkpointing" if checkpointing
+                             else "--no-gradient-checkpointing"])
+    s = bench.prepare("tiny", args, torch.device("cpu"))
+    r = s.batch.rollouts
+    N, G, B, P, T = 2, 2, len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    once = int(r.select([0, G]).image_grid_thw.prod(-1).sum())          # each picture once
+    assert B == N * G and once * G == int(r.image_grid_thw.prod(-1).sum())
+    work = {name: bench.run_step(s, name, measure=True)["work"] for name in OBJECTIVES}
+
+    assert work["grpo"]["generate"]["lm_calls"] == calls([N, P - 1, 1], [B, 1, T])
+    prompt_once = calls([N, P, 1], [B, T, 1])
+    assert work["grpo"]["ref"] == {"vision_rows": once, "lm_tokens": N * P + B * T,
+                                   "lm_calls": prompt_once, "passes": 1}
+    assert work["papo-g"]["masked"] == work["grpo"]["ref"]
+    assert work["grpo"]["old"]["passes"] == 0                     # one update: on-policy
+    update = calls([B, P + T, 1]) if checkpointing else prompt_once
+    assert work["grpo"]["update"]["lm_calls"] == work["papo-g"]["update"]["lm_calls"] == update
+    assert work["grpo"]["update"]["vision_rows"] == once
+    # --perception-grad: the same again on the masked pictures
+    assert work["papo-g+grad"]["update"]["lm_calls"] == (calls([B, P + T, 2]) if checkpointing
+                                                         else prompt_once * 2)
+    assert work["papo-g+grad"]["update"]["vision_rows"] == 2 * once
 
 
 @pytest.mark.slow
-def test_smoke_3b_code_path_runs_on_cpu_with_tiny_widths():
-    """Smoke test: --shape 3b-mini runs the exact code of --shape 3b (bf16 weights, gradient
-    checkpointing, the 151,936-token vocabulary with the tiny tokenizer) on a CPU."""
-    report = bench.main(["--shape", "3b-mini", *QUICK[:-2], "--prompts", "1",
-                         "--max-new-tokens", "2", "--logprob-tokens", "8",
-                         "--updates-per-step", "1"])      # 36 + 32 blocks: one backward each
-    assert report["settings"]["dtype"] == "bfloat16"
-    assert report["settings"]["gradient_checkpointing"]
-    m = report["models"]["3b-mini"]
-    assert m["parameters"] > 151_936 * 128                     # the real vocabulary is there
-    assert m["generation"]["checkpointing on"]["kv_cache_used"]
+def test_3b_code_path_runs_on_cpu_with_tiny_widths():
+    """--shape 3b-mini runs the code of --shape 3b (bf16 weights, gradient checkpointing, the
+    151,936-token vocabulary with the tiny tokenizer) on a CPU, with the same work formulas:
+    generation keeps its cache with checkpointing on; the update reads one pass per row, each
+    picture once."""
+    args = bench.parse_args(["--shape", "3b-mini", "--prompts", "1", "--group-size", "2",
+                             "--max-new-tokens", "2", "--updates-per-step", "1",
+                             "--micro-batch-size", "2"])
+    assert args.dtype == "bfloat16" and args.gradient_checkpointing and args.device == "cpu"
+    s = bench.prepare("3b-mini", args, torch.device("cpu"))
+    assert s.policy.dtype == torch.bfloat16
+    assert sum(p.numel() for p in s.policy.parameters()) > 151_936 * 128  # the real vocabulary
+    r = s.batch.rollouts
+    P, T, rows = r.prompt_ids.shape[1], r.completion_ids.shape[1], int(r.image_grid_thw.prod(-1).sum())
+    measured = bench.run_step(s, "papo-g+grad", measure=True)
+    assert measured["peak_mib"] > 0
+    work = measured["work"]
+    assert work["generate"]["lm_calls"] == calls([1, P - 1, 1], [2, 1, T])
+    assert work["ref"]["lm_calls"] == calls([1, P, 1], [2, T, 1])      # no gradient: prompt once
+    assert work["update"]["lm_calls"] == calls([2, P + T, 2])
+    assert work["update"]["vision_rows"] == 2 * (rows // 2)   # G = 2: each picture once, twice
 
 
 def test_3b_shape_is_qwen2_5_vl_3b():
-    """The 3B config has Qwen2.5-VL-3B-Instruct's exact parameter count (built on the meta
+    """The 3B shape has Qwen2.5-VL-3B-Instruct's exact parameter count (built on the meta
     device: no memory), and 3b-mini differs from it only in widths."""
-    tokenizer = qwen.build_tokenizer(400)
-    config = bench.shaped_config(bench.SHAPES["3b"], tokenizer)
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    assert sum(p.numel() for p in model.parameters()) == 3_754_622_976
-    assert sum(p.numel() for p in model.model.visual.parameters()) == 668_684_288
-    assert config.tie_word_embeddings and config.text_config.vocab_size == 151_936
+    models = {name: bench.build_shaped_model(bench.SHAPES[name], seed=0, dtype=torch.bfloat16,
+                                             device=torch.device("meta"))[0]
+              for name in ("3b", "3b-mini")}
+    big, mini = models["3b"], models["3b-mini"]
+    assert sum(p.numel() for p in big.parameters()) == 3_754_622_976
+    assert sum(p.numel() for p in big.model.visual.parameters()) == 668_684_288
+    text, vision = big.config.text_config, big.config.vision_config
+    assert big.config.tie_word_embeddings and text.vocab_size == 151_936
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert vision.fullatt_block_indexes == [7, 15, 23, 31] and vision.window_size == 112
 
-    big, mini = bench.SHAPES["3b"], bench.SHAPES["3b-mini"]
-    structure = ("layers", "vocab", "vision_depth", "fullatt_blocks", "window", "patch", "merge",
-                 "temporal_patch", "tie_embeddings", "rope_theta")
-    assert all(big[k] == mini[k] for k in structure)
-    assert big["heads"] // big["kv_heads"] == mini["heads"] // mini["kv_heads"]
+    same = lambda c: (c.text_config.num_hidden_layers, c.text_config.vocab_size,
+                      c.text_config.num_attention_heads // c.text_config.num_key_value_heads,
+                      c.vision_config.depth, c.vision_config.fullatt_block_indexes,
+                      c.vision_config.window_size, c.vision_config.patch_size,
+                      c.vision_config.spatial_merge_size, c.vision_config.temporal_patch_size,
+                      c.tie_word_embeddings, c.text_config.rope_parameters["rope_theta"])
+    assert same(big.config) == same(mini.config)
     # the mrope split keeps its proportions: time 1/4, height 3/8, width 3/8 of head_dim / 2
-    halves = [s / sum(shape["mrope_section"]) for shape in (big, mini)
-              for s in shape["mrope_section"]]
-    assert halves[:3] == halves[3:]
+    assert mini.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]

@@ -49,7 +49,9 @@ def test_smoke_bench_tiny_reports_every_field_and_its_work_in_closed_form(tmp_pa
         assert m["peak_mib"][name] > 0
     # which phases each objective has is a fact, not a timing
     assert phases["grpo"]["mask"] == phases["grpo"]["masked"] == 0.0
-    assert phases["papo-g"]["mask"] > 0 and phases["papo-g"]["masked"] > 0
+    # (PAPO-G's masking time is a difference of two timings, clamped at 0: on a busy machine it
+    # can read 0, so that it happened is checked by its work below, not by its time)
+    assert phases["papo-g"]["masked"] > 0
     assert phases["papo-g+grad"]["masked"] == 0.0               # inside the update instead
     assert m["ratios_to_grpo"]["grpo"] == {"step": 1.0, "update": 1.0, "memory": 1.0}
 

@@ -30,7 +30,8 @@ Map of this module:
     perception_kl           KL_prcp per token
     clipped_policy_loss     L_clip per token, with the clip fractions
     entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
-    aggregate               agg, in the four modes of the field, with a global normaliser
+    aggregate               agg, in the four modes of the field, with a global normaliser,
+                            and the official per-micro-batch token mean
     papo_loss               the whole objective and its logged metrics
     patch_mask_grid         which 14x14 squares to black out
     mask_image              I -> I_mask, in pixel space
@@ -50,7 +51,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The four modes of the field. With a global normaliser each gives the full batch's value and
+# gradient however the batch is cut into micro-batches and ranks.
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# The official PAPO code's aggregation (verl's token mean per micro-batch, divided by the number
+# of accumulation steps). It depends on how the batch is cut, so it is kept apart from AGG_MODES.
+MICRO_TOKEN_MEAN = "micro-token-mean"
+ALL_AGG_MODES = AGG_MODES + (MICRO_TOKEN_MEAN,)
 KL_KINDS = ("k1", "k2", "k3")
 ENTROPY_KINDS = ("sample", "exact")
 MASK_MODES = ("bernoulli", "exact")
@@ -257,9 +264,10 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
         "seq-mean-token-mean"      1/B sum_i (sum_t v*m / sum_t m)           (GRPO paper)
         "seq-mean-token-sum"       1/B sum_i  sum_t v*m
         "seq-mean-token-sum-norm"  1/B sum_i (sum_t v*m / L)                 (Dr. GRPO)
+        "micro-token-mean"         (sum_{i,t} v*m / N_tokens of THIS call) / K  (official code)
     L is a constant: max_len if given, else T. Pass the configured maximum response length, or
     micro-batches padded to different T would weigh the same token differently. A row with no
-    tokens contributes 0 to "seq-mean-token-mean".
+    tokens contributes 0 to "seq-mean-token-mean", a call with no tokens 0 to "micro-token-mean".
 
     normalizer replaces the local count in the final division: N_tokens for "token-mean", B
     for the seq-* modes. Why: the loss of a large batch is often accumulated over micro-batches
@@ -270,6 +278,14 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     exactly to the full-batch ones. DDP then AVERAGES gradients over W ranks, so each rank
     multiplies its loss by W to keep that sum.
 
+    "micro-token-mean" reproduces the official PAPO code: every micro-batch takes the token mean
+    over its OWN tokens and divides it by K, the number of micro-batches of the mini-batch (over
+    all ranks; pass K as normalizer, default 1). The sum over micro-batches is then the MEAN of
+    per-micro-batch token means, which depends on the micro-batch size: a token of a short
+    micro-batch weighs more than one of a long micro-batch. It equals the global "token-mean"
+    only when every micro-batch holds the same number of tokens, which is why "token-mean"
+    over the global batch stays this project's default.
+
     Example: v = [[1, 2, 3, 4], [5, 6, 7, 8]], m = [[1, 1, 1, 0], [1, 1, 0, 0]]:
         token-mean 17/5 = 3.4, seq-mean-token-mean (2 + 5.5)/2 = 3.75,
         seq-mean-token-sum 17/2 = 8.5, seq-mean-token-sum-norm (6/4 + 11/4)/2 = 2.125.
@@ -277,10 +293,15 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     >>> m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     >>> [round(aggregate(v, m, mode).item(), 4) for mode in AGG_MODES]
     [3.4, 3.75, 8.5, 2.125]
+
+    The same rows as two micro-batches of one row each, K = 2: (6/3 + 11/2) / 2 = 3.75, not 3.4.
+    >>> round(sum(aggregate(v[i:i+1], m[i:i+1], "micro-token-mean", 2) for i in (0, 1)).item(), 4)
+    3.75
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
-    if values.shape != mask.shape or (mode != "token-mean" and values.dim() != 2):
+    if mode not in ALL_AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(ALL_AGG_MODES)}")
+    if values.shape != mask.shape or (mode not in ("token-mean", MICRO_TOKEN_MEAN)
+                                      and values.dim() != 2):
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
     if isinstance(normalizer, (int, float)) and normalizer <= 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
@@ -288,6 +309,13 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     m = mask.to(dtype)                                                        # [B, T]
     # Padding may hold garbage (even inf or NaN) and 0 * NaN = NaN, so overwrite, not just multiply.
     vm = (values.to(dtype) * m).masked_fill(m == 0, 0.0)                      # [B, T]
+    if mode == MICRO_TOKEN_MEAN:
+        # this call's own token mean, then 1/K: the normaliser counts micro-batches, not tokens
+        count = m.sum()
+        local_mean = vm.sum() / torch.where(count > 0, count, torch.ones_like(count))
+        if normalizer is None:
+            return local_mean
+        return local_mean / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
     if mode == "token-mean":
         total = vm.sum()
         count = m.sum()

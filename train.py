@@ -129,7 +129,12 @@ class Config:
     clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
     dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
     agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
-                                      "seq-mean-token-sum | seq-mean-token-sum-norm.")
+                                      "seq-mean-token-sum | seq-mean-token-sum-norm (each "
+                                      "normalised over the whole mini-batch, all ranks: the "
+                                      "gradient does not depend on --micro-batch-size) | "
+                                      "micro-token-mean (the official code exactly: the mean of "
+                                      "per-micro-batch token means, which DOES depend on "
+                                      "--micro-batch-size and on the number of processes).")
     kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
                                  "or exact (-sum p log p from the logits).")
@@ -294,7 +299,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
     ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
-    ("agg_mode", lambda v: v in papo.AGG_MODES, "one of " + ", ".join(papo.AGG_MODES)),
+    ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
     ("max_draws", lambda v: v >= 1, ">= 1"),
@@ -791,7 +796,9 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     Normalisation: papo.aggregate divides by the GLOBAL number of tokens (or sequences) of the
     mini-batch, summed over micro-batches AND ranks, so the accumulated gradient equals that of
     one big batch whatever the micro-batch size or the number of GPUs. DDP averages gradients
-    over ranks, hence the factor world size on each rank's loss."""
+    over ranks, hence the factor world size on each rank's loss. --agg-mode micro-token-mean is
+    the exception on purpose: each micro-batch's own token mean, divided by the number of
+    micro-batches of the mini-batch over all ranks (the official code)."""
     B, G = len(batch.rollouts), cfg.group_size
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
     # Mini-batches are random GROUPS, their G rollouts kept together and adjacent: a micro-batch
@@ -805,9 +812,14 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     weight = 0.0
     grad_norms, skipped = [], 0
     for mini in minis:
-        count = mask[mini].sum() if cfg.agg_mode == "token-mean" else torch.tensor(float(len(mini)))
-        normalizer = all_reduce(count)
         micros = mini.split(cfg.micro_batch_size)
+        if cfg.agg_mode == "token-mean":
+            count = mask[mini].sum()
+        elif cfg.agg_mode == papo.MICRO_TOKEN_MEAN:
+            count = torch.tensor(float(len(micros)))      # K: micro-batches, summed over ranks
+        else:
+            count = torch.tensor(float(len(mini)))
+        normalizer = all_reduce(count)
         for i, idx in enumerate(micros):
             # only the last micro-batch all-reduces gradients; the others accumulate locally
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)

@@ -338,6 +338,10 @@ def test_aggregate_hand_values_for_every_mode():
     assert papo.aggregate(V, M, "seq-mean-token-sum-norm", max_len=10).item() == pytest.approx(0.85)
     assert papo.aggregate(V, M, "token-mean", normalizer=10).item() == pytest.approx(1.7)
     assert papo.aggregate(V, M, "seq-mean-token-sum", normalizer=torch.tensor(4.0)).item() == 4.25
+    # micro-token-mean: this call's token mean 17/5, divided by K micro-batches
+    assert papo.aggregate(V, M, "micro-token-mean").item() == pytest.approx(3.4, abs=1e-12)
+    assert papo.aggregate(V, M, "micro-token-mean", normalizer=2).item() == pytest.approx(1.7, abs=1e-12)
+    assert papo.aggregate(V, torch.zeros_like(M), "micro-token-mean", normalizer=2).item() == 0.0
 
 
 def test_aggregate_empty_rows_and_garbage_padding():
@@ -380,6 +384,54 @@ def test_micro_batches_with_global_normalizer_equal_the_full_batch(mode):
         total, grad_sum = total + micro.item(), grad_sum + g_micro.item()
     assert total == pytest.approx(full.item(), abs=1e-12)
     assert grad_sum == pytest.approx(full_grad.item(), abs=1e-12)
+
+
+def _micro_token_mean_and_grad(x, mask, w, cuts):
+    """Sum over micro-batches (row slices `cuts`) of aggregate(..., "micro-token-mean", K), and
+    its gradient w.r.t. the scalar w, with values sin(w * x) + w^2 as above."""
+    total, grad = 0.0, 0.0
+    for rows in cuts:
+        part = papo.aggregate(torch.sin(w * x[rows]) + w ** 2, mask[rows], "micro-token-mean",
+                              normalizer=len(cuts))
+        (g,) = torch.autograd.grad(part, w)
+        total, grad = total + part.item(), grad + g.item()
+    return total, grad
+
+
+def test_micro_token_mean_is_the_mean_of_micro_batch_means_and_depends_on_the_cut():
+    """The official aggregation: closed form = mean over micro-batches of each one's token mean.
+    Two micro-batch sizes give different values and gradients; when every micro-batch holds the
+    same number of tokens, it equals the global token mean (value and gradient)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, dtype=F64, generator=g)
+    w = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    lengths = torch.tensor([6, 1, 2, 3])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).to(F64)             # 12 tokens
+    v = (torch.sin(w * x) + w ** 2).detach()
+
+    def row_sum(i):
+        return float((v[i] * mask[i]).sum())
+    by_two = [slice(0, 2), slice(2, 4)]                    # 7 and 5 tokens
+    by_one = [slice(i, i + 1) for i in range(4)]           # 6, 1, 2, 3 tokens
+    value_two, grad_two = _micro_token_mean_and_grad(x, mask, w, by_two)
+    value_one, grad_one = _micro_token_mean_and_grad(x, mask, w, by_one)
+    assert value_two == pytest.approx(((row_sum(0) + row_sum(1)) / 7
+                                       + (row_sum(2) + row_sum(3)) / 5) / 2, abs=1e-12)
+    assert value_one == pytest.approx(sum(row_sum(i) / int(lengths[i]) for i in range(4)) / 4,
+                                      abs=1e-12)
+    assert abs(grad_two - grad_one) > 1e-3               # the cut changes the gradient
+    full = papo.aggregate(torch.sin(w * x) + w ** 2, mask, "token-mean")
+    (full_grad,) = torch.autograd.grad(full, w)
+    assert abs(grad_two - full_grad.item()) > 1e-3       # and neither is the global token mean
+
+    # equal token counts per micro-batch (6 + 0 and 3 + 3): the global token mean exactly
+    lengths = torch.tensor([6, 0, 3, 3])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).to(F64)
+    value_two, grad_two = _micro_token_mean_and_grad(x, mask, w, by_two)
+    full = papo.aggregate(torch.sin(w * x) + w ** 2, mask, "token-mean")
+    (full_grad,) = torch.autograd.grad(full, w)
+    assert value_two == pytest.approx(full.item(), abs=1e-12)
+    assert grad_two == pytest.approx(full_grad.item(), abs=1e-12)
 
 
 def test_aggregate_keeps_float64_and_upcasts_bf16():

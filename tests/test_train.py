@@ -400,3 +400,39 @@ def test_the_last_steps_evaluation_is_the_final_one_not_a_second_pass(tmp_path, 
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [3, 4]
     assert len(calls) == 3
     assert rows[-1]["eval_accuracy"] == result["after"]["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The official objective's switches, as update_phase wires them
+# ---------------------------------------------------------------------------------------------
+
+def _recording_papo_loss(monkeypatch):
+    """Replace papo.papo_loss by a wrapper that records every call's keyword arguments."""
+    calls = []
+    real = train.papo.papo_loss
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train.papo, "papo_loss", recording)
+    return calls
+
+
+@pytest.mark.parametrize("mode,expected", [("token-mean", "tokens"), ("micro-token-mean", 4.0),
+                                           ("seq-mean-token-mean", 16.0)])
+def test_update_normalises_by_tokens_sequences_or_micro_batches(tmp_path, monkeypatch, mode,
+                                                                expected):
+    """The global normaliser of each mode: the mini-batch's token count, its rollout count, or
+    for micro-token-mean the number K of micro-batches (16 rollouts in micro-batches of 4)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "grpo", "--beta", "0", "--micro-batch-size", "4",
+        "--agg-mode", mode)
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=False)
+    calls = _recording_papo_loss(monkeypatch)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    train.update_phase(batch, policy, optimizer, cfg, d, step=1)
+    assert len(calls) == 4 and all(c["agg_mode"] == mode for c in calls)
+    if expected == "tokens":
+        expected = float(batch.rollouts.completion_mask.sum())
+    assert [float(c["normalizer"]) for c in calls] == [expected] * 4

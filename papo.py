@@ -347,7 +347,8 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               logits: Optional[torch.Tensor] = None, masked_logits: Optional[torch.Tensor] = None,
               entropy_orig: Optional[torch.Tensor] = None,
               entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
-              max_len: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+              max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
            + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
 
@@ -371,12 +372,20 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     later mini-batches, top-p truncation, the length-dependent token-mean weights). The exact
     form's gradient is the entropy's own gradient (notebooks/02_objective.ipynb shows both).
 
+    KL_prcp clipping (kl_prcp_clip = c, official value 0.2; None = off): each token's KL_prcp
+    is clamped to [0, c] before it is aggregated, so no token contributes more than c and a
+    token beyond c gives no gradient: the policy cannot raise the term without bound by pushing
+    a few tokens far from the masked branch (the "KL_prcp hacking" of collapsed runs). The
+    lower bound matters only for k1, which can be negative.
+
     Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
     metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
     logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
     loss, pg_loss, kl_ref, kl_prcp, entropy_orig, entropy_mask, clip_low, clip_high, clip_dual,
     approx_kl_old (k3 estimate of KL(old || new) on the old policy's samples: how far the update
-    has moved), ratio_mean.
+    has moved), ratio_mean. "kl_prcp" is always the unclipped value over every token (what the
+    policy does, not what the loss sees); with clipping on, "kl_prcp_clipped" is the share of
+    tokens whose value the clamp changed.
 
     Example (token-mean, one token, A = 0 so only the perception term acts):
     >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
@@ -393,6 +402,8 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError("gamma != 0 (Implicit Perception Loss) needs masked_logp")
     if beta != 0 and ref_logp is None:
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
+    if kl_prcp_clip is not None and not 0 < kl_prcp_clip < math.inf:
+        raise ValueError(f"kl_prcp_clip must be > 0 (or None = off), got {kl_prcp_clip}")
     if entropy == "sample":
         if eta_mask != 0 and masked_logp is None:
             raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
@@ -433,6 +444,9 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if masked_logp is not None:
         kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
         log_mean("kl_prcp", kl_prcp)
+        if kl_prcp_clip is not None:
+            log_mean("kl_prcp_clipped", ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)).to(kl_prcp.dtype))
+            kl_prcp = kl_prcp.clamp(0.0, kl_prcp_clip)                        # [B, T]
         if gamma != 0:
             loss = loss - gamma * agg(kl_prcp)                               # maximised
     for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):

@@ -136,6 +136,9 @@ class Config:
                                       "per-micro-batch token means, which DOES depend on "
                                       "--micro-batch-size and on the number of processes).")
     kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+    kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
+                                   "so no token can raise the term past C (official switch, C = "
+                                   "0.2). 0 = off.")
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
                                  "or exact (-sum p log p from the logits).")
     dynamic_sampling: bool = arg(False, "DAPO: drop groups whose accuracy is all 0 or all 1 and "
@@ -301,6 +304,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
     ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
+    ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
+                                                           "KL_prcp a token contributes)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
     ("max_draws", lambda v: v >= 1, ">= 1"),
     ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -839,7 +844,8 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
                     entropy=cfg.entropy, entropy_orig=ent, entropy_mask=masked_ent,
-                    normalizer=normalizer, max_len=cfg.max_new_tokens)
+                    normalizer=normalizer, max_len=cfg.max_new_tokens,
+                    kl_prcp_clip=cfg.kl_prcp_clip or None)
                 (loss * d.world).backward()
             w = float(mask[idx].sum())          # token-weighted average of per-micro metrics
             for k, v in metrics.items():

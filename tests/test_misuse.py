@@ -37,7 +37,7 @@ BAD_TRAIN_FLAGS = [
     ("--dual-clip", "0.5"), ("--clip-low", "1"), ("--tiny-size", "huge"),
     ("--toy-tasks", "count,nope"), ("--eval-size", "-1"), ("--min-pixels", "0"),
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
-    ("--max-image-pixels", "0"),
+    ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
 ]
 
 

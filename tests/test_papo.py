@@ -578,6 +578,50 @@ def test_detached_sample_h_mask_changes_the_loss_not_the_gradient():
     torch.testing.assert_close(g1, g2, atol=1e-15, rtol=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# The official switches: KL_prcp clipping, the token-level KL_prcp mask, the SFT term
+# ---------------------------------------------------------------------------------------------
+
+# x = a - l per token: k3 gives D = exp(x) - x - 1 =
+#     ln 2 -> 1 - ln 2 = 0.3069,  -ln 2 -> ln 2 - 0.5 = 0.1931,  1 -> e - 2 = 0.7183,  0 -> 0
+X4 = torch.tensor([[LN2, -LN2, 1.0, 0.0]], dtype=F64)
+
+
+def _perception_only(x, **kw):
+    """papo_loss with A = 0 (no policy-gradient term) at l = 0, a = x: only KL_prcp acts."""
+    logp = torch.zeros_like(x, requires_grad=True)
+    loss, metrics = papo.papo_loss(logp, logp.detach(), torch.zeros(x.shape[0], dtype=F64),
+                                   kw.pop("mask", torch.ones_like(x)), masked_logp=x, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.item(), grad, metrics
+
+
+def test_kl_prcp_clip_clamps_each_token_to_0_c_before_the_mean():
+    d = [1 - LN2, LN2 - 0.5, math.e - 2, 0.0]
+    loss, grad, metrics = _perception_only(X4, gamma=0.1, kl_prcp_clip=0.2)
+    # closed form: -gamma * mean(min(D, 0.2)) = -0.1 * (0.2 + 0.1931 + 0.2 + 0) / 4
+    assert loss == pytest.approx(-0.1 * (0.2 + (LN2 - 0.5) + 0.2 + 0.0) / 4, abs=1e-12)
+    # gradient -gamma * (1 - exp(x)) / N where the clamp does not bind, exactly 0 where it does
+    assert grad.tolist()[0] == pytest.approx([0.0, -0.1 * (1 - 0.5) / 4, 0.0, 0.0], abs=1e-15)
+    assert metrics["kl_prcp"] == pytest.approx(sum(d) / 4, abs=1e-12)      # logged unclipped
+    assert metrics["kl_prcp_clipped"] == 0.5                               # 2 of 4 tokens
+    # a clip above every value changes nothing; off (None) logs no clip fraction
+    same, _, _ = _perception_only(X4, gamma=0.1, kl_prcp_clip=1.0)
+    assert same == pytest.approx(-0.1 * sum(d) / 4, abs=1e-12)
+    assert "kl_prcp_clipped" not in _perception_only(X4, gamma=0.1)[2]
+
+
+def test_kl_prcp_clip_lifts_negative_k1_values_to_zero():
+    # k1 = l - a = -x: [-ln 2, ln 2, -1, 0] -> clamped [0, 0.2, 0, 0]
+    loss, grad, metrics = _perception_only(X4, gamma=1.0, kl_prcp_clip=0.2, kl_kind="k1")
+    assert loss == pytest.approx(-0.2 / 4, abs=1e-12)
+    # the three changed tokens have no gradient; x = 0 sits ON the bound, unchanged: d(-k1)/dl = -1
+    assert grad.tolist()[0] == [0.0, 0.0, 0.0, -1.0 / 4]
+    assert metrics["kl_prcp_clipped"] == 0.75            # -ln 2, ln 2 and -1 were changed
+    with pytest.raises(ValueError, match="kl_prcp_clip"):
+        _perception_only(X4, gamma=1.0, kl_prcp_clip=0.0)
+
+
 def test_papo_loss_dtypes():
     b = make_batch()
     assert call(b)[0].dtype == F64

@@ -28,6 +28,7 @@ Map of this module:
     group_advantages        r -> A                              (GRPO / Dr. GRPO)
     kl_estimate             k1 / k2 / k3 estimators of KL from sampled tokens
     perception_kl           KL_prcp per token
+    perception_token_mask   the tokens of each rollout with the largest KL_prcp (official switch)
     clipped_policy_loss     L_clip per token, with the clip fractions
     entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
     aggregate               agg, in the four modes of the field, with a global normaliser,
@@ -167,6 +168,40 @@ def perception_kl(logp: torch.Tensor, masked_logp: torch.Tensor, kind: str = "k3
     (gradient of -gamma*D here: -gamma * (1 - 0.25/0.5) = -0.5 gamma.)
     """
     return kl_estimate(logp, masked_logp, kind)
+
+
+def perception_token_mask(kl_prcp: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The token-level KL_prcp mask: per rollout, the tokens whose KL_prcp is in its top `fraction`.
+
+        keep_{i,t} = m_{i,t}  and  D_{i,t} >= Q_i(1 - fraction)
+
+    Q_i(q) is the q-quantile of row i's VALID values (torch.nanquantile over the row with its
+    padding set to NaN; linear interpolation between order statistics, as torch's default and
+    the official code). kl_prcp (D), mask: [B, T] -> bool [B, T]. Values tied with the threshold
+    are all kept, so a row of equal values is kept whole; a row with one valid token keeps it;
+    padding and empty rows keep nothing. The selection carries no gradient.
+
+    Why: most tokens of a reasoning trace (connectives, arithmetic, formatting) are as likely
+    with the masked picture as with the real one; their KL_prcp is noise around zero. Keeping
+    only each rollout's most image-dependent tokens aims the term where the picture matters.
+
+    Example: D = [0.5, 0.1, 0.9, 0.3, 0.7], fraction 0.2. Sorted: 0.1 0.3 0.5 0.7 0.9; the
+    0.8-quantile sits at position 0.8 * 4 = 3.2, i.e. 0.7 + 0.2 * (0.9 - 0.7) = 0.74: only 0.9.
+    >>> D = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7]])
+    >>> perception_token_mask(D, torch.ones(1, 5), 0.2).int().tolist()
+    [[0, 0, 1, 0, 0]]
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if kl_prcp.shape != mask.shape or kl_prcp.dim() != 2:
+        raise ValueError(f"kl_prcp {tuple(kl_prcp.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+    valid = mask.bool()                                                       # [B, T]
+    d = kl_prcp.detach().to(_compute_dtype(kl_prcp))                          # [B, T]
+    # NaN padding is what nanquantile skips; a row with no valid token gives a NaN threshold,
+    # and every comparison with NaN is False, so such a row keeps nothing.
+    row = d.masked_fill(~valid, math.nan)                                     # [B, T]
+    threshold = torch.nanquantile(row, 1.0 - fraction, dim=-1, keepdim=True)  # [B, 1]
+    return valid & (d >= threshold)                                           # [B, T]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +383,9 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               entropy_orig: Optional[torch.Tensor] = None,
               entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
               max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
+              kl_prcp_token_fraction: Optional[float] = None,
+              kl_prcp_keep: Optional[torch.Tensor] = None,
+              kl_prcp_normalizer: Optional[Number] = None,
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
            + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
@@ -378,6 +416,15 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     a few tokens far from the masked branch (the "KL_prcp hacking" of collapsed runs). The
     lower bound matters only for k1, which can be negative.
 
+    Token-level KL_prcp mask (kl_prcp_token_fraction = p, official value 0.2; None = off): the
+    term is aggregated over perception_token_mask(D, mask, p) instead of mask, the selection
+    made on the UNCLIPPED values (the official order: select, then clamp). kl_prcp_keep, a
+    precomputed bool [B, T] selection, takes precedence (a caller that had to count the kept
+    tokens of the whole batch beforehand passes the selection it counted). The term's
+    normaliser is kl_prcp_normalizer when given, else normalizer. With a global "token-mean"
+    normalizer it must be given: the term is a mean over the KEPT tokens of the whole batch,
+    and a normalizer counting every token would silently scale it by about p.
+
     Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
     metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
     logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
@@ -385,7 +432,8 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     approx_kl_old (k3 estimate of KL(old || new) on the old policy's samples: how far the update
     has moved), ratio_mean. "kl_prcp" is always the unclipped value over every token (what the
     policy does, not what the loss sees); with clipping on, "kl_prcp_clipped" is the share of
-    tokens whose value the clamp changed.
+    tokens whose value the clamp changed (among those in the term), and with the token mask
+    on, "kl_prcp_kept" is the share of tokens kept.
 
     Example (token-mean, one token, A = 0 so only the perception term acts):
     >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
@@ -404,6 +452,11 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
     if kl_prcp_clip is not None and not 0 < kl_prcp_clip < math.inf:
         raise ValueError(f"kl_prcp_clip must be > 0 (or None = off), got {kl_prcp_clip}")
+    selects = kl_prcp_keep is not None or kl_prcp_token_fraction is not None
+    if (selects and gamma != 0 and agg_mode == "token-mean" and normalizer is not None
+            and kl_prcp_normalizer is None):
+        raise ValueError("the token-level KL_prcp mask with a global token-mean normalizer needs "
+                         "kl_prcp_normalizer, the global number of KEPT tokens")
     if entropy == "sample":
         if eta_mask != 0 and masked_logp is None:
             raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
@@ -444,11 +497,22 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if masked_logp is not None:
         kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
         log_mean("kl_prcp", kl_prcp)
+        keep = mask                                  # the tokens the term is aggregated over
+        if kl_prcp_keep is not None:
+            keep = kl_prcp_keep.bool() & mask.bool()                          # [B, T]
+        elif kl_prcp_token_fraction is not None:
+            keep = perception_token_mask(kl_prcp, mask, kl_prcp_token_fraction)  # [B, T]
+        if selects:
+            log_mean("kl_prcp_kept", keep.to(kl_prcp.dtype))
         if kl_prcp_clip is not None:
-            log_mean("kl_prcp_clipped", ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)).to(kl_prcp.dtype))
+            changed = ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)) & keep.bool()  # [B, T]
+            log_mean("kl_prcp_clipped", changed.to(kl_prcp.dtype))
             kl_prcp = kl_prcp.clamp(0.0, kl_prcp_clip)                        # [B, T]
         if gamma != 0:
-            loss = loss - gamma * agg(kl_prcp)                               # maximised
+            term = aggregate(kl_prcp, keep, agg_mode,
+                             kl_prcp_normalizer if kl_prcp_normalizer is not None else normalizer,
+                             max_len)
+            loss = loss - gamma * term                                        # maximised
     for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
         if h is not None:
             log_mean(name, h)

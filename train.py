@@ -139,6 +139,13 @@ class Config:
     kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
                                    "so no token can raise the term past C (official switch, C = "
                                    "0.2). 0 = off.")
+    kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, only the "
+                                             "tokens whose KL_prcp is at or above the (1 - P) "
+                                             "quantile of its tokens enter the term (selected "
+                                             "before --kl-prcp-clip; official switch, P = 0.2). "
+                                             "With --agg-mode token-mean the kept tokens of each "
+                                             "mini-batch are counted first, in a no-gradient "
+                                             "pass (one extra forward per rollout). 0 = off.")
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
                                  "or exact (-sum p log p from the logits).")
     dynamic_sampling: bool = arg(False, "DAPO: drop groups whose accuracy is all 0 or all 1 and "
@@ -306,6 +313,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
     ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
                                                            "KL_prcp a token contributes)"),
+    ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
+                                                      "rollout's tokens kept)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
     ("max_draws", lambda v: v >= 1, ">= 1"),
     ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -351,6 +360,12 @@ def check_config(cfg: Config, world_size: int) -> None:
     if cfg.model and not cfg.data:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
+    shaping = [flag for flag, on in (("--kl-prcp-clip", cfg.kl_prcp_clip),
+                                     ("--kl-prcp-token-fraction", cfg.kl_prcp_token_fraction))
+               if on]
+    if shaping and cfg.gamma == 0:
+        problems.append(f"{', '.join(shaping)} shape the KL_prcp term, which --gamma 0 turns "
+                        "off (--preset grpo or dapo); set --gamma or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
     if cfg.prompt_template:
@@ -825,6 +840,7 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         else:
             count = torch.tensor(float(len(mini)))
         normalizer = all_reduce(count)
+        keeps, kept = _perception_keep(batch, policy, micros, cfg, d)
         for i, idx in enumerate(micros):
             # only the last micro-batch all-reduces gradients; the others accumulate locally
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)
@@ -845,7 +861,9 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
                     entropy=cfg.entropy, entropy_orig=ent, entropy_mask=masked_ent,
                     normalizer=normalizer, max_len=cfg.max_new_tokens,
-                    kl_prcp_clip=cfg.kl_prcp_clip or None)
+                    kl_prcp_clip=cfg.kl_prcp_clip or None,
+                    kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
+                    kl_prcp_keep=keeps[i] if keeps else None, kl_prcp_normalizer=kept)
                 (loss * d.world).backward()
             w = float(mask[idx].sum())          # token-weighted average of per-micro metrics
             for k, v in metrics.items():
@@ -864,6 +882,40 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     out = {k: float(v / max(packed[0], 1.0)) for k, v in zip(sorted(sums), packed[1:])}
     out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped)
     return out
+
+
+@torch.no_grad()
+def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist):
+    """The token-level KL_prcp mask of a mini-batch, made before its gradient passes: (the kept
+    tokens of each micro-batch, their count over the mini-batch and all ranks); ([], None)
+    when not needed.
+
+    Needed only with --agg-mode token-mean. There the KL_prcp term is a mean over the KEPT
+    tokens of the whole mini-batch, and that count must be known before the first micro-batch's
+    backward, like the token count of the other terms - but which tokens are kept depends on the
+    current policy's log-probs. So a no-gradient pass with the same weights selects them here,
+    and the update uses exactly this selection (not a re-selection from its own forward, whose
+    rounding may differ). In the other modes each micro-batch's (or row's) normaliser is local,
+    and papo_loss selects from the update's own forward."""
+    if not (cfg.kl_prcp_token_fraction and cfg.agg_mode == "token-mean" and cfg.gamma):
+        return [], None
+    net = unwrap(policy)                       # no gradient: no DDP bookkeeping wanted
+    keeps = []
+    for idx in micros:
+        with autocast(cfg, d.device):
+            logp = qwen.completion_logprobs(net, batch.rollouts.select(idx),
+                                            temperature=cfg.temperature)       # [b, T]
+            if batch.masked_logp is not None:
+                masked_logp = batch.masked_logp[idx]                             # [b, T]
+            else:                                                   # --perception-grad
+                masked_logp = qwen.completion_logprobs(net, batch.masked.select(idx),
+                                                       temperature=cfg.temperature)
+        kl = papo.perception_kl(logp, masked_logp, cfg.kl_kind)                  # [b, T]
+        mask = batch.rollouts.completion_mask[idx]                               # [b, T]
+        keeps.append(papo.perception_token_mask(kl, mask, cfg.kl_prcp_token_fraction))
+    count = all_reduce(torch.stack([k.sum() for k in keeps]).sum().double())
+    # no kept token anywhere means no term (a sum of 0); 1 keeps the division defined
+    return keeps, count.clamp(min=1.0)
 
 
 def _masked_branch(batch: Batch, policy, idx, cfg: Config):

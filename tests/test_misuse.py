@@ -38,6 +38,7 @@ BAD_TRAIN_FLAGS = [
     ("--toy-tasks", "count,nope"), ("--eval-size", "-1"), ("--min-pixels", "0"),
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
     ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
+    ("--kl-prcp-token-fraction", "1.5"), ("--kl-prcp-token-fraction", "-0.2"),
 ]
 
 
@@ -63,6 +64,16 @@ def test_the_defaults_and_the_presets_pass(tmp_path):
     for preset in train.PRESETS:
         for extra in ([], ["--model", str(tmp_path), "--data", "x.jsonl"]):
             train.check_config(train.parse_config(["--preset", preset, *extra]), world_size=1)
+
+
+@pytest.mark.parametrize("flags", [["--kl-prcp-clip", "0.2"], ["--kl-prcp-token-fraction", "0.2"]])
+def test_kl_prcp_switches_without_the_kl_prcp_term_are_refused(flags, tmp_path):
+    """They would do nothing: GRPO and DAPO have no KL_prcp term (gamma 0)."""
+    for preset in ("grpo", "dapo"):
+        cfg = train.parse_config(["--out", str(tmp_path / "run"), "--preset", preset, *flags])
+        with pytest.raises(SystemExit, match=f"{flags[0]}.*--gamma 0"):
+            train.check_config(cfg, world_size=1)
+    train.check_config(train.parse_config(["--out", str(tmp_path / "run"), *flags]), 1)
 
 
 def test_out_naming_a_file_is_refused(tmp_path):

@@ -622,6 +622,94 @@ def test_kl_prcp_clip_lifts_negative_k1_values_to_zero():
         _perception_only(X4, gamma=1.0, kl_prcp_clip=0.0)
 
 
+def _keep(rows, valid, fraction):
+    d = torch.tensor(rows, dtype=F64)
+    m = torch.tensor(valid)
+    return papo.perception_token_mask(d, m, fraction).int().tolist()
+
+
+def test_token_mask_keeps_the_values_at_or_above_the_row_quantile():
+    # sorted 0.1 0.3 0.5 0.7 0.9; q(0.8) at position 3.2 = 0.74; q(0.6) at 2.4 = 0.58;
+    # q(0.0) = the minimum: fraction 1 keeps every valid token
+    row = [[0.5, 0.1, 0.9, 0.3, 0.7]]
+    assert _keep(row, [[1] * 5], 0.2) == [[0, 0, 1, 0, 0]]
+    assert _keep(row, [[1] * 5], 0.4) == [[0, 0, 1, 0, 1]]
+    assert _keep(row, [[1] * 5], 1.0) == [[1] * 5]
+    # rows are independent: the same values in a second row with 3 valid tokens
+    # (0.5, 0.1, 0.9 -> q(0.8) at position 1.6 = 0.5 + 0.6 * 0.4 = 0.74)
+    assert _keep(row * 2, [[1] * 5, [1, 1, 1, 0, 0]], 0.2) == [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]]
+
+
+def test_token_mask_keeps_every_tie_with_the_threshold():
+    assert _keep([[0.2, 0.2, 0.2, 0.2]], [[1] * 4], 0.2) == [[1, 1, 1, 1]]   # q = 0.2: all tie
+    # sorted 0.1 0.3 0.5 0.5 0.5: q(0.8) at 3.2 is 0.5, held by three tokens
+    assert _keep([[0.1, 0.5, 0.5, 0.5, 0.3]], [[1] * 5], 0.2) == [[0, 1, 1, 1, 0]]
+
+
+def test_token_mask_one_valid_token_empty_rows_and_padding():
+    # one valid token is its own quantile: kept
+    assert _keep([[0.3, 7.0, 7.0]], [[1, 0, 0]], 0.2) == [[1, 0, 0]]
+    # padding holds large values (or NaN, inf): never kept, and not part of the quantile
+    # (valid 0.1 and 0.2: q(0.8) = 0.18, so only 0.2 is kept)
+    for pad in (9.0, math.nan, math.inf):
+        assert _keep([[0.1, 0.2, pad, pad]], [[1, 1, 0, 0]], 0.2) == [[0, 1, 0, 0]]
+    assert _keep([[0.1, 0.2, 0.3]], [[0, 0, 0]], 0.2) == [[0, 0, 0]]       # empty row
+    with pytest.raises(ValueError, match="fraction"):
+        _keep([[0.1]], [[1]], 0.0)
+
+
+# KL_prcp given directly: with k1, l = 0 and a = -D give KL_prcp = l - a = D exactly
+D2 = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7], [0.4, 0.6, 0.0, 0.0, 0.0]], dtype=F64)
+M2 = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+
+def test_token_mask_in_papo_loss_is_the_mean_over_kept_tokens():
+    # kept at p = 0.2: row 0 {0.9}; row 1 (0.4, 0.6: q = 0.56) {0.6}
+    loss, grad, metrics = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
+                                           kl_prcp_token_fraction=0.2)
+    assert loss == pytest.approx(-0.1 * (0.9 + 0.6) / 2, abs=1e-12)
+    expected = torch.zeros_like(D2)
+    expected[0, 2] = expected[1, 1] = -0.1 / 2            # d(-gamma * D)/dl = -gamma, / 2 kept
+    torch.testing.assert_close(grad, expected, atol=1e-15, rtol=0)
+    assert metrics["kl_prcp_kept"] == pytest.approx(2 / 7)
+    assert metrics["kl_prcp"] == pytest.approx(3.5 / 7)   # still every token's value
+    # a precomputed selection takes precedence over the fraction
+    keep = torch.zeros_like(M2, dtype=torch.bool)
+    keep[0, 0] = True
+    loss, _, _ = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
+                                  kl_prcp_token_fraction=0.2, kl_prcp_keep=keep)
+    assert loss == pytest.approx(-0.1 * 0.5, abs=1e-12)
+
+
+def test_token_mask_selects_before_clipping():
+    """Select on the raw values, then clamp: 0.5 alone is over q(0.8) = 0.3. Clamping first
+    would tie 0.5, 0.25 and 0.22 at 0.2 and keep all three (a sum of 0.6, not 0.2)."""
+    d = torch.tensor([[0.5, 0.25, 0.22, 0.1, 0.05]], dtype=F64)
+    loss, _, metrics = _perception_only(-d, gamma=1.0, kl_kind="k1", kl_prcp_token_fraction=0.2,
+                                        kl_prcp_clip=0.2, agg_mode="seq-mean-token-sum")
+    assert loss == pytest.approx(-0.2, abs=1e-12)
+    assert metrics["kl_prcp_kept"] == metrics["kl_prcp_clipped"] == pytest.approx(0.2)
+
+
+def test_token_mask_with_a_global_normalizer_counts_kept_tokens():
+    """Micro-batches (one row each) with the global KEPT count equal the full batch, loss and
+    gradient; without that count a global token-mean normalizer is refused."""
+    logp = torch.zeros_like(D2, requires_grad=True)
+    kw = dict(masked_logp=-D2, gamma=0.1, kl_kind="k1", kl_prcp_token_fraction=0.2)
+    zeros = lambda n: torch.zeros(n, dtype=F64)
+    full, _ = papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    kept = papo.perception_token_mask(D2, M2, 0.2).sum()
+    parts = [papo.papo_loss(logp[i:i + 1], logp[i:i + 1].detach(), zeros(1), M2[i:i + 1],
+                            **{**kw, "masked_logp": -D2[i:i + 1]}, normalizer=M2.sum(),
+                            kl_prcp_normalizer=kept)[0] for i in (0, 1)]
+    (grad,) = torch.autograd.grad(sum(parts), logp)
+    assert sum(parts).item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="kl_prcp_normalizer"):
+        papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw, normalizer=M2.sum())
+
+
 def test_papo_loss_dtypes():
     b = make_batch()
     assert call(b)[0].dtype == F64

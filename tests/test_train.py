@@ -1,5 +1,6 @@
 """End-to-end checks of the training loop on the "tiny" offline model (seconds each)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -436,3 +437,58 @@ def test_update_normalises_by_tokens_sequences_or_micro_batches(tmp_path, monkey
     if expected == "tokens":
         expected = float(batch.rollouts.completion_mask.sum())
     assert [float(c["normalizer"]) for c in calls] == [expected] * 4
+
+
+class GradientRecorder:
+    """Stands in for the optimizer: records the gradient at each step, changes no weight, so
+    update_phase can run again on the same policy with other settings."""
+
+    def __init__(self, policy):
+        self.params = list(policy.parameters())
+        self.grads = []
+
+    def step(self):
+        self.grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                     for p in self.params]))
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _update_gradient(batch, policy, cfg, d, **changes):
+    """The one gradient update_phase applies (one mini-batch) with the config changed."""
+    recorder = GradientRecorder(policy)
+    train.update_phase(batch, policy, recorder, dataclasses.replace(cfg, **changes), d, step=1)
+    assert len(recorder.grads) == 1
+    return recorder.grads[0]
+
+
+def test_token_mask_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, monkeypatch):
+    """--kl-prcp-token-fraction under the default token-mean: the kept tokens are selected and
+    counted over the whole mini-batch first, so micro-batches of 4 give the gradient of one
+    micro-batch of 16; the term is really in it (the gradient differs with the mask off)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--gamma", "1.0", "--grad-clip", "1e9",
+        "--kl-prcp-token-fraction", "0.2")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    calls = _recording_papo_loss(monkeypatch)
+    rows, select = [], qwen.Rollouts.select
+    monkeypatch.setattr(qwen.Rollouts, "select", lambda self, idx: (
+        rows.append([int(i) for i in idx]) if self is batch.rollouts else None) or select(self, idx))
+    whole = _update_gradient(batch, policy, cfg, d, micro_batch_size=16)
+    # the selection update_phase counted is the mask of the current log-probs, row by row
+    with torch.no_grad():
+        logp = qwen.completion_logprobs(policy, batch.rollouts)
+    keep = train.papo.perception_token_mask(train.papo.perception_kl(logp, batch.masked_logp),
+                                            batch.rollouts.completion_mask, 0.2)
+    assert len(calls) == 1 and torch.equal(calls[0]["kl_prcp_keep"], keep[rows[-1]])
+    assert float(calls[0]["kl_prcp_normalizer"]) == float(keep.sum()) > 0
+    assert keep.sum() < batch.rollouts.completion_mask.sum()
+    by_four = _update_gradient(batch, policy, cfg, d, micro_batch_size=4)
+    torch.testing.assert_close(by_four, whole, rtol=1e-4, atol=1e-7)
+    unmasked = _update_gradient(batch, policy, cfg, d, micro_batch_size=16,
+                                kl_prcp_token_fraction=0.0)
+    assert (unmasked - whole).norm() > 1e-3 * whole.norm()

@@ -24,6 +24,11 @@ The objective, minimised:
                           rising entropy of both branches is the first sign of collapse
     agg     = how per-token values become one number ("token-mean": sum(v*m) / sum(m))
 
+Switches of the official code, all off by default (papo_loss): KL_prcp clamped to [0, c] per
+token; KL_prcp aggregated over each rollout's top tokens only; and + sft_coef * (token mean of
+-l over the rollouts whose answer is right), a small supervised pull towards the policy's own
+successes.
+
 Map of this module:
     group_advantages        r -> A                              (GRPO / Dr. GRPO)
     kl_estimate             k1 / k2 / k3 estimators of KL from sampled tokens
@@ -385,7 +390,8 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
               kl_prcp_token_fraction: Optional[float] = None,
               kl_prcp_keep: Optional[torch.Tensor] = None,
-              kl_prcp_normalizer: Optional[Number] = None,
+              kl_prcp_normalizer: Optional[Number] = None, sft_coef: float = 0.0,
+              sft_rows: Optional[torch.Tensor] = None, sft_normalizer: Optional[Number] = None,
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
            + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
@@ -425,6 +431,15 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     normalizer it must be given: the term is a mean over the KEPT tokens of the whole batch,
     and a normalizer counting every token would silently scale it by about p.
 
+    SFT loss on correct rollouts (sft_coef, official value 1e-3; 0 = off): adds
+        sft_coef * sum_{i correct, t} -l_{i,t} * m_{i,t} / N_correct
+    where sft_rows ([B], bool or 0/1) marks the rollouts whose accuracy is 1. It is a TOKEN
+    mean over those rollouts' tokens in every mode. Its normaliser: sft_normalizer, the number
+    of such tokens in the whole batch (over micro-batches and ranks), so that micro-batches sum
+    to the full-batch gradient; it must be given with a global normalizer. With
+    agg_mode="micro-token-mean" it is instead this call's own token mean divided by normalizer
+    (K), like every other term in that mode. A batch with no correct rollout adds 0.
+
     Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
     metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
     logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
@@ -433,7 +448,8 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     has moved), ratio_mean. "kl_prcp" is always the unclipped value over every token (what the
     policy does, not what the loss sees); with clipping on, "kl_prcp_clipped" is the share of
     tokens whose value the clamp changed (among those in the term), and with the token mask
-    on, "kl_prcp_kept" is the share of tokens kept.
+    on, "kl_prcp_kept" is the share of tokens kept. With sft_rows given, "sft_nll" is the mean
+    -l over the correct rollouts' tokens only (0 when there are none).
 
     Example (token-mean, one token, A = 0 so only the perception term acts):
     >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
@@ -457,6 +473,12 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             and kl_prcp_normalizer is None):
         raise ValueError("the token-level KL_prcp mask with a global token-mean normalizer needs "
                          "kl_prcp_normalizer, the global number of KEPT tokens")
+    if sft_coef != 0 and sft_rows is None:
+        raise ValueError("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
+    if (sft_coef != 0 and normalizer is not None and agg_mode != MICRO_TOKEN_MEAN
+            and sft_normalizer is None):
+        raise ValueError("sft_coef with a global normalizer needs sft_normalizer, the global "
+                         "number of tokens of correct rollouts")
     if entropy == "sample":
         if eta_mask != 0 and masked_logp is None:
             raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
@@ -518,6 +540,18 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             log_mean(name, h)
             if eta != 0:
                 loss = loss + eta * agg(h)                                   # entropy pushed down
+    if sft_rows is not None:
+        # m restricted to the rollouts whose answer is right
+        sft_mask = mask.bool() & sft_rows.bool().reshape(-1, 1)               # [B, T]
+        nll = -logp.to(_compute_dtype(logp))                                  # [B, T]
+        stats["sft_nll"] = aggregate(nll.detach(), sft_mask)
+        if sft_coef != 0:
+            if agg_mode == MICRO_TOKEN_MEAN:
+                sft = aggregate(nll, sft_mask, MICRO_TOKEN_MEAN,
+                                sft_normalizer if sft_normalizer is not None else normalizer)
+            else:
+                sft = aggregate(nll, sft_mask, "token-mean", sft_normalizer)
+            loss = loss + sft_coef * sft                          # raises l on right answers
     with torch.no_grad():
         log_mean("approx_kl_old", kl_estimate(old_logp, logp, "k3"))
         dtype = _compute_dtype(logp, old_logp)

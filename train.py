@@ -154,6 +154,12 @@ class Config:
     mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
     mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
     mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+    sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
+                               "times the token mean of -log pi over the tokens of the rollouts "
+                               "whose accuracy is 1, normalised by their number in the whole "
+                               "mini-batch (all micro-batches and ranks; per micro-batch with "
+                               "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
+                               "start's --sft-* settings.")
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
@@ -313,6 +319,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
     ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
                                                            "KL_prcp a token contributes)"),
+    ("sft_coef", lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"),
     ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
                                                       "rollout's tokens kept)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
@@ -821,6 +828,8 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     micro-batches of the mini-batch over all ranks (the official code)."""
     B, G = len(batch.rollouts), cfg.group_size
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
+    # the rollouts whose answer is right: the SFT term's rows
+    correct = (batch.accuracy == 1) if cfg.sft_coef else None                # [B]
     # Mini-batches are random GROUPS, their G rollouts kept together and adjacent: a micro-batch
     # then holds whole groups, and completion_logprobs reads each group's prompt and picture once
     # for its G rollouts (random rows would split groups over micro-batches and read them again).
@@ -829,7 +838,7 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     minis = [(groups[:, None] * G + torch.arange(G)).flatten()               # rows of the groups
              for groups in order.chunk(cfg.updates_per_step)]
     sums: dict[str, float] = {}
-    weight = 0.0
+    weights: dict[str, float] = {}
     grad_norms, skipped = [], 0
     for mini in minis:
         micros = mini.split(cfg.micro_batch_size)
@@ -841,6 +850,11 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
             count = torch.tensor(float(len(mini)))
         normalizer = all_reduce(count)
         keeps, kept = _perception_keep(batch, policy, micros, cfg, d)
+        sft_count = None
+        if correct is not None and cfg.agg_mode != papo.MICRO_TOKEN_MEAN:
+            # the SFT term is a token mean over the correct rollouts of the WHOLE mini-batch;
+            # with none of them anywhere it is 0, and 1 keeps the division defined
+            sft_count = all_reduce((mask[mini] * correct[mini, None]).sum()).clamp(min=1.0)
         for i, idx in enumerate(micros):
             # only the last micro-batch all-reduces gradients; the others accumulate locally
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)
@@ -863,13 +877,18 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     normalizer=normalizer, max_len=cfg.max_new_tokens,
                     kl_prcp_clip=cfg.kl_prcp_clip or None,
                     kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
-                    kl_prcp_keep=keeps[i] if keeps else None, kl_prcp_normalizer=kept)
+                    kl_prcp_keep=keeps[i] if keeps else None, kl_prcp_normalizer=kept,
+                    sft_coef=cfg.sft_coef, sft_rows=correct[idx] if correct is not None else None,
+                    sft_normalizer=sft_count)
                 (loss * d.world).backward()
-            w = float(mask[idx].sum())          # token-weighted average of per-micro metrics
+            # token-weighted average of per-micro metrics; sft_nll is a mean over the correct
+            # rollouts' tokens only, so those are its weights
+            w = float(mask[idx].sum())
+            own = {"sft_nll": float((mask[idx] * correct[idx, None]).sum())} if correct is not None else {}
             for k, v in metrics.items():
                 if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + v * w
-            weight += w
+                    sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
+                    weights[k] = weights.get(k, 0.0) + own.get(k, w)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         if torch.isfinite(grad_norm):   # gradients are all-reduced, so every rank agrees
             optimizer.step()
@@ -878,8 +897,10 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         optimizer.zero_grad(set_to_none=True)
         grad_norms.append(float(grad_norm))
     # average the metrics over ranks, weighted by their token counts
-    packed = all_reduce(torch.tensor([weight] + [sums[k] for k in sorted(sums)], dtype=torch.float64))
-    out = {k: float(v / max(packed[0], 1.0)) for k, v in zip(sorted(sums), packed[1:])}
+    keys = sorted(sums)
+    packed = all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys],
+                                     dtype=torch.float64))
+    out = {k: float(packed[j] / max(packed[len(keys) + j], 1.0)) for j, k in enumerate(keys)}
     out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped)
     return out
 

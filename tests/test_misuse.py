@@ -39,6 +39,7 @@ BAD_TRAIN_FLAGS = [
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
     ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
     ("--kl-prcp-token-fraction", "1.5"), ("--kl-prcp-token-fraction", "-0.2"),
+    ("--sft-coef", "-0.001"),
 ]
 
 

@@ -710,6 +710,55 @@ def test_token_mask_with_a_global_normalizer_counts_kept_tokens():
         papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw, normalizer=M2.sum())
 
 
+def test_sft_term_is_the_token_mean_nll_of_correct_rollouts():
+    b = make_batch()
+    rows = torch.tensor([True, False, True])           # rollouts 0 and 2: 5 + 1 tokens
+    base, _ = call(b)
+    loss, metrics = call(b, sft_coef=0.5, sft_rows=rows)
+    nll = -(b["logp"][0].sum() + b["logp"][2, 0])
+    assert (loss - base).item() == pytest.approx(0.5 * nll.item() / 6, abs=1e-12)
+    assert metrics["sft_nll"] == pytest.approx(nll.item() / 6, abs=1e-12)
+    (g_on,) = torch.autograd.grad(loss, b["logp"])
+    (g_off,) = torch.autograd.grad(base, b["logp"])
+    expected = torch.zeros(3, 5, dtype=F64)
+    expected[0, :] = expected[2, 0] = -0.5 / 6           # -l pushed down: l pushed up
+    torch.testing.assert_close(g_on - g_off, expected, atol=1e-15, rtol=0)
+    # no correct rollout: nothing added, the metric is 0
+    none, metrics = call(b, sft_coef=0.5, sft_rows=torch.zeros(3, dtype=torch.bool))
+    assert none.item() == base.item() and metrics["sft_nll"] == 0.0
+    with pytest.raises(ValueError, match="sft_rows"):
+        call(b, sft_coef=0.5)
+
+
+def test_sft_term_micro_batched_with_the_global_count_equals_the_full_batch():
+    """Rows one by one with sft_normalizer = the batch's correct-token count sum to the full
+    batch (value and gradient); a global normalizer without it is refused. In micro-token-mean
+    each call's own mean / K is used instead."""
+    b = make_batch()
+    rows = torch.tensor([1.0, 0.0, 1.0], dtype=F64)       # accuracies as 0/1 floats work too
+    full, _ = call(b, sft_coef=0.5, sft_rows=rows)
+    (full_grad,) = torch.autograd.grad(full, b["logp"])
+    count = (b["mask"] * rows[:, None]).sum()
+    n = b["mask"].sum()
+
+    def part(i, **kw):
+        return papo.papo_loss(b["logp"][i:i + 1], b["old_logp"][i:i + 1], b["advantages"][i:i + 1],
+                              b["mask"][i:i + 1], sft_coef=0.5, sft_rows=rows[i:i + 1], **kw)[0]
+    total = sum(part(i, normalizer=n, sft_normalizer=count) for i in range(3))
+    (grad,) = torch.autograd.grad(total, b["logp"])
+    assert total.item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="sft_normalizer"):
+        part(0, normalizer=n)
+    micro = sum(part(i, normalizer=3, agg_mode="micro-token-mean") for i in range(3))
+    pg = sum(papo.aggregate(papo.clipped_policy_loss(b["logp"][i:i + 1], b["old_logp"][i:i + 1],
+                                                     b["advantages"][i:i + 1])[0],
+                            b["mask"][i:i + 1], "micro-token-mean", 3) for i in range(3))
+    # row 0: mean of its 5 tokens; row 1: none correct, 0; row 2: its one token; over K = 3
+    sft = (-b["logp"][0].mean() - b["logp"][2, 0]) / 3
+    assert micro.item() == pytest.approx((pg + 0.5 * sft).item(), abs=1e-12)
+
+
 def test_papo_loss_dtypes():
     b = make_batch()
     assert call(b)[0].dtype == F64

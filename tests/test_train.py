@@ -492,3 +492,35 @@ def test_token_mask_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, m
     unmasked = _update_gradient(batch, policy, cfg, d, micro_batch_size=16,
                                 kl_prcp_token_fraction=0.0)
     assert (unmasked - whole).norm() > 1e-3 * whole.norm()
+
+
+def test_sft_term_gradient_is_the_same_for_micro_batches_of_2_and_of_16(tmp_path):
+    """--sft-coef: the gradient it adds equals coef * grad(sum of -log pi over the correct
+    rollouts' tokens / their number), computed directly on the whole batch, whether the update
+    runs micro-batches of 2 rollouts or one of 16 (the count is the mini-batch's)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "grpo", "--beta", "0", "--grad-clip", "1e9")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=False)
+    # which rollouts count as right is the test's choice: 5 of 16, groups split unevenly
+    batch.accuracy = torch.zeros(16)
+    batch.accuracy[[0, 1, 2, 7, 12]] = 1.0
+    base = _update_gradient(batch, policy, cfg, d, micro_batch_size=16)
+    by_16 = _update_gradient(batch, policy, cfg, d, micro_batch_size=16, sft_coef=0.5) - base
+    by_2 = _update_gradient(batch, policy, cfg, d, micro_batch_size=2, sft_coef=0.5) - \
+        _update_gradient(batch, policy, cfg, d, micro_batch_size=2)
+    logp = qwen.completion_logprobs(policy, batch.rollouts)
+    tokens = batch.rollouts.completion_mask * batch.accuracy[:, None]
+    oracle = torch.autograd.grad(0.5 * (-logp * tokens).sum() / tokens.sum(),
+                                 list(policy.parameters()), allow_unused=True)
+    oracle = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                        for g, p in zip(oracle, policy.parameters())])
+    assert oracle.norm() > 0
+    torch.testing.assert_close(by_16, oracle, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(by_2, oracle, rtol=1e-4, atol=1e-6)
+    # the logged sft_nll is the mean over the correct rollouts' tokens, also when most
+    # micro-batches of 2 hold none of them
+    out = train.update_phase(batch, policy, GradientRecorder(policy),
+                             dataclasses.replace(cfg, micro_batch_size=2, sft_coef=0.5), d, step=1)
+    nll = (-logp.detach() * tokens).sum() / tokens.sum()
+    assert out["sft_nll"] == pytest.approx(float(nll), rel=1e-5)

@@ -24,10 +24,10 @@ The objective, minimised:
                           rising entropy of both branches is the first sign of collapse
     agg     = how per-token values become one number ("token-mean": sum(v*m) / sum(m))
 
-Switches of the official code, all off by default (papo_loss): KL_prcp clamped to [0, c] per
-token; KL_prcp aggregated over each rollout's top tokens only; and + sft_coef * (token mean of
--l over the rollouts whose answer is right), a small supervised pull towards the policy's own
-successes.
+Switches of the official code, all off by default (papo_loss, annealed_coefficients): KL_prcp
+clamped to [0, c] per token; KL_prcp aggregated over each rollout's top tokens only; gamma (and
+both etas with it) annealed linearly over training; and + sft_coef * (token mean of -l over the
+rollouts whose answer is right), a small supervised pull towards the policy's own successes.
 
 Map of this module:
     group_advantages        r -> A                              (GRPO / Dr. GRPO)
@@ -39,6 +39,7 @@ Map of this module:
     aggregate               agg, in the four modes of the field, with a global normaliser,
                             and the official per-micro-batch token mean
     papo_loss               the whole objective and its logged metrics
+    annealed_coefficients   gamma_t and the etas at a step of KL_prcp annealing (official switch)
     patch_mask_grid         which 14x14 squares to black out
     mask_image              I -> I_mask, in pixel space
     dynamic_sampling_keep   DAPO's filter of groups with no learning signal
@@ -561,6 +562,46 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     widest = functools.reduce(torch.promote_types, (v.dtype for v in stats.values()))
     values = torch.stack([v.reshape(()).to(widest) for v in stats.values()]).tolist()
     return loss, dict(zip(stats, values))
+
+
+def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: float = 0.0,
+                          eta_mask: float = 0.0, *, gamma_end: float = 0.0,
+                          fraction: float = 0.5) -> tuple[float, float, float]:
+    """KL_prcp annealing: (gamma_t, eta_orig_t, eta_mask_t) for training step `step`.
+
+        progress = min((step - 1) / (fraction * total_steps), 1)
+        gamma_t  = (1 - progress) * gamma + progress * gamma_end
+        eta_t    = eta * gamma_t / gamma          (eta_orig and eta_mask alike)
+
+    Steps are counted from 1 to total_steps, as train.py counts them: step 1 trains with gamma
+    itself, and step 1 + fraction * total_steps and every later one with gamma_end. The Double
+    Entropy Loss exists to hold back the collapse that a strong KL_prcp can cause, so it fades
+    with the term it guards (as in the official code). gamma_end > gamma is allowed: a ramp up.
+
+    Why anneal: KL_prcp is most useful early, while the policy learns to look at the picture;
+    late in training an unbounded bonus for diverging from the masked branch mostly invites the
+    "KL_prcp hacking" collapse.
+
+    Example: gamma 0.02 -> 0 over half of 200 steps; at step 51, half-way: gamma 0.01, eta 0.025.
+    >>> [round(annealed_coefficients(s, 200, 0.02, 0.05)[0], 6) for s in (1, 51, 101, 200)]
+    [0.02, 0.01, 0.0, 0.0]
+    >>> round(annealed_coefficients(51, 200, 0.02, 0.05)[1], 6)
+    0.025
+    """
+    if step < 1 or total_steps < 1:
+        raise ValueError(f"steps are counted from 1: got step {step} of {total_steps}")
+    if not 0 < gamma < math.inf:
+        raise ValueError(f"annealing needs gamma > 0 (the etas are scaled by gamma_t / gamma), got {gamma}")
+    if not 0 <= gamma_end < math.inf:
+        raise ValueError(f"gamma_end must be >= 0, got {gamma_end}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    progress = min((step - 1) / (fraction * total_steps), 1.0)
+    # written as a weighted mean so that progress 0 gives gamma and progress 1 gives gamma_end
+    # exactly, without a rounding step
+    gamma_t = (1.0 - progress) * gamma + progress * gamma_end
+    factor = gamma_t / gamma
+    return gamma_t, eta_orig * factor, eta_mask * factor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,16 @@ class Config:
     gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
     eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
     eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    gamma_anneal: bool = arg(False, "KL_prcp annealing (official switch): gamma goes linearly "
+                                    "from --gamma to --gamma-end over the first "
+                                    "--gamma-anneal-fraction of --steps, then stays there; "
+                                    "--eta-orig and --eta-mask are scaled by gamma_t / gamma. "
+                                    "Steps count from 1: step 1 uses --gamma, step 1 + fraction "
+                                    "x steps and later ones --gamma-end. The schedule follows "
+                                    "--steps, also when a resume changes it. Logged: gamma_t.")
+    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
+    gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
+                                            "gamma moves to --gamma-end.")
     beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
     clip_low: float = arg(0.2, "PPO clip range below 1.")
     clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
@@ -311,6 +321,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
                                             "maximised)"),
     ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
     ("eta_mask", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_end", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
     ("beta", lambda v: 0 <= v < math.inf, ">= 0"),
     ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
@@ -368,7 +380,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
     shaping = [flag for flag, on in (("--kl-prcp-clip", cfg.kl_prcp_clip),
-                                     ("--kl-prcp-token-fraction", cfg.kl_prcp_token_fraction))
+                                     ("--kl-prcp-token-fraction", cfg.kl_prcp_token_fraction),
+                                     ("--gamma-anneal", cfg.gamma_anneal))
                if on]
     if shaping and cfg.gamma == 0:
         problems.append(f"{', '.join(shaping)} shape the KL_prcp term, which --gamma 0 turns "
@@ -830,6 +843,11 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
     # the rollouts whose answer is right: the SFT term's rows
     correct = (batch.accuracy == 1) if cfg.sft_coef else None                # [B]
+    gamma, eta_orig, eta_mask = cfg.gamma, cfg.eta_orig, cfg.eta_mask
+    if cfg.gamma_anneal:
+        gamma, eta_orig, eta_mask = papo.annealed_coefficients(
+            step, cfg.steps, cfg.gamma, cfg.eta_orig, cfg.eta_mask, gamma_end=cfg.gamma_end,
+            fraction=cfg.gamma_anneal_fraction)
     # Mini-batches are random GROUPS, their G rollouts kept together and adjacent: a micro-batch
     # then holds whole groups, and completion_logprobs reads each group's prompt and picture once
     # for its G rollouts (random rows would split groups over micro-batches and read them again).
@@ -849,7 +867,7 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         else:
             count = torch.tensor(float(len(mini)))
         normalizer = all_reduce(count)
-        keeps, kept = _perception_keep(batch, policy, micros, cfg, d)
+        keeps, kept = _perception_keep(batch, policy, micros, cfg, d, gamma)
         sft_count = None
         if correct is not None and cfg.agg_mode != papo.MICRO_TOKEN_MEAN:
             # the SFT term is a token mean over the correct rollouts of the WHOLE mini-batch;
@@ -870,7 +888,7 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     logp, old, batch.advantages[idx], mask[idx],
                     masked_logp=masked_logp,
                     ref_logp=batch.ref_logp[idx] if batch.ref_logp is not None else None,
-                    gamma=cfg.gamma, eta_orig=cfg.eta_orig, eta_mask=cfg.eta_mask, beta=cfg.beta,
+                    gamma=gamma, eta_orig=eta_orig, eta_mask=eta_mask, beta=cfg.beta,
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
                     entropy=cfg.entropy, entropy_orig=ent, entropy_mask=masked_ent,
@@ -901,12 +919,14 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     packed = all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys],
                                      dtype=torch.float64))
     out = {k: float(packed[j] / max(packed[len(keys) + j], 1.0)) for j, k in enumerate(keys)}
-    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped)
+    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped, gamma_t=gamma)
+    if cfg.gamma_anneal:
+        out.update(eta_orig_t=eta_orig, eta_mask_t=eta_mask)
     return out
 
 
 @torch.no_grad()
-def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist):
+def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist, gamma: float):
     """The token-level KL_prcp mask of a mini-batch, made before its gradient passes: (the kept
     tokens of each micro-batch, their count over the mini-batch and all ranks); ([], None)
     when not needed.
@@ -918,7 +938,7 @@ def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist):
     and the update uses exactly this selection (not a re-selection from its own forward, whose
     rounding may differ). In the other modes each micro-batch's (or row's) normaliser is local,
     and papo_loss selects from the update's own forward."""
-    if not (cfg.kl_prcp_token_fraction and cfg.agg_mode == "token-mean" and cfg.gamma):
+    if not (cfg.kl_prcp_token_fraction and cfg.agg_mode == "token-mean" and gamma):
         return [], None
     net = unwrap(policy)                       # no gradient: no DDP bookkeeping wanted
     keeps = []

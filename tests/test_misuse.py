@@ -39,7 +39,8 @@ BAD_TRAIN_FLAGS = [
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
     ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
     ("--kl-prcp-token-fraction", "1.5"), ("--kl-prcp-token-fraction", "-0.2"),
-    ("--sft-coef", "-0.001"),
+    ("--sft-coef", "-0.001"), ("--gamma-end", "-0.01"), ("--gamma-anneal-fraction", "0"),
+    ("--gamma-anneal-fraction", "1.5"),
 ]
 
 
@@ -67,7 +68,8 @@ def test_the_defaults_and_the_presets_pass(tmp_path):
             train.check_config(train.parse_config(["--preset", preset, *extra]), world_size=1)
 
 
-@pytest.mark.parametrize("flags", [["--kl-prcp-clip", "0.2"], ["--kl-prcp-token-fraction", "0.2"]])
+@pytest.mark.parametrize("flags", [["--kl-prcp-clip", "0.2"], ["--kl-prcp-token-fraction", "0.2"],
+                                   ["--gamma-anneal"]])
 def test_kl_prcp_switches_without_the_kl_prcp_term_are_refused(flags, tmp_path):
     """They would do nothing: GRPO and DAPO have no KL_prcp term (gamma 0)."""
     for preset in ("grpo", "dapo"):

@@ -759,6 +759,31 @@ def test_sft_term_micro_batched_with_the_global_count_equals_the_full_batch():
     assert micro.item() == pytest.approx((pg + 0.5 * sft).item(), abs=1e-12)
 
 
+def test_annealing_endpoints_and_midpoint_in_closed_form():
+    """gamma 0.02 -> 0 over half of 200 steps, counted from 1: full at step 1, half at step 51,
+    the end value from step 101 on; both etas follow the same factor gamma_t / gamma."""
+    at = lambda step, **kw: papo.annealed_coefficients(step, 200, 0.02, 0.05, 0.03, **kw)
+    assert at(1) == (0.02, 0.05, 0.03)                            # exactly the start values
+    assert at(51) == pytest.approx((0.01, 0.025, 0.015), abs=1e-15)
+    assert at(26) == pytest.approx((0.015, 0.0375, 0.0225), abs=1e-15)   # a quarter of the way
+    assert at(101) == at(150) == at(200) == (0.0, 0.0, 0.0)
+    # another end value and fraction: 0.02 -> 0.005 over all 200 steps; at step 101: 0.0125
+    g, eo, em = at(101, gamma_end=0.005, fraction=1.0)
+    assert (g, eo, em) == pytest.approx((0.0125, 0.05 * 0.625, 0.03 * 0.625), abs=1e-15)
+    assert at(200, gamma_end=0.005, fraction=1.0)[0] == pytest.approx(0.02 - 0.015 * 199 / 200)
+    # a ramp up and a fractional length (0.5 * 5 = 2.5 steps): step 2 is 1/2.5 of the way
+    assert papo.annealed_coefficients(2, 5, 0.01, gamma_end=0.02)[0] == pytest.approx(0.014)
+    assert papo.annealed_coefficients(4, 5, 0.01, gamma_end=0.02)[0] == 0.02
+
+
+def test_annealing_refuses_what_has_no_schedule():
+    for kwargs, name in ((dict(step=0), "step"), (dict(gamma=0.0), "gamma > 0"),
+                         (dict(fraction=0.0), "fraction"), (dict(gamma_end=-1.0), "gamma_end")):
+        args = dict(step=1, total_steps=10, gamma=0.02) | kwargs
+        with pytest.raises(ValueError, match=name):
+            papo.annealed_coefficients(**args)
+
+
 def test_papo_loss_dtypes():
     b = make_batch()
     assert call(b)[0].dtype == F64

@@ -524,3 +524,26 @@ def test_sft_term_gradient_is_the_same_for_micro_batches_of_2_and_of_16(tmp_path
                              dataclasses.replace(cfg, micro_batch_size=2, sft_coef=0.5), d, step=1)
     nll = (-logp.detach() * tokens).sum() / tokens.sum()
     assert out["sft_nll"] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_gamma_anneal_passes_gamma_t_and_scaled_etas_and_logs_gamma_t(tmp_path, monkeypatch):
+    """--gamma-anneal over 4 steps, fraction 0.5 (2 steps): step 1 trains with gamma 0.02,
+    step 2 with 0.01 and etas halved, step 3 with 0; without the flag, gamma itself."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--steps", "4", "--gamma-anneal",
+        "--eta-orig", "0.04", "--eta-mask", "0.02")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    calls = _recording_papo_loss(monkeypatch)
+    logged = []
+    for step, c in ((1, cfg), (2, cfg), (3, cfg), (2, dataclasses.replace(cfg, gamma_anneal=False))):
+        logged.append(train.update_phase(batch, policy, GradientRecorder(policy), c, d, step))
+    assert len(calls) == 8                                  # 2 micro-batches of 8 per update
+    used = [(c["gamma"], c["eta_orig"], c["eta_mask"]) for c in calls[::2]]
+    assert used == [(c["gamma"], c["eta_orig"], c["eta_mask"]) for c in calls[1::2]]
+    assert used[0] == (0.02, 0.04, 0.02) and used[3] == (0.02, 0.04, 0.02)
+    assert used[1] == pytest.approx((0.01, 0.02, 0.01), abs=1e-15)
+    assert used[2] == (0.0, 0.0, 0.0)
+    assert [r["gamma_t"] for r in logged] == [u[0] for u in used]
+    assert logged[1]["eta_orig_t"] == used[1][1] and "eta_orig_t" not in logged[3]

@@ -86,6 +86,14 @@ class Config:
                                    "{bytes, path} dicts or paths.")
     image_dir: str = arg("", "Folder that relative picture paths are relative to (default: the "
                              "data file's folder).")
+    masked_image_key: str = arg("", "Pre-masked pictures (official switch; its column "
+                                    "'images_aug', for semantic-aware masking): the --data "
+                                    "table column, or JSONL key listing paths, whose pictures the "
+                                    "masked branch uses instead of random patches - one per "
+                                    "picture, each of its original's size (checked per row "
+                                    "before training), resized into the same pixel budget. "
+                                    "--mask-ratio/--mask-patch/--mask-mode then apply only to "
+                                    "the held-out evaluation. Empty: random patches.")
     prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
                                    "official one (the trimmed question, a blank line, the "
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
@@ -376,6 +384,13 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} groups (prompts) each process holds per step: mini-batches "
                         f"are whole groups")
+    if cfg.masked_image_key and not cfg.data:
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: the offline toy data has no "
+                        "pre-masked pictures; give --data with that column")
+    if cfg.masked_image_key and not uses_masked_branch(cfg):
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: this objective has no "
+                        "masked branch (--gamma 0 and --eta-mask 0), so the pictures would go "
+                        "unused")
     if cfg.model and not cfg.data:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
@@ -537,7 +552,9 @@ def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, dict[str, data.Da
                 image_dir=cfg.image_dir or None, max_image_pixels=cfg.max_image_pixels,
                 progress=d.main)
     try:
-        train = data.load_dataset(train_src, **keys)
+        # pre-masked pictures are a training input; the held-out sets are masked at random
+        train = data.load_dataset(train_src, **keys,
+                                  masked_image_key=cfg.masked_image_key or None)
         heldout = {name: data.load_dataset(src, **keys)[: cfg.eval_size or None]
                    for name, src in eval_srcs.items()}
     except data.DatasetError as err:
@@ -701,7 +718,8 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
                    need_masked: bool) -> tuple[qwen.Rollouts, qwen.Rollouts | None]:
     """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
     G rollouts of a group are all compared against the SAME corrupted picture: their advantages
-    and their KL_prcp then differ only through the sampled text."""
+    and their KL_prcp then differ only through the sampled text. With --masked-image-key they
+    are the dataset's pre-masked pictures instead of random patches."""
     # Decoding and resizing the pictures is PIL work, which releases the GIL: one thread per
     # core (torch is idle meanwhile). Same pictures, same order as a plain loop.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -711,11 +729,23 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
                                       max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p)
     masked = None
-    if need_masked:
+    if need_masked and cfg.masked_image_key:
+        # the dataset's own corrupted pictures, through the same decoding and pixel budget
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            masked_images = list(pool.map(
+                lambda ex: ex.load_masked_images(cfg.min_pixels, cfg.max_pixels), prompts))
+        for ex, it, pictures in zip(prompts, items, masked_images):
+            # checked per row when the data was loaded; rows built in code get the same check
+            if [im.size for im in pictures] != [im.size for im in it["images"]]:
+                raise ValueError(f"{ex.source}: column {cfg.masked_image_key!r}: pre-masked "
+                                 f"picture sizes {[im.size for im in pictures]} differ from the "
+                                 f"originals' {[im.size for im in it['images']]}")
+    elif need_masked:
         rng = np.random.default_rng(seed)
         masked_images = [papo.mask_image(it["images"], patch_size=cfg.mask_patch,
                                          ratio=cfg.mask_ratio, rng=rng, mode=cfg.mask_mode)
                          for it in items]
+    if need_masked:
         # Masking happens on the raw picture; the processor then resizes and normalises the masked
         # picture exactly like the original, so the number of image tokens is unchanged.
         pixels = qwen.encode_images(processor, masked_images, cfg.group_size)

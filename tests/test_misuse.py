@@ -79,6 +79,16 @@ def test_kl_prcp_switches_without_the_kl_prcp_term_are_refused(flags, tmp_path):
     train.check_config(train.parse_config(["--out", str(tmp_path / "run"), *flags]), 1)
 
 
+def test_masked_image_key_needs_a_dataset_and_a_masked_branch(tmp_path):
+    out = ["--out", str(tmp_path / "run"), "--masked-image-key", "images_aug"]
+    with pytest.raises(SystemExit, match="--masked-image-key images_aug: the offline toy data"):
+        train.check_config(train.parse_config(out), 1)
+    with pytest.raises(SystemExit, match="--masked-image-key images_aug: this objective has no "
+                                         "masked branch"):
+        train.check_config(train.parse_config([*out, "--data", "t.jsonl", "--preset", "grpo"]), 1)
+    train.check_config(train.parse_config([*out, "--data", "t.jsonl"]), 1)
+
+
 def test_out_naming_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a run folder"):

@@ -547,3 +547,57 @@ def test_gamma_anneal_passes_gamma_t_and_scaled_etas_and_logs_gamma_t(tmp_path, 
     assert used[2] == (0.0, 0.0, 0.0)
     assert [r["gamma_t"] for r in logged] == [u[0] for u in used]
     assert logged[1]["eta_orig_t"] == used[1][1] and "eta_orig_t" not in logged[3]
+
+
+def _jsonl_with_pre_masked_pictures(folder: Path, n: int = 4) -> Path:
+    """n toy rows with an images_aug key: each picture's pre-masked copy is its left half
+    blacked out (a 'semantic' mask no random patch grid would draw). Pictures of 40 x 40 px,
+    under the toy budget's 56 x 56 minimum, so both are upscaled."""
+    import numpy as np
+    from PIL import Image
+    rows = []
+    for i in range(n):
+        ex = toy.sample_toy_example(np.random.default_rng([9, i]))
+        picture = ex["image"].convert("RGB").resize((40, 40))
+        pixels = np.asarray(picture).copy()
+        pixels[:, :20] = 0
+        picture.save(folder / f"p{i}.png")
+        Image.fromarray(pixels).save(folder / f"p{i}_masked.png")
+        rows.append({"problem": ex["problem"], "answer": ex["answer"], "images": [f"p{i}.png"],
+                     "images_aug": [f"p{i}_masked.png"]})
+    return data.write_jsonl(rows, folder / "train.jsonl")
+
+
+def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_path):
+    """--masked-image-key images_aug: the masked branch's patch rows are exactly those of the
+    dataset's pre-masked pictures after the same pixel budget; the held-out set is not asked
+    for them; a row built in code with a wrong size is stopped, naming row and column."""
+    from PIL import Image
+    jsonl = _jsonl_with_pre_masked_pictures(tmp_path)
+    cfg = train.parse_config(tiny_args(tmp_path, "--data", str(jsonl), "--eval-data",
+                                       str(tmp_path / "plain.jsonl"), "--masked-image-key",
+                                       "images_aug", "--prompts-per-step", "2"))
+    data.write_jsonl([{"problem": "How many shapes are in the image?", "answer": "1",
+                       "images": ["p0.png"]}], tmp_path / "plain.jsonl")
+    train.check_config(cfg, 1)
+    d = train.Dist()
+    examples, heldout = train.load_datasets(cfg, d)
+    assert examples[0].masked_images == [tmp_path / "p0_masked.png"]
+    assert heldout["held-out"][0].masked_images is None
+    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    prompts = [examples[0], examples[1]]
+    rollouts, masked = train.generate_phase(policy, processor, prompts, cfg, seed=3,
+                                            need_masked=True)
+    budget = lambda name: data.budget_resize(Image.open(tmp_path / name).convert("RGB"),
+                                             cfg.min_pixels, cfg.max_pixels)
+    assert budget("p0_masked.png").size == (56, 56)
+    expected = qwen.encode_images(processor, [[budget("p0_masked.png")], [budget("p1_masked.png")]],
+                                  cfg.group_size)
+    assert torch.equal(masked.pixel_values.cpu(), expected["pixel_values"])
+    assert not torch.equal(masked.pixel_values, rollouts.pixel_values)
+    assert torch.equal(masked.completion_ids, rollouts.completion_ids)     # same rollouts
+    wrong = dataclasses.replace(examples[0], masked_images=[tmp_path / "p1.png"],
+                                images=[Image.new("RGB", (30, 50))], sizes=None)
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: column 'images_aug'"):
+        train.generate_phase(policy, processor, [wrong, examples[1]], cfg, seed=3,
+                             need_masked=True)

@@ -601,3 +601,25 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     with pytest.raises(ValueError, match=r"train\.jsonl:1: column 'images_aug'"):
         train.generate_phase(policy, processor, [wrong, examples[1]], cfg, seed=3,
                              need_masked=True)
+
+
+def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metrics(tmp_path):
+    """Smoke test: two steps with every switch of the official objective on run, log their
+    metrics (finite) and store the switches in config.json, from where a resume reads them."""
+    switches = {"gamma_anneal": True, "gamma_end": 0.005, "gamma_anneal_fraction": 1.0,
+                "kl_prcp_clip": 0.2, "kl_prcp_token_fraction": 0.2, "sft_coef": 1e-3,
+                "agg_mode": "micro-token-mean"}
+    flags = ["--gamma-anneal", "--gamma-end", "0.005", "--gamma-anneal-fraction", "1.0",
+             "--kl-prcp-clip", "0.2", "--kl-prcp-token-fraction", "0.2", "--sft-coef", "1e-3",
+             "--agg-mode", "micro-token-mean"]
+    train.main(tiny_args(tmp_path, "--steps", "2", "--eta-orig", "0.03", *flags))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: saved[k] for k in switches} == switches
+    assert saved["masked_image_key"] == ""
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["gamma_t"] for r in rows] == pytest.approx([0.02, 0.0125])   # 0.02 -> 0.005 in 2
+    assert rows[1]["eta_orig_t"] == pytest.approx(0.03 * 0.0125 / 0.02)
+    for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    assert train.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2

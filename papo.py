@@ -176,20 +176,21 @@ def perception_kl(logp: torch.Tensor, masked_logp: torch.Tensor, kind: str = "k3
     return kl_estimate(logp, masked_logp, kind)
 
 
-def perception_token_mask(kl_prcp: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+def perception_token_mask(kl_prcp: torch.Tensor, mask: torch.Tensor,
+                          fraction: float) -> torch.Tensor:
     """The token-level KL_prcp mask: per rollout, the tokens whose KL_prcp is in its top `fraction`.
 
         keep_{i,t} = m_{i,t}  and  D_{i,t} >= Q_i(1 - fraction)
 
     Q_i(q) is the q-quantile of row i's VALID values (torch.nanquantile over the row with its
-    padding set to NaN; linear interpolation between order statistics, as torch's default and
-    the official code). kl_prcp (D), mask: [B, T] -> bool [B, T]. Values tied with the threshold
-    are all kept, so a row of equal values is kept whole; a row with one valid token keeps it;
-    padding and empty rows keep nothing. The selection carries no gradient.
+    padding set to NaN, with its default linear interpolation between order statistics).
+    kl_prcp (D), mask: [B, T] -> bool [B, T]. Values tied with the threshold are all kept, so
+    a row of equal values is kept whole; a row with one valid token keeps it; padding and empty
+    rows keep nothing. The selection carries no gradient.
 
-    Why: most tokens of a reasoning trace (connectives, arithmetic, formatting) are as likely
-    with the masked picture as with the real one; their KL_prcp is noise around zero. Keeping
-    only each rollout's most image-dependent tokens aims the term where the picture matters.
+    The intent: many tokens of a reasoning trace (connectives, arithmetic, formatting) are about
+    as likely with the masked picture as with the real one, so their KL_prcp is mostly noise;
+    keeping each rollout's most image-dependent tokens aims the term where the picture matters.
 
     Example: D = [0.5, 0.1, 0.9, 0.3, 0.7], fraction 0.2. Sorted: 0.1 0.3 0.5 0.7 0.9; the
     0.8-quantile sits at position 0.8 * 4 = 3.2, i.e. 0.7 + 0.2 * (0.9 - 0.7) = 0.74: only 0.9.
@@ -200,7 +201,8 @@ def perception_token_mask(kl_prcp: torch.Tensor, mask: torch.Tensor, fraction: f
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if kl_prcp.shape != mask.shape or kl_prcp.dim() != 2:
-        raise ValueError(f"kl_prcp {tuple(kl_prcp.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+        raise ValueError(f"kl_prcp {tuple(kl_prcp.shape)} and mask {tuple(mask.shape)} must "
+                         "both be [B, T]")
     valid = mask.bool()                                                       # [B, T]
     d = kl_prcp.detach().to(_compute_dtype(kl_prcp))                          # [B, T]
     # NaN padding is what nanquantile skips; a row with no valid token gives a NaN threshold,
@@ -340,7 +342,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     3.75
     """
     if mode not in ALL_AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(ALL_AGG_MODES)}")
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of "
+                         f"{', '.join(ALL_AGG_MODES)}")
     if values.shape != mask.shape or (mode not in ("token-mean", MICRO_TOKEN_MEAN)
                                       and values.dim() != 2):
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
@@ -578,9 +581,9 @@ def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: f
     Entropy Loss exists to hold back the collapse that a strong KL_prcp can cause, so it fades
     with the term it guards (as in the official code). gamma_end > gamma is allowed: a ramp up.
 
-    Why anneal: KL_prcp is most useful early, while the policy learns to look at the picture;
-    late in training an unbounded bonus for diverging from the masked branch mostly invites the
-    "KL_prcp hacking" collapse.
+    The intent: a strong push to diverge from the masked branch early, while the policy learns
+    to use the picture, and less of an unbounded bonus late, when it mostly risks the "KL_prcp
+    hacking" collapse.
 
     Example: gamma 0.02 -> 0 over half of 200 steps; at step 51, half-way: gamma 0.01, eta 0.025.
     >>> [round(annealed_coefficients(s, 200, 0.02, 0.05)[0], 6) for s in (1, 51, 101, 200)]
@@ -591,7 +594,8 @@ def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: f
     if step < 1 or total_steps < 1:
         raise ValueError(f"steps are counted from 1: got step {step} of {total_steps}")
     if not 0 < gamma < math.inf:
-        raise ValueError(f"annealing needs gamma > 0 (the etas are scaled by gamma_t / gamma), got {gamma}")
+        raise ValueError(f"annealing needs gamma > 0 (the etas are scaled by gamma_t / gamma), "
+                         f"got {gamma}")
     if not 0 <= gamma_end < math.inf:
         raise ValueError(f"gamma_end must be >= 0, got {gamma_end}")
     if not 0 < fraction <= 1:

@@ -932,7 +932,9 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
             # token-weighted average of per-micro metrics; sft_nll is a mean over the correct
             # rollouts' tokens only, so those are its weights
             w = float(mask[idx].sum())
-            own = {"sft_nll": float((mask[idx] * correct[idx, None]).sum())} if correct is not None else {}
+            own = {}
+            if correct is not None:
+                own["sft_nll"] = float((mask[idx] * correct[idx, None]).sum())
             for k, v in metrics.items():
                 if k != "loss":
                     sums[k] = sums.get(k, 0.0) + v * own.get(k, w)

@@ -448,7 +448,7 @@ class GradientRecorder:
         self.grads = []
 
     def step(self):
-        self.grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+        self.grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
                                      for p in self.params]))
 
     def zero_grad(self, set_to_none=True):

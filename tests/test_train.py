@@ -623,3 +623,24 @@ def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metri
     for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
         assert all(key in r and r[key] == r[key] for r in rows), key
     assert train.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2
+
+
+def test_token_mask_selection_with_perception_grad_scores_the_masked_branch_itself(tmp_path):
+    """With --perception-grad there are no stored masked log-probs: the selection pass scores the
+    masked pictures itself, with the current weights, and selects from those."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--perception-grad",
+        "--kl-prcp-token-fraction", "0.5")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    assert batch.masked_logp is None and batch.masked is not None
+    micros = torch.arange(16).split(8)
+    keeps, count = train._perception_keep(batch, policy, micros, cfg, d, gamma=0.02)
+    with torch.no_grad():
+        logp = qwen.completion_logprobs(policy, batch.rollouts)
+        masked = qwen.completion_logprobs(policy, batch.masked)
+    expected = train.papo.perception_token_mask(train.papo.perception_kl(logp, masked),
+                                                batch.rollouts.completion_mask, 0.5)
+    assert torch.equal(torch.cat(keeps), expected) and float(count) == float(expected.sum())
+    assert train._perception_keep(batch, policy, micros, cfg, d, gamma=0.0) == ([], None)

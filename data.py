@@ -198,6 +198,10 @@ def budget_resize(image: Image.Image, min_pixels: int | None, max_pixels: int | 
 #     Dataset.save_to_disk, or a Hugging Face hub dataset "owner/name[:split]" - with a problem,
 #     an answer and a picture column (the PAPO sets: problem, answer, images = a list of Image
 #     features holding the encoded picture bytes). Column names are arguments.
+#   In both, an optional key / column named by masked_image_key (--masked-image-key; the
+#     official code's "images_aug") holds PRE-MASKED pictures, for masks that are not random
+#     patches (the semantic-aware masking ablation): one per picture, in the same order and of
+#     the same size, in the forms of the picture column (a list of paths in JSONL).
 #   a ShareGPT / LLaMA-Factory JSON file - the paper's evaluation suite - a list of
 #       {"messages": [{"role": "user", "content": "<image>question ..."},
 #                     {"role": "assistant", "content": "ANSWER"}], "images": ["rel/path.png"]}
@@ -237,7 +241,9 @@ class Example:
     are their (width, height), read from the file headers when the dataset was checked.
     `prompt`, when set, is the user's text used verbatim (ShareGPT rows); otherwise the prompt
     template is applied to `problem`. `source` says where the row came from ("train.jsonl:12"),
-    so a strange reward can be traced back to it."""
+    so a strange reward can be traced back to it. `masked_images`, when the dataset has a column
+    of pre-masked pictures (--masked-image-key), holds one such picture per picture of `images`,
+    of the same size, in the same forms; load_masked_images decodes them."""
     problem: str
     answer: str
     images: list
@@ -247,6 +253,7 @@ class Example:
     task: str | None = None
     prompt: str | None = None
     sizes: list[tuple[int, int]] | None = None
+    masked_images: list | None = None
 
     def prompt_text(self, template: str | None = None) -> str:
         """The user's text, "<image>" markers included: verbatim, or the template applied."""
@@ -260,8 +267,22 @@ class Example:
         RGB because the processor and the pixel-space mask expect three channels: a PNG may be
         palette, grey, 16-bit or transparent, and to_rgb maps each of them by its own rule.
         Raises ValueError, naming the row, for a picture that validation would have refused."""
+        return self._decode(self.images, "picture", min_pixels, max_pixels)
+
+    def load_masked_images(self, min_pixels: int | None = None,
+                           max_pixels: int | None = None) -> list[Image.Image]:
+        """The pre-masked pictures, exactly as load_images reads the originals (RGB, the same
+        pixel budget): same sizes in, same sizes out, so both branches of PAPO get the same
+        image-token grid. ValueError when the row has none."""
+        if self.masked_images is None:
+            raise ValueError(f"{self.source or 'example'}: no pre-masked pictures (the dataset "
+                             "was loaded without a masked-image column)")
+        return self._decode(self.masked_images, "pre-masked picture", min_pixels, max_pixels)
+
+    def _decode(self, refs: list, what: str, min_pixels: int | None,
+                max_pixels: int | None) -> list[Image.Image]:
         pictures = []
-        for i, item in enumerate(self.images):
+        for i, item in enumerate(refs):
             try:
                 if isinstance(item, Image.Image):
                     picture = to_rgb(item)
@@ -273,7 +294,7 @@ class Example:
                     with _open_picture(item, limit) as im:   # closes the file: runs open many
                         picture = to_rgb(im)
             except ValueError as err:
-                raise ValueError(f"{self.source or 'example'}: picture {i + 1}: {err}") from None
+                raise ValueError(f"{self.source or 'example'}: {what} {i + 1}: {err}") from None
             pictures.append(budget_resize(picture, min_pixels, max_pixels))
         return pictures
 
@@ -296,13 +317,14 @@ class Dataset(Sequence):
 
     def __init__(self, name: str, rows: list[Example], table=None,
                  table_rows: list[int] | None = None, image_key: str | None = None,
-                 image_dir: Path | None = None):
+                 image_dir: Path | None = None, masked_image_key: str | None = None):
         self.name = name
         self.rows = rows                 # texts, answers, sizes; pictures only for file rows
         self._table = table              # a `datasets` Dataset in Arrow format, or None
         self._table_rows = table_rows    # row i's index in the table
         self._image_key = image_key
         self._image_dir = image_dir
+        self._masked_image_key = masked_image_key   # the pre-masked pictures' column, or None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -312,7 +334,7 @@ class Dataset(Sequence):
         indices = [int(i) for i in indices]
         rows = None if self._table_rows is None else [self._table_rows[i] for i in indices]
         return Dataset(self.name, [self.rows[i] for i in indices], self._table, rows,
-                       self._image_key, self._image_dir)
+                       self._image_key, self._image_dir, self._masked_image_key)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -322,9 +344,13 @@ class Dataset(Sequence):
         if self._table is None:
             return row
         at = self._table_rows[i]
-        cell = self._table[at:at + 1].column(self._image_key).to_pylist()[0]
-        refs, _ = _picture_refs(cell, self._image_dir)   # checked when loaded
-        return dataclasses.replace(row, images=refs)
+        one = self._table[at:at + 1]                     # one read, both picture columns
+        refs, _ = _picture_refs(one.column(self._image_key).to_pylist()[0], self._image_dir)
+        masked = None
+        if self._masked_image_key:
+            masked, _ = _picture_refs(one.column(self._masked_image_key).to_pylist()[0],
+                                      self._image_dir)
+        return dataclasses.replace(row, images=refs, masked_images=masked)   # checked when loaded
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, {len(self)} rows)"
@@ -581,6 +607,27 @@ class _PictureChecker:
         return sizes, reasons
 
 
+def _check_masked(ex: Example, check_pictures: _PictureChecker, refs: list | None,
+                  why: str | None, key: str) -> list[str]:
+    """Everything wrong with a row's pre-masked pictures (column `key`): `refs` as read from the
+    cell (or None and `why`). Call after _check_example, which filled ex.sizes. There must be one
+    readable picture per original, each of its original's size: the masked branch reuses the
+    rollouts' image tokens, so its pictures must give the processor the same grid."""
+    if why:
+        return [f'"{key}": {why}']
+    if len(refs) != len(ex.sizes):
+        return [f'"{key}" has {len(refs)} pre-masked pictures but the row has {len(ex.sizes)} '
+                f"pictures (one pre-masked copy per picture, in the same order)"]
+    sizes, reasons = check_pictures(refs)
+    reasons = [f'"{key}": {w}' for w in reasons]
+    for i, (got, want) in enumerate(zip(sizes, ex.sizes)):
+        if got is not None and want is not None and got != want:
+            reasons.append(f'"{key}" picture {i + 1} is {got[0]}x{got[1]} px but its original is '
+                           f"{want[0]}x{want[1]} px (a pre-masked picture keeps the original's "
+                           "size, so that both branches get the same image tokens)")
+    return reasons
+
+
 def _check_example(ex: Example, check_pictures: _PictureChecker, refs: list) -> list[str]:
     """Everything wrong with one row's answer, text and pictures (the row's text fields were
     checked for type and emptiness by the caller). Fills ex.sizes."""
@@ -619,10 +666,25 @@ def _check_image_field(row: dict) -> tuple[list[str] | None, str | None]:
     return value, None
 
 
+def _check_masked_field(row: dict, key: str) -> tuple[list[str] | None, str | None]:
+    """A JSONL row's pre-masked picture paths under `key` (not yet resolved), or a reason."""
+    if key not in row:
+        return None, f'missing "{key}" (the pre-masked pictures, --masked-image-key)'
+    value = row[key]
+    if not isinstance(value, list) or not value:
+        return None, f'"{key}" must be a non-empty list of paths, got {value!r:.40}'
+    if not all(isinstance(p, str) and p.strip() for p in value):
+        return None, f'"{key}" must contain only non-empty path strings'
+    return value, None
+
+
 def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *,
-               max_image_pixels: int = MAX_IMAGE_PIXELS) -> list[Example]:
+               max_image_pixels: int = MAX_IMAGE_PIXELS,
+               masked_image_key: str | None = None) -> list[Example]:
     """Read and check a JSONL dataset; raise one DatasetError that lists every bad row. A row
-    with a picture of more than `max_image_pixels` pixels is a bad row.
+    with a picture of more than `max_image_pixels` pixels is a bad row. With masked_image_key,
+    every row must also list its pre-masked pictures under that key (paths, like "images"):
+    as many as it has pictures, each of the same size.
 
     >>> rows = load_jsonl("toy/data.jsonl")                                 # doctest: +SKIP
     >>> rows[0].problem, rows[0].answer, rows[0].source                      # doctest: +SKIP
@@ -671,6 +733,11 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *,
                          source=where, id=None if row.get("id") is None else str(row["id"]),
                          task=None if row.get("task") is None else str(row["task"]))
             reasons += _check_example(ex, check_pictures, ex.images)
+            if masked_image_key:
+                masked, why = _check_masked_field(row, masked_image_key)
+                if masked is not None:
+                    masked = ex.masked_images = [_resolve(p, folder) for p in masked]
+                reasons += _check_masked(ex, check_pictures, masked, why, masked_image_key)
         elif answer is not None and (why := gold_answer_problem(answer)):
             reasons.append(why)   # still report an unusable answer alongside the other reasons
         if reasons:
@@ -872,21 +939,24 @@ def _open_hub(repo: str, split: str | None, source: str):
 
 def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "answer",
                image_key: str = "images", image_dir: str | Path | None = None,
-               progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
+               progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS,
+               masked_image_key: str | None = None) -> Dataset:
     """Open a table source and check every row in one streaming pass (text columns in memory,
     pictures read batch by batch and let go); one DatasetError lists every bad row (a picture
-    over `max_image_pixels` makes a bad row)."""
+    over `max_image_pixels` makes a bad row). masked_image_key names a column of pre-masked
+    pictures (in the forms of the picture column), one per picture and of its size."""
     opened = _open_table(source)
     if opened is None:
         raise DatasetError([f"{source}: not a table (expected .parquet, a folder or a hub id)"])
     table, folder, name = opened
     folder = Path(image_dir) if image_dir else folder
-    missing = [k for k in (problem_key, answer_key, image_key) if k not in table.column_names]
+    keys = [problem_key, answer_key, image_key] + ([masked_image_key] if masked_image_key else [])
+    missing = [k for k in keys if k not in table.column_names]
     if missing:
         raise DatasetError([f"{name}: no column {', '.join(map(repr, missing))}; it has "
                             f"{', '.join(table.column_names)} (see --problem-key, --answer-key, "
-                            "--image-key)"])
-    table = table.select_columns([problem_key, answer_key, image_key]).with_format("arrow")
+                            "--image-key, --masked-image-key)"])
+    table = table.select_columns(keys).with_format("arrow")
     problems, rows, table_rows = [], [], []
     check_pictures = _PictureChecker(max_image_pixels)
     batches = table.iter(batch_size=256)
@@ -897,7 +967,9 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
     index = 0
     for batch in batches:
         columns = [batch.column(k).to_pylist() for k in (problem_key, answer_key, image_key)]
-        for problem, answer, pictures in zip(*columns):
+        masked_cells = (batch.column(masked_image_key).to_pylist() if masked_image_key
+                        else [None] * len(columns[0]))
+        for problem, answer, pictures, masked_cell in zip(*columns, masked_cells):
             where = f"{name}:{index}"
             index += 1
             if isinstance(answer, (int, float)) and not isinstance(answer, bool):
@@ -910,6 +982,9 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
             if not reasons:
                 ex = Example(problem=problem, answer=answer, images=[], source=where)
                 reasons += _check_example(ex, check_pictures, refs)
+                if masked_image_key:
+                    masked, why = _picture_refs(masked_cell, folder)
+                    reasons += _check_masked(ex, check_pictures, masked, why, masked_image_key)
             if reasons:
                 problems.append(f"{where}: " + "; ".join(reasons))
             else:
@@ -919,25 +994,34 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
         problems.append(f"{name}: no rows")
     if problems:
         raise DatasetError(problems)
-    return Dataset(name, rows, table, table_rows, image_key, folder)
+    return Dataset(name, rows, table, table_rows, image_key, folder, masked_image_key)
 
 
 def load_dataset(source: str | Path, *, problem_key: str = "problem", answer_key: str = "answer",
                  image_key: str = "images", image_dir: str | Path | None = None,
-                 progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Dataset:
+                 progress: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 masked_image_key: str | None = None) -> Dataset:
     """Any supported source (see the top of this part) -> a checked Dataset of Examples.
 
     .jsonl -> load_jsonl; .json -> load_sharegpt; anything else -> load_table (parquet file,
     glob or folder, save_to_disk folder, hub id with optional ":split"). The column names apply
     to tables; JSONL and ShareGPT files have fixed keys. A picture of more than
-    `max_image_pixels` pixels (read from its header) makes its row a bad row, in every format."""
+    `max_image_pixels` pixels (read from its header) makes its row a bad row, in every format.
+    masked_image_key (a table column, or a JSONL key listing paths) adds each row's pre-masked
+    pictures; ShareGPT files, the evaluation suite's format, have none."""
     source = str(source)
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
-        return Dataset(source, load_jsonl(path, image_dir, max_image_pixels=max_image_pixels))
+        return Dataset(source, load_jsonl(path, image_dir, max_image_pixels=max_image_pixels,
+                                          masked_image_key=masked_image_key))
     if path.suffix == ".json":
+        if masked_image_key:
+            raise DatasetError([f"{path}: pre-masked pictures (--masked-image-key "
+                                f"{masked_image_key}) are read from JSONL files and tables, not "
+                                "from ShareGPT JSON"])
         if not path.is_file():
             raise DatasetError([f"{path}: file not found"])
         return Dataset(source, load_sharegpt(path, image_dir, max_image_pixels=max_image_pixels))
     return load_table(source, problem_key=problem_key, answer_key=answer_key, image_key=image_key,
-                      image_dir=image_dir, progress=progress, max_image_pixels=max_image_pixels)
+                      image_dir=image_dir, progress=progress, max_image_pixels=max_image_pixels,
+                      masked_image_key=masked_image_key)

@@ -24,14 +24,22 @@ The objective, minimised:
                           rising entropy of both branches is the first sign of collapse
     agg     = how per-token values become one number ("token-mean": sum(v*m) / sum(m))
 
+Switches of the official code, all off by default (papo_loss, annealed_coefficients): KL_prcp
+clamped to [0, c] per token; KL_prcp aggregated over each rollout's top tokens only; gamma (and
+both etas with it) annealed linearly over training; and + sft_coef * (token mean of -l over the
+rollouts whose answer is right), a small supervised pull towards the policy's own successes.
+
 Map of this module:
     group_advantages        r -> A                              (GRPO / Dr. GRPO)
     kl_estimate             k1 / k2 / k3 estimators of KL from sampled tokens
     perception_kl           KL_prcp per token
+    perception_token_mask   the tokens of each rollout with the largest KL_prcp (official switch)
     clipped_policy_loss     L_clip per token, with the clip fractions
     entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
-    aggregate               agg, in the four modes of the field, with a global normaliser
+    aggregate               agg, in the four modes of the field, with a global normaliser,
+                            and the official per-micro-batch token mean
     papo_loss               the whole objective and its logged metrics
+    annealed_coefficients   gamma_t and the etas at a step of KL_prcp annealing (official switch)
     patch_mask_grid         which 14x14 squares to black out
     mask_image              I -> I_mask, in pixel space
     dynamic_sampling_keep   DAPO's filter of groups with no learning signal
@@ -50,7 +58,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The four modes of the field. With a global normaliser each gives the full batch's value and
+# gradient however the batch is cut into micro-batches and ranks.
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# The official PAPO code's aggregation (verl's token mean per micro-batch, divided by the number
+# of accumulation steps). It depends on how the batch is cut, so it is kept apart from AGG_MODES.
+MICRO_TOKEN_MEAN = "micro-token-mean"
+ALL_AGG_MODES = AGG_MODES + (MICRO_TOKEN_MEAN,)
 KL_KINDS = ("k1", "k2", "k3")
 ENTROPY_KINDS = ("sample", "exact")
 MASK_MODES = ("bernoulli", "exact")
@@ -162,6 +176,42 @@ def perception_kl(logp: torch.Tensor, masked_logp: torch.Tensor, kind: str = "k3
     return kl_estimate(logp, masked_logp, kind)
 
 
+def perception_token_mask(kl_prcp: torch.Tensor, mask: torch.Tensor,
+                          fraction: float) -> torch.Tensor:
+    """The token-level KL_prcp mask: per rollout, the tokens whose KL_prcp is in its top `fraction`.
+
+        keep_{i,t} = m_{i,t}  and  D_{i,t} >= Q_i(1 - fraction)
+
+    Q_i(q) is the q-quantile of row i's VALID values (torch.nanquantile over the row with its
+    padding set to NaN, with its default linear interpolation between order statistics).
+    kl_prcp (D), mask: [B, T] -> bool [B, T]. Values tied with the threshold are all kept, so
+    a row of equal values is kept whole; a row with one valid token keeps it; padding and empty
+    rows keep nothing. The selection carries no gradient.
+
+    The intent: many tokens of a reasoning trace (connectives, arithmetic, formatting) are about
+    as likely with the masked picture as with the real one, so their KL_prcp is mostly noise;
+    keeping each rollout's most image-dependent tokens aims the term where the picture matters.
+
+    Example: D = [0.5, 0.1, 0.9, 0.3, 0.7], fraction 0.2. Sorted: 0.1 0.3 0.5 0.7 0.9; the
+    0.8-quantile sits at position 0.8 * 4 = 3.2, i.e. 0.7 + 0.2 * (0.9 - 0.7) = 0.74: only 0.9.
+    >>> D = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7]])
+    >>> perception_token_mask(D, torch.ones(1, 5), 0.2).int().tolist()
+    [[0, 0, 1, 0, 0]]
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if kl_prcp.shape != mask.shape or kl_prcp.dim() != 2:
+        raise ValueError(f"kl_prcp {tuple(kl_prcp.shape)} and mask {tuple(mask.shape)} must "
+                         "both be [B, T]")
+    valid = mask.bool()                                                       # [B, T]
+    d = kl_prcp.detach().to(_compute_dtype(kl_prcp))                          # [B, T]
+    # NaN padding is what nanquantile skips; a row with no valid token gives a NaN threshold,
+    # and every comparison with NaN is False, so such a row keeps nothing.
+    row = d.masked_fill(~valid, math.nan)                                     # [B, T]
+    threshold = torch.nanquantile(row, 1.0 - fraction, dim=-1, keepdim=True)  # [B, 1]
+    return valid & (d >= threshold)                                           # [B, T]
+
+
 # ---------------------------------------------------------------------------------------------
 # Clipped surrogate
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +307,10 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
         "seq-mean-token-mean"      1/B sum_i (sum_t v*m / sum_t m)           (GRPO paper)
         "seq-mean-token-sum"       1/B sum_i  sum_t v*m
         "seq-mean-token-sum-norm"  1/B sum_i (sum_t v*m / L)                 (Dr. GRPO)
+        "micro-token-mean"         (sum_{i,t} v*m / N_tokens of THIS call) / K  (official code)
     L is a constant: max_len if given, else T. Pass the configured maximum response length, or
     micro-batches padded to different T would weigh the same token differently. A row with no
-    tokens contributes 0 to "seq-mean-token-mean".
+    tokens contributes 0 to "seq-mean-token-mean", a call with no tokens 0 to "micro-token-mean".
 
     normalizer replaces the local count in the final division: N_tokens for "token-mean", B
     for the seq-* modes. Why: the loss of a large batch is often accumulated over micro-batches
@@ -270,6 +321,14 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     exactly to the full-batch ones. DDP then AVERAGES gradients over W ranks, so each rank
     multiplies its loss by W to keep that sum.
 
+    "micro-token-mean" reproduces the official PAPO code: every micro-batch takes the token mean
+    over its OWN tokens and divides it by K, the number of micro-batches of the mini-batch (over
+    all ranks; pass K as normalizer, default 1). The sum over micro-batches is then the MEAN of
+    per-micro-batch token means, which depends on the micro-batch size: a token of a short
+    micro-batch weighs more than one of a long micro-batch. It equals the global "token-mean"
+    only when every micro-batch holds the same number of tokens, which is why "token-mean"
+    over the global batch stays this project's default.
+
     Example: v = [[1, 2, 3, 4], [5, 6, 7, 8]], m = [[1, 1, 1, 0], [1, 1, 0, 0]]:
         token-mean 17/5 = 3.4, seq-mean-token-mean (2 + 5.5)/2 = 3.75,
         seq-mean-token-sum 17/2 = 8.5, seq-mean-token-sum-norm (6/4 + 11/4)/2 = 2.125.
@@ -277,10 +336,16 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     >>> m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     >>> [round(aggregate(v, m, mode).item(), 4) for mode in AGG_MODES]
     [3.4, 3.75, 8.5, 2.125]
+
+    The same rows as two micro-batches of one row each, K = 2: (6/3 + 11/2) / 2 = 3.75, not 3.4.
+    >>> round(sum(aggregate(v[i:i+1], m[i:i+1], "micro-token-mean", 2) for i in (0, 1)).item(), 4)
+    3.75
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
-    if values.shape != mask.shape or (mode != "token-mean" and values.dim() != 2):
+    if mode not in ALL_AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of "
+                         f"{', '.join(ALL_AGG_MODES)}")
+    if values.shape != mask.shape or (mode not in ("token-mean", MICRO_TOKEN_MEAN)
+                                      and values.dim() != 2):
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
     if isinstance(normalizer, (int, float)) and normalizer <= 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
@@ -288,6 +353,13 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     m = mask.to(dtype)                                                        # [B, T]
     # Padding may hold garbage (even inf or NaN) and 0 * NaN = NaN, so overwrite, not just multiply.
     vm = (values.to(dtype) * m).masked_fill(m == 0, 0.0)                      # [B, T]
+    if mode == MICRO_TOKEN_MEAN:
+        # this call's own token mean, then 1/K: the normaliser counts micro-batches, not tokens
+        count = m.sum()
+        local_mean = vm.sum() / torch.where(count > 0, count, torch.ones_like(count))
+        if normalizer is None:
+            return local_mean
+        return local_mean / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
     if mode == "token-mean":
         total = vm.sum()
         count = m.sum()
@@ -319,7 +391,12 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               logits: Optional[torch.Tensor] = None, masked_logits: Optional[torch.Tensor] = None,
               entropy_orig: Optional[torch.Tensor] = None,
               entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
-              max_len: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+              max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
+              kl_prcp_token_fraction: Optional[float] = None,
+              kl_prcp_keep: Optional[torch.Tensor] = None,
+              kl_prcp_normalizer: Optional[Number] = None, sft_coef: float = 0.0,
+              sft_rows: Optional[torch.Tensor] = None, sft_normalizer: Optional[Number] = None,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
            + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
 
@@ -343,12 +420,40 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     later mini-batches, top-p truncation, the length-dependent token-mean weights). The exact
     form's gradient is the entropy's own gradient (notebooks/02_objective.ipynb shows both).
 
+    KL_prcp clipping (kl_prcp_clip = c, official value 0.2; None = off): each token's KL_prcp
+    is clamped to [0, c] before it is aggregated, so no token contributes more than c and a
+    token beyond c gives no gradient: the policy cannot raise the term without bound by pushing
+    a few tokens far from the masked branch (the "KL_prcp hacking" of collapsed runs). The
+    lower bound matters only for k1, which can be negative.
+
+    Token-level KL_prcp mask (kl_prcp_token_fraction = p, official value 0.2; None = off): the
+    term is aggregated over perception_token_mask(D, mask, p) instead of mask, the selection
+    made on the UNCLIPPED values (the official order: select, then clamp). kl_prcp_keep, a
+    precomputed bool [B, T] selection, takes precedence (a caller that had to count the kept
+    tokens of the whole batch beforehand passes the selection it counted). The term's
+    normaliser is kl_prcp_normalizer when given, else normalizer. With a global "token-mean"
+    normalizer it must be given: the term is a mean over the KEPT tokens of the whole batch,
+    and a normalizer counting every token would silently scale it by about p.
+
+    SFT loss on correct rollouts (sft_coef, official value 1e-3; 0 = off): adds
+        sft_coef * sum_{i correct, t} -l_{i,t} * m_{i,t} / N_correct
+    where sft_rows ([B], bool or 0/1) marks the rollouts whose accuracy is 1. It is a TOKEN
+    mean over those rollouts' tokens in every mode. Its normaliser: sft_normalizer, the number
+    of such tokens in the whole batch (over micro-batches and ranks), so that micro-batches sum
+    to the full-batch gradient; it must be given with a global normalizer. With
+    agg_mode="micro-token-mean" it is instead this call's own token mean divided by normalizer
+    (K), like every other term in that mode. A batch with no correct rollout adds 0.
+
     Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
     metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
     logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
     loss, pg_loss, kl_ref, kl_prcp, entropy_orig, entropy_mask, clip_low, clip_high, clip_dual,
     approx_kl_old (k3 estimate of KL(old || new) on the old policy's samples: how far the update
-    has moved), ratio_mean.
+    has moved), ratio_mean. "kl_prcp" is always the unclipped value over every token (what the
+    policy does, not what the loss sees); with clipping on, "kl_prcp_clipped" is the share of
+    tokens whose value the clamp changed (among those in the term), and with the token mask
+    on, "kl_prcp_kept" is the share of tokens kept. With sft_rows given, "sft_nll" is the mean
+    -l over the correct rollouts' tokens only (0 when there are none).
 
     Example (token-mean, one token, A = 0 so only the perception term acts):
     >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
@@ -365,6 +470,19 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError("gamma != 0 (Implicit Perception Loss) needs masked_logp")
     if beta != 0 and ref_logp is None:
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
+    if kl_prcp_clip is not None and not 0 < kl_prcp_clip < math.inf:
+        raise ValueError(f"kl_prcp_clip must be > 0 (or None = off), got {kl_prcp_clip}")
+    selects = kl_prcp_keep is not None or kl_prcp_token_fraction is not None
+    if (selects and gamma != 0 and agg_mode == "token-mean" and normalizer is not None
+            and kl_prcp_normalizer is None):
+        raise ValueError("the token-level KL_prcp mask with a global token-mean normalizer needs "
+                         "kl_prcp_normalizer, the global number of KEPT tokens")
+    if sft_coef != 0 and sft_rows is None:
+        raise ValueError("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
+    if (sft_coef != 0 and normalizer is not None and agg_mode != MICRO_TOKEN_MEAN
+            and sft_normalizer is None):
+        raise ValueError("sft_coef with a global normalizer needs sft_normalizer, the global "
+                         "number of tokens of correct rollouts")
     if entropy == "sample":
         if eta_mask != 0 and masked_logp is None:
             raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
@@ -405,13 +523,39 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if masked_logp is not None:
         kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
         log_mean("kl_prcp", kl_prcp)
+        keep = mask                                  # the tokens the term is aggregated over
+        if kl_prcp_keep is not None:
+            keep = kl_prcp_keep.bool() & mask.bool()                          # [B, T]
+        elif kl_prcp_token_fraction is not None:
+            keep = perception_token_mask(kl_prcp, mask, kl_prcp_token_fraction)  # [B, T]
+        if selects:
+            log_mean("kl_prcp_kept", keep.to(kl_prcp.dtype))
+        if kl_prcp_clip is not None:
+            changed = ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)) & keep.bool()  # [B, T]
+            log_mean("kl_prcp_clipped", changed.to(kl_prcp.dtype))
+            kl_prcp = kl_prcp.clamp(0.0, kl_prcp_clip)                        # [B, T]
         if gamma != 0:
-            loss = loss - gamma * agg(kl_prcp)                               # maximised
+            term = aggregate(kl_prcp, keep, agg_mode,
+                             kl_prcp_normalizer if kl_prcp_normalizer is not None else normalizer,
+                             max_len)
+            loss = loss - gamma * term                                        # maximised
     for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
         if h is not None:
             log_mean(name, h)
             if eta != 0:
                 loss = loss + eta * agg(h)                                   # entropy pushed down
+    if sft_rows is not None:
+        # m restricted to the rollouts whose answer is right
+        sft_mask = mask.bool() & sft_rows.bool().reshape(-1, 1)               # [B, T]
+        nll = -logp.to(_compute_dtype(logp))                                  # [B, T]
+        stats["sft_nll"] = aggregate(nll.detach(), sft_mask)
+        if sft_coef != 0:
+            if agg_mode == MICRO_TOKEN_MEAN:
+                sft = aggregate(nll, sft_mask, MICRO_TOKEN_MEAN,
+                                sft_normalizer if sft_normalizer is not None else normalizer)
+            else:
+                sft = aggregate(nll, sft_mask, "token-mean", sft_normalizer)
+            loss = loss + sft_coef * sft                          # raises l on right answers
     with torch.no_grad():
         log_mean("approx_kl_old", kl_estimate(old_logp, logp, "k3"))
         dtype = _compute_dtype(logp, old_logp)
@@ -421,6 +565,47 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     widest = functools.reduce(torch.promote_types, (v.dtype for v in stats.values()))
     values = torch.stack([v.reshape(()).to(widest) for v in stats.values()]).tolist()
     return loss, dict(zip(stats, values))
+
+
+def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: float = 0.0,
+                          eta_mask: float = 0.0, *, gamma_end: float = 0.0,
+                          fraction: float = 0.5) -> tuple[float, float, float]:
+    """KL_prcp annealing: (gamma_t, eta_orig_t, eta_mask_t) for training step `step`.
+
+        progress = min((step - 1) / (fraction * total_steps), 1)
+        gamma_t  = (1 - progress) * gamma + progress * gamma_end
+        eta_t    = eta * gamma_t / gamma          (eta_orig and eta_mask alike)
+
+    Steps are counted from 1 to total_steps, as train.py counts them: step 1 trains with gamma
+    itself, and step 1 + fraction * total_steps and every later one with gamma_end. The Double
+    Entropy Loss exists to hold back the collapse that a strong KL_prcp can cause, so it fades
+    with the term it guards (as in the official code). gamma_end > gamma is allowed: a ramp up.
+
+    The intent: a strong push to diverge from the masked branch early, while the policy learns
+    to use the picture, and less of an unbounded bonus late, when it mostly risks the "KL_prcp
+    hacking" collapse.
+
+    Example: gamma 0.02 -> 0 over half of 200 steps; at step 51, half-way: gamma 0.01, eta 0.025.
+    >>> [round(annealed_coefficients(s, 200, 0.02, 0.05)[0], 6) for s in (1, 51, 101, 200)]
+    [0.02, 0.01, 0.0, 0.0]
+    >>> round(annealed_coefficients(51, 200, 0.02, 0.05)[1], 6)
+    0.025
+    """
+    if step < 1 or total_steps < 1:
+        raise ValueError(f"steps are counted from 1: got step {step} of {total_steps}")
+    if not 0 < gamma < math.inf:
+        raise ValueError(f"annealing needs gamma > 0 (the etas are scaled by gamma_t / gamma), "
+                         f"got {gamma}")
+    if not 0 <= gamma_end < math.inf:
+        raise ValueError(f"gamma_end must be >= 0, got {gamma_end}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    progress = min((step - 1) / (fraction * total_steps), 1.0)
+    # written as a weighted mean so that progress 0 gives gamma and progress 1 gives gamma_end
+    # exactly, without a rounding step
+    gamma_t = (1.0 - progress) * gamma + progress * gamma_end
+    factor = gamma_t / gamma
+    return gamma_t, eta_orig * factor, eta_mask * factor
 
 
 # ---------------------------------------------------------------------------------------------

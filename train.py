@@ -86,6 +86,14 @@ class Config:
                                    "{bytes, path} dicts or paths.")
     image_dir: str = arg("", "Folder that relative picture paths are relative to (default: the "
                              "data file's folder).")
+    masked_image_key: str = arg("", "Pre-masked pictures (official switch; its column "
+                                    "'images_aug', for semantic-aware masking): the --data "
+                                    "table column, or JSONL key listing paths, whose pictures the "
+                                    "masked branch uses instead of random patches - one per "
+                                    "picture, each of its original's size (checked per row "
+                                    "before training), resized into the same pixel budget. "
+                                    "--mask-ratio/--mask-patch/--mask-mode then apply only to "
+                                    "the held-out evaluation. Empty: random patches.")
     prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
                                    "official one (the trimmed question, a blank line, the "
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
@@ -124,13 +132,38 @@ class Config:
     gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
     eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
     eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    gamma_anneal: bool = arg(False, "KL_prcp annealing (official switch): gamma goes linearly "
+                                    "from --gamma to --gamma-end over the first "
+                                    "--gamma-anneal-fraction of --steps, then stays there; "
+                                    "--eta-orig and --eta-mask are scaled by gamma_t / gamma. "
+                                    "Steps count from 1: step 1 uses --gamma, step 1 + fraction "
+                                    "x steps and later ones --gamma-end. The schedule follows "
+                                    "--steps, also when a resume changes it. Logged: gamma_t.")
+    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
+    gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
+                                            "gamma moves to --gamma-end.")
     beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
     clip_low: float = arg(0.2, "PPO clip range below 1.")
     clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
     dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
     agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
-                                      "seq-mean-token-sum | seq-mean-token-sum-norm.")
+                                      "seq-mean-token-sum | seq-mean-token-sum-norm (each "
+                                      "normalised over the whole mini-batch, all ranks: the "
+                                      "gradient does not depend on --micro-batch-size) | "
+                                      "micro-token-mean (the official code exactly: the mean of "
+                                      "per-micro-batch token means, which DOES depend on "
+                                      "--micro-batch-size and on the number of processes).")
     kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+    kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
+                                   "so no token can raise the term past C (official switch, C = "
+                                   "0.2). 0 = off.")
+    kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, only the "
+                                             "tokens whose KL_prcp is at or above the (1 - P) "
+                                             "quantile of its tokens enter the term (selected "
+                                             "before --kl-prcp-clip; official switch, P = 0.2). "
+                                             "With --agg-mode token-mean the kept tokens of each "
+                                             "mini-batch are counted first, in a no-gradient "
+                                             "pass (one extra forward per rollout). 0 = off.")
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
                                  "or exact (-sum p log p from the logits).")
     dynamic_sampling: bool = arg(False, "DAPO: drop groups whose accuracy is all 0 or all 1 and "
@@ -139,6 +172,12 @@ class Config:
     mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
     mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
     mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+    sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
+                               "times the token mean of -log pi over the tokens of the rollouts "
+                               "whose accuracy is 1, normalised by their number in the whole "
+                               "mini-batch (all micro-batches and ranks; per micro-batch with "
+                               "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
+                               "start's --sft-* settings.")
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
@@ -290,12 +329,19 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
                                             "maximised)"),
     ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
     ("eta_mask", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_end", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
     ("beta", lambda v: 0 <= v < math.inf, ">= 0"),
     ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
     ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
-    ("agg_mode", lambda v: v in papo.AGG_MODES, "one of " + ", ".join(papo.AGG_MODES)),
+    ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
+    ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
+                                                           "KL_prcp a token contributes)"),
+    ("sft_coef", lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"),
+    ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
+                                                      "rollout's tokens kept)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
     ("max_draws", lambda v: v >= 1, ">= 1"),
     ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -338,9 +384,23 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} groups (prompts) each process holds per step: mini-batches "
                         f"are whole groups")
+    if cfg.masked_image_key and not cfg.data:
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: the offline toy data has no "
+                        "pre-masked pictures; give --data with that column")
+    if cfg.masked_image_key and not uses_masked_branch(cfg):
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: this objective has no "
+                        "masked branch (--gamma 0 and --eta-mask 0), so the pictures would go "
+                        "unused")
     if cfg.model and not cfg.data:
         problems.append("--model is given but --data is not: a real model needs a dataset "
                         "(the toy task is only for the offline tiny model)")
+    shaping = [flag for flag, on in (("--kl-prcp-clip", cfg.kl_prcp_clip),
+                                     ("--kl-prcp-token-fraction", cfg.kl_prcp_token_fraction),
+                                     ("--gamma-anneal", cfg.gamma_anneal))
+               if on]
+    if shaping and cfg.gamma == 0:
+        problems.append(f"{', '.join(shaping)} shape the KL_prcp term, which --gamma 0 turns "
+                        "off (--preset grpo or dapo); set --gamma or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
     if cfg.prompt_template:
@@ -492,7 +552,9 @@ def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, dict[str, data.Da
                 image_dir=cfg.image_dir or None, max_image_pixels=cfg.max_image_pixels,
                 progress=d.main)
     try:
-        train = data.load_dataset(train_src, **keys)
+        # pre-masked pictures are a training input; the held-out sets are masked at random
+        train = data.load_dataset(train_src, **keys,
+                                  masked_image_key=cfg.masked_image_key or None)
         heldout = {name: data.load_dataset(src, **keys)[: cfg.eval_size or None]
                    for name, src in eval_srcs.items()}
     except data.DatasetError as err:
@@ -656,7 +718,8 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
                    need_masked: bool) -> tuple[qwen.Rollouts, qwen.Rollouts | None]:
     """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
     G rollouts of a group are all compared against the SAME corrupted picture: their advantages
-    and their KL_prcp then differ only through the sampled text."""
+    and their KL_prcp then differ only through the sampled text. With --masked-image-key they
+    are the dataset's pre-masked pictures instead of random patches."""
     # Decoding and resizing the pictures is PIL work, which releases the GIL: one thread per
     # core (torch is idle meanwhile). Same pictures, same order as a plain loop.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -666,11 +729,23 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
                                       max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p)
     masked = None
-    if need_masked:
+    if need_masked and cfg.masked_image_key:
+        # the dataset's own corrupted pictures, through the same decoding and pixel budget
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            masked_images = list(pool.map(
+                lambda ex: ex.load_masked_images(cfg.min_pixels, cfg.max_pixels), prompts))
+        for ex, it, pictures in zip(prompts, items, masked_images):
+            # checked per row when the data was loaded; rows built in code get the same check
+            if [im.size for im in pictures] != [im.size for im in it["images"]]:
+                raise ValueError(f"{ex.source}: column {cfg.masked_image_key!r}: pre-masked "
+                                 f"picture sizes {[im.size for im in pictures]} differ from the "
+                                 f"originals' {[im.size for im in it['images']]}")
+    elif need_masked:
         rng = np.random.default_rng(seed)
         masked_images = [papo.mask_image(it["images"], patch_size=cfg.mask_patch,
                                          ratio=cfg.mask_ratio, rng=rng, mode=cfg.mask_mode)
                          for it in items]
+    if need_masked:
         # Masking happens on the raw picture; the processor then resizes and normalises the masked
         # picture exactly like the original, so the number of image tokens is unchanged.
         pixels = qwen.encode_images(processor, masked_images, cfg.group_size)
@@ -791,9 +866,18 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     Normalisation: papo.aggregate divides by the GLOBAL number of tokens (or sequences) of the
     mini-batch, summed over micro-batches AND ranks, so the accumulated gradient equals that of
     one big batch whatever the micro-batch size or the number of GPUs. DDP averages gradients
-    over ranks, hence the factor world size on each rank's loss."""
+    over ranks, hence the factor world size on each rank's loss. --agg-mode micro-token-mean is
+    the exception on purpose: each micro-batch's own token mean, divided by the number of
+    micro-batches of the mini-batch over all ranks (the official code)."""
     B, G = len(batch.rollouts), cfg.group_size
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
+    # the rollouts whose answer is right: the SFT term's rows
+    correct = (batch.accuracy == 1) if cfg.sft_coef else None                # [B]
+    gamma, eta_orig, eta_mask = cfg.gamma, cfg.eta_orig, cfg.eta_mask
+    if cfg.gamma_anneal:
+        gamma, eta_orig, eta_mask = papo.annealed_coefficients(
+            step, cfg.steps, cfg.gamma, cfg.eta_orig, cfg.eta_mask, gamma_end=cfg.gamma_end,
+            fraction=cfg.gamma_anneal_fraction)
     # Mini-batches are random GROUPS, their G rollouts kept together and adjacent: a micro-batch
     # then holds whole groups, and completion_logprobs reads each group's prompt and picture once
     # for its G rollouts (random rows would split groups over micro-batches and read them again).
@@ -802,12 +886,23 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     minis = [(groups[:, None] * G + torch.arange(G)).flatten()               # rows of the groups
              for groups in order.chunk(cfg.updates_per_step)]
     sums: dict[str, float] = {}
-    weight = 0.0
+    weights: dict[str, float] = {}
     grad_norms, skipped = [], 0
     for mini in minis:
-        count = mask[mini].sum() if cfg.agg_mode == "token-mean" else torch.tensor(float(len(mini)))
-        normalizer = all_reduce(count)
         micros = mini.split(cfg.micro_batch_size)
+        if cfg.agg_mode == "token-mean":
+            count = mask[mini].sum()
+        elif cfg.agg_mode == papo.MICRO_TOKEN_MEAN:
+            count = torch.tensor(float(len(micros)))      # K: micro-batches, summed over ranks
+        else:
+            count = torch.tensor(float(len(mini)))
+        normalizer = all_reduce(count)
+        keeps, kept = _perception_keep(batch, policy, micros, cfg, d, gamma)
+        sft_count = None
+        if correct is not None and cfg.agg_mode != papo.MICRO_TOKEN_MEAN:
+            # the SFT term is a token mean over the correct rollouts of the WHOLE mini-batch;
+            # with none of them anywhere it is 0, and 1 keeps the division defined
+            sft_count = all_reduce((mask[mini] * correct[mini, None]).sum()).clamp(min=1.0)
         for i, idx in enumerate(micros):
             # only the last micro-batch all-reduces gradients; the others accumulate locally
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)
@@ -823,17 +918,27 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     logp, old, batch.advantages[idx], mask[idx],
                     masked_logp=masked_logp,
                     ref_logp=batch.ref_logp[idx] if batch.ref_logp is not None else None,
-                    gamma=cfg.gamma, eta_orig=cfg.eta_orig, eta_mask=cfg.eta_mask, beta=cfg.beta,
+                    gamma=gamma, eta_orig=eta_orig, eta_mask=eta_mask, beta=cfg.beta,
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
                     entropy=cfg.entropy, entropy_orig=ent, entropy_mask=masked_ent,
-                    normalizer=normalizer, max_len=cfg.max_new_tokens)
+                    normalizer=normalizer, max_len=cfg.max_new_tokens,
+                    kl_prcp_clip=cfg.kl_prcp_clip or None,
+                    kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
+                    kl_prcp_keep=keeps[i] if keeps else None, kl_prcp_normalizer=kept,
+                    sft_coef=cfg.sft_coef, sft_rows=correct[idx] if correct is not None else None,
+                    sft_normalizer=sft_count)
                 (loss * d.world).backward()
-            w = float(mask[idx].sum())          # token-weighted average of per-micro metrics
+            # token-weighted average of per-micro metrics; sft_nll is a mean over the correct
+            # rollouts' tokens only, so those are its weights
+            w = float(mask[idx].sum())
+            own = {}
+            if correct is not None:
+                own["sft_nll"] = float((mask[idx] * correct[idx, None]).sum())
             for k, v in metrics.items():
                 if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + v * w
-            weight += w
+                    sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
+                    weights[k] = weights.get(k, 0.0) + own.get(k, w)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         if torch.isfinite(grad_norm):   # gradients are all-reduced, so every rank agrees
             optimizer.step()
@@ -842,10 +947,48 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         optimizer.zero_grad(set_to_none=True)
         grad_norms.append(float(grad_norm))
     # average the metrics over ranks, weighted by their token counts
-    packed = all_reduce(torch.tensor([weight] + [sums[k] for k in sorted(sums)], dtype=torch.float64))
-    out = {k: float(v / max(packed[0], 1.0)) for k, v in zip(sorted(sums), packed[1:])}
-    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped)
+    keys = sorted(sums)
+    packed = all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys],
+                                     dtype=torch.float64))
+    out = {k: float(packed[j] / max(packed[len(keys) + j], 1.0)) for j, k in enumerate(keys)}
+    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped, gamma_t=gamma)
+    if cfg.gamma_anneal:
+        out.update(eta_orig_t=eta_orig, eta_mask_t=eta_mask)
     return out
+
+
+@torch.no_grad()
+def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist, gamma: float):
+    """The token-level KL_prcp mask of a mini-batch, made before its gradient passes: (the kept
+    tokens of each micro-batch, their count over the mini-batch and all ranks); ([], None)
+    when not needed.
+
+    Needed only with --agg-mode token-mean. There the KL_prcp term is a mean over the KEPT
+    tokens of the whole mini-batch, and that count must be known before the first micro-batch's
+    backward, like the token count of the other terms - but which tokens are kept depends on the
+    current policy's log-probs. So a no-gradient pass with the same weights selects them here,
+    and the update uses exactly this selection (not a re-selection from its own forward, whose
+    rounding may differ). In the other modes each micro-batch's (or row's) normaliser is local,
+    and papo_loss selects from the update's own forward."""
+    if not (cfg.kl_prcp_token_fraction and cfg.agg_mode == "token-mean" and gamma):
+        return [], None
+    net = unwrap(policy)                       # no gradient: no DDP bookkeeping wanted
+    keeps = []
+    for idx in micros:
+        with autocast(cfg, d.device):
+            logp = qwen.completion_logprobs(net, batch.rollouts.select(idx),
+                                            temperature=cfg.temperature)       # [b, T]
+            if batch.masked_logp is not None:
+                masked_logp = batch.masked_logp[idx]                             # [b, T]
+            else:                                                   # --perception-grad
+                masked_logp = qwen.completion_logprobs(net, batch.masked.select(idx),
+                                                       temperature=cfg.temperature)
+        kl = papo.perception_kl(logp, masked_logp, cfg.kl_kind)                  # [b, T]
+        mask = batch.rollouts.completion_mask[idx]                               # [b, T]
+        keeps.append(papo.perception_token_mask(kl, mask, cfg.kl_prcp_token_fraction))
+    count = all_reduce(torch.stack([k.sum() for k in keeps]).sum().double())
+    # no kept token anywhere means no term (a sum of 0); 1 keeps the division defined
+    return keeps, count.clamp(min=1.0)
 
 
 def _masked_branch(batch: Batch, policy, idx, cfg: Config):

@@ -19,6 +19,8 @@ oracles:
     6. model.prompt_lengths == the length the processor really produces
     7. bad rows: every one reported, with its source and row, in ONE DatasetError
     8. hub ids, offline: a fast, named error when not cached; rows when the cache has them
+    9. pre-masked pictures (--masked-image-key) from tables and JSONL: the right pixels for the
+       right row, and every count or size mismatch named by row and column
 
 Nothing touches the network or ~/.cache: the `datasets` cache is moved into tmp_path and the
 hub libraries are put in offline mode for every test (autouse fixture below).
@@ -672,3 +674,112 @@ def test_a_missing_path_is_reported_as_missing_not_looked_up_on_the_hub(source, 
     assert line.startswith(source)
     assert "file not found" in line or "no such file or folder" in line
     assert "cache" not in str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Pre-masked pictures: a second picture column, read like the first
+# ---------------------------------------------------------------------------------------------
+
+MASKED_FEATURES = datasets.Features({**FEATURES, "images_aug": datasets.List(datasets.Image())})
+
+
+def masked_copy(pixels: np.ndarray, seed: int) -> np.ndarray:
+    """A 'pre-masked' picture: the same size, other pixels (so a mix-up with the original shows)."""
+    return noise(pixels.shape[1], pixels.shape[0], 100 + seed)
+
+
+def masked_table(rows: list[dict], masked: list[list[np.ndarray]]) -> datasets.Dataset:
+    columns = table_columns(rows)
+    columns["images_aug"] = [[{"bytes": png_bytes(p), "path": None} for p in pics]
+                             for pics in masked]
+    return datasets.Dataset.from_dict(columns, features=MASKED_FEATURES)
+
+
+@pytest.mark.parametrize("kind", ["parquet file", "save_to_disk"])
+def test_table_pre_masked_pictures_come_with_their_row(kind, tmp_path):
+    masked = [[masked_copy(p, 10 * i + j) for j, p in enumerate(r["pictures"])]
+              for i, r in enumerate(ROWS)]
+    table = masked_table(ROWS, masked)
+    if kind == "parquet file":
+        table.to_parquet(str(tmp_path / "t.parquet"))
+        source = str(tmp_path / "t.parquet")
+    else:
+        table.save_to_disk(str(tmp_path / "saved"))
+        source = str(tmp_path / "saved")
+    ds = data.load_dataset(source, masked_image_key="images_aug")
+    assert all(ex.masked_images is None for ex in ds.rows)          # no bytes held in the rows
+    for i in (3, 0, 4, 1):                                            # any order, subsets too
+        for ex in (ds[i], ds.subset([i])[0]):
+            assert_row(ex, ROWS[i], source, i)                        # originals untouched
+            got = ex.load_masked_images()
+            assert [np.asarray(g).tolist() for g in got] == [m.tolist() for m in masked[i]]
+    # without the key the column is ignored, and there is nothing to load
+    plain = data.load_dataset(source)[0]
+    assert plain.masked_images is None
+    with pytest.raises(ValueError, match="no pre-masked pictures"):
+        plain.load_masked_images()
+
+
+def test_pre_masked_pictures_go_through_the_same_pixel_budget(tmp_path):
+    masked = [[masked_copy(p, j) for j, p in enumerate(r["pictures"])] for r in ROWS[:2]]
+    masked_table(ROWS[:2], masked).to_parquet(str(tmp_path / "t.parquet"))
+    ex = data.load_dataset(tmp_path / "t.parquet", masked_image_key="images_aug")[1]
+    budget = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    originals, pre_masked = ex.load_images(**budget), ex.load_masked_images(**budget)
+    assert [im.size for im in pre_masked] == [im.size for im in originals] == [
+        data.budget_size(w, h, **budget) for w, h in ex.sizes]
+    expected = data.budget_resize(Image.fromarray(masked[1][0]), **budget)
+    np.testing.assert_array_equal(np.asarray(pre_masked[0]), np.asarray(expected))
+
+
+def test_table_pre_masked_count_and_size_mismatches_are_named_by_row_and_column(tmp_path):
+    good = [[masked_copy(p, j) for j, p in enumerate(r["pictures"])] for r in ROWS[:4]]
+    bad = list(good)
+    bad[1] = good[1][:1]                                  # row 1 has 2 pictures, 1 masked copy
+    bad[2] = [noise(17, 18, 7)]                           # original 16 x 18
+    bad[3] = [good[3][0], np.zeros((3, 3, 3), np.uint8)]  # second picture 3 x 3, not 14 x 22
+    masked_table(ROWS[:4], bad).to_parquet(str(tmp_path / "t.parquet"))
+    path = str(tmp_path / "t.parquet")
+    err = dataset_error(lambda: data.load_dataset(path, masked_image_key="images_aug"))
+    assert_problems(err, path, {
+        1: ['"images_aug" has 1 pre-masked pictures but the row has 2'],
+        2: ['"images_aug" picture 1 is 17x18 px but its original is 16x18 px'],
+        3: ['"images_aug" picture 2 is 3x3 px but its original is 14x22 px'],
+    })
+    err = dataset_error(lambda: data.load_dataset(path, masked_image_key="images_blurred"))
+    [line] = err.problems
+    assert "'images_blurred'" in line and "images_aug" in line and "--masked-image-key" in line
+
+
+def test_jsonl_pre_masked_pictures_are_a_list_of_paths_checked_like_the_originals(tmp_path):
+    for name, pixels in (("a.png", noise(20, 16, 0)), ("a_masked.png", noise(20, 16, 1)),
+                         ("b.png", noise(12, 12, 2)), ("small.png", noise(10, 12, 3))):
+        Image.fromarray(pixels).save(tmp_path / name)
+    rows = [
+        {"problem": "Fine: <image>", "answer": "1", "images": ["a.png"],
+         "images_aug": ["a_masked.png"]},
+        {"problem": "No copies", "answer": "1", "images": ["a.png"]},
+        {"problem": "Two for one", "answer": "1", "images": ["a.png"],
+         "images_aug": ["a_masked.png", "a_masked.png"]},
+        {"problem": "Wrong size", "answer": "1", "image": "b.png", "images_aug": ["small.png"]},
+        {"problem": "A string", "answer": "1", "images": ["a.png"], "images_aug": "a_masked.png"},
+        {"problem": "Lost", "answer": "1", "images": ["a.png"], "images_aug": ["gone.png"]},
+    ]
+    path = data.write_jsonl(rows, tmp_path / "train.jsonl")
+    err = dataset_error(lambda: data.load_dataset(path, masked_image_key="images_aug"))
+    assert_problems(err, str(path), {
+        2: 'missing "images_aug"',
+        3: '"images_aug" has 2 pre-masked pictures but the row has 1',
+        4: '"images_aug" picture 1 is 10x12 px but its original is 12x12 px',
+        5: '"images_aug" must be a non-empty list of paths',
+        6: ['"images_aug"', "image not found", "gone.png"],
+    })
+    path = data.write_jsonl(rows[:1], tmp_path / "good.jsonl")
+    [ex] = data.load_dataset(path, masked_image_key="images_aug")
+    assert ex.masked_images == [tmp_path / "a_masked.png"]
+    np.testing.assert_array_equal(np.asarray(ex.load_masked_images()[0]), noise(20, 16, 1))
+    np.testing.assert_array_equal(np.asarray(ex.load_images()[0]), noise(20, 16, 0))
+    # the evaluation suite's ShareGPT files have no such pictures: refused, not ignored
+    sharegpt = write_sharegpt(tmp_path, SHAREGPT_ROWS, SHAREGPT_PICTURES)
+    err = dataset_error(lambda: data.load_dataset(sharegpt, masked_image_key="images_aug"))
+    assert "ShareGPT" in err.problems[0]

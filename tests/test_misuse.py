@@ -37,7 +37,10 @@ BAD_TRAIN_FLAGS = [
     ("--dual-clip", "0.5"), ("--clip-low", "1"), ("--tiny-size", "huge"),
     ("--toy-tasks", "count,nope"), ("--eval-size", "-1"), ("--min-pixels", "0"),
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
-    ("--max-image-pixels", "0"),
+    ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
+    ("--kl-prcp-token-fraction", "1.5"), ("--kl-prcp-token-fraction", "-0.2"),
+    ("--sft-coef", "-0.001"), ("--gamma-end", "-0.01"), ("--gamma-anneal-fraction", "0"),
+    ("--gamma-anneal-fraction", "1.5"),
 ]
 
 
@@ -63,6 +66,27 @@ def test_the_defaults_and_the_presets_pass(tmp_path):
     for preset in train.PRESETS:
         for extra in ([], ["--model", str(tmp_path), "--data", "x.jsonl"]):
             train.check_config(train.parse_config(["--preset", preset, *extra]), world_size=1)
+
+
+@pytest.mark.parametrize("flags", [["--kl-prcp-clip", "0.2"], ["--kl-prcp-token-fraction", "0.2"],
+                                   ["--gamma-anneal"]])
+def test_kl_prcp_switches_without_the_kl_prcp_term_are_refused(flags, tmp_path):
+    """They would do nothing: GRPO and DAPO have no KL_prcp term (gamma 0)."""
+    for preset in ("grpo", "dapo"):
+        cfg = train.parse_config(["--out", str(tmp_path / "run"), "--preset", preset, *flags])
+        with pytest.raises(SystemExit, match=f"{flags[0]}.*--gamma 0"):
+            train.check_config(cfg, world_size=1)
+    train.check_config(train.parse_config(["--out", str(tmp_path / "run"), *flags]), 1)
+
+
+def test_masked_image_key_needs_a_dataset_and_a_masked_branch(tmp_path):
+    out = ["--out", str(tmp_path / "run"), "--masked-image-key", "images_aug"]
+    with pytest.raises(SystemExit, match="--masked-image-key images_aug: the offline toy data"):
+        train.check_config(train.parse_config(out), 1)
+    with pytest.raises(SystemExit, match="--masked-image-key images_aug: this objective has no "
+                                         "masked branch"):
+        train.check_config(train.parse_config([*out, "--data", "t.jsonl", "--preset", "grpo"]), 1)
+    train.check_config(train.parse_config([*out, "--data", "t.jsonl"]), 1)
 
 
 def test_out_naming_a_file_is_refused(tmp_path):

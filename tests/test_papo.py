@@ -338,6 +338,10 @@ def test_aggregate_hand_values_for_every_mode():
     assert papo.aggregate(V, M, "seq-mean-token-sum-norm", max_len=10).item() == pytest.approx(0.85)
     assert papo.aggregate(V, M, "token-mean", normalizer=10).item() == pytest.approx(1.7)
     assert papo.aggregate(V, M, "seq-mean-token-sum", normalizer=torch.tensor(4.0)).item() == 4.25
+    # micro-token-mean: this call's token mean 17/5, divided by K micro-batches
+    assert papo.aggregate(V, M, "micro-token-mean").item() == pytest.approx(3.4, abs=1e-12)
+    assert papo.aggregate(V, M, "micro-token-mean", normalizer=2).item() == pytest.approx(1.7)
+    assert papo.aggregate(V, torch.zeros_like(M), "micro-token-mean", normalizer=2).item() == 0.0
 
 
 def test_aggregate_empty_rows_and_garbage_padding():
@@ -380,6 +384,54 @@ def test_micro_batches_with_global_normalizer_equal_the_full_batch(mode):
         total, grad_sum = total + micro.item(), grad_sum + g_micro.item()
     assert total == pytest.approx(full.item(), abs=1e-12)
     assert grad_sum == pytest.approx(full_grad.item(), abs=1e-12)
+
+
+def _micro_token_mean_and_grad(x, mask, w, cuts):
+    """Sum over micro-batches (row slices `cuts`) of aggregate(..., "micro-token-mean", K), and
+    its gradient w.r.t. the scalar w, with values sin(w * x) + w^2 as above."""
+    total, grad = 0.0, 0.0
+    for rows in cuts:
+        part = papo.aggregate(torch.sin(w * x[rows]) + w ** 2, mask[rows], "micro-token-mean",
+                              normalizer=len(cuts))
+        (g,) = torch.autograd.grad(part, w)
+        total, grad = total + part.item(), grad + g.item()
+    return total, grad
+
+
+def test_micro_token_mean_is_the_mean_of_micro_batch_means_and_depends_on_the_cut():
+    """The official aggregation: closed form = mean over micro-batches of each one's token mean.
+    Two micro-batch sizes give different values and gradients; when every micro-batch holds the
+    same number of tokens, it equals the global token mean (value and gradient)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, dtype=F64, generator=g)
+    w = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    lengths = torch.tensor([6, 1, 2, 3])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).to(F64)             # 12 tokens
+    v = (torch.sin(w * x) + w ** 2).detach()
+
+    def row_sum(i):
+        return float((v[i] * mask[i]).sum())
+    by_two = [slice(0, 2), slice(2, 4)]                    # 7 and 5 tokens
+    by_one = [slice(i, i + 1) for i in range(4)]           # 6, 1, 2, 3 tokens
+    value_two, grad_two = _micro_token_mean_and_grad(x, mask, w, by_two)
+    value_one, grad_one = _micro_token_mean_and_grad(x, mask, w, by_one)
+    assert value_two == pytest.approx(((row_sum(0) + row_sum(1)) / 7
+                                       + (row_sum(2) + row_sum(3)) / 5) / 2, abs=1e-12)
+    assert value_one == pytest.approx(sum(row_sum(i) / int(lengths[i]) for i in range(4)) / 4,
+                                      abs=1e-12)
+    assert abs(grad_two - grad_one) > 1e-3               # the cut changes the gradient
+    full = papo.aggregate(torch.sin(w * x) + w ** 2, mask, "token-mean")
+    (full_grad,) = torch.autograd.grad(full, w)
+    assert abs(grad_two - full_grad.item()) > 1e-3       # and neither is the global token mean
+
+    # equal token counts per micro-batch (6 + 0 and 3 + 3): the global token mean exactly
+    lengths = torch.tensor([6, 0, 3, 3])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).to(F64)
+    value_two, grad_two = _micro_token_mean_and_grad(x, mask, w, by_two)
+    full = papo.aggregate(torch.sin(w * x) + w ** 2, mask, "token-mean")
+    (full_grad,) = torch.autograd.grad(full, w)
+    assert value_two == pytest.approx(full.item(), abs=1e-12)
+    assert grad_two == pytest.approx(full_grad.item(), abs=1e-12)
 
 
 def test_aggregate_keeps_float64_and_upcasts_bf16():
@@ -524,6 +576,212 @@ def test_detached_sample_h_mask_changes_the_loss_not_the_gradient():
     (g2,) = torch.autograd.grad(with_h, b["logp"])
     assert with_h.item() != without.item()
     torch.testing.assert_close(g1, g2, atol=1e-15, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official switches: KL_prcp clipping, the token-level KL_prcp mask, the SFT term
+# ---------------------------------------------------------------------------------------------
+
+# x = a - l per token: k3 gives D = exp(x) - x - 1 =
+#     ln 2 -> 1 - ln 2 = 0.3069,  -ln 2 -> ln 2 - 0.5 = 0.1931,  1 -> e - 2 = 0.7183,  0 -> 0
+X4 = torch.tensor([[LN2, -LN2, 1.0, 0.0]], dtype=F64)
+
+
+def _perception_only(x, **kw):
+    """papo_loss with A = 0 (no policy-gradient term) at l = 0, a = x: only KL_prcp acts."""
+    logp = torch.zeros_like(x, requires_grad=True)
+    loss, metrics = papo.papo_loss(logp, logp.detach(), torch.zeros(x.shape[0], dtype=F64),
+                                   kw.pop("mask", torch.ones_like(x)), masked_logp=x, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.item(), grad, metrics
+
+
+def test_kl_prcp_clip_clamps_each_token_to_0_c_before_the_mean():
+    d = [1 - LN2, LN2 - 0.5, math.e - 2, 0.0]
+    loss, grad, metrics = _perception_only(X4, gamma=0.1, kl_prcp_clip=0.2)
+    # closed form: -gamma * mean(min(D, 0.2)) = -0.1 * (0.2 + 0.1931 + 0.2 + 0) / 4
+    assert loss == pytest.approx(-0.1 * (0.2 + (LN2 - 0.5) + 0.2 + 0.0) / 4, abs=1e-12)
+    # gradient -gamma * (1 - exp(x)) / N where the clamp does not bind, exactly 0 where it does
+    assert grad.tolist()[0] == pytest.approx([0.0, -0.1 * (1 - 0.5) / 4, 0.0, 0.0], abs=1e-15)
+    assert metrics["kl_prcp"] == pytest.approx(sum(d) / 4, abs=1e-12)      # logged unclipped
+    assert metrics["kl_prcp_clipped"] == 0.5                               # 2 of 4 tokens
+    # a clip above every value changes nothing; off (None) logs no clip fraction
+    same, _, _ = _perception_only(X4, gamma=0.1, kl_prcp_clip=1.0)
+    assert same == pytest.approx(-0.1 * sum(d) / 4, abs=1e-12)
+    assert "kl_prcp_clipped" not in _perception_only(X4, gamma=0.1)[2]
+
+
+def test_kl_prcp_clip_lifts_negative_k1_values_to_zero():
+    # k1 = l - a = -x: [-ln 2, ln 2, -1, 0] -> clamped [0, 0.2, 0, 0]
+    loss, grad, metrics = _perception_only(X4, gamma=1.0, kl_prcp_clip=0.2, kl_kind="k1")
+    assert loss == pytest.approx(-0.2 / 4, abs=1e-12)
+    # the three changed tokens have no gradient; x = 0 sits ON the bound, unchanged: d(-k1)/dl = -1
+    assert grad.tolist()[0] == [0.0, 0.0, 0.0, -1.0 / 4]
+    assert metrics["kl_prcp_clipped"] == 0.75            # -ln 2, ln 2 and -1 were changed
+    with pytest.raises(ValueError, match="kl_prcp_clip"):
+        _perception_only(X4, gamma=1.0, kl_prcp_clip=0.0)
+
+
+def _keep(rows, valid, fraction):
+    d = torch.tensor(rows, dtype=F64)
+    m = torch.tensor(valid)
+    return papo.perception_token_mask(d, m, fraction).int().tolist()
+
+
+def test_token_mask_keeps_the_values_at_or_above_the_row_quantile():
+    # sorted 0.1 0.3 0.5 0.7 0.9; q(0.8) at position 3.2 = 0.74; q(0.6) at 2.4 = 0.58;
+    # q(0.0) = the minimum: fraction 1 keeps every valid token
+    row = [[0.5, 0.1, 0.9, 0.3, 0.7]]
+    assert _keep(row, [[1] * 5], 0.2) == [[0, 0, 1, 0, 0]]
+    assert _keep(row, [[1] * 5], 0.4) == [[0, 0, 1, 0, 1]]
+    assert _keep(row, [[1] * 5], 1.0) == [[1] * 5]
+    # rows are independent: the same values in a second row with 3 valid tokens
+    # (0.5, 0.1, 0.9 -> q(0.8) at position 1.6 = 0.5 + 0.6 * 0.4 = 0.74)
+    assert _keep(row * 2, [[1] * 5, [1, 1, 1, 0, 0]], 0.2) == [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]]
+
+
+def test_token_mask_keeps_every_tie_with_the_threshold():
+    assert _keep([[0.2, 0.2, 0.2, 0.2]], [[1] * 4], 0.2) == [[1, 1, 1, 1]]   # q = 0.2: all tie
+    # sorted 0.1 0.3 0.5 0.5 0.5: q(0.8) at 3.2 is 0.5, held by three tokens
+    assert _keep([[0.1, 0.5, 0.5, 0.5, 0.3]], [[1] * 5], 0.2) == [[0, 1, 1, 1, 0]]
+
+
+def test_token_mask_one_valid_token_empty_rows_and_padding():
+    # one valid token is its own quantile: kept
+    assert _keep([[0.3, 7.0, 7.0]], [[1, 0, 0]], 0.2) == [[1, 0, 0]]
+    # padding holds large values (or NaN, inf): never kept, and not part of the quantile
+    # (valid 0.1 and 0.2: q(0.8) = 0.18, so only 0.2 is kept)
+    for pad in (9.0, math.nan, math.inf):
+        assert _keep([[0.1, 0.2, pad, pad]], [[1, 1, 0, 0]], 0.2) == [[0, 1, 0, 0]]
+    assert _keep([[0.1, 0.2, 0.3]], [[0, 0, 0]], 0.2) == [[0, 0, 0]]       # empty row
+    with pytest.raises(ValueError, match="fraction"):
+        _keep([[0.1]], [[1]], 0.0)
+
+
+# KL_prcp given directly: with k1, l = 0 and a = -D give KL_prcp = l - a = D exactly
+D2 = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7], [0.4, 0.6, 0.0, 0.0, 0.0]], dtype=F64)
+M2 = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+
+def test_token_mask_in_papo_loss_is_the_mean_over_kept_tokens():
+    # kept at p = 0.2: row 0 {0.9}; row 1 (0.4, 0.6: q = 0.56) {0.6}
+    loss, grad, metrics = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
+                                           kl_prcp_token_fraction=0.2)
+    assert loss == pytest.approx(-0.1 * (0.9 + 0.6) / 2, abs=1e-12)
+    expected = torch.zeros_like(D2)
+    expected[0, 2] = expected[1, 1] = -0.1 / 2            # d(-gamma * D)/dl = -gamma, / 2 kept
+    torch.testing.assert_close(grad, expected, atol=1e-15, rtol=0)
+    assert metrics["kl_prcp_kept"] == pytest.approx(2 / 7)
+    assert metrics["kl_prcp"] == pytest.approx(3.5 / 7)   # still every token's value
+    # a precomputed selection takes precedence over the fraction
+    keep = torch.zeros_like(M2, dtype=torch.bool)
+    keep[0, 0] = True
+    loss, _, _ = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
+                                  kl_prcp_token_fraction=0.2, kl_prcp_keep=keep)
+    assert loss == pytest.approx(-0.1 * 0.5, abs=1e-12)
+
+
+def test_token_mask_selects_before_clipping():
+    """Select on the raw values, then clamp: 0.5 alone is over q(0.8) = 0.3. Clamping first
+    would tie 0.5, 0.25 and 0.22 at 0.2 and keep all three (a sum of 0.6, not 0.2)."""
+    d = torch.tensor([[0.5, 0.25, 0.22, 0.1, 0.05]], dtype=F64)
+    loss, _, metrics = _perception_only(-d, gamma=1.0, kl_kind="k1", kl_prcp_token_fraction=0.2,
+                                        kl_prcp_clip=0.2, agg_mode="seq-mean-token-sum")
+    assert loss == pytest.approx(-0.2, abs=1e-12)
+    assert metrics["kl_prcp_kept"] == metrics["kl_prcp_clipped"] == pytest.approx(0.2)
+
+
+def test_token_mask_with_a_global_normalizer_counts_kept_tokens():
+    """Micro-batches (one row each) with the global KEPT count equal the full batch, loss and
+    gradient; without that count a global token-mean normalizer is refused."""
+    logp = torch.zeros_like(D2, requires_grad=True)
+    kw = dict(masked_logp=-D2, gamma=0.1, kl_kind="k1", kl_prcp_token_fraction=0.2)
+    zeros = lambda n: torch.zeros(n, dtype=F64)
+    full, _ = papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    kept = papo.perception_token_mask(D2, M2, 0.2).sum()
+    parts = [papo.papo_loss(logp[i:i + 1], logp[i:i + 1].detach(), zeros(1), M2[i:i + 1],
+                            **{**kw, "masked_logp": -D2[i:i + 1]}, normalizer=M2.sum(),
+                            kl_prcp_normalizer=kept)[0] for i in (0, 1)]
+    (grad,) = torch.autograd.grad(sum(parts), logp)
+    assert sum(parts).item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="kl_prcp_normalizer"):
+        papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw, normalizer=M2.sum())
+
+
+def test_sft_term_is_the_token_mean_nll_of_correct_rollouts():
+    b = make_batch()
+    rows = torch.tensor([True, False, True])           # rollouts 0 and 2: 5 + 1 tokens
+    base, _ = call(b)
+    loss, metrics = call(b, sft_coef=0.5, sft_rows=rows)
+    nll = -(b["logp"][0].sum() + b["logp"][2, 0])
+    assert (loss - base).item() == pytest.approx(0.5 * nll.item() / 6, abs=1e-12)
+    assert metrics["sft_nll"] == pytest.approx(nll.item() / 6, abs=1e-12)
+    (g_on,) = torch.autograd.grad(loss, b["logp"])
+    (g_off,) = torch.autograd.grad(base, b["logp"])
+    expected = torch.zeros(3, 5, dtype=F64)
+    expected[0, :] = expected[2, 0] = -0.5 / 6           # -l pushed down: l pushed up
+    torch.testing.assert_close(g_on - g_off, expected, atol=1e-15, rtol=0)
+    # no correct rollout: nothing added, the metric is 0
+    none, metrics = call(b, sft_coef=0.5, sft_rows=torch.zeros(3, dtype=torch.bool))
+    assert none.item() == base.item() and metrics["sft_nll"] == 0.0
+    with pytest.raises(ValueError, match="sft_rows"):
+        call(b, sft_coef=0.5)
+
+
+def test_sft_term_micro_batched_with_the_global_count_equals_the_full_batch():
+    """Rows one by one with sft_normalizer = the batch's correct-token count sum to the full
+    batch (value and gradient); a global normalizer without it is refused. In micro-token-mean
+    each call's own mean / K is used instead."""
+    b = make_batch()
+    rows = torch.tensor([1.0, 0.0, 1.0], dtype=F64)       # accuracies as 0/1 floats work too
+    full, _ = call(b, sft_coef=0.5, sft_rows=rows)
+    (full_grad,) = torch.autograd.grad(full, b["logp"])
+    count = (b["mask"] * rows[:, None]).sum()
+    n = b["mask"].sum()
+
+    def part(i, **kw):
+        return papo.papo_loss(b["logp"][i:i + 1], b["old_logp"][i:i + 1], b["advantages"][i:i + 1],
+                              b["mask"][i:i + 1], sft_coef=0.5, sft_rows=rows[i:i + 1], **kw)[0]
+    total = sum(part(i, normalizer=n, sft_normalizer=count) for i in range(3))
+    (grad,) = torch.autograd.grad(total, b["logp"])
+    assert total.item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="sft_normalizer"):
+        part(0, normalizer=n)
+    micro = sum(part(i, normalizer=3, agg_mode="micro-token-mean") for i in range(3))
+    pg = sum(papo.aggregate(papo.clipped_policy_loss(b["logp"][i:i + 1], b["old_logp"][i:i + 1],
+                                                     b["advantages"][i:i + 1])[0],
+                            b["mask"][i:i + 1], "micro-token-mean", 3) for i in range(3))
+    # row 0: mean of its 5 tokens; row 1: none correct, 0; row 2: its one token; over K = 3
+    sft = (-b["logp"][0].mean() - b["logp"][2, 0]) / 3
+    assert micro.item() == pytest.approx((pg + 0.5 * sft).item(), abs=1e-12)
+
+
+def test_annealing_endpoints_and_midpoint_in_closed_form():
+    """gamma 0.02 -> 0 over half of 200 steps, counted from 1: full at step 1, half at step 51,
+    the end value from step 101 on; both etas follow the same factor gamma_t / gamma."""
+    at = lambda step, **kw: papo.annealed_coefficients(step, 200, 0.02, 0.05, 0.03, **kw)
+    assert at(1) == (0.02, 0.05, 0.03)                            # exactly the start values
+    assert at(51) == pytest.approx((0.01, 0.025, 0.015), abs=1e-15)
+    assert at(26) == pytest.approx((0.015, 0.0375, 0.0225), abs=1e-15)   # a quarter of the way
+    assert at(101) == at(150) == at(200) == (0.0, 0.0, 0.0)
+    # another end value and fraction: 0.02 -> 0.005 over all 200 steps; at step 101: 0.0125
+    g, eo, em = at(101, gamma_end=0.005, fraction=1.0)
+    assert (g, eo, em) == pytest.approx((0.0125, 0.05 * 0.625, 0.03 * 0.625), abs=1e-15)
+    assert at(200, gamma_end=0.005, fraction=1.0)[0] == pytest.approx(0.02 - 0.015 * 199 / 200)
+    # a ramp up and a fractional length (0.5 * 5 = 2.5 steps): step 2 is 1/2.5 of the way
+    assert papo.annealed_coefficients(2, 5, 0.01, gamma_end=0.02)[0] == pytest.approx(0.014)
+    assert papo.annealed_coefficients(4, 5, 0.01, gamma_end=0.02)[0] == 0.02
+
+
+def test_annealing_refuses_what_has_no_schedule():
+    for kwargs, name in ((dict(step=0), "step"), (dict(gamma=0.0), "gamma > 0"),
+                         (dict(fraction=0.0), "fraction"), (dict(gamma_end=-1.0), "gamma_end")):
+        args = dict(step=1, total_steps=10, gamma=0.02) | kwargs
+        with pytest.raises(ValueError, match=name):
+            papo.annealed_coefficients(**args)
 
 
 def test_papo_loss_dtypes():

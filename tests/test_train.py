@@ -1,5 +1,6 @@
 """End-to-end checks of the training loop on the "tiny" offline model (seconds each)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -400,3 +401,246 @@ def test_the_last_steps_evaluation_is_the_final_one_not_a_second_pass(tmp_path, 
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [3, 4]
     assert len(calls) == 3
     assert rows[-1]["eval_accuracy"] == result["after"]["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The official objective's switches, as update_phase wires them
+# ---------------------------------------------------------------------------------------------
+
+def _recording_papo_loss(monkeypatch):
+    """Replace papo.papo_loss by a wrapper that records every call's keyword arguments."""
+    calls = []
+    real = train.papo.papo_loss
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train.papo, "papo_loss", recording)
+    return calls
+
+
+@pytest.mark.parametrize("mode,expected", [("token-mean", "tokens"), ("micro-token-mean", 4.0),
+                                           ("seq-mean-token-mean", 16.0)])
+def test_update_normalises_by_tokens_sequences_or_micro_batches(tmp_path, monkeypatch, mode,
+                                                                expected):
+    """The global normaliser of each mode: the mini-batch's token count, its rollout count, or
+    for micro-token-mean the number K of micro-batches (16 rollouts in micro-batches of 4)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "grpo", "--beta", "0", "--micro-batch-size", "4",
+        "--agg-mode", mode)
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=False)
+    calls = _recording_papo_loss(monkeypatch)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    train.update_phase(batch, policy, optimizer, cfg, d, step=1)
+    assert len(calls) == 4 and all(c["agg_mode"] == mode for c in calls)
+    if expected == "tokens":
+        expected = float(batch.rollouts.completion_mask.sum())
+    assert [float(c["normalizer"]) for c in calls] == [expected] * 4
+
+
+class GradientRecorder:
+    """Stands in for the optimizer: records the gradient at each step, changes no weight, so
+    update_phase can run again on the same policy with other settings."""
+
+    def __init__(self, policy):
+        self.params = list(policy.parameters())
+        self.grads = []
+
+    def step(self):
+        self.grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                                     for p in self.params]))
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _update_gradient(batch, policy, cfg, d, **changes):
+    """The one gradient update_phase applies (one mini-batch) with the config changed."""
+    recorder = GradientRecorder(policy)
+    train.update_phase(batch, policy, recorder, dataclasses.replace(cfg, **changes), d, step=1)
+    assert len(recorder.grads) == 1
+    return recorder.grads[0]
+
+
+def test_token_mask_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, monkeypatch):
+    """--kl-prcp-token-fraction under the default token-mean: the kept tokens are selected and
+    counted over the whole mini-batch first, so micro-batches of 4 give the gradient of one
+    micro-batch of 16; the term is really in it (the gradient differs with the mask off)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--gamma", "1.0", "--grad-clip", "1e9",
+        "--kl-prcp-token-fraction", "0.2")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    calls = _recording_papo_loss(monkeypatch)
+    rows, select = [], qwen.Rollouts.select
+    monkeypatch.setattr(qwen.Rollouts, "select", lambda self, idx: (
+        rows.append([int(i) for i in idx]) if self is batch.rollouts else None) or select(self, idx))
+    whole = _update_gradient(batch, policy, cfg, d, micro_batch_size=16)
+    # the selection update_phase counted is the mask of the current log-probs, row by row
+    with torch.no_grad():
+        logp = qwen.completion_logprobs(policy, batch.rollouts)
+    keep = train.papo.perception_token_mask(train.papo.perception_kl(logp, batch.masked_logp),
+                                            batch.rollouts.completion_mask, 0.2)
+    assert len(calls) == 1 and torch.equal(calls[0]["kl_prcp_keep"], keep[rows[-1]])
+    assert float(calls[0]["kl_prcp_normalizer"]) == float(keep.sum()) > 0
+    assert keep.sum() < batch.rollouts.completion_mask.sum()
+    by_four = _update_gradient(batch, policy, cfg, d, micro_batch_size=4)
+    torch.testing.assert_close(by_four, whole, rtol=1e-4, atol=1e-7)
+    unmasked = _update_gradient(batch, policy, cfg, d, micro_batch_size=16,
+                                kl_prcp_token_fraction=0.0)
+    assert (unmasked - whole).norm() > 1e-3 * whole.norm()
+
+
+def test_sft_term_gradient_is_the_same_for_micro_batches_of_2_and_of_16(tmp_path):
+    """--sft-coef: the gradient it adds equals coef * grad(sum of -log pi over the correct
+    rollouts' tokens / their number), computed directly on the whole batch, whether the update
+    runs micro-batches of 2 rollouts or one of 16 (the count is the mini-batch's)."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "grpo", "--beta", "0", "--grad-clip", "1e9")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=False)
+    # which rollouts count as right is the test's choice: 5 of 16, groups split unevenly
+    batch.accuracy = torch.zeros(16)
+    batch.accuracy[[0, 1, 2, 7, 12]] = 1.0
+    base = _update_gradient(batch, policy, cfg, d, micro_batch_size=16)
+    by_16 = _update_gradient(batch, policy, cfg, d, micro_batch_size=16, sft_coef=0.5) - base
+    by_2 = _update_gradient(batch, policy, cfg, d, micro_batch_size=2, sft_coef=0.5) - \
+        _update_gradient(batch, policy, cfg, d, micro_batch_size=2)
+    logp = qwen.completion_logprobs(policy, batch.rollouts)
+    tokens = batch.rollouts.completion_mask * batch.accuracy[:, None]
+    oracle = torch.autograd.grad(0.5 * (-logp * tokens).sum() / tokens.sum(),
+                                 list(policy.parameters()), allow_unused=True)
+    oracle = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                        for g, p in zip(oracle, policy.parameters())])
+    assert oracle.norm() > 0
+    torch.testing.assert_close(by_16, oracle, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(by_2, oracle, rtol=1e-4, atol=1e-6)
+    # the logged sft_nll is the mean over the correct rollouts' tokens, also when most
+    # micro-batches of 2 hold none of them
+    out = train.update_phase(batch, policy, GradientRecorder(policy),
+                             dataclasses.replace(cfg, micro_batch_size=2, sft_coef=0.5), d, step=1)
+    nll = (-logp.detach() * tokens).sum() / tokens.sum()
+    assert out["sft_nll"] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_gamma_anneal_passes_gamma_t_and_scaled_etas_and_logs_gamma_t(tmp_path, monkeypatch):
+    """--gamma-anneal over 4 steps, fraction 0.5 (2 steps): step 1 trains with gamma 0.02,
+    step 2 with 0.01 and etas halved, step 3 with 0; without the flag, gamma itself."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--steps", "4", "--gamma-anneal",
+        "--eta-orig", "0.04", "--eta-mask", "0.02")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    calls = _recording_papo_loss(monkeypatch)
+    logged = []
+    for step, c in ((1, cfg), (2, cfg), (3, cfg), (2, dataclasses.replace(cfg, gamma_anneal=False))):
+        logged.append(train.update_phase(batch, policy, GradientRecorder(policy), c, d, step))
+    assert len(calls) == 8                                  # 2 micro-batches of 8 per update
+    used = [(c["gamma"], c["eta_orig"], c["eta_mask"]) for c in calls[::2]]
+    assert used == [(c["gamma"], c["eta_orig"], c["eta_mask"]) for c in calls[1::2]]
+    assert used[0] == (0.02, 0.04, 0.02) and used[3] == (0.02, 0.04, 0.02)
+    assert used[1] == pytest.approx((0.01, 0.02, 0.01), abs=1e-15)
+    assert used[2] == (0.0, 0.0, 0.0)
+    assert [r["gamma_t"] for r in logged] == [u[0] for u in used]
+    assert logged[1]["eta_orig_t"] == used[1][1] and "eta_orig_t" not in logged[3]
+
+
+def _jsonl_with_pre_masked_pictures(folder: Path, n: int = 4) -> Path:
+    """n toy rows with an images_aug key: each picture's pre-masked copy is its left half
+    blacked out (a 'semantic' mask no random patch grid would draw). Pictures of 40 x 40 px,
+    under the toy budget's 56 x 56 minimum, so both are upscaled."""
+    import numpy as np
+    from PIL import Image
+    rows = []
+    for i in range(n):
+        ex = toy.sample_toy_example(np.random.default_rng([9, i]))
+        picture = ex["image"].convert("RGB").resize((40, 40))
+        pixels = np.asarray(picture).copy()
+        pixels[:, :20] = 0
+        picture.save(folder / f"p{i}.png")
+        Image.fromarray(pixels).save(folder / f"p{i}_masked.png")
+        rows.append({"problem": ex["problem"], "answer": ex["answer"], "images": [f"p{i}.png"],
+                     "images_aug": [f"p{i}_masked.png"]})
+    return data.write_jsonl(rows, folder / "train.jsonl")
+
+
+def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_path):
+    """--masked-image-key images_aug: the masked branch's patch rows are exactly those of the
+    dataset's pre-masked pictures after the same pixel budget; the held-out set is not asked
+    for them; a row built in code with a wrong size is stopped, naming row and column."""
+    from PIL import Image
+    jsonl = _jsonl_with_pre_masked_pictures(tmp_path)
+    cfg = train.parse_config(tiny_args(tmp_path, "--data", str(jsonl), "--eval-data",
+                                       str(tmp_path / "plain.jsonl"), "--masked-image-key",
+                                       "images_aug", "--prompts-per-step", "2"))
+    data.write_jsonl([{"problem": "How many shapes are in the image?", "answer": "1",
+                       "images": ["p0.png"]}], tmp_path / "plain.jsonl")
+    train.check_config(cfg, 1)
+    d = train.Dist()
+    examples, heldout = train.load_datasets(cfg, d)
+    assert examples[0].masked_images == [tmp_path / "p0_masked.png"]
+    assert heldout["held-out"][0].masked_images is None
+    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    prompts = [examples[0], examples[1]]
+    rollouts, masked = train.generate_phase(policy, processor, prompts, cfg, seed=3,
+                                            need_masked=True)
+    budget = lambda name: data.budget_resize(Image.open(tmp_path / name).convert("RGB"),
+                                             cfg.min_pixels, cfg.max_pixels)
+    assert budget("p0_masked.png").size == (56, 56)
+    expected = qwen.encode_images(processor, [[budget("p0_masked.png")], [budget("p1_masked.png")]],
+                                  cfg.group_size)
+    assert torch.equal(masked.pixel_values.cpu(), expected["pixel_values"])
+    assert not torch.equal(masked.pixel_values, rollouts.pixel_values)
+    assert torch.equal(masked.completion_ids, rollouts.completion_ids)     # same rollouts
+    wrong = dataclasses.replace(examples[0], masked_images=[tmp_path / "p1.png"],
+                                images=[Image.new("RGB", (30, 50))], sizes=None)
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: column 'images_aug'"):
+        train.generate_phase(policy, processor, [wrong, examples[1]], cfg, seed=3,
+                             need_masked=True)
+
+
+def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metrics(tmp_path):
+    """Smoke test: two steps with every switch of the official objective on run, log their
+    metrics (finite) and store the switches in config.json, from where a resume reads them."""
+    switches = {"gamma_anneal": True, "gamma_end": 0.005, "gamma_anneal_fraction": 1.0,
+                "kl_prcp_clip": 0.2, "kl_prcp_token_fraction": 0.2, "sft_coef": 1e-3,
+                "agg_mode": "micro-token-mean"}
+    flags = ["--gamma-anneal", "--gamma-end", "0.005", "--gamma-anneal-fraction", "1.0",
+             "--kl-prcp-clip", "0.2", "--kl-prcp-token-fraction", "0.2", "--sft-coef", "1e-3",
+             "--agg-mode", "micro-token-mean"]
+    train.main(tiny_args(tmp_path, "--steps", "2", "--eta-orig", "0.03", *flags))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: saved[k] for k in switches} == switches
+    assert saved["masked_image_key"] == ""
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["gamma_t"] for r in rows] == pytest.approx([0.02, 0.0125])   # 0.02 -> 0.005 in 2
+    assert rows[1]["eta_orig_t"] == pytest.approx(0.03 * 0.0125 / 0.02)
+    for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    assert train.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2
+
+
+def test_token_mask_selection_with_perception_grad_scores_the_masked_branch_itself(tmp_path):
+    """With --perception-grad there are no stored masked log-probs: the selection pass scores the
+    masked pictures itself, with the current weights, and selects from those."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "papo-g", "--beta", "0", "--perception-grad",
+        "--kl-prcp-token-fraction", "0.5")
+    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                                      need_masked=True)
+    train.score_phase(batch, policy, None, cfg, d)
+    assert batch.masked_logp is None and batch.masked is not None
+    micros = torch.arange(16).split(8)
+    keeps, count = train._perception_keep(batch, policy, micros, cfg, d, gamma=0.02)
+    with torch.no_grad():
+        logp = qwen.completion_logprobs(policy, batch.rollouts)
+        masked = qwen.completion_logprobs(policy, batch.masked)
+    expected = train.papo.perception_token_mask(train.papo.perception_kl(logp, masked),
+                                                batch.rollouts.completion_mask, 0.5)
+    assert torch.equal(torch.cat(keeps), expected) and float(count) == float(expected.sum())
+    assert train._perception_keep(batch, policy, micros, cfg, d, gamma=0.0) == ([], None)

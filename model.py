@@ -10,9 +10,11 @@ that has to know the model's quirks. Read it top to bottom:
                  with a tokenizer trained locally, so the whole method runs with no network.
   3. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
   4. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
-  5. Sampling    generate_rollouts: HF `generate`, completion masks from the FIRST end token.
+  5. Sampling    generate_rollouts: HF `generate` continuing from a cache filled once per
+                 prompt; completion masks from the FIRST end token.
   6. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token,
-                 without ever holding [batch, length, vocabulary] logits in memory.
+                 without ever holding [batch, length, vocabulary] logits in memory, each
+                 distinct prompt and picture read once.
   7. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
 
 Shapes in comments: B rollouts (= N prompts x G samples, group-major: row b = prompt * G + g),
@@ -862,6 +864,12 @@ def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> 
 #   (e) the vision tower runs once per DISTINCT picture, not once per row: the G rollouts of a
 #       group show the same picture, and every row carries its own copy of it (Rollouts), so a
 #       plain forward would encode each picture G times. See _encode_each_picture_once.
+#   (f) the language model reads each DISTINCT prompt once, too: a forward over the distinct
+#       prompts fills a KV cache, each row attends to its prompt's entry, and a second forward
+#       reads only the completions (_states_prompt_once). With the official prompt (~100 text
+#       tokens + 256-1,280 image tokens) and G = 5, most tokens of a batch are prompt tokens.
+#       Gradient checkpointing drops caches, so with it the update reads prompt + completion
+#       per row (_states_one_pass); pictures are still encoded once there.
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

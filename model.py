@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
 
@@ -600,6 +601,30 @@ def resize_kwargs(image_processor, images: list) -> dict:
     return {"do_resize": False}
 
 
+def presize(image_processor, images: list) -> list:
+    """Each picture resized to the size the processor will give it, on one thread per core.
+
+    The processor resizes its pictures one after the other; PIL releases the GIL while it
+    resamples, so doing the same resize here in threads is faster, and the processor then skips
+    its own (resize_kwargs sees the identity). Same target size (smart_resize in its pixel
+    budget), same filter: bit-for-bit the processor's pixels (tests/test_model.py checks)."""
+    ip = image_processor
+    low, high = ip.size.get("shortest_edge"), ip.size.get("longest_edge")
+    if (not getattr(ip, "do_resize", True) or not low or not high or ip.resample is None
+            or not all(isinstance(image, Image.Image) for image in images)):
+        return images                  # a processor set up some other way: leave it alone
+    factor = ip.patch_size * ip.merge_size
+
+    def one(image):
+        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=low,
+                            max_pixels=high)
+        if (w, h) == image.size:
+            return image
+        return image.resize((w, h), Image.Resampling(ip.resample))
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        return list(pool.map(one, images))
+
+
 def image_token_count(image_processor, width: int, height: int) -> int:
     """How many <|image_pad|> tokens a width x height picture becomes in the prompt.
 
@@ -638,7 +663,8 @@ def encode_images(processor, images_per_prompt: list[list], num_samples: int) ->
     and normalising) to build the masked-image branch: the same processor settings make the same
     grid, hence the same number of image tokens, so the rollouts' token ids can be reused as is.
     Compare the returned grid with the rollouts' before using the pixels."""
-    flat = [image for images in images_per_prompt for image in images]
+    flat = presize(processor.image_processor,
+                   [image for images in images_per_prompt for image in images])
     if not flat:
         return {"pixel_values": None, "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
     out = processor.image_processor(images=flat, return_tensors="pt",
@@ -668,7 +694,7 @@ def _encode_prompts(processor, prompts: list[dict], num_samples: int) -> dict:
     # The processor expands each <|image_pad|> into as many copies as its image has tokens
     # (read from the image grid) and runs the image processor - the same call encode_images
     # makes, so the masked branch's pixels line up row for row with these.
-    flat = [image for p in prompts for image in p["images"]]
+    flat = presize(processor.image_processor, [image for p in prompts for image in p["images"]])
     inputs = processor(text=texts, images=flat or None, padding=True, padding_side="left",
                        return_tensors="pt", **resize_kwargs(processor.image_processor, flat))
     counts = [len(p["images"]) for p in prompts]
@@ -793,7 +819,12 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     modes = {m: m.training for m in net.modules()}   # restore exactly, frozen parts included
     net.eval()
     try:
-        sequences = _generate_from_shared_prompts(net, once, num_samples, config)  # [B, P + T]
+        # inference_mode, not only no_grad: no autograd bookkeeping at all on the many small ops
+        # of a decode step (~5% of generation on the tiny model). Its tensors may never enter
+        # autograd, so the result is cloned outside it into an ordinary tensor.
+        with torch.inference_mode():
+            sequences = _generate_from_shared_prompts(net, once, num_samples, config)
+        sequences = sequences.clone()                                      # [B, P + T]
     finally:
         for m, mode in modes.items():
             m.training = mode

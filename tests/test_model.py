@@ -318,6 +318,30 @@ def test_resize_is_kept_if_any_picture_needs_it(tiny):
     assert qwen.resize_kwargs(ip, [np.zeros((112, 112, 3), np.uint8)]) == {}   # not a PIL image
 
 
+def test_presize_gives_the_processors_own_pixels_bit_for_bit(tiny, prompts):
+    """Pictures that the processor must resize (odd sizes, over and under its budget), resized
+    beforehand on threads: the same patch rows and grid as the processor resizing them itself,
+    for the prompts (generation) and for the masked branch (encode_images)."""
+    model, processor = tiny
+    ip = processor.image_processor
+    source = prompts[0]["images"][0]
+    odd = [source.resize(size) for size in [(300, 170), (97, 211), (40, 40), (112, 112)]]
+    resized = qwen.presize(ip, odd)
+    assert [im.size for im in resized][-1] == (112, 112) and resized[-1] is odd[-1]
+    assert all(im.size != old.size for im, old in zip(resized[:3], odd[:3]))
+    direct = ip(images=odd, return_tensors="pt")                      # the processor's resize
+    ours = qwen.encode_images(processor, [odd], 1)
+    assert torch.equal(ours["image_grid_thw"], direct["image_grid_thw"])
+    assert torch.equal(ours["pixel_values"], direct["pixel_values"])
+    item = {"messages": data.make_messages("Which is larger?", len(odd)), "images": odd}
+    encoded = qwen._encode_prompts(processor, [item], 1)
+    texts = [processor.apply_chat_template(item["messages"], add_generation_prompt=True,
+                                           tokenize=False)]
+    plain = processor(text=texts, images=odd, return_tensors="pt")
+    assert torch.equal(encoded["pixel_values"], plain["pixel_values"])
+    assert torch.equal(encoded["prompt_ids"], plain["input_ids"])
+
+
 def test_pixel_values_must_match_the_grid(tiny, prompts):
     model, processor = tiny
     r = generate_with_logits(model, processor, prompts[:1], num_samples=2, max_new_tokens=4)[0]

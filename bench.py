@@ -350,7 +350,7 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
     s.policy.load_state_dict(s.initial)
     # a fresh optimizer, as in train.main: its state is allocated in the first update (counted)
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad],
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     # a shallow copy, whose fields score_phase fills; GRPO never sees the masked images
     batch = dataclasses.replace(s.batch, masked=s.batch.masked if uses_mask else None)
     expected = {"old": cfg.updates_per_step > 1, "ref": cfg.beta > 0,

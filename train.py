@@ -1304,6 +1304,10 @@ def latest_checkpoint(run: Path) -> Path:
 
 def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
     blob = torch.load(folder / "trainer_state.pt", weights_only=False)
+    if cfg.fsdp != (folder / "optimizer").is_dir():
+        # the two keep AdamW's state in different forms (one file / per-rank shards)
+        raise ValueError(f"its optimizer state was written {'without' if cfg.fsdp else 'with'} "
+                         f"--fsdp; resume it {'without' if cfg.fsdp else 'with'} --fsdp")
     if cfg.fsdp:
         # the sharded optimizer state (save_checkpoint): every rank reads its own shards. The
         # template comes from the live optimizer (get_optimizer_state_dict first creates its

@@ -206,6 +206,17 @@ def test_fsdp_matches_ddp_through_every_update_path(tmp_path):
                             params(last_checkpoint(tmp_path / "fsdp" / "run")), rel=2e-4)
 
 
+def test_resume_names_an_fsdp_mismatch(tmp_path):
+    """A checkpoint keeps AdamW's state as one file (DDP / one process) or as per-rank shards in
+    optimizer/ (--fsdp); resuming it the other way is refused, naming the flag. (The sharded
+    folder is faked here: a real one needs torchrun, see the tests above.)"""
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    (last_checkpoint(tmp_path / "run") / "optimizer").mkdir()
+    with pytest.raises(SystemExit) as err:
+        train.main(["--resume", str(tmp_path / "run"), "--steps", "2"])
+    assert "written with --fsdp; resume it with --fsdp" in str(err.value)
+
+
 @pytest.mark.slow
 def test_fsdp_one_process_matches_a_plain_run(tmp_path):
     """A 1-rank --fsdp run (torchrun) == the plain single-process run, with gradient

@@ -1080,7 +1080,9 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     # before the backward of the vision tower's root-owned patch_embed and merger, which would
     # then find their weights freed. So the pictures go in as pixels and the tower runs inside
     # the root's forward, once per row (only here: the one-pass path is the gradient-
-    # checkpointing update's).
+    # checkpointing update's). Making the tower a unit of its own does not rescue the shared
+    # encoding: the root's early post-backward then frees lm_head (tied to embed_tokens in the
+    # tiny model) before the chunked log-probs' recomputation reads it.
     if inputs["pixel_values"] is not None and not sharded(net):
         # (e) the forward merges precomputed features into the token embeddings and computes the
         # 3-D positions from image_grid_thw as it would from pixels. The vision tower runs here,

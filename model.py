@@ -1081,8 +1081,8 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     # then find their weights freed. So the pictures go in as pixels and the tower runs inside
     # the root's forward, once per row (only here: the one-pass path is the gradient-
     # checkpointing update's). Making the tower a unit of its own does not rescue the shared
-    # encoding: the root's early post-backward then frees lm_head (tied to embed_tokens in the
-    # tiny model) before the chunked log-probs' recomputation reads it.
+    # encoding: the root's post-backward then still runs early and frees lm_head's gathered
+    # weight before the backward is done with it (tried: a freed-storage error).
     if inputs["pixel_values"] is not None and not sharded(net):
         # (e) the forward merges precomputed features into the token embeddings and computes the
         # 3-D positions from image_grid_thw as it would from pixels. The vision tower runs here,

@@ -24,6 +24,7 @@ numbers per image patch row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
@@ -149,6 +151,45 @@ def unwrap(model):
     (generate, reading the config, the lm_head weight) uses the bare model."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
+
+
+def sharded(net) -> bool:
+    """Whether `net` is an FSDP2 model (train.py --fsdp: torch.distributed.fsdp.fully_shard on
+    every decoder layer and vision block, then on the whole model). fully_shard is not a
+    wrapper: it changes the module's class in place, so unwrap returns it unchanged."""
+    return isinstance(net, FSDPModule)
+
+
+@contextlib.contextmanager
+def root_gathered(net):
+    """Keep the parameters owned by the ROOT FSDP unit of a sharded model gathered meanwhile.
+
+    With --fsdp every decoder layer and vision block is its own unit: its hooks gather its
+    weights when it is called, whoever calls it. What the root unit owns - embed_tokens, the
+    final norm, lm_head (tied to embed_tokens when config.tie_word_embeddings), the vision
+    patch_embed and merger - FSDP gathers only when the root module itself is called. The code
+    below also enters the model through net.model(...) (prefills), net.get_image_features(...)
+    (each picture once) and net.lm_head.weight (the chunked log-probs, outside any forward), so
+    it gathers the root's parameters by hand around the whole call (FSDPModule.unshard: one
+    all-gather of the root's shards; tied weights stay one tensor).
+
+    Giving those pieces units of their own would not remove this: lm_head.weight is still read
+    outside a forward, and a tied lm_head/embed_tokens cannot live in two units.
+
+    Afterwards: without gradients (generation, scoring) the root is resharded at once. With
+    gradients it must stay gathered until the backward, which reads lm_head.weight and the
+    others again; FSDP's own end-of-backward callback then reduce-scatters their gradients and
+    reshards them (as for every unit), so the next call gathers the updated weights. A no-op for
+    a model that is not sharded."""
+    if not sharded(net):
+        yield
+        return
+    net.unshard()
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():
+            net.reshard()
 
 
 def _as_dtype(dtype):
@@ -821,8 +862,14 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     try:
         # inference_mode, not only no_grad: no autograd bookkeeping at all on the many small ops
         # of a decode step (~5% of generation on the tiny model). Its tensors may never enter
-        # autograd, so the result is cloned outside it into an ordinary tensor.
-        with torch.inference_mode():
+        # autograd, so the result is cloned outside it into an ordinary tensor. Not for a
+        # sharded model: FSDP allocates the gathered parameters on first use and reuses them in
+        # training forwards, and a tensor born under inference_mode cannot enter autograd.
+        # Generation with FSDP: every decode step gathers each layer through FSDP's hooks and
+        # frees it again (the root's parameters stay gathered throughout, root_gathered) - no
+        # full copy of the model is ever held.
+        no_autograd = torch.no_grad() if sharded(net) else torch.inference_mode()
+        with no_autograd, root_gathered(net):
             sequences = _generate_from_shared_prompts(net, once, num_samples, config)
         sequences = sequences.clone()                                      # [B, P + T]
     finally:
@@ -865,7 +912,11 @@ def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> 
     return net.generate(input_ids=repeat(once["prompt_ids"]),
                         attention_mask=repeat(once["prompt_mask"]),
                         position_ids=repeat(positions, dim=1), cache=cache,
-                        generation_config=config)
+                        generation_config=config,
+                        # sharded: every rank must run the same number of decode steps (each
+                        # gathers layers collectively), so a rank whose rollouts all ended keeps
+                        # stepping until every rank's have
+                        synced_gpus=sharded(net) and torch.distributed.get_world_size() > 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1023,7 +1074,16 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     net = unwrap(model)
     T = r.completion_ids.shape[1]
     inputs = _scoring_inputs(r, pixels)
-    if inputs["pixel_values"] is not None:
+    # Not for a sharded (--fsdp) model: there the features would be an input of the root unit's
+    # forward that requires grad, and FSDP runs a unit's post-backward (reduce-scatter its
+    # gradients, free its gathered weights) as soon as the gradients of its inputs are done -
+    # before the backward of the vision tower's root-owned patch_embed and merger, which would
+    # then find their weights freed. So the pictures go in as pixels and the tower runs inside
+    # the root's forward, once per row (only here: the one-pass path is the gradient-
+    # checkpointing update's). Making the tower a unit of its own does not rescue the shared
+    # encoding: the root's post-backward then still runs early and frees lm_head's gathered
+    # weight before the backward is done with it (tried: a freed-storage error).
+    if inputs["pixel_values"] is not None and not sharded(net):
         # (e) the forward merges precomputed features into the token embeddings and computes the
         # 3-D positions from image_grid_thw as it would from pixels. The vision tower runs here,
         # outside the wrapper's forward: DDP still all-reduces its gradients, because DDP's hooks
@@ -1109,8 +1169,16 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
         raise ValueError(f"completion_logprobs: pixel_values {tuple(pixels.shape)} do not match "
                          f"the rollouts' {tuple(own.shape)} (different image grid?)")
     temperature = float(temperature) if temperature > 0 else 1.0
-    B, T = r.completion_ids.shape
+    # a sharded (--fsdp) model: gather the root's own parameters for everything below, which
+    # enters the model through its parts and reads lm_head.weight directly (root_gathered)
+    with root_gathered(net):
+        return _completion_logprobs(model, net, r, pixels, temperature, with_entropy,
+                                    chunk_size, device)
 
+
+def _completion_logprobs(model, net, r: Rollouts, pixels, temperature: float,
+                         with_entropy: bool, chunk_size: int, device):
+    B, T = r.completion_ids.shape
     # (a, b, e, f) the final hidden states that predict the completion tokens
     first, prompt_of = _distinct_prompts(r, pixels)
     if len(first) < B and not (torch.is_grad_enabled() and _checkpointing(net)):

@@ -2,6 +2,8 @@
 
     python train.py                               # offline default: tiny model + toy task, CPU
     torchrun --nproc_per_node 2 train.py          # the same, data-parallel over 2 processes
+    torchrun --nproc_per_node 4 train.py --fsdp --model Qwen/Qwen2.5-VL-7B-Instruct ...
+                                                  # sharded over 4 processes (FSDP2; see README)
     torchrun --nproc_per_node 2 train.py --preset papo-g \
         --model Qwen/Qwen2.5-VL-3B-Instruct --data train.jsonl --eval-data test.jsonl
 
@@ -18,7 +20,7 @@ One RL step, as in the algorithm box of the paper (each phase is a function belo
 
 Everything the paper's objective needs is in papo.py (math), model.py (transformers) and data.py
 (prompts, files, rewards); this file only wires them together, plus the plumbing a real run needs:
-torchrun/DDP, gradient checkpointing, bf16 autocast, atomic checkpoints with exact resume,
+torchrun/DDP or FSDP2 (--fsdp), gradient checkpointing, bf16 autocast, atomic checkpoints with exact resume,
 metrics.jsonl, a collapse watch and a final before/after table.
 """
 
@@ -45,6 +47,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -185,6 +193,10 @@ class Config:
     # --- infrastructure ----------------------------------------------------------------------
     dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (non-reentrant).")
+    fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and AdamW state over the "
+                            "processes with FSDP2 (fully_shard per decoder layer and vision "
+                            "block) instead of replicating them with DDP. For models whose "
+                            "replicas do not fit (7B on 80 GB GPUs, see the README).")
     save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
     sample_every: int = arg(25, "Log a few sample completions every N steps.")
@@ -384,6 +396,9 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} groups (prompts) each process holds per step: mini-batches "
                         f"are whole groups")
+    if cfg.fsdp and not dist.is_initialized():
+        problems.append("--fsdp shards the model over processes: start it with torchrun "
+                        "(torchrun --nproc_per_node N train.py --fsdp ...)")
     if cfg.masked_image_key and not cfg.data:
         problems.append(f"--masked-image-key {cfg.masked_image_key}: the offline toy data has no "
                         "pre-masked pictures; give --data with that column")
@@ -473,7 +488,33 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def unwrap(m):
+    """The bare model inside DDP; an FSDP2 model is its own (fully_shard wraps nothing)."""
     return m.module if isinstance(m, DDP) else m
+
+
+def shard_model(net, cfg: Config, d: Dist, trainable: bool):
+    """FSDP2 (--fsdp): each vision block and decoder layer becomes one unit, whose parameters
+    are stored as 1/world shards (DTensors) and gathered only while it runs (forward and
+    backward); then the root unit takes the rest (embeddings, final norm, lm_head, patch
+    embedding, merger). Gradient checkpointing was enabled on the layers before (load_model),
+    so each checkpointed layer re-gathers its weights in the backward as usual.
+
+    Mixed precision on GPU: the shards stay fp32 (the master weights an lr of 1e-6 needs), a
+    unit is gathered in bf16 and gradients are reduced in fp32. On CPU: no mixed precision,
+    as without --fsdp. The frozen reference (trainable=False) is already bf16 on GPU."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if use_bf16 and trainable else MixedPrecisionPolicy())
+    for block in net.model.visual.blocks:
+        fully_shard(block, mp_policy=mp)
+    for layer in net.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    # FSDP decides which unit is the root when a unit first runs: the first one called. Our
+    # first call may well be net.model(...) (a prefill) or a vision block, which would then
+    # wrongly become a root of its own; so the root is settled here, on the whole model.
+    net._get_fsdp_state()._lazy_init()
+    return net
 
 
 def seed_everything(seed: int) -> None:
@@ -904,7 +945,9 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
             # with none of them anywhere it is 0, and 1 keeps the division defined
             sft_count = all_reduce((mask[mini] * correct[mini, None]).sum()).clamp(min=1.0)
         for i, idx in enumerate(micros):
-            # only the last micro-batch all-reduces gradients; the others accumulate locally
+            # DDP: only the last micro-batch all-reduces gradients; the others accumulate
+            # locally. FSDP always reduce-scatters (no no_sync there): accumulating unreduced
+            # gradients would keep a full-size gradient per rank, the memory FSDP saves.
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)
             with (contextlib.nullcontext() if sync else policy.no_sync()):
                 micro = batch.rollouts.select(idx)
@@ -939,7 +982,11 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                 if k != "loss":
                     sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
                     weights[k] = weights.get(k, 0.0) + own.get(k, w)
+        # With FSDP the gradients are DTensor shards: clip_grad_norm_ computes each shard's part
+        # and reduces the norm over the ranks itself, returning a DTensor (full_tensor: a value)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):   # gradients are all-reduced, so every rank agrees
             optimizer.step()
         else:
@@ -1012,13 +1059,33 @@ def _masked_branch(batch: Batch, policy, idx, cfg: Config):
 # ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: dict,
-                    cfg: Config) -> Path:
+                    cfg: Config, d: Dist | None = None) -> Path:
+    """Called on every rank. Without --fsdp only rank 0 works (every rank holds everything).
+    With --fsdp the model is gathered (a collective) into one ordinary Hugging Face folder
+    written by rank 0, and the optimizer state is written SHARDED by all ranks into
+    <checkpoint>/optimizer with torch.distributed.checkpoint (each rank its own part; on
+    several nodes the run folder must be on a filesystem they share)."""
+    d = d or Dist()
     final = run / f"checkpoint-{step:06d}"
     tmp = run / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(policy).save_pretrained(tmp)      # loadable by model.load_model and plain transformers
+    if cfg.fsdp:
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        optimizer_shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.fsdp:
+            unsharded_copy(policy, full).save_pretrained(tmp)
+        else:
+            unwrap(policy).save_pretrained(tmp)  # loadable by model.load_model and plain transformers
+    if cfg.fsdp:
+        barrier()                            # the folder exists before the others write into it
+        dcp.save(optimizer_shards, checkpoint_id=str(tmp / "optimizer"))
+        barrier()
+    if not d.main:
+        return final
     qwen.save_processor(processor, tmp)      # names the stock processor classes (see there)
-    torch.save({"optimizer": optimizer.state_dict(), "state": state,
+    torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
@@ -1032,6 +1099,19 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
     write_run_info(run, checkpoint=str(final.absolute()))
     prune_checkpoints(run, cfg.keep_checkpoints, keep=final)
     return final
+
+
+def unsharded_copy(policy, full_state: dict):
+    """An ordinary (unsharded) model holding `full_state` - the gathered weights of a sharded
+    one - for save_pretrained: the sharded model itself would save its FSDP class name as the
+    architecture. Built on the meta device (no memory) and given the tensors themselves."""
+    net = unwrap(policy)
+    with torch.device("meta"):
+        plain = qwen.Qwen2_5_VLForConditionalGeneration._from_config(net.config)
+    plain.load_state_dict(full_state, assign=True)
+    plain.tie_weights()       # a tied lm_head is one tensor with embed_tokens again
+    plain.generation_config = net.generation_config
+    return plain
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -1116,12 +1196,14 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
         try:
             policy, processor, ref = build_policy(cfg, d, init_path, folder)
             # fused: one kernel over all parameters instead of a loop of small ops (0.4 ms
-            # against 2 ms a step on the tiny model); the same update rule.
+            # against 2 ms a step on the tiny model); the same update rule. With --fsdp the
+            # parameters are DTensor shards: AdamW is elementwise, so each rank updates its own
+            # shard, and fused takes DTensors (torch 2.13; a 2-rank run matches DDP bit for bit).
             optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                           lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
             state = {"step": 0, "cursor": 0, "before": None, "history": []}
             if folder is not None:
-                state = load_trainer_state(folder, optimizer)
+                state = load_trainer_state(folder, policy, optimizer, cfg)
         except Exception as err:   # whatever a damaged checkpoint raises, with its path named
             rest = candidates[i + 1:]
             if folder is None or not rest:
@@ -1220,9 +1302,21 @@ def latest_checkpoint(run: Path) -> Path:
     return run / (run / "latest.txt").read_text().strip()
 
 
-def load_trainer_state(folder: Path, optimizer) -> dict:
+def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
     blob = torch.load(folder / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if cfg.fsdp != (folder / "optimizer").is_dir():
+        # the two keep AdamW's state in different forms (one file / per-rank shards)
+        raise ValueError(f"its optimizer state was written {'without' if cfg.fsdp else 'with'} "
+                         f"--fsdp; resume it {'without' if cfg.fsdp else 'with'} --fsdp")
+    if cfg.fsdp:
+        # the sharded optimizer state (save_checkpoint): every rank reads its own shards. The
+        # template comes from the live optimizer (get_optimizer_state_dict first creates its
+        # AdamW state if no step was taken yet), dcp.load fills it in place.
+        shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+        dcp.load(shards, checkpoint_id=str(folder / "optimizer"))
+        set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     rng = blob["rng"]
     torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
@@ -1293,7 +1387,9 @@ def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> 
     One flat dict: the split drawn like training unprefixed, another split's keys prefixed with
     its name ("conflict_accuracy"), so that metrics.jsonl columns stay flat."""
     result = None
-    if d.main and heldout:
+    # A sharded model (--fsdp) runs only with all ranks taking part: every rank evaluates the
+    # same questions with the same seeds (rank 0 keeps the result). Otherwise rank 0 alone.
+    if heldout and (d.main or cfg.fsdp):
         start = time.perf_counter()
         result = {}
         for name, examples in heldout.items():
@@ -1308,6 +1404,8 @@ def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> 
             prefix = "" if name == "held-out" else f"{name}_"
             result.update({prefix + k: v for k, v in scores.items()})
         result["seconds"] = round(time.perf_counter() - start, 1)
+    if not d.main:
+        result = None
     barrier()
     return result
 
@@ -1337,8 +1435,11 @@ def print_table(before: dict | None, after: dict | None, cfg: Config, splits) ->
 def rank_fingerprints(policy) -> list[list[float]]:
     """Every rank's (sum, sum of squares, weighted sum) of its parameters in float64: a cheap
     check that data-parallel replicas are still identical (they must be: each update applies the
-    same all-reduced gradient to the same weights)."""
-    flat = torch.cat([p.detach().double().flatten() for p in unwrap(policy).parameters()])
+    same all-reduced gradient to the same weights). With --fsdp each weight exists once, in
+    shards: the fingerprints are of the gathered weights, the same on every rank by
+    construction."""
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p   # FSDP: gather shards
+    flat = torch.cat([full(p.detach()).double().flatten() for p in unwrap(policy).parameters()])
     ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
     mine = [float(flat.sum()), float((flat ** 2).sum()), float((flat * ramp).sum())]
     if not dist.is_initialized():
@@ -1364,7 +1465,11 @@ def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None)
         if d.device.type == "cuda":   # frozen: bf16 weights suffice and halve its memory
             ref.to(torch.bfloat16)
     policy.train()
-    if d.world > 1:
+    if cfg.fsdp:                      # (check_config made sure torchrun started us)
+        policy = shard_model(policy, cfg, d, trainable=True)
+        if ref is not None:
+            ref = shard_model(ref, cfg, d, trainable=False)
+    elif d.world > 1:
         policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return policy, processor, ref
 
@@ -1485,8 +1590,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
                 tqdm.write(f"[step {step}] sample (reward {sample['reward']:.1f}): "
                            f"{sample['text'][:160]!r}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            if d.main:
-                save_checkpoint(run, step, policy, processor, optimizer, state, cfg)
+            save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
             barrier()
     bar.close()
 

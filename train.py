@@ -1487,7 +1487,13 @@ def main(argv=None) -> dict:
             lock = RunLock(run).acquire()      # first: nobody else may write here meanwhile
             prepare_run_folder(cfg, run)
         barrier()
-        return train_run(cfg, d, run)
+        result = train_run(cfg, d, run)
+        if dist.is_initialized():
+            # every rank finished its last collective before any rank tears the group down: a
+            # rank that destroys it while a peer's gloo/NCCL transfer is still in flight can
+            # abort the process ("terminate called without an active exception")
+            dist.barrier()
+        return result
     except KeyboardInterrupt:
         if d.main:   # checkpoints are written atomically: the last complete one is intact
             done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None

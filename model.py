@@ -616,6 +616,19 @@ def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], n
     return torch.cat(blocks), torch.cat(grids)
 
 
+def _processor_size(image_processor, width: int, height: int) -> tuple[int, int] | None:
+    """(width, height) that Qwen's processor resizes a picture to: the nearest multiples of
+    patch_size * merge_size (28 px) inside its pixel budget (smart_resize). None for a processor
+    set up some other way (no resize, no budget)."""
+    ip = image_processor
+    low, high = ip.size.get("shortest_edge"), ip.size.get("longest_edge")   # the pixel budget
+    if not getattr(ip, "do_resize", True) or not low or not high:
+        return None
+    factor = ip.patch_size * ip.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
+    return w, h
+
+
 def resize_kwargs(image_processor, images: list) -> dict:
     """{"do_resize": False} when the processor's resize would give every picture back at its own
     size, else {}.
@@ -627,18 +640,10 @@ def resize_kwargs(image_processor, images: list) -> dict:
     112, or any dataset stored at a multiple of 28). Both branches - the original pictures in
     generate_rollouts and the masked ones in encode_images - decide with this same function, so
     they are always processed alike (tests/test_model.py checks the bitwise equality)."""
-    ip = image_processor
-    low, high = ip.size.get("shortest_edge"), ip.size.get("longest_edge")   # the pixel budget
-    if not getattr(ip, "do_resize", True) or not low or not high:
-        return {}                      # a processor set up some other way: leave it alone
-    factor = ip.patch_size * ip.merge_size
     for image in images:
-        if not isinstance(image, Image.Image):
-            return {}
-        target = smart_resize(image.height, image.width, factor=factor, min_pixels=low,
-                              max_pixels=high)
-        if target != (image.height, image.width):
-            return {}
+        if (not isinstance(image, Image.Image)
+                or _processor_size(image_processor, image.width, image.height) != image.size):
+            return {}                  # a resize to do, or a processor set up some other way
     return {"do_resize": False}
 
 
@@ -650,18 +655,15 @@ def presize(image_processor, images: list) -> list:
     its own (resize_kwargs sees the identity). Same target size (smart_resize in its pixel
     budget), same filter: bit-for-bit the processor's pixels (tests/test_model.py checks)."""
     ip = image_processor
-    low, high = ip.size.get("shortest_edge"), ip.size.get("longest_edge")
-    if (not getattr(ip, "do_resize", True) or not low or not high or ip.resample is None
+    if (getattr(ip, "resample", None) is None
             or not all(isinstance(image, Image.Image) for image in images)):
-        return images                  # a processor set up some other way: leave it alone
-    factor = ip.patch_size * ip.merge_size
+        return images
 
     def one(image):
-        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=low,
-                            max_pixels=high)
-        if (w, h) == image.size:
+        size = _processor_size(ip, image.width, image.height)
+        if size is None or size == image.size:   # nothing to do, or a processor set up otherwise
             return image
-        return image.resize((w, h), Image.Resampling(ip.resample))
+        return image.resize(size, Image.Resampling(ip.resample))
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         return list(pool.map(one, images))
 
@@ -675,8 +677,7 @@ def image_token_count(image_processor, width: int, height: int) -> int:
     known without decoding a single picture. Example: 112 x 112 -> 4 * 4 = 16."""
     ip = image_processor
     factor = ip.patch_size * ip.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"],
-                        max_pixels=ip.size["longest_edge"])
+    w, h = _processor_size(ip, width, height) or (width, height)
     return (h // factor) * (w // factor)
 
 
@@ -772,7 +773,7 @@ def rotary_positions(net, input_ids, attention_mask, mm_token_type_ids, image_gr
     Computed here, not inside the forward, where a forward sees only PART of a sequence: the
     prompt alone, or a completion whose prompt is in a cache (generate_rollouts,
     completion_logprobs) - the forward can only work positions out from a whole sequence."""
-    if len(image_grid_thw) == 0:     # text only: plain counts of the real tokens
+    if len(image_grid_thw) == 0:     # text only: counts of the real tokens, as generate does
         counts = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                 # [B, S]
         return counts[None].expand(3, -1, -1)
     positions, _ = unwrap(net).model.get_rope_index(
@@ -990,6 +991,20 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
                 use_cache=False)    # a scoring pass has no next step: building a cache is waste
 
 
+def _first_of_each(n: int, same) -> tuple[list[int], list[int]]:
+    """Group items 0..n-1 by same(i, j): (first, group) with first[k] the first item of group k
+    and group[i] the group of item i. The newest group is tried first, so the adjacent rows of a
+    GRPO group match at the first try."""
+    first, group = [], []
+    for i in range(n):
+        k = next((k for k in reversed(range(len(first))) if same(first[k], i)), None)
+        if k is None:
+            k = len(first)
+            first.append(i)
+        group.append(k)
+    return first, group
+
+
 def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOutputWithPooling:
     """The vision features of every image of a batch, with each distinct picture encoded once.
 
@@ -1000,24 +1015,17 @@ def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOut
     gives, since there each copy's gradient reaches the same vision weights.
 
     Which pictures are the same is decided by comparing them: same (t, h, w) grid and identical
-    patch rows (torch.equal, exact). Not by a group size: update_phase's micro-batches are random
-    rows of the batch, DAPO's refills reorder groups, and Rollouts carry no group id, so the
-    copies of a picture need not be adjacent. The comparison is exact whatever the order, and
-    cheap next to the tower (one pass over the pixel rows). The newest distinct picture is tried
-    first, so the adjacent rows of a group match at the first try. Sharing is exact because the
+    patch rows (torch.equal, exact). Not by a group size: a micro-batch may hold part of a
+    group, DAPO's refills reorder groups, and two different questions may show one picture;
+    Rollouts carry no group id. The comparison is exact whatever the order, and cheap next to
+    the tower (_first_of_each). Sharing is exact because the
     tower encodes each image on its own (its attention stays within an image, via cu_seqlens):
     an image's features depend on its own pixels and grid only."""
     blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())   # one [rows_i, D] per image
     grids = image_grid_thw.tolist()
-    first, shows = [], []   # first image of each distinct picture; image i shows picture shows[i]
-    for i, block in enumerate(blocks):
-        same = (k for k in reversed(range(len(first)))
-                if grids[first[k]] == grids[i] and torch.equal(blocks[first[k]], block))
-        k = next(same, None)
-        if k is None:
-            k = len(first)
-            first.append(i)
-        shows.append(k)
+    # first image of each distinct picture; image i shows picture shows[i]
+    first, shows = _first_of_each(len(blocks), lambda a, b: grids[a] == grids[b]
+                                  and torch.equal(blocks[a], blocks[b]))
     features = net.get_image_features(torch.cat([blocks[i] for i in first]),
                                       image_grid_thw[first], return_dict=True).pooler_output
     return BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in shows))
@@ -1034,8 +1042,7 @@ def _distinct_prompts(r: Rollouts, pixel_values) -> tuple[list[int], torch.Tenso
 
     Same prompt = same token ids, same padding and identical pictures (grid and patch rows,
     torch.equal, exact). Compared, not assumed from a group size: micro-batches may hold parts
-    of groups, DAPO's refills reorder them, and Rollouts carry no group id. The newest distinct
-    prompt is tried first, so the adjacent rows of a group match at the first try."""
+    of groups, DAPO's refills reorder them, and Rollouts carry no group id (_first_of_each)."""
     count = r.images_per_rollout.tolist()
     first_image = [0, *accumulate(count)]                                   # [B + 1]
     first_row = [0, *accumulate(r.image_grid_thw.prod(-1).tolist())]        # [n_images + 1]
@@ -1048,13 +1055,7 @@ def _distinct_prompts(r: Rollouts, pixel_values) -> tuple[list[int], torch.Tenso
                 and torch.equal(grids(a), grids(b))
                 and (pixel_values is None or torch.equal(pictures(a), pictures(b))))
 
-    first, prompt_of = [], []
-    for b in range(len(r)):
-        k = next((k for k in reversed(range(len(first))) if same(first[k], b)), None)
-        if k is None:
-            k = len(first)
-            first.append(b)
-        prompt_of.append(k)
+    first, prompt_of = _first_of_each(len(r), same)
     return first, torch.tensor(prompt_of, dtype=torch.long, device=r.prompt_ids.device)
 
 

@@ -668,6 +668,8 @@ def draw_prompts(examples: list[data.Example], cfg: Config, d: Dist, cursor: int
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
 # ---------------------------------------------------------------------------------------------
 # The offline warm start: a short supervised stage on the toy task's worked solutions, so that
 # RL starts from a model that formats its answers and is right some of the time (a random model
@@ -1488,11 +1490,10 @@ def main(argv=None) -> dict:
             prepare_run_folder(cfg, run)
         barrier()
         result = train_run(cfg, d, run)
-        if dist.is_initialized():
-            # every rank finished its last collective before any rank tears the group down: a
-            # rank that destroys it while a peer's gloo/NCCL transfer is still in flight can
-            # abort the process ("terminate called without an active exception")
-            dist.barrier()
+        # every rank finished its last collective before any rank tears the group down: a rank
+        # that destroys it while a peer's gloo/NCCL transfer is still in flight can abort the
+        # process ("terminate called without an active exception")
+        barrier()
         return result
     except KeyboardInterrupt:
         if d.main:   # checkpoints are written atomically: the last complete one is intact

@@ -1,4 +1,4 @@
-"""Evaluate Qwen2.5-VL policies with the paper's protocol, on any dataset or on the paper's suite.
+"""Evaluate Qwen2.5-VL / Qwen3-VL policies with the paper's protocol, on any data or its suite.
 
     python eval.py                                    # the checkpoint train.py wrote last
     python eval.py --model runs/papo/checkpoint-000150 --data test.jsonl
@@ -70,6 +70,7 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
         raise ValueError("evaluate: no examples")
     correct = {None: [], **{r: [] for r in mask_ratios}}
     fmt, lengths, kl_sum, kl_tokens, decoyed = [], [], 0.0, 0.0, []
+    thinking_open = qwen.prompt_opens_thinking(processor)   # a Thinking model's format check
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
@@ -86,7 +87,8 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
                                               max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p,
                                               top_k=top_k)
-            details = [rewards.reward_details(t, a) for t, a in zip(rollouts.texts, answers)]
+            details = [rewards.reward_details(t, a, thinking_open)
+                       for t, a in zip(rollouts.texts, answers)]
             correct[ratio].append(np.array([x["accuracy"] for x in details]).reshape(-1, samples))
             if ratio is None:
                 fmt += [x["format"] for x in details]

@@ -38,7 +38,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor)
+                          Qwen2_5_VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,
                                                                        smart_resize)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -56,32 +57,99 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 
 
-class QwenVLImageTextProcessor(Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without its video processor.
+class _ImagesOnly:
+    """A Qwen processor without its video processor (the mixin behind the two classes below).
 
-    The stock processor takes a video processor as its third part, and without torchvision
+    The stock processors take a video processor as their third part, and without torchvision
     transformers cannot provide one (its video processors need torchvision; constructing or
     loading the stock processor fails). Images are all this project needs. ProcessorMixin
     discovers a processor's parts from the names of `__init__`'s arguments, so leaving
-    `video_processor` out of the signature is what removes it - from construction, from
+    `video_processor` out of this signature is what removes it - from construction, from
     save_pretrained and from from_pretrained alike. Everything else (the <|image_pad|>
-    expansion, mm_token_type_ids) is inherited unchanged.
+    expansion, mm_token_type_ids) is inherited from the stock class unchanged.
 
     Saving: write folders with `save_processor(processor, folder)`, not plain save_pretrained.
-    A plain save names this class in processor_config.json, which AutoProcessor does not know
-    (it then silently returns only the tokenizer); save_processor names the stock
-    Qwen2_5_VLProcessor and adds a video processor config, so `AutoProcessor.from_pretrained`
-    on a machine with torchvision returns the full stock processor. Either kind of folder loads
-    here with `load_model` (or this class's from_pretrained)."""
+    A plain save names this project's class in processor_config.json, which AutoProcessor does
+    not know (it then silently returns only the tokenizer); save_processor names the stock class
+    and adds a video processor config, so `AutoProcessor.from_pretrained` on a machine with
+    torchvision returns the full stock processor. Either kind of folder loads here with
+    `load_model` (or the class's from_pretrained)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # the attributes the parent's __init__ would set before handing over to ProcessorMixin
-        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        # the attributes the stock __init__ would set around its call of ProcessorMixin's
+        for name, token in (("image", IMAGE_PAD), ("video", VIDEO_PAD),
+                            ("vision_start", VISION_START), ("vision_end", VISION_END)):
+            value = getattr(tokenizer, f"{name}_token", None) or token
+            setattr(self, f"{name}_token", value)
+            setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(value))
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template,
                                 **kwargs)
+
+
+class QwenVLImageTextProcessor(_ImagesOnly, Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its video processor (see _ImagesOnly)."""
+
+
+class Qwen3VLImageTextProcessor(_ImagesOnly, Qwen3VLProcessor):
+    """Qwen3VLProcessor without its video processor (see _ImagesOnly)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The two model families
+# ---------------------------------------------------------------------------------------------
+#
+# Qwen2.5-VL (what the paper trained) and Qwen3-VL (2B / 4B / 8B, Instruct and Thinking) run
+# through the same code. What differs between them is listed here, and handled where it says:
+#
+#   classes          the model, config and processor classes, and the stock names a saved
+#                    folder must carry                                         -> Family
+#   patch size       14 px vs 16 px; merge 2 x 2 in both, so one image token covers 28 vs
+#                    32 px. Always read from the processor or config, never assumed (the PAPO
+#                    mask keeps its 14-px squares on both, as the official Qwen3-VL branch does).
+#   normalisation    CLIP mean / std vs 0.5 / 0.5: stored in the processor's own config.
+#   3-D positions    both give image tokens (time, row, column) positions; after a picture,
+#                    text continues from a slightly different number -> always the model's own
+#                    get_rope_index (rotary_positions)
+#   vision features  Qwen3-VL (DeepStack) also adds features of a few vision layers to the
+#                    first decoder layers' hidden states at the image tokens
+#                                                      -> _encode_each_picture_once carries them
+#   chat template    Qwen2.5-VL adds a default system turn; Qwen3-VL-Thinking's generation
+#                    prompt opens a <think> block, so its answers start inside it
+#                                                      -> prompt_opens_thinking, the format reward
+#   special tokens   the same strings (and ids) in both; Qwen3's tokenizer adds <think> and
+#                    </think> as ordinary tokens, so decoding keeps them.
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str                     # as users write it: --tiny-family, the README
+    model_type: str               # config.json's "model_type"
+    model_class: type             # ...ForConditionalGeneration
+    config_class: type
+    processor_class: type         # this project's images-only processor
+    stock_processor: type         # the transformers class a saved folder names (AutoProcessor)
+    stock_video_processor: str    # the video processor type such a folder names
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("qwen2.5-vl", "qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig,
+           QwenVLImageTextProcessor, Qwen2_5_VLProcessor, "Qwen2VLVideoProcessor"),
+    Family("qwen3-vl", "qwen3_vl", Qwen3VLForConditionalGeneration, Qwen3VLConfig,
+           Qwen3VLImageTextProcessor, Qwen3VLProcessor, "Qwen3VLVideoProcessor"),
+)}
+
+
+def family_of(thing) -> Family:
+    """The Family of a model, a config, a processor, or a config.json model_type string."""
+    if isinstance(thing, str):
+        model_type = thing
+    elif isinstance(thing, ProcessorMixin):
+        return next(f for f in FAMILIES.values() if isinstance(thing, f.stock_processor))
+    else:
+        model_type = getattr(getattr(thing, "config", thing), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"{model_type!r} is not a supported model family; supported: "
+                         + ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES.values()))
+    return FAMILIES[model_type]
 
 
 # The image processor settings that a video processor shares (same vision tower, same patching,
@@ -94,18 +162,20 @@ _SHARED_WITH_VIDEO = ("do_resize", "resample", "do_rescale", "rescale_factor", "
 def save_processor(processor, folder) -> None:
     """processor.save_pretrained(folder), rewritten so the folder names transformers' STOCK classes.
 
-    Why: QwenVLImageTextProcessor exists only because this project runs without torchvision.
+    Why: this project's processor classes (_ImagesOnly) exist only because it runs without
+    torchvision.
     A checkpoint, though, is also read by people with a normal GPU install (torchvision present)
     calling `AutoProcessor.from_pretrained(folder)`. AutoProcessor picks the class named by
     processor_config.json's "processor_class"; it does not know ours, and falls back to the
     tokenizer alone - no error, just a processor that cannot take images. So after saving:
 
-      * "processor_class" becomes "Qwen2_5_VLProcessor" (in processor_config.json and in
-        tokenizer_config.json, which save_pretrained stamps too), the class such a user expects;
+      * "processor_class" becomes the stock class, "Qwen2_5_VLProcessor" or "Qwen3VLProcessor"
+        (in processor_config.json and in tokenizer_config.json, which save_pretrained stamps
+        too), the class such a user expects;
       * a nested "video_processor" entry is added, because the stock processor has a third part
         and transformers looks for its config first inside processor_config.json (then in
-        video_preprocessor_config.json, then preprocessor_config.json). Its type is
-        Qwen2VLVideoProcessor (what Qwen2.5-VL uses) and its settings are copied from the saved
+        video_preprocessor_config.json, then preprocessor_config.json). Its type is the
+        family's (Qwen2VLVideoProcessor, Qwen3VLVideoProcessor) and its settings come from the saved
         image processor: same patch / temporal patch / merge sizes, same mean and std, and the
         same pixel budget `size` = {"shortest_edge": min pixels, "longest_edge": max pixels} -
         the key the video class reads (its min_pixels / max_pixels arguments only fill `size`).
@@ -116,11 +186,12 @@ def save_processor(processor, folder) -> None:
     argument, so the nested entry is simply ignored, and it forces the PIL image processor.
     Folders saved before this function existed (naming our class, no video entry) load there too.
     """
+    family = family_of(processor)
     processor.save_pretrained(folder)
     folder = Path(folder)
     config_file = folder / "processor_config.json"
     config = json.loads(config_file.read_text())
-    config["processor_class"] = "Qwen2_5_VLProcessor"
+    config["processor_class"] = family.stock_processor.__name__
     image = config["image_processor"]
     video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
     size = dict(image.get("size") or {})
@@ -130,7 +201,7 @@ def save_processor(processor, folder) -> None:
         size.setdefault("longest_edge", image["max_pixels"])
     if size:
         video["size"] = {k: size[k] for k in ("shortest_edge", "longest_edge") if k in size}
-    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+    video["video_processor_type"] = family.stock_video_processor
     config["video_processor"] = video
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -138,7 +209,7 @@ def save_processor(processor, folder) -> None:
     if tokenizer_file.is_file():
         tokenizer_config = json.loads(tokenizer_file.read_text())
         if "processor_class" in tokenizer_config:
-            tokenizer_config["processor_class"] = "Qwen2_5_VLProcessor"
+            tokenizer_config["processor_class"] = family.stock_processor.__name__
             tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
                                       + "\n")
 
@@ -210,8 +281,9 @@ def _as_dtype(dtype):
     return value
 
 
-def _check_checkpoint_folder(path: Path) -> None:
-    """Fail early, naming the folder, instead of deep inside transformers' loading code."""
+def _folder_model_type(path: Path) -> str | None:
+    """config.json's model_type of a saved model folder; errors name the folder, instead of
+    failing deep inside transformers' loading code."""
     if not path.is_dir():
         raise ValueError(f"load_model: {path} is a file, not a model folder")
     config_file = path / "config.json"
@@ -219,12 +291,9 @@ def _check_checkpoint_folder(path: Path) -> None:
         raise ValueError(f"load_model: {path} has no config.json, so it is not a saved model "
                          "(expected a folder written by save_pretrained)")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        return json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ValueError(f"load_model: {config_file} is not a valid JSON config ({err})") from None
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"load_model: {path} holds a {model_type!r} model, not a Qwen2.5-VL "
-                         "checkpoint (config.json model_type must be 'qwen2_5_vl')")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -233,50 +302,54 @@ def _looks_like_hub_id(name: str) -> bool:
             and "\\" not in name and all(name.split("/")))
 
 
-def model_source(name_or_path) -> str:
-    """The folder or hub id to load from, checked: an error names the path or id, instead of
-    failing deep inside transformers' loading code."""
+def model_source(name_or_path) -> tuple[str, Family]:
+    """(the folder or hub id to load from, its model family), checked: an error names the path
+    or id and the supported families, instead of failing deep inside transformers."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
-        _check_checkpoint_folder(path)
-        return str(path)
-    if not _looks_like_hub_id(name):
+        source, model_type = str(path), _folder_model_type(path)
+    elif not _looks_like_hub_id(name):
         raise FileNotFoundError(f"load_model: no such model folder: {path}")
+    else:
+        try:
+            source, model_type = name, AutoConfig.from_pretrained(name).model_type
+        except OSError as err:  # offline without a cache, or a misspelt id
+            raise ValueError(f"load_model: {name!r} is not a local folder and could not be "
+                             f"loaded as a Hugging Face hub id: {err}") from None
     try:
-        model_type = AutoConfig.from_pretrained(name).model_type
-    except OSError as err:  # offline without a cache, or a misspelt id
-        raise ValueError(f"load_model: {name!r} is not a local folder and could not be "
-                         f"loaded as a Hugging Face hub id: {err}") from None
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"load_model: {name} is a {model_type!r} model, not Qwen2.5-VL")
-    return name
+        return source, family_of(model_type)
+    except ValueError as err:
+        raise ValueError(f"load_model: {source} holds a {model_type!r} model (config.json "
+                         f"model_type): {err}") from None
 
 
-def load_processor(name_or_path) -> QwenVLImageTextProcessor:
+def load_processor(name_or_path) -> QwenVLImageTextProcessor | Qwen3VLImageTextProcessor:
     """The processor alone (tokenizer + PIL image processor) of a model folder or hub id: what
     train.py needs to measure prompt lengths before it loads gigabytes of weights."""
-    source = model_source(name_or_path)
+    source, family = model_source(name_or_path)
     try:
-        processor = QwenVLImageTextProcessor.from_pretrained(source)
+        processor = family.processor_class.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"load_model: {source} has no usable processor files (tokenizer, image "
                          f"processor); save them next to the weights with "
                          f"model.save_processor(processor, folder). Cause: {err}") from None
     if not isinstance(processor.image_processor, Qwen2VLImageProcessorPil):
-        # with torchvision installed, transformers picks its torchvision image processor
+        # with torchvision installed, transformers picks its torchvision image processor (both
+        # families use Qwen2-VL's image processor, with their own patch size, mean and std)
         processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
     return processor
 
 
 def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing: bool = False,
                attn_implementation: str | None = None):
-    """Load a Qwen2.5-VL model and its processor -> (model, processor).
+    """Load a Qwen2.5-VL or Qwen3-VL model and its processor -> (model, processor).
 
-    name_or_path: a hub id such as "Qwen/Qwen2.5-VL-3B-Instruct" (downloaded, or read from the
-        local cache), or a folder written by `model.save_pretrained` + `save_processor` (the
-        tiny model, a warm start, a training checkpoint; older folders from a plain
-        `processor.save_pretrained` load too).
+    name_or_path: a hub id such as "Qwen/Qwen2.5-VL-3B-Instruct" or "Qwen/Qwen3-VL-2B-Thinking"
+        (downloaded, or read from the local cache), or a folder written by
+        `model.save_pretrained` + `save_processor` (the tiny model, a warm start, a training
+        checkpoint; older folders from a plain `processor.save_pretrained` load too). The
+        family comes from config.json's model_type (FAMILIES).
     dtype: torch dtype or name ("bfloat16", "float32", "auto" = as stored); None = float32
         master weights (use torch.autocast for bf16 compute, as train.py does).
     device: where to put the model ("cuda:0", torch.device, ...); None leaves it on the CPU.
@@ -287,13 +360,13 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
 
     The processor always uses the PIL image processor: no torchvision needed, and identical
     pixels on every machine (the torchvision backend resizes slightly differently)."""
-    source = model_source(name_or_path)
+    source, family = model_source(name_or_path)
     # the processor first: it is cheap, and a folder without one should fail before gigabytes load
     processor = load_processor(source)
     kwargs = {"dtype": _as_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, **kwargs)
+    model = family.model_class.from_pretrained(source, **kwargs)
     _fill_generation_config(model, processor.tokenizer)
 
     if gradient_checkpointing:
@@ -335,10 +408,12 @@ def _fill_generation_config(model, tokenizer) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # One place for every model size this project builds offline. The names are shorthands for the
-# knobs of Qwen2_5_VLConfig; head_dim = hidden / heads and the mrope split are derived from them
-# (_text_config). For scale, Qwen2.5-VL-3B: text hidden 2048, 36 layers, 16 heads, 2 KV heads,
-# intermediate 11008; vision hidden 1280, depth 32, 16 heads, intermediate 3420; vocab 151,936;
-# same patch 14, merge 2, temporal patch 2, tied embeddings.
+# knobs of the families' configs; head_dim = hidden / heads and the mrope split are derived from
+# them (_text_config). For scale, Qwen2.5-VL-3B: text hidden 2048, 36 layers, 16 heads, 2 KV
+# heads, intermediate 11008; vision hidden 1280, depth 32, 16 heads, intermediate 3420; vocab
+# 151,936; patch 14, merge 2, temporal patch 2, tied embeddings. Qwen3-VL-2B: text hidden 2048,
+# 28 layers, 16 heads, 8 KV heads, head_dim 128, intermediate 6144; vision hidden 1024, depth 24,
+# 16 heads, intermediate 4096, patch 16, DeepStack from vision blocks 5, 11, 17; tied embeddings.
 SIZES = {
     # for the tests: as small and fast as the architecture allows
     "tiny": dict(
@@ -360,38 +435,71 @@ SIZES = {
     ),
 }
 
+# What a tiny Qwen3-VL changes in a SIZES entry: 16-px patches, so a token covers 32 px and the
+# toy's 112-px pictures become 128 px (still 4 x 4 = 16 tokens); the vision tower's learned
+# position table (an 8 x 8 grid, interpolated for other sizes as in the real model); DeepStack
+# from its first block into the first decoder layer.
+QWEN3_TINY = dict(patch=16, min_pixels=64 * 64, max_pixels=128 * 128, position_grid=64,
+                  deepstack=[0])
+
+# --tiny-family: the families build_tiny_model can build; "-thinking" selects the chat template
+# of the Thinking models (its generation prompt opens <think>).
+TINY_FAMILIES = ("qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking")
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# The chat format of Qwen2.5-VL-Instruct, written as a Jinja template (this is what
-# processor.apply_chat_template renders). Each message becomes
-#     <|im_start|>{role}\n{content}<|im_end|>\n
-# a conversation without a system turn gets the default one, every {"type": "image"} entry of a
-# content list becomes <|vision_start|><|image_pad|><|vision_end|> (the processor later repeats
-# <|image_pad|> once per image token), and add_generation_prompt opens the assistant turn.
-# Built by string concatenation so that no stray template whitespace reaches the prompt.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def _chat_template(default_system: str | None, generation_prompt: str) -> str:
+    """A Qwen chat format as a Jinja template (what processor.apply_chat_template renders).
+
+    Each message becomes  <|im_start|>{role}\n{content}<|im_end|>\n ; every {"type": "image"}
+    entry of a content list becomes <|vision_start|><|image_pad|><|vision_end|> (the processor
+    later repeats <|image_pad|> once per image token), and add_generation_prompt opens the
+    assistant turn. Qwen2.5-VL adds a default system turn to a conversation without one, Qwen3-VL
+    does not; Qwen3-VL-Thinking's generation prompt also opens the thinking block. Built by
+    string concatenation so that no stray template whitespace reaches the prompt."""
+    system = ("{% if loop.first and message['role'] != 'system' %}"
+              "<|im_start|>system\n" + default_system + "<|im_end|>\n"
+              "{% endif %}") if default_system else ""
+    return ("{% for message in messages %}" + system +
+            "<|im_start|>{{ message['role'] }}\n"
+            "{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}{% for part in message['content'] %}"
+            "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+            "{% endif %}{% endfor %}{% endif %}"
+            "<|im_end|>\n"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}" + generation_prompt + "{% endif %}")
+
+
+CHAT_TEMPLATE = _chat_template(DEFAULT_SYSTEM_PROMPT, "<|im_start|>assistant\n")   # Qwen2.5-VL
+QWEN3_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n")
+QWEN3_THINKING_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n" + THINK_OPEN + "\n")
+
+
+def prompt_opens_thinking(processor) -> bool:
+    """Whether the chat template's generation prompt opens a <think> block that it leaves open
+    (Qwen3-VL-Thinking), so that a response starts INSIDE the thinking and has no opening tag.
+
+    Decided by rendering the template, not by a name or a flag: what the model sees is what
+    counts. The format reward reads this (rewards.format_reward(..., thinking_open=...))."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    opening = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    closed = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    added = opening.removeprefix(closed)        # what add_generation_prompt appends
+    return added.rfind(THINK_OPEN) > added.rfind(THINK_CLOSE)
+
+
+def build_tokenizer(vocab_size: int = 400, extra_tokens=()) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained here, on toy.tokenizer_corpus(), in well under a second.
 
     Byte-level: any string can be encoded (unknown characters fall back to bytes), so prompts and
-    answers never hit an <unk>. Qwen's special tokens get ids 0..6 and are never split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    answers never hit an <unk>. Qwen's special tokens get ids 0..6 and are never split.
+    extra_tokens: ordinary (not special) tokens added whole, as Qwen3's <think> and </think>:
+    never split, and kept by decode(skip_special_tokens=True)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     import toy  # imported here: only the offline model needs the toy corpus
 
     bpe = Tokenizer(models.BPE())
@@ -404,30 +512,40 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=IM_END, pad_token=ENDOFTEXT,
         additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split of the rotary frequencies between (time, height, width) positions.
+def _mrope_section(head_dim: int, family: str = "qwen2.5-vl") -> list[int]:
+    """Split of the rotary frequencies between (time, height, width) positions; the parts must
+    sum to head_dim // 2, or the first forward fails.
 
-    Qwen2.5-VL uses [16, 24, 24] for head_dim 128: a quarter for time, the rest shared by height
-    and width. The parts must sum to head_dim // 2, or the first forward fails in
-    split_with_sizes. head_dim 32 -> [4, 6, 6]; head_dim 16 -> [2, 3, 3]."""
+    Qwen2.5-VL: [16, 24, 24] for head_dim 128 - a quarter for time, the rest shared by height and
+    width, in three consecutive blocks. head_dim 32 -> [4, 6, 6]; head_dim 16 -> [2, 3, 3].
+    Qwen3-VL: [24, 20, 20] for head_dim 128, INTERLEAVED (frequency i goes to height if i % 3 == 1,
+    to width if i % 3 == 2, up to 3 x the section; the rest to time). head_dim 16 -> [4, 2, 2]."""
     half = head_dim // 2
+    if family.startswith("qwen3"):
+        h = half * 5 // 16
+        return [half - 2 * h, h, h]
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
 
 
-def _text_config(s: dict, tokenizer) -> dict:
+def _text_config(s: dict, tokenizer, family: str = "qwen2.5-vl") -> dict:
     head_dim = s["hidden"] // s["heads"]
+    qwen3 = family.startswith("qwen3")
+    rope = {"rope_type": "default", "rope_theta": 5_000_000.0 if qwen3 else 1_000_000.0,
+            "mrope_section": _mrope_section(head_dim, family)}
+    if qwen3:
+        rope["mrope_interleaved"] = True
     return dict(
         vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
         intermediate_size=s["intermediate"], max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                         "mrope_section": _mrope_section(head_dim)},
+        rope_parameters=rope, **({"head_dim": head_dim} if qwen3 else {}),
         bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         # pad_token_id stays None: otherwise nn.Embedding would zero and freeze the pad row,
@@ -435,30 +553,39 @@ def _text_config(s: dict, tokenizer) -> dict:
     )
 
 
-def _vision_config(s: dict) -> dict:
-    return dict(
+def _vision_config(s: dict, family: str = "qwen2.5-vl") -> dict:
+    common = dict(
         depth=s["vision_depth"], hidden_size=s["vision_hidden"], num_heads=s["vision_heads"],
         intermediate_size=s["vision_intermediate"], out_hidden_size=s["hidden"],
         patch_size=s["patch"], spatial_merge_size=s["merge"],
-        temporal_patch_size=s["temporal_patch"],
-        # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only
-        # the last one attend over the whole image (as the real model's last block does).
-        fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112,
-    )
+        temporal_patch_size=s["temporal_patch"])
+    if family.startswith("qwen3"):
+        return dict(common, num_position_embeddings=s["position_grid"],
+                    deepstack_visual_indexes=s["deepstack"])
+    # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only the
+    # last one attend over the whole image (as the real model's last block does).
+    return dict(common, fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112)
 
 
-def build_tiny_model(seed: int = 0, size: str = "tiny"):
-    """A randomly initialised Qwen2_5_VLForConditionalGeneration and its processor, offline.
+def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-vl"):
+    """A randomly initialised Qwen-VL model of the real class and its processor, offline.
 
+    family: one of TINY_FAMILIES - Qwen2_5_VLForConditionalGeneration, or
+        Qwen3VLForConditionalGeneration with the Instruct or the Thinking chat template.
     Same class, same forward, same generate as the real model - only smaller (see SIZES). The
-    weights depend only on `seed`; the tokenizer (trained on the toy corpus) only on the corpus.
-    The caller's random number generator state is left untouched."""
+    weights depend only on `seed` (and the family); the tokenizer (trained on the toy corpus)
+    only on the corpus. The caller's random number generator state is left untouched."""
     if size not in SIZES:
         raise ValueError(f"build_tiny_model: unknown size {size!r}; choose from {list(SIZES)}")
-    s = SIZES[size]
-    tokenizer = build_tokenizer(s["vocab"])
-    config = Qwen2_5_VLConfig(
-        text_config=_text_config(s, tokenizer), vision_config=_vision_config(s),
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"build_tiny_model: unknown family {family!r}; choose from "
+                         f"{list(TINY_FAMILIES)}")
+    qwen3 = family.startswith("qwen3")
+    s = dict(SIZES[size], **(QWEN3_TINY if qwen3 else {}))
+    tokenizer = build_tokenizer(s["vocab"], extra_tokens=(THINK_OPEN, THINK_CLOSE) if qwen3 else ())
+    kind = FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
+    config = kind.config_class(
+        text_config=_text_config(s, tokenizer, family), vision_config=_vision_config(s, family),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
         vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
@@ -466,15 +593,20 @@ def build_tiny_model(seed: int = 0, size: str = "tiny"):
         tie_word_embeddings=s["tie_embeddings"])
     with torch.random.fork_rng(devices=[]):      # weights from `seed`, caller's RNG unchanged
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = kind.model_class(config)
     model.generation_config = GenerationConfig()
     _fill_generation_config(model, tokenizer)
 
+    # Qwen3-VL normalises pixels with mean = std = 0.5; Qwen2.5-VL with CLIP's (the default)
+    normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if qwen3 else {}
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=s["min_pixels"], max_pixels=s["max_pixels"], patch_size=s["patch"],
-        temporal_patch_size=s["temporal_patch"], merge_size=s["merge"])
-    processor = QwenVLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=CHAT_TEMPLATE)
+        temporal_patch_size=s["temporal_patch"], merge_size=s["merge"], **normalise)
+    template = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_CHAT_TEMPLATE,
+                "qwen3-vl-thinking": QWEN3_THINKING_CHAT_TEMPLATE}[family]
+    tokenizer.chat_template = template
+    processor = kind.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=template)
     return model, processor
 
 
@@ -1026,9 +1158,15 @@ def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOut
     # first image of each distinct picture; image i shows picture shows[i]
     first, shows = _first_of_each(len(blocks), lambda a, b: grids[a] == grids[b]
                                   and torch.equal(blocks[a], blocks[b]))
-    features = net.get_image_features(torch.cat([blocks[i] for i in first]),
-                                      image_grid_thw[first], return_dict=True).pooler_output
-    return BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in shows))
+    out = net.get_image_features(torch.cat([blocks[i] for i in first]), image_grid_thw[first],
+                                 return_dict=True)
+    per_image = lambda features: tuple(features[k] for k in shows)   # distinct -> every image
+    fields = {"pooler_output": per_image(out.pooler_output)}
+    # Qwen3-VL (DeepStack) also adds features of a few vision layers to the hidden states of the
+    # first decoder layers, at the image tokens: one more tuple per such layer, indexed alike.
+    if getattr(out, "deepstack_features", None) is not None:
+        fields["deepstack_features"] = [per_image(level) for level in out.deepstack_features]
+    return type(out)(**fields)
 
 
 def _checkpointing(net) -> bool:

@@ -2,9 +2,11 @@
 
     reward = 0.9 * accuracy + 0.1 * format
 
-`format` checks that the response is "<think> ... </think> ... \\boxed{...}"; `accuracy` checks
-that the content of the last \\boxed{...} equals the gold answer. Both run on the response after
-tidy_response (whitespace around "<", ">" and "/" removed), as the official reward does.
+`format` checks that the response is "<think> ... </think> ... \\boxed{...}" (for a model whose
+prompt already opened the <think> block, Qwen3-VL-Thinking: "... </think> ... \\boxed{...}");
+`accuracy` checks that the content of the last \\boxed{...} equals the gold answer. Both run on
+the response after tidy_response (whitespace around "<", ">" and "/" removed), as the official
+reward does.
 
 The module reads top to bottom: tidying and the format check, finding the boxed answer, the
 rules for comparing two answers (words, numbers, percent, equations), and why a comparison can
@@ -54,8 +56,14 @@ def tidy_response(text: str) -> str:
     return _AROUND_TAG_CHARS.sub("", text)
 
 
-def format_reward(text: str) -> float:
+def format_reward(text: str, thinking_open: bool = False) -> float:
     """1.0 if the whole response is <think>...</think>...\\boxed{...}..., else 0.0.
+
+    thinking_open: the prompt already opened the <think> block (the chat template of a Thinking
+        model, model.prompt_opens_thinking), so a well-formed response starts INSIDE it and has
+        no opening tag: the check is then ...</think>...\\boxed{...}..., the official Qwen3
+        regex .*</think>.*\\boxed\\{.*\\}.* (DOTALL). A response that repeats the opening tag
+        still passes, as it does there.
 
     The response is tidied first (tidy_response), and surrounding whitespace is stripped: a
     tokenizer may decode a leading space or a trailing newline, and that says nothing about the
@@ -65,6 +73,8 @@ def format_reward(text: str) -> float:
     1.0
     >>> format_reward("The answer is \\\\boxed{2}")  # no thinking
     0.0
+    >>> format_reward("I see 2 red shapes.</think> \\\\boxed{2}", thinking_open=True)
+    1.0
 
     The official check is the regex <think>.*</think>.*\\boxed\\{.*\\}.* (DOTALL, whole string),
     which backtracks: its cost grows with the cube of the length (a 48k-character response took a
@@ -74,7 +84,7 @@ def format_reward(text: str) -> float:
     the regex on random strings), in linear time.
     """
     s = tidy_response(text).strip()
-    pos = len("<think>") if s.startswith("<think>") else -1
+    pos = 0 if thinking_open else len("<think>") if s.startswith("<think>") else -1
     for tag in ("</think>", "\\boxed{", "}"):
         found = s.find(tag, pos) if pos >= 0 else -1
         pos = found + len(tag) if found >= 0 else -1
@@ -577,20 +587,21 @@ def accuracy_reward(text: str, answer: str) -> float:
     return 1.0 if answers_match(boxed, answer) else 0.0
 
 
-def reward_details(text: str, answer: str) -> dict[str, float]:
+def reward_details(text: str, answer: str, thinking_open: bool = False) -> dict[str, float]:
     """The reward and its two parts, for logging accuracy and format rate separately.
+    thinking_open: see format_reward.
 
     >>> reward_details("<think>I see 2.</think> \\\\boxed{3}", "2")
     {'reward': 0.1, 'accuracy': 0.0, 'format': 1.0}
     """
-    acc, fmt = accuracy_reward(text, answer), format_reward(text)
+    acc, fmt = accuracy_reward(text, answer), format_reward(text, thinking_open)
     return {"reward": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
 
 
-def reward(text: str, answer: str) -> float:
+def reward(text: str, answer: str, thinking_open: bool = False) -> float:
     """The paper's rule-based reward: 0.9 * accuracy + 0.1 * format, so 1.0, 0.9, 0.1 or 0.0.
 
     >>> reward("<think>I see 2 red shapes.</think> \\\\boxed{2}", "2")
     1.0
     """
-    return reward_details(text, answer)["reward"]
+    return reward_details(text, answer, thinking_open)["reward"]

@@ -1,4 +1,4 @@
-"""PAPO / GRPO / DAPO training of a Qwen2.5-VL policy with verifiable rewards.
+"""PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards.
 
     python train.py                               # offline default: tiny model + toy task, CPU
     torchrun --nproc_per_node 2 train.py          # the same, data-parallel over 2 processes
@@ -6,6 +6,7 @@
                                                   # sharded over 4 processes (FSDP2; see README)
     torchrun --nproc_per_node 2 train.py --preset papo-g \
         --model Qwen/Qwen2.5-VL-3B-Instruct --data train.jsonl --eval-data test.jsonl
+    python train.py --tiny-family qwen3-vl-thinking   # offline, on a tiny Qwen3-VL (Thinking)
 
 One RL step, as in the algorithm box of the paper (each phase is a function below):
 
@@ -80,8 +81,8 @@ def arg(default, help: str):
 class Config:
     # --- what to train on --------------------------------------------------------------------
     preset: str = arg("papo-g", "grpo | papo-g | dapo | papo-d: objective settings of the paper.")
-    model: str = arg("", "Qwen2.5-VL hub id or local folder. Empty: the offline tiny model, "
-                         "warm-started on the toy task (cached).")
+    model: str = arg("", "Qwen2.5-VL or Qwen3-VL hub id or local folder. Empty: the offline tiny "
+                         "model (--tiny-family), warm-started on the toy task (cached).")
     data: str = arg("", "Training data: a JSONL file, a ShareGPT .json file, a parquet file, glob "
                         "or folder, a save_to_disk folder, or a hub dataset owner/name[:split] "
                         "(e.g. PAPOGalaxy/PAPO_ViRL39K_train). Empty: the offline toy task.")
@@ -209,6 +210,10 @@ class Config:
 
     # --- the offline default (used only when --model is empty) -------------------------------
     tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
+    tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (model.TINY_FAMILIES): "
+                                         "qwen2.5-vl, qwen3-vl, or qwen3-vl-thinking (Qwen3-VL "
+                                         "with the Thinking models' chat template, whose prompt "
+                                         "opens <think>).")
     toy_world: str = arg("plain", "The toy world (toy.TOY_WORLDS): plain, or shortcut - the "
                                   "wording of some questions usually gives the answer away, and "
                                   "a 'conflict' split, where it never does, is scored as well.")
@@ -371,6 +376,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
+    ("tiny_family", lambda v: v in qwen.TINY_FAMILIES, "one of " + ", ".join(qwen.TINY_FAMILIES)),
     ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
     ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
@@ -682,7 +688,8 @@ def warm_start_path(cfg: Config) -> Path:
     RL off its own distribution."""
     tasks = "+".join(toy_tasks(cfg))
     prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
-    return (Path(cfg.cache) / f"warmstart-{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
+    family = "" if cfg.tiny_family == "qwen2.5-vl" else f"{cfg.tiny_family}-"   # older names kept
+    return (Path(cfg.cache) / f"warmstart-{family}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
             f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}-prompt{prompt}")
 
 
@@ -697,7 +704,11 @@ def warm_start(cfg: Config, d: Dist, train: data.Dataset) -> Path:
     path = warm_start_path(cfg)
     if d.main and not (path / "config.json").is_file():
         seed_everything(cfg.seed)
-        policy, processor = qwen.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size)
+        policy, processor = qwen.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size,
+                                                  family=cfg.tiny_family)
+        # A Thinking template's prompt already opens <think>: the target starts inside it.
+        opened = qwen.prompt_opens_thinking(processor)
+        target = lambda ex: ex.solution.removeprefix(qwen.THINK_OPEN) if opened else ex.solution
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
         # The stopping rule watches a slice of the TRAINING split that the warm start never
         # trains on, so the held-out numbers reported later were not used to pick the model.
@@ -709,7 +720,7 @@ def warm_start(cfg: Config, d: Dist, train: data.Dataset) -> Path:
             rng = np.random.default_rng([cfg.seed, step, 17])
             batch = [train[i] for i in rng.integers(0, len(train), cfg.sft_batch)]
             prompts = [ex.to_prompt(**prompt_options(cfg)) for ex in batch]
-            targets = qwen.rollouts_from_texts(processor, prompts, [ex.solution for ex in batch])
+            targets = qwen.rollouts_from_texts(processor, prompts, [target(ex) for ex in batch])
             # A short linear warm-up keeps the first large-lr steps of a random model stable.
             for group in optimizer.param_groups:
                 group["lr"] = cfg.sft_lr * min(1.0, step / 20)
@@ -799,9 +810,11 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     return rollouts, masked
 
 
-def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int):
-    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details)."""
-    details = [rewards.reward_details(text, prompts[b // group_size].answer)
+def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
+                 thinking_open: bool = False):
+    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details). thinking_open:
+    the chat template opened <think> in the prompt (model.prompt_opens_thinking)."""
+    details = [rewards.reward_details(text, prompts[b // group_size].answer, thinking_open)
                for b, text in enumerate(rollouts.texts)]
     as_tensor = lambda key: torch.tensor([x[key] for x in details], dtype=torch.float32)
     return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")
@@ -822,7 +835,8 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
         seed = step_seed(cfg, step, d.rank, salt=draw)
         with autocast(cfg, d.device):
             rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed, need_masked)
-        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size)
+        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size,
+                                         qwen.prompt_opens_thinking(processor))
         advantages = papo.group_advantages(rewards, cfg.group_size)
         by_group = acc.view(-1, cfg.group_size)                              # [N, G]
         zero_var = (by_group == by_group[:, :1]).all(dim=1)                  # [N]
@@ -1109,7 +1123,7 @@ def unsharded_copy(policy, full_state: dict):
     architecture. Built on the meta device (no memory) and given the tensors themselves."""
     net = unwrap(policy)
     with torch.device("meta"):
-        plain = qwen.Qwen2_5_VLForConditionalGeneration._from_config(net.config)
+        plain = qwen.family_of(net).model_class._from_config(net.config)
     plain.load_state_dict(full_state, assign=True)
     plain.tie_weights()       # a tied lm_head is one tensor with embed_tokens again
     plain.generation_config = net.generation_config

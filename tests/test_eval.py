@@ -45,12 +45,16 @@ def test_evaluate_with_a_stub_policy_gives_exact_metrics(two_questions, monkeypa
         for p in prompts:
             question = p["messages"][0]["content"][-1]["text"].split("\n")[0]
             blind = np.asarray(p["images"][0]).max() == 0      # fully masked picture
-            texts += ["\\boxed{0}"] * num_samples if blind else fixed[question]
+            texts += ["\\boxed{0}"] * num_samples if blind else responses[question]
         mask = torch.ones(len(texts), 5)
         return SimpleNamespace(texts=texts, completion_mask=mask)
 
+    import model as qwen   # the processors only decide the format check (their chat template)
+    plain = qwen.build_tiny_model(size="tiny")[1]
+    thinking = qwen.build_tiny_model(size="tiny", family="qwen3-vl-thinking")[1]
     monkeypatch.setattr(evaluation.qwen, "generate_rollouts", fake_generate)
-    out = evaluation.evaluate(None, None, two_questions, samples=4, mask_ratios=(1.0,),
+    responses = fixed
+    out = evaluation.evaluate(None, plain, two_questions, samples=4, mask_ratios=(1.0,),
                               kl_ratio=None)
     assert out["accuracy"] == pytest.approx(3 / 8)
     assert out["pass@4"] == pytest.approx(1.0)
@@ -61,12 +65,19 @@ def test_evaluate_with_a_stub_policy_gives_exact_metrics(two_questions, monkeypa
     assert "decoy_rate" not in out                              # no decoys given: no column
     # decoys: question 1's shortcut says 4 (1 of its 4 samples gives it); question 2 has none, so
     # only question 1's samples count. A masked sample (\boxed{0}) never counts.
-    out = evaluation.evaluate(None, None, two_questions, samples=4, mask_ratios=(1.0,),
+    out = evaluation.evaluate(None, plain, two_questions, samples=4, mask_ratios=(1.0,),
                               kl_ratio=None, decoys=["4", None])
     assert out["decoy_rate"] == pytest.approx(1 / 4)
-    out = evaluation.evaluate(None, None, two_questions, samples=4, mask_ratios=(1.0,),
+    out = evaluation.evaluate(None, plain, two_questions, samples=4, mask_ratios=(1.0,),
                               kl_ratio=None, decoys=["5", "blue"])
     assert out["decoy_rate"] == pytest.approx(2 / 8)
+    # a Thinking template opened <think> in the prompt: the same answers without the opening
+    # tag are well formed for it, and for no other model
+    responses = {q: [t.removeprefix("<think>") for t in texts] for q, texts in fixed.items()}
+    for processor, expected in ((thinking, 6 / 8), (plain, 0.0)):
+        out = evaluation.evaluate(None, processor, two_questions, samples=4, mask_ratios=(1.0,),
+                                  kl_ratio=None)
+        assert out["format"] == pytest.approx(expected) and out["accuracy"] == pytest.approx(3 / 8)
 
 
 def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, tmp_path):

@@ -1,4 +1,5 @@
-"""Tests of model.py on the offline "tiny" Qwen2.5-VL.
+"""Tests of model.py on the offline "tiny" Qwen2.5-VL and Qwen3-VL (every test that takes the
+`tiny` fixture runs on both families).
 
 Oracles, not smoke tests: the fast log-prob path must equal generate's own logits and the naive
 full-vocabulary formula; micro-batching, gradient checkpointing and a save/load round trip must
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen_modeling
+from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_modeling
 
 import data
 import toy
@@ -26,10 +28,16 @@ MAX_NEW = 12
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = qwen.build_tiny_model(seed=0, size="tiny")
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
+def tiny(request):
+    model, processor = qwen.build_tiny_model(seed=0, size="tiny", family=request.param)
     return model, processor
+
+
+@pytest.fixture(scope="module")
+def tiny25():
+    """The tiny Qwen2.5-VL alone, for tests written in its 28-px token size."""
+    return qwen.build_tiny_model(seed=0, size="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +304,8 @@ def test_masked_image_changes_logprobs_not_shapes(tiny, prompts):
     ((28, 28), "RGB", False),       # under the budget: resized up to 56 x 56
     ((168, 168), "RGB", False),     # over the budget: resized down
 ])
-def test_resize_is_skipped_only_where_it_is_the_identity(tiny, size, mode, skips):
-    _, processor = tiny
+def test_resize_is_skipped_only_where_it_is_the_identity(tiny25, size, mode, skips):
+    _, processor = tiny25
     ip = processor.image_processor
     channels = len(mode)
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], channels), np.uint8)
@@ -310,8 +318,8 @@ def test_resize_is_skipped_only_where_it_is_the_identity(tiny, size, mode, skips
     assert torch.equal(ours["image_grid_thw"], stock["image_grid_thw"])
 
 
-def test_resize_is_kept_if_any_picture_needs_it(tiny):
-    ip = tiny[1].image_processor
+def test_resize_is_kept_if_any_picture_needs_it(tiny25):
+    ip = tiny25[1].image_processor
     aligned, other = Image.new("RGB", (112, 112)), Image.new("RGB", (100, 100))
     assert qwen.resize_kwargs(ip, [aligned, aligned]) == {"do_resize": False}
     assert qwen.resize_kwargs(ip, [aligned, other]) == {}
@@ -325,9 +333,10 @@ def test_presize_gives_the_processors_own_pixels_bit_for_bit(tiny, prompts):
     model, processor = tiny
     ip = processor.image_processor
     source = prompts[0]["images"][0]
-    odd = [source.resize(size) for size in [(300, 170), (97, 211), (40, 40), (112, 112)]]
+    own = qwen._processor_size(ip, 112, 112)        # a size the processor keeps as it is
+    odd = [source.resize(size) for size in [(300, 170), (97, 211), (40, 40), own]]
     resized = qwen.presize(ip, odd)
-    assert [im.size for im in resized][-1] == (112, 112) and resized[-1] is odd[-1]
+    assert resized[-1].size == own and resized[-1] is odd[-1]
     assert all(im.size != old.size for im, old in zip(resized[:3], odd[:3]))
     direct = ip(images=odd, return_tensors="pt")                      # the processor's resize
     ours = qwen.encode_images(processor, [odd], 1)
@@ -419,15 +428,24 @@ def shared_batch(tiny, prompts):
 
 @pytest.fixture
 def float64_norms(monkeypatch):
-    """Qwen's RMSNorm computes in float32 whatever the model's dtype (it upcasts from bf16), so
-    a float64 model is rounded to float32 at every norm, and two computations that group the
-    same arithmetic differently (a batch of another shape, a sum over a group's rows) can land
-    one float32 step apart. For comparisons at 1e-10 the norms keep float64 here; the formula
-    is the same."""
-    def forward(self, hidden_states):
+    """Qwen's RMSNorm computes in float32 whatever the model's dtype (it upcasts from bf16), and
+    so does the vision tower's rotary embedding; a float64 model is rounded to float32 there,
+    and two computations that group the same arithmetic differently (a batch of another shape,
+    a sum over a group's rows) can land one float32 step apart. For comparisons at 1e-10 both
+    keep float64 here, in both families; the formulas are the same."""
+    def norm(self, hidden_states):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-    monkeypatch.setattr(qwen_modeling.Qwen2_5_VLRMSNorm, "forward", forward)
+
+    def vision_rotary(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)
+        rotate = qwen3_modeling.rotate_half
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    monkeypatch.setattr(qwen_modeling.Qwen2_5_VLRMSNorm, "forward", norm)
+    monkeypatch.setattr(qwen3_modeling.Qwen3VLTextRMSNorm, "forward", norm)
+    for module in (qwen_modeling, qwen3_modeling):
+        monkeypatch.setattr(module, "apply_rotary_pos_emb_vision", vision_rotary)
 
 
 def _part(shared_batch, rows, branch):
@@ -689,12 +707,17 @@ def test_build_tiny_model_is_deterministic_per_seed():
 
 
 def test_tiny_processor_gives_16_tokens_for_112px_and_qwen_chat_format(tiny, prompts):
+    """16 tokens either way: Qwen2.5-VL keeps 112 px (4 x 4 tokens of 28 px), Qwen3-VL resizes to
+    128 px (4 x 4 tokens of 32 px). Only Qwen2.5-VL's template adds a default system turn."""
     model, processor = tiny
     text = processor.apply_chat_template(prompts[0]["messages"], add_generation_prompt=True,
                                          tokenize=False)
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                           "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>")
+    system = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+              if qwen.family_of(model).name == "qwen2.5-vl" else "")
+    assert text.startswith(system + "<|im_start|>user\n"
+                                    "<|vision_start|><|image_pad|><|vision_end|>")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert not qwen.prompt_opens_thinking(processor)
     r = qwen.generate_rollouts(model, processor, prompts[:1], num_samples=1, max_new_tokens=1)
     assert prompts[0]["images"][0].size == (112, 112)
     assert r.image_grid_thw.tolist() == [[1, 8, 8]]
@@ -769,26 +792,32 @@ def _resized_prompt(prompts):
             "images": [prompts[0]["images"][0].resize((150, 95))]}
 
 
+STOCK = {"qwen2.5-vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+         "qwen3-vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor")}
+
+
 def test_saved_processor_config_names_the_stock_classes(tiny, tmp_path):
-    from transformers import Qwen2_5_VLProcessor
     from transformers.models.auto.processing_auto import processor_class_from_name
-    _, processor = tiny
+    from transformers.models.auto.video_processing_auto import video_processor_class_from_name
+    model, processor = tiny
+    stock, stock_video = STOCK[qwen.family_of(model).name]
     qwen.save_processor(processor, tmp_path)
     config = json.loads((tmp_path / "processor_config.json").read_text())
     tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert config["processor_class"] == tokenizer_config["processor_class"] == "Qwen2_5_VLProcessor"
+    assert config["processor_class"] == tokenizer_config["processor_class"] == stock
     # AutoProcessor's own name lookup: the stock class for the saved name, nothing for ours
     # (which is why a plain save_pretrained folder gives a stock user only the tokenizer)
-    assert processor_class_from_name(config["processor_class"]) is Qwen2_5_VLProcessor
-    assert processor_class_from_name("QwenVLImageTextProcessor") is None
+    assert processor_class_from_name(config["processor_class"]).__name__ == stock
+    assert processor_class_from_name(type(processor).__name__) is None
     image, video = config["image_processor"], config["video_processor"]
-    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert video["video_processor_type"] == stock_video
+    assert video_processor_class_from_name(stock_video) is not None   # a name transformers knows
     for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
                 "size"):
         assert video[key] == image[key], key
-    tiny_size = qwen.SIZES["tiny"]
-    assert video["size"] == {"shortest_edge": tiny_size["min_pixels"],
-                             "longest_edge": tiny_size["max_pixels"]}
+    ip = processor.image_processor
+    assert video["size"] == {"shortest_edge": ip.size["shortest_edge"],
+                             "longest_edge": ip.size["longest_edge"]}
 
 
 @pytest.mark.parametrize("saver", ["save_processor", "plain save_pretrained (older folders)"])
@@ -802,8 +831,8 @@ def test_load_model_reads_saved_processor_with_pil_images_and_same_encoding(tiny
         qwen.save_processor(processor, tmp_path)
     else:
         processor.save_pretrained(tmp_path)
-    _, loaded = qwen.load_model(tmp_path)
-    assert type(loaded) is qwen.QwenVLImageTextProcessor
+    loaded_model, loaded = qwen.load_model(tmp_path)
+    assert type(loaded) is type(processor) and type(loaded_model) is type(model)
     assert type(loaded.image_processor) is Qwen2VLImageProcessorPil   # also with torchvision
     for prompt in (prompts[3], _resized_prompt(prompts)):
         want, got = _encode_one(processor, prompt), _encode_one(loaded, prompt)
@@ -813,21 +842,24 @@ def test_load_model_reads_saved_processor_with_pil_images_and_same_encoding(tiny
 
 def test_stock_autoprocessor_loads_the_full_processor_with_torchvision(tiny, prompts, tmp_path):
     """What a user with a normal GPU install gets: AutoProcessor on a saved checkpoint is the
-    stock Qwen2_5_VLProcessor, video processor included, and encodes as ours does (pixels only
-    close where a picture is resized: torchvision's bicubic differs slightly from PIL's)."""
+    stock Qwen2_5_VLProcessor / Qwen3VLProcessor, video processor included, and encodes as ours
+    does (pixels only close where a picture is resized: torchvision's bicubic differs slightly
+    from PIL's)."""
     pytest.importorskip("torchvision")
-    from transformers import AutoProcessor, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    _, processor = tiny
+    from transformers import AutoProcessor
+    model, processor = tiny
+    family = qwen.family_of(model).name
     qwen.save_processor(processor, tmp_path)
     stock = AutoProcessor.from_pretrained(tmp_path)
-    assert type(stock) is Qwen2_5_VLProcessor
-    assert isinstance(stock.video_processor, Qwen2VLVideoProcessor)
-    # the video processor got the image pixel budget, not its class default (>= 100,352 pixels
-    # per frame): a 2-frame 112 x 112 clip stays 112 x 112 -> one 8 x 8 grid of patch pairs
-    clip = np.zeros((2, 112, 112, 3), dtype=np.uint8)
-    video = stock.video_processor(videos=[clip], cap_pixels_per_frame=False, return_tensors="pt")
-    assert video["video_grid_thw"].tolist() == [[1, 8, 8]]
+    assert type(stock).__name__ == STOCK[family][0]
+    assert type(stock.video_processor).__name__ == STOCK[family][1]
+    if family == "qwen2.5-vl":
+        # the video processor got the image pixel budget, not its class default (>= 100,352
+        # pixels per frame): a 2-frame 112 x 112 clip stays 112 x 112 -> one 8 x 8 grid
+        clip = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+        video = stock.video_processor(videos=[clip], cap_pixels_per_frame=False,
+                                      return_tensors="pt")
+        assert video["video_grid_thw"].tolist() == [[1, 8, 8]]
     for prompt, atol in ((prompts[3], 1e-5), (_resized_prompt(prompts), 0.1)):
         want, got = _encode_one(processor, prompt), _encode_one(stock, prompt)
         assert torch.equal(got["input_ids"], want["input_ids"])

@@ -141,6 +141,28 @@ def test_format_reward_equals_the_official_regex_on_random_strings():
     assert matched > 300  # the random strings do reach both verdicts (428 of 20000 match)
 
 
+OFFICIAL_QWEN3_FORMAT = re.compile(r".*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+
+
+def test_format_reward_after_an_opened_think_equals_the_official_qwen3_regex():
+    """A Thinking model's prompt opens <think>, so its responses start inside the block: the
+    official Qwen3 check asks only for </think>, then a box. Same random strings, both verdicts;
+    the Qwen2.5 check (no thinking_open) refuses the responses that lack the opening tag."""
+    matched = 0
+    for s in random_strings(20000, seed=2):
+        tidy = rewards.tidy_response(s).strip()
+        expected = 1.0 if OFFICIAL_QWEN3_FORMAT.fullmatch(tidy) else 0.0
+        assert rewards.format_reward(s, thinking_open=True) == expected, repr(s)
+        matched += expected == 1.0
+    assert matched > 600
+    inside = "I count 3 shapes.</think> \\boxed{3}"
+    assert rewards.format_reward(inside, thinking_open=True) == 1.0
+    assert rewards.format_reward(inside) == 0.0
+    assert rewards.reward_details(inside, "3", thinking_open=True) == {
+        "reward": 1.0, "accuracy": 1.0, "format": 1.0}
+    assert rewards.format_reward("I count 3 shapes. \\boxed{3}", thinking_open=True) == 0.0
+
+
 def test_tidy_response_equals_the_official_regex_on_random_strings():
     for s in random_strings(20000, seed=1):
         assert rewards.tidy_response(s) == re.sub(r"\s*([<>/])\s*", r"\1", s), repr(s)

@@ -247,7 +247,7 @@ def test_dynamic_sampling_drops_groups_whose_rollouts_all_agree(tmp_path, monkey
         tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--max-draws", "2")
     calls = []
 
-    def fake_rewards(rollouts, prompts, group_size):
+    def fake_rewards(rollouts, prompts, group_size, thinking_open):
         # groups 0 and 2 of every draw: all wrong / all right (no signal); 1 and 3: mixed
         calls.append(len(rollouts))
         acc = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]],
@@ -266,7 +266,7 @@ def test_dynamic_sampling_drops_groups_whose_rollouts_all_agree(tmp_path, monkey
 
 def test_without_dynamic_sampling_nothing_is_dropped(tmp_path, monkeypatch):
     cfg, d, examples, policy, processor = _tiny_batch(tmp_path, "--preset", "grpo")
-    monkeypatch.setattr(train, "reward_phase", lambda r, p, g: (torch.zeros(len(r)),) * 3)
+    monkeypatch.setattr(train, "reward_phase", lambda r, p, g, t: (torch.zeros(len(r)),) * 3)
     batch, cursor, stats = train.collect_batch(policy, processor, examples, cfg, d, step=1,
                                                cursor=0, need_masked=False)
     assert len(batch.rollouts) == 16 and stats["zero_var_groups"] == 4 and cursor == 4

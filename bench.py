@@ -70,7 +70,7 @@ MIB = 2 ** 20
 # 1. The models: model.py's offline sizes, and the Qwen2.5-VL-3B shape with random weights
 # ---------------------------------------------------------------------------------------------
 
-# Qwen2.5-VL-3B-Instruct in model.SIZES' shorthand (model.py derives head_dim and the mrope split,
+# Qwen2.5-VL-3B-Instruct in toy.SIZES' shorthand (toy.py derives head_dim and the mrope split,
 # [16, 24, 24] here). Random weights: a forward's work does not depend on what they know. Toy
 # pictures of 448 px stay unscaled: 32 x 32 patches, 256 image tokens.
 QWEN_3B = dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vocab=151_936,
@@ -83,7 +83,7 @@ SHAPES = {"3b": QWEN_3B,   # 3b-mini: the same structure, tiny widths (the 3B co
                           image_size=112)}
 # Target 2: tiny widths and Qwen's vocabulary, so that logits dominate memory as in the real
 # model (1,024 positions x 151,936 x 4 bytes = 594 MiB per copy).
-LOGPROB_SHAPE = {**QWEN_3B, **qwen.SIZES["tiny"], "vocab": 151_936, "fullatt_blocks": [1],
+LOGPROB_SHAPE = {**QWEN_3B, **toy.SIZES["tiny"], "vocab": 151_936, "fullatt_blocks": [1],
                  "image_size": 112}
 
 
@@ -91,12 +91,12 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
     """A random Qwen2.5-VL of `shape` and a processor: the tiny tokenizer (the ids above its 400
     that a random model samples decode to nothing) and an image processor that keeps pictures
     of up to shape["image_size"] px square unscaled."""
-    tokenizer = qwen.build_tokenizer(qwen.SIZES["tiny"]["vocab"])
+    tokenizer = toy.build_tokenizer(toy.SIZES["tiny"]["vocab"])
     token = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(qwen._text_config(shape, tokenizer), vocab_size=shape["vocab"],
+        text_config=dict(toy._text_config(shape, tokenizer), vocab_size=shape["vocab"],
                          rms_norm_eps=1e-6, max_position_embeddings=128_000),
-        vision_config=dict(qwen._vision_config(shape),
+        vision_config=dict(toy._vision_config(shape),
                            fullatt_block_indexes=shape["fullatt_blocks"]),
         image_token_id=token(qwen.IMAGE_PAD), video_token_id=token(qwen.VIDEO_PAD),
         vision_start_token_id=token(qwen.VISION_START), vision_end_token_id=token(qwen.VISION_END),
@@ -104,13 +104,13 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
     torch.manual_seed(seed)
     with torch.device(device):   # built in place, in its dtype: not 15 GB of float32 on a CPU
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    qwen._fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
+    qwen.fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
     side = shape["image_size"]
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side,
                                       patch_size=shape["patch"], merge_size=shape["merge"],
                                       temporal_patch_size=shape["temporal_patch"])
     return model, qwen.QwenVLImageTextProcessor(image_processor=images, tokenizer=tokenizer,
-                                                chat_template=qwen.CHAT_TEMPLATE)
+                                                chat_template=toy.CHAT_TEMPLATE)
 
 
 def build_model(name: str, *, seed: int, dtype: torch.dtype, device: torch.device):
@@ -118,9 +118,9 @@ def build_model(name: str, *, seed: int, dtype: torch.dtype, device: torch.devic
     if name in SHAPES:
         return (*build_shaped_model(SHAPES[name], seed=seed, dtype=dtype, device=device),
                 SHAPES[name]["image_size"])
-    model, processor = qwen.build_tiny_model(seed=seed, size=name)
+    model, processor = toy.build_tiny_model(seed=seed, size=name)
     return (model.to(device=device, dtype=dtype), processor,
-            int(qwen.SIZES[name]["max_pixels"] ** 0.5))
+            int(toy.SIZES[name]["max_pixels"] ** 0.5))
 
 
 def set_checkpointing(net, on: bool) -> None:
@@ -667,7 +667,7 @@ DEFAULTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="defaults: " +
                                 "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()))
-    p.add_argument("--sizes", default="tiny,small", help="offline sizes (model.SIZES): a,b")
+    p.add_argument("--sizes", default="tiny,small", help="offline sizes (toy.SIZES): a,b")
     p.add_argument("--shape", choices=list(SHAPES), help="instead of --sizes: 3b = Qwen2.5-VL-"
                    "3B's architecture (a GPU), 3b-mini = the same with tiny widths (a CPU)")
     for flag, what in (("prompts", "prompts per step"), ("group-size", "G, rollouts per prompt"),
@@ -696,8 +696,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
     args.models = [args.shape] if args.shape else [m for m in args.sizes.split(",") if m]
-    if unknown := [m for m in args.models if m not in {*qwen.SIZES, *SHAPES}]:
-        p.error(f"--sizes: unknown {unknown}; choose from {list(qwen.SIZES)}")
+    if unknown := [m for m in args.models if m not in {*toy.SIZES, *SHAPES}]:
+        p.error(f"--sizes: unknown {unknown}; choose from {list(toy.SIZES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here (--shape 3b-mini runs the 3B code "
                 "path on a CPU)")

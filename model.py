@@ -1,25 +1,28 @@
 """model.py - everything in this project that knows about Hugging Face transformers.
 
 The RL math (papo.py) sees only tensors: per-token log-probs, masks, advantages. This module
-turns a Qwen2.5-VL model and its processor into exactly those tensors, and it is the only place
-that has to know the model's quirks. Read it top to bottom:
+turns a Qwen2.5-VL or Qwen3-VL model and its processor into exactly those tensors, and it is the
+only place that has to know the models' quirks. Read it top to bottom:
 
-  1. Loading     load_model: a hub id or a saved folder, no torchvision; save_processor writes
-                 folders that stock AutoProcessor (with torchvision) loads in full.
-  2. Offline     SIZES, build_tiny_model: a randomly initialised Qwen2.5-VL of the real class,
-                 with a tokenizer trained locally, so the whole method runs with no network.
-  3. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
-  4. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
-  5. Sampling    generate_rollouts: HF `generate` continuing from a cache filled once per
+  1. Loading     FAMILIES: what differs between Qwen2.5-VL and Qwen3-VL, in one place;
+                 load_model: a hub id or a saved folder of either family, no torchvision;
+                 save_processor writes folders that stock AutoProcessor (with torchvision)
+                 loads in full.
+  2. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
+  3. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
+  4. Sampling    generate_rollouts: HF `generate` continuing from a cache filled once per
                  prompt; completion masks from the FIRST end token.
-  6. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token,
+  5. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token,
                  without ever holding [batch, length, vocabulary] logits in memory, each
                  distinct prompt and picture read once.
-  7. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
+  6. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
+
+The offline tiny model (the same classes, random weights, a tokenizer trained locally) is built
+in toy.py, next to the toy task it learns.
 
 Shapes in comments: B rollouts (= N prompts x G samples, group-major: row b = prompt * G + g),
-P prompt length, T completion length, V vocabulary, H hidden size, D = 3 x 2 x 14 x 14 = 1176
-numbers per image patch row.
+P prompt length, T completion length, V vocabulary, H hidden size, D numbers per image patch row
+(3 x 2 x 14 x 14 = 1176 for Qwen2.5-VL, 3 x 2 x 16 x 16 = 1536 for Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import ProcessorMixin
 
 # ---------------------------------------------------------------------------------------------
-# 1. Loading Qwen2.5-VL
+# 1. Loading Qwen2.5-VL and Qwen3-VL
 # ---------------------------------------------------------------------------------------------
 
 # Qwen's special tokens. The tiny model's tokenizer uses the same strings, so every piece of code
@@ -150,6 +153,22 @@ def family_of(thing) -> Family:
         raise ValueError(f"{model_type!r} is not a supported model family; supported: "
                          + ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES.values()))
     return FAMILIES[model_type]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_opens_thinking(processor) -> bool:
+    """Whether the chat template's generation prompt opens a <think> block that it leaves open
+    (Qwen3-VL-Thinking), so that a response starts INSIDE the thinking and has no opening tag.
+
+    Decided by rendering the template, not by a name or a flag: what the model sees is what
+    counts. The format reward reads this (rewards.format_reward(..., thinking_open=...))."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    opening = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    closed = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    added = opening.removeprefix(closed)        # what add_generation_prompt appends
+    return added.rfind(THINK_OPEN) > added.rfind(THINK_CLOSE)
 
 
 # The image processor settings that a video processor shares (same vision tower, same patching,
@@ -367,7 +386,7 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = family.model_class.from_pretrained(source, **kwargs)
-    _fill_generation_config(model, processor.tokenizer)
+    fill_generation_config(model, processor.tokenizer)
 
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -386,7 +405,7 @@ def _enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _fill_generation_config(model, tokenizer) -> None:
+def fill_generation_config(model, tokenizer) -> None:
     """End-of-turn ids and the pad id that `generate` needs (and that save_pretrained writes).
 
     Qwen's own generation_config.json already lists [<|im_end|>, <|endoftext|>] as EOS and
@@ -404,214 +423,7 @@ def _fill_generation_config(model, tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The offline tiny model
-# ---------------------------------------------------------------------------------------------
-
-# One place for every model size this project builds offline. The names are shorthands for the
-# knobs of the families' configs; head_dim = hidden / heads and the mrope split are derived from
-# them (_text_config). For scale, Qwen2.5-VL-3B: text hidden 2048, 36 layers, 16 heads, 2 KV
-# heads, intermediate 11008; vision hidden 1280, depth 32, 16 heads, intermediate 3420; vocab
-# 151,936; patch 14, merge 2, temporal patch 2, tied embeddings. Qwen3-VL-2B: text hidden 2048,
-# 28 layers, 16 heads, 8 KV heads, head_dim 128, intermediate 6144; vision hidden 1024, depth 24,
-# 16 heads, intermediate 4096, patch 16, DeepStack from vision blocks 5, 11, 17; tied embeddings.
-SIZES = {
-    # for the tests: as small and fast as the architecture allows
-    "tiny": dict(
-        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-        vision_hidden=64, vision_depth=2, vision_heads=4, vision_intermediate=128,
-        patch=14, merge=2, temporal_patch=2,
-        tie_embeddings=True,
-        vocab=400,                                 # target size of the BPE tokenizer
-        min_pixels=56 * 56, max_pixels=112 * 112,  # image area range: 112x112 -> 16 tokens
-    ),
-    # the default demo: the configuration the offline toy-task probe trained successfully
-    "small": dict(
-        hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384,
-        vision_hidden=64, vision_depth=2, vision_heads=4, vision_intermediate=256,
-        patch=14, merge=2, temporal_patch=2,
-        tie_embeddings=True,
-        vocab=400,
-        min_pixels=56 * 56, max_pixels=112 * 112,
-    ),
-}
-
-# What a tiny Qwen3-VL changes in a SIZES entry: 16-px patches, so a token covers 32 px and the
-# toy's 112-px pictures become 128 px (still 4 x 4 = 16 tokens); the vision tower's learned
-# position table (an 8 x 8 grid, interpolated for other sizes as in the real model); DeepStack
-# from its first block into the first decoder layer.
-QWEN3_TINY = dict(patch=16, min_pixels=64 * 64, max_pixels=128 * 128, position_grid=64,
-                  deepstack=[0])
-
-# --tiny-family: the families build_tiny_model can build; "-thinking" selects the chat template
-# of the Thinking models (its generation prompt opens <think>).
-TINY_FAMILIES = ("qwen2.5-vl", "qwen3-vl", "qwen3-vl-thinking")
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def _chat_template(default_system: str | None, generation_prompt: str) -> str:
-    """A Qwen chat format as a Jinja template (what processor.apply_chat_template renders).
-
-    Each message becomes  <|im_start|>{role}\n{content}<|im_end|>\n ; every {"type": "image"}
-    entry of a content list becomes <|vision_start|><|image_pad|><|vision_end|> (the processor
-    later repeats <|image_pad|> once per image token), and add_generation_prompt opens the
-    assistant turn. Qwen2.5-VL adds a default system turn to a conversation without one, Qwen3-VL
-    does not; Qwen3-VL-Thinking's generation prompt also opens the thinking block. Built by
-    string concatenation so that no stray template whitespace reaches the prompt."""
-    system = ("{% if loop.first and message['role'] != 'system' %}"
-              "<|im_start|>system\n" + default_system + "<|im_end|>\n"
-              "{% endif %}") if default_system else ""
-    return ("{% for message in messages %}" + system +
-            "<|im_start|>{{ message['role'] }}\n"
-            "{% if message['content'] is string %}{{ message['content'] }}"
-            "{% else %}{% for part in message['content'] %}"
-            "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-            "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-            "{% endif %}{% endfor %}{% endif %}"
-            "<|im_end|>\n"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}" + generation_prompt + "{% endif %}")
-
-
-CHAT_TEMPLATE = _chat_template(DEFAULT_SYSTEM_PROMPT, "<|im_start|>assistant\n")   # Qwen2.5-VL
-QWEN3_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n")
-QWEN3_THINKING_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n" + THINK_OPEN + "\n")
-
-
-def prompt_opens_thinking(processor) -> bool:
-    """Whether the chat template's generation prompt opens a <think> block that it leaves open
-    (Qwen3-VL-Thinking), so that a response starts INSIDE the thinking and has no opening tag.
-
-    Decided by rendering the template, not by a name or a flag: what the model sees is what
-    counts. The format reward reads this (rewards.format_reward(..., thinking_open=...))."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
-    opening = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    closed = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    added = opening.removeprefix(closed)        # what add_generation_prompt appends
-    return added.rfind(THINK_OPEN) > added.rfind(THINK_CLOSE)
-
-
-def build_tokenizer(vocab_size: int = 400, extra_tokens=()) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained here, on toy.tokenizer_corpus(), in well under a second.
-
-    Byte-level: any string can be encoded (unknown characters fall back to bytes), so prompts and
-    answers never hit an <unk>. Qwen's special tokens get ids 0..6 and are never split.
-    extra_tokens: ordinary (not special) tokens added whole, as Qwen3's <think> and </think>:
-    never split, and kept by decode(skip_special_tokens=True)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    import toy  # imported here: only the offline model needs the toy corpus
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(toy.tokenizer_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=IM_END, pad_token=ENDOFTEXT,
-        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def _mrope_section(head_dim: int, family: str = "qwen2.5-vl") -> list[int]:
-    """Split of the rotary frequencies between (time, height, width) positions; the parts must
-    sum to head_dim // 2, or the first forward fails.
-
-    Qwen2.5-VL: [16, 24, 24] for head_dim 128 - a quarter for time, the rest shared by height and
-    width, in three consecutive blocks. head_dim 32 -> [4, 6, 6]; head_dim 16 -> [2, 3, 3].
-    Qwen3-VL: [24, 20, 20] for head_dim 128, INTERLEAVED (frequency i goes to height if i % 3 == 1,
-    to width if i % 3 == 2, up to 3 x the section; the rest to time). head_dim 16 -> [4, 2, 2]."""
-    half = head_dim // 2
-    if family.startswith("qwen3"):
-        h = half * 5 // 16
-        return [half - 2 * h, h, h]
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def _text_config(s: dict, tokenizer, family: str = "qwen2.5-vl") -> dict:
-    head_dim = s["hidden"] // s["heads"]
-    qwen3 = family.startswith("qwen3")
-    rope = {"rope_type": "default", "rope_theta": 5_000_000.0 if qwen3 else 1_000_000.0,
-            "mrope_section": _mrope_section(head_dim, family)}
-    if qwen3:
-        rope["mrope_interleaved"] = True
-    return dict(
-        vocab_size=len(tokenizer), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        intermediate_size=s["intermediate"], max_position_embeddings=4096,
-        rope_parameters=rope, **({"head_dim": head_dim} if qwen3 else {}),
-        bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        # pad_token_id stays None: otherwise nn.Embedding would zero and freeze the pad row,
-        # and <|endoftext|> is also an end-of-sequence token the model must learn to embed.
-    )
-
-
-def _vision_config(s: dict, family: str = "qwen2.5-vl") -> dict:
-    common = dict(
-        depth=s["vision_depth"], hidden_size=s["vision_hidden"], num_heads=s["vision_heads"],
-        intermediate_size=s["vision_intermediate"], out_hidden_size=s["hidden"],
-        patch_size=s["patch"], spatial_merge_size=s["merge"],
-        temporal_patch_size=s["temporal_patch"])
-    if family.startswith("qwen3"):
-        return dict(common, num_position_embeddings=s["position_grid"],
-                    deepstack_visual_indexes=s["deepstack"])
-    # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only the
-    # last one attend over the whole image (as the real model's last block does).
-    return dict(common, fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112)
-
-
-def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-vl"):
-    """A randomly initialised Qwen-VL model of the real class and its processor, offline.
-
-    family: one of TINY_FAMILIES - Qwen2_5_VLForConditionalGeneration, or
-        Qwen3VLForConditionalGeneration with the Instruct or the Thinking chat template.
-    Same class, same forward, same generate as the real model - only smaller (see SIZES). The
-    weights depend only on `seed` (and the family); the tokenizer (trained on the toy corpus)
-    only on the corpus. The caller's random number generator state is left untouched."""
-    if size not in SIZES:
-        raise ValueError(f"build_tiny_model: unknown size {size!r}; choose from {list(SIZES)}")
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"build_tiny_model: unknown family {family!r}; choose from "
-                         f"{list(TINY_FAMILIES)}")
-    qwen3 = family.startswith("qwen3")
-    s = dict(SIZES[size], **(QWEN3_TINY if qwen3 else {}))
-    tokenizer = build_tokenizer(s["vocab"], extra_tokens=(THINK_OPEN, THINK_CLOSE) if qwen3 else ())
-    kind = FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
-    config = kind.config_class(
-        text_config=_text_config(s, tokenizer, family), vision_config=_vision_config(s, family),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_PAD),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
-        tie_word_embeddings=s["tie_embeddings"])
-    with torch.random.fork_rng(devices=[]):      # weights from `seed`, caller's RNG unchanged
-        torch.manual_seed(seed)
-        model = kind.model_class(config)
-    model.generation_config = GenerationConfig()
-    _fill_generation_config(model, tokenizer)
-
-    # Qwen3-VL normalises pixels with mean = std = 0.5; Qwen2.5-VL with CLIP's (the default)
-    normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if qwen3 else {}
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=s["min_pixels"], max_pixels=s["max_pixels"], patch_size=s["patch"],
-        temporal_patch_size=s["temporal_patch"], merge_size=s["merge"], **normalise)
-    template = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_CHAT_TEMPLATE,
-                "qwen3-vl-thinking": QWEN3_THINKING_CHAT_TEMPLATE}[family]
-    tokenizer.chat_template = template
-    processor = kind.processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                     chat_template=template)
-    return model, processor
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Rollouts
+# 2. Rollouts
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -729,7 +541,7 @@ def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Encoding prompts and images
+# 3. Encoding prompts and images
 # ---------------------------------------------------------------------------------------------
 
 def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], num_samples: int):
@@ -915,7 +727,7 @@ def rotary_positions(net, input_ids, attention_mask, mm_token_type_ids, image_gr
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Sampling rollouts
+# 4. Sampling rollouts
 # ---------------------------------------------------------------------------------------------
 
 def _eos_ids(model) -> list[int]:
@@ -1053,7 +865,7 @@ def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Scoring: per-token log-probs (and entropies) of the completions
+# 5. Scoring: per-token log-probs (and entropies) of the completions
 # ---------------------------------------------------------------------------------------------
 #
 # Memory is the whole story here. With Qwen's vocabulary of 151,936 tokens, the logits of one
@@ -1374,7 +1186,7 @@ def naive_completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Given answers as Rollouts (supervised warm start, evaluation of reference answers)
+# 6. Given answers as Rollouts (supervised warm start, evaluation of reference answers)
 # ---------------------------------------------------------------------------------------------
 
 def rollouts_from_texts(processor, prompts: list[dict], texts: list[str]) -> Rollouts:

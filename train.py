@@ -209,8 +209,8 @@ class Config:
                              "without the picture moves. The last step's is the final evaluation.")
 
     # --- the offline default (used only when --model is empty) -------------------------------
-    tiny_size: str = arg("small", "Size of the offline model (model.SIZES).")
-    tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (model.TINY_FAMILIES): "
+    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).")
+    tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (toy.TINY_FAMILIES): "
                                          "qwen2.5-vl, qwen3-vl, or qwen3-vl-thinking (Qwen3-VL "
                                          "with the Thinking models' chat template, whose prompt "
                                          "opens <think>).")
@@ -375,8 +375,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("eval_samples", lambda v: v >= 1, ">= 1"),
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("tiny_size", lambda v: v in qwen.SIZES, "one of " + ", ".join(qwen.SIZES)),
-    ("tiny_family", lambda v: v in qwen.TINY_FAMILIES, "one of " + ", ".join(qwen.TINY_FAMILIES)),
+    ("tiny_size", lambda v: v in toy.SIZES, "one of " + ", ".join(toy.SIZES)),
+    ("tiny_family", lambda v: v in toy.TINY_FAMILIES, "one of " + ", ".join(toy.TINY_FAMILIES)),
     ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
     ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
@@ -704,7 +704,7 @@ def warm_start(cfg: Config, d: Dist, train: data.Dataset) -> Path:
     path = warm_start_path(cfg)
     if d.main and not (path / "config.json").is_file():
         seed_everything(cfg.seed)
-        policy, processor = qwen.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size,
+        policy, processor = toy.build_tiny_model(seed=cfg.seed, size=cfg.tiny_size,
                                                   family=cfg.tiny_family)
         # A Thinking template's prompt already opens <think>: the target starts inside it.
         opened = qwen.prompt_opens_thinking(processor)

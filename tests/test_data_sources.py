@@ -39,6 +39,7 @@ from PIL import Image
 
 import data
 import model
+import toy
 import papo
 
 # The instruction of the official PAPO recipe, written out by hand as the oracle: the released
@@ -81,7 +82,7 @@ def offline_tmp_cache(tmp_path, monkeypatch):
 def processor():
     """The tiny Qwen2.5-VL processor (the real processor class, small pixel budget: 112 x 112
     -> 16 image tokens). Built once: it trains a tokenizer and builds a model (a few seconds)."""
-    return model.build_tiny_model()[1]
+    return toy.build_tiny_model()[1]
 
 
 def noise(width: int, height: int, seed: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import toy
 
 
 def test_avg_and_pass_at_k_closed_form():
@@ -49,9 +50,9 @@ def test_evaluate_with_a_stub_policy_gives_exact_metrics(two_questions, monkeypa
         mask = torch.ones(len(texts), 5)
         return SimpleNamespace(texts=texts, completion_mask=mask)
 
-    import model as qwen   # the processors only decide the format check (their chat template)
-    plain = qwen.build_tiny_model(size="tiny")[1]
-    thinking = qwen.build_tiny_model(size="tiny", family="qwen3-vl-thinking")[1]
+    # the processors only decide the format check (their chat template)
+    plain = toy.build_tiny_model(size="tiny")[1]
+    thinking = toy.build_tiny_model(size="tiny", family="qwen3-vl-thinking")[1]
     monkeypatch.setattr(evaluation.qwen, "generate_rollouts", fake_generate)
     responses = fixed
     out = evaluation.evaluate(None, plain, two_questions, samples=4, mask_ratios=(1.0,),
@@ -83,7 +84,7 @@ def test_evaluate_with_a_stub_policy_gives_exact_metrics(two_questions, monkeypa
 def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, tmp_path):
     """Smoke test of the command line on a saved tiny model: the JSON has every field."""
     import model as qwen
-    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     policy.save_pretrained(tmp_path / "ckpt"); qwen.save_processor(processor, tmp_path / "ckpt")
     out = tmp_path / "res.json"
     evaluation.main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "q.jsonl"),
@@ -356,7 +357,7 @@ def test_suite_cli_scores_sharegpt_files_and_reports_the_missing_ones(tmp_path, 
         (tmp_path / "suite" / name).write_text(json.dumps(rows))
     models = []
     for seed in (0, 1):
-        policy, processor = qwen.build_tiny_model(seed=seed, size="tiny")
+        policy, processor = toy.build_tiny_model(seed=seed, size="tiny")
         policy.save_pretrained(tmp_path / f"m{seed}"); qwen.save_processor(processor, tmp_path / f"m{seed}")
         models += ["--model", str(tmp_path / f"m{seed}")]
     out = tmp_path / "suite.json"

@@ -19,6 +19,7 @@ from PIL import Image
 import data
 import eval as evaluation
 import model as qwen
+import toy
 import train
 from test_train import tiny_args
 
@@ -108,7 +109,7 @@ def test_resume_with_a_different_out_is_refused(tmp_path):
 @pytest.fixture
 def checkpoint_and_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evalmisuse")
-    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     policy.save_pretrained(folder / "ckpt")
     qwen.save_processor(processor, folder / "ckpt")
     Image.new("RGB", (56, 56), (200, 10, 10)).save(folder / "a.png")

@@ -30,14 +30,14 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
 def tiny(request):
-    model, processor = qwen.build_tiny_model(seed=0, size="tiny", family=request.param)
+    model, processor = toy.build_tiny_model(seed=0, size="tiny", family=request.param)
     return model, processor
 
 
 @pytest.fixture(scope="module")
 def tiny25():
     """The tiny Qwen2.5-VL alone, for tests written in its 28-px token size."""
-    return qwen.build_tiny_model(seed=0, size="tiny")
+    return toy.build_tiny_model(seed=0, size="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -689,10 +689,10 @@ def test_build_tiny_model_is_deterministic_per_seed():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a, pa = qwen.build_tiny_model(seed=3)
+    a, pa = toy.build_tiny_model(seed=3)
     assert torch.equal(torch.rand(1), before)        # the caller's random stream is untouched
-    b, pb = qwen.build_tiny_model(seed=3)
-    c, _ = qwen.build_tiny_model(seed=4)
+    b, pb = toy.build_tiny_model(seed=3)
+    c, _ = toy.build_tiny_model(seed=4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])

@@ -448,8 +448,8 @@ print((after - before) * 1024, time.perf_counter() - start)
 def test_chat_tokens_are_real_control_tokens_of_the_tokenizer():
     # Why they are refused: the tokenizer maps each string to its single control id wherever
     # it stands, so "<|im_end|>" in a question really ends the user turn.
-    import model
-    tokenizer = model.build_tokenizer()
+    import toy
+    tokenizer = toy.build_tokenizer()
     for token in data.CHAT_TOKENS:
         ids = tokenizer("a" + token + "b", add_special_tokens=False).input_ids
         assert tokenizer.convert_tokens_to_ids(token) in ids, token

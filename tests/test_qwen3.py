@@ -28,11 +28,11 @@ from test_train import last_checkpoint, params, tiny_args
 # ---------------------------------------------------------------------------------------------
 
 def test_thinking_is_read_from_the_chat_template():
-    opens = {family: qwen.prompt_opens_thinking(qwen.build_tiny_model(size="tiny", family=family)[1])
-             for family in qwen.TINY_FAMILIES}
+    opens = {family: qwen.prompt_opens_thinking(toy.build_tiny_model(size="tiny", family=family)[1])
+             for family in toy.TINY_FAMILIES}
     assert opens == {"qwen2.5-vl": False, "qwen3-vl": False, "qwen3-vl-thinking": True}
 
-    _, processor = qwen.build_tiny_model(size="tiny", family="qwen3-vl-thinking")
+    _, processor = toy.build_tiny_model(size="tiny", family="qwen3-vl-thinking")
     prompt = toy.toy_example(np.random.default_rng(0)).to_prompt()
     text = processor.apply_chat_template(prompt["messages"], add_generation_prompt=True,
                                          tokenize=False)
@@ -46,7 +46,7 @@ def test_thinking_is_read_from_the_chat_template():
 
     # a template that opens AND closes the block in the generation prompt (Qwen3's way of
     # switching thinking off) leaves the response outside it
-    processor.chat_template = qwen.QWEN3_CHAT_TEMPLATE.replace(
+    processor.chat_template = toy.QWEN3_CHAT_TEMPLATE.replace(
         "<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not qwen.prompt_opens_thinking(processor)
 
@@ -59,7 +59,7 @@ def test_deepstack_features_of_a_repeated_picture_are_one_tensor_and_the_towers_
     """Qwen3-VL's vision tower also hands features of some of its layers to the first decoder
     layers. Encoding each picture once must share those too: the rows of a group get the SAME
     tensor (so their gradients add up in the backward), with the tower's own values."""
-    model, processor = qwen.build_tiny_model(size="tiny", family="qwen3-vl")
+    model, processor = toy.build_tiny_model(size="tiny", family="qwen3-vl")
     assert list(model.config.vision_config.deepstack_visual_indexes) == [0]
     rng = np.random.default_rng(0)
     a, b = (toy.toy_example(rng).load_images()[0] for _ in range(2))
@@ -156,7 +156,7 @@ def _foreign_qwen3_folder(folder):
     one KV head, untied embeddings, DeepStack from 2 of 3 vision blocks, a 12 x 12 position
     table; preprocessor_config.json naming the torchvision image processor, the chat template in
     chat_template.json, and the sampling defaults the hub ships in generation_config.json."""
-    tok = qwen.build_tokenizer(400, extra_tokens=("<think>", "</think>"))
+    tok = toy.build_tokenizer(400, extra_tokens=("<think>", "</think>"))
     ids = tok.convert_tokens_to_ids
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3,

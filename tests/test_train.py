@@ -238,7 +238,7 @@ def _tiny_batch(tmp_path, *extra):
     d = train.Dist()
     train.prepare_toy_data(cfg, d)
     examples, _ = train.load_datasets(cfg, d)
-    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     return cfg, d, examples, policy, processor
 
 
@@ -368,7 +368,7 @@ def _toy_parquet(path: Path, n: int, long_rows: int = 0) -> Path:
 
 def _real_model_args(tmp_path: Path, data_file: Path, *extra: str) -> list[str]:
     """--model given: the official recipe's defaults apply, so the test shrinks them by flag."""
-    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     policy.save_pretrained(tmp_path / "base")
     qwen.save_processor(processor, tmp_path / "base")
     return ["--model", str(tmp_path / "base"), "--data", str(data_file),
@@ -689,7 +689,7 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     examples, heldout = train.load_datasets(cfg, d)
     assert examples[0].masked_images == [tmp_path / "p0_masked.png"]
     assert heldout["held-out"][0].masked_images is None
-    policy, processor = qwen.build_tiny_model(seed=0, size="tiny")
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     prompts = [examples[0], examples[1]]
     rollouts, masked = train.generate_phase(policy, processor, prompts, cfg, seed=3,
                                             need_masked=True)

@@ -110,9 +110,10 @@ class Qwen3VLImageTextProcessor(_ImagesOnly, Qwen3VLProcessor):
 #                    32 px. Always read from the processor or config, never assumed (the PAPO
 #                    mask keeps its 14-px squares on both, as the official Qwen3-VL branch does).
 #   normalisation    CLIP mean / std vs 0.5 / 0.5: stored in the processor's own config.
-#   3-D positions    both give image tokens (time, row, column) positions; after a picture,
-#                    text continues from a slightly different number -> always the model's own
-#                    get_rope_index (rotary_positions)
+#   3-D positions    both give image tokens (time, row, column) positions, by the same rule
+#                    for pictures (videos differ); Qwen3-VL interleaves the three among the
+#                    rotary frequencies instead of giving each a block - inside the model. Here
+#                    positions come only from the model's own get_rope_index (rotary_positions)
 #   vision features  Qwen3-VL (DeepStack) also adds features of a few vision layers to the
 #                    first decoder layers' hidden states at the image tokens
 #                                                      -> _encode_each_picture_once carries them

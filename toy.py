@@ -462,7 +462,8 @@ def _chat_template(default_system: str | None, generation_prompt: str) -> str:
 
 CHAT_TEMPLATE = _chat_template(DEFAULT_SYSTEM_PROMPT, "<|im_start|>assistant\n")   # Qwen2.5-VL
 QWEN3_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n")
-QWEN3_THINKING_CHAT_TEMPLATE = _chat_template(None, "<|im_start|>assistant\n" + qwen.THINK_OPEN + "\n")
+QWEN3_THINKING_CHAT_TEMPLATE = _chat_template(None,
+                                              "<|im_start|>assistant\n" + qwen.THINK_OPEN + "\n")
 
 
 def build_tokenizer(vocab_size: int = 400, extra_tokens=()) -> PreTrainedTokenizerFast:
@@ -554,7 +555,8 @@ def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-v
                          f"{list(TINY_FAMILIES)}")
     qwen3 = family.startswith("qwen3")
     s = dict(SIZES[size], **(QWEN3_TINY if qwen3 else {}))
-    tokenizer = build_tokenizer(s["vocab"], extra_tokens=(qwen.THINK_OPEN, qwen.THINK_CLOSE) if qwen3 else ())
+    think = (qwen.THINK_OPEN, qwen.THINK_CLOSE) if qwen3 else ()   # Qwen3's ordinary added tokens
+    tokenizer = build_tokenizer(s["vocab"], extra_tokens=think)
     kind = qwen.FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
     config = kind.config_class(
         text_config=_text_config(s, tokenizer, family), vision_config=_vision_config(s, family),

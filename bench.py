@@ -4,6 +4,7 @@
     python bench.py --out bench.json     # the same, and every number as JSON
     python bench.py --shape 3b           # GPU: a Qwen2.5-VL-3B-shaped model, random weights
     python bench.py --shape 3b-mini      # the 3B code path with tiny widths, on a CPU
+    python bench.py --shape qwen3-2b     # GPU: a Qwen3-VL-2B-shaped model (qwen3-2b-mini: CPU)
 
 Three objectives train on the SAME rollouts from the SAME initial weights: grpo; papo-g (+ the
 Implicit Perception Loss, masked branch detached as officially: one more no-gradient forward, on
@@ -56,7 +57,6 @@ from unittest import mock
 import numpy as np
 import torch
 import transformers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import model as qwen
@@ -67,7 +67,7 @@ MIB = 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The models: model.py's offline sizes, and the Qwen2.5-VL-3B shape with random weights
+# 1. The models: toy.py's offline sizes, and the Qwen2.5-VL-3B / Qwen3-VL-2B shapes, random
 # ---------------------------------------------------------------------------------------------
 
 # Qwen2.5-VL-3B-Instruct in toy.SIZES' shorthand (toy.py derives head_dim and the mrope split,
@@ -77,10 +77,19 @@ QWEN_3B = dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
                vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420,
                fullatt_blocks=[7, 15, 23, 31], patch=14, merge=2, temporal_patch=2,
                tie_embeddings=True, image_size=448)
-SHAPES = {"3b": QWEN_3B,   # 3b-mini: the same structure, tiny widths (the 3B code path on a CPU)
-          "3b-mini": dict(QWEN_3B, hidden=128, heads=8, kv_heads=1, intermediate=512,
-                          vision_hidden=128, vision_heads=8, vision_intermediate=256,
-                          image_size=112)}
+# Qwen3-VL-2B (Instruct and Thinking share it): head_dim 128, the interleaved mrope split
+# [24, 20, 20]; 16-px patches, so 448-px pictures are 28 x 28 patches, 196 image tokens; DeepStack
+# from vision blocks 5, 11, 17; a learned 48 x 48 position table.
+QWEN3_2B = dict(family="qwen3-vl", hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144,
+                vocab=151_936, vision_hidden=1024, vision_depth=24, vision_heads=16,
+                vision_intermediate=4096, patch=16, merge=2, temporal_patch=2,
+                position_grid=2304, deepstack=[5, 11, 17], tie_embeddings=True, image_size=448)
+MINI = dict(hidden=128, heads=8, intermediate=512, vision_hidden=128, vision_heads=8,
+            vision_intermediate=256)
+SHAPES = {"3b": QWEN_3B,   # -mini: the same structure, tiny widths (the big shape's code on a CPU)
+          "3b-mini": dict(QWEN_3B, **MINI, kv_heads=1, image_size=112),
+          "qwen3-2b": QWEN3_2B,
+          "qwen3-2b-mini": dict(QWEN3_2B, **MINI, kv_heads=4, image_size=128)}
 # Target 2: tiny widths and Qwen's vocabulary, so that logits dominate memory as in the real
 # model (1,024 positions x 151,936 x 4 bytes = 594 MiB per copy).
 LOGPROB_SHAPE = {**QWEN_3B, **toy.SIZES["tiny"], "vocab": 151_936, "fullatt_blocks": [1],
@@ -88,29 +97,35 @@ LOGPROB_SHAPE = {**QWEN_3B, **toy.SIZES["tiny"], "vocab": 151_936, "fullatt_bloc
 
 
 def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: torch.device):
-    """A random Qwen2.5-VL of `shape` and a processor: the tiny tokenizer (the ids above its 400
-    that a random model samples decode to nothing) and an image processor that keeps pictures
-    of up to shape["image_size"] px square unscaled."""
+    """A random Qwen2.5-VL or Qwen3-VL of `shape` and a processor: the tiny tokenizer (the ids
+    above its 400 that a random model samples decode to nothing) and an image processor that
+    keeps pictures of up to shape["image_size"] px square unscaled."""
+    name = shape.get("family", "qwen2.5-vl")
+    qwen3 = name == "qwen3-vl"
+    family = qwen.FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
     tokenizer = toy.build_tokenizer(toy.SIZES["tiny"]["vocab"])
     token = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(toy._text_config(shape, tokenizer), vocab_size=shape["vocab"],
+    vision = toy._vision_config(shape, name)
+    if not qwen3:
+        vision["fullatt_block_indexes"] = shape["fullatt_blocks"]
+    config = family.config_class(
+        text_config=dict(toy._text_config(shape, tokenizer, name), vocab_size=shape["vocab"],
                          rms_norm_eps=1e-6, max_position_embeddings=128_000),
-        vision_config=dict(toy._vision_config(shape),
-                           fullatt_block_indexes=shape["fullatt_blocks"]),
+        vision_config=vision,
         image_token_id=token(qwen.IMAGE_PAD), video_token_id=token(qwen.VIDEO_PAD),
         vision_start_token_id=token(qwen.VISION_START), vision_end_token_id=token(qwen.VISION_END),
         tie_word_embeddings=shape["tie_embeddings"])
     torch.manual_seed(seed)
     with torch.device(device):   # built in place, in its dtype: not 15 GB of float32 on a CPU
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = family.model_class._from_config(config, dtype=dtype)
     qwen.fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
     side = shape["image_size"]
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side,
                                       patch_size=shape["patch"], merge_size=shape["merge"],
                                       temporal_patch_size=shape["temporal_patch"])
-    return model, qwen.QwenVLImageTextProcessor(image_processor=images, tokenizer=tokenizer,
-                                                chat_template=toy.CHAT_TEMPLATE)
+    template = toy.QWEN3_CHAT_TEMPLATE if qwen3 else toy.CHAT_TEMPLATE
+    return model, family.processor_class(image_processor=images, tokenizer=tokenizer,
+                                         chat_template=template)
 
 
 def build_model(name: str, *, seed: int, dtype: torch.dtype, device: torch.device):
@@ -662,6 +677,7 @@ DEFAULTS = {
     "3b-mini": dict(prompts=2, group_size=5, max_new_tokens=16, repeats=3, warmup=1,
                     updates_per_step=2, micro_batch_size=5, device="cpu", dtype="bfloat16",
                     gradient_checkpointing=True)}
+DEFAULTS["qwen3-2b"], DEFAULTS["qwen3-2b-mini"] = DEFAULTS["3b"], DEFAULTS["3b-mini"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -669,7 +685,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()))
     p.add_argument("--sizes", default="tiny,small", help="offline sizes (toy.SIZES): a,b")
     p.add_argument("--shape", choices=list(SHAPES), help="instead of --sizes: 3b = Qwen2.5-VL-"
-                   "3B's architecture (a GPU), 3b-mini = the same with tiny widths (a CPU)")
+                   "3B's architecture, qwen3-2b = Qwen3-VL-2B's (a GPU); -mini = the same with "
+                   "tiny widths (a CPU)")
     for flag, what in (("prompts", "prompts per step"), ("group-size", "G, rollouts per prompt"),
                        ("max-new-tokens", "longest response"),
                        ("repeats", "timed repeats (medians are reported)"),
@@ -701,8 +718,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here (--shape 3b-mini runs the 3B code "
                 "path on a CPU)")
-    if args.shape == "3b" and not args.device.startswith("cuda"):
-        p.error("--shape 3b needs a GPU; --shape 3b-mini runs the same code on a CPU")
+    if args.shape in ("3b", "qwen3-2b") and not args.device.startswith("cuda"):
+        p.error(f"--shape {args.shape} needs a GPU; --shape {args.shape}-mini runs the same code "
+                "on a CPU")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args

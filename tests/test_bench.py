@@ -151,16 +151,17 @@ def test_work_of_one_micro_batch_in_closed_form(checkpointing):
 
 
 @pytest.mark.slow
-def test_3b_code_path_runs_on_cpu_with_tiny_widths():
-    """--shape 3b-mini runs the code of --shape 3b (bf16 weights, gradient checkpointing, the
-    151,936-token vocabulary with the tiny tokenizer) on a CPU, with the same work formulas:
-    generation keeps its cache with checkpointing on; the update reads one pass per row, each
-    picture once."""
-    args = bench.parse_args(["--shape", "3b-mini", "--prompts", "1", "--group-size", "2",
+@pytest.mark.parametrize("shape", ["3b-mini", "qwen3-2b-mini"])
+def test_big_shapes_code_path_runs_on_cpu_with_tiny_widths(shape):
+    """--shape 3b-mini / qwen3-2b-mini run the code of --shape 3b / qwen3-2b (bf16 weights,
+    gradient checkpointing, the 151,936-token vocabulary with the tiny tokenizer; DeepStack on
+    Qwen3-VL) on a CPU, with the same work formulas: generation keeps its cache with
+    checkpointing on; the update reads one pass per row, each picture once."""
+    args = bench.parse_args(["--shape", shape, "--prompts", "1", "--group-size", "2",
                              "--max-new-tokens", "2", "--updates-per-step", "1",
                              "--micro-batch-size", "2"])
     assert args.dtype == "bfloat16" and args.gradient_checkpointing and args.device == "cpu"
-    s = bench.prepare("3b-mini", args, torch.device("cpu"))
+    s = bench.prepare(shape, args, torch.device("cpu"))
     assert s.policy.dtype == torch.bfloat16
     assert sum(p.numel() for p in s.policy.parameters()) > 151_936 * 128  # the real vocabulary
     r = s.batch.rollouts
@@ -172,6 +173,28 @@ def test_3b_code_path_runs_on_cpu_with_tiny_widths():
     assert work["ref"]["lm_calls"] == calls([1, P, 1], [2, T, 1])      # no gradient: prompt once
     assert work["update"]["lm_calls"] == calls([2, P + T, 2])
     assert work["update"]["vision_rows"] == 2 * (rows // 2)   # G = 2: each picture once, twice
+
+
+def test_qwen3_2b_shape_is_qwen3_vl_2b():
+    """The Qwen3-VL-2B shape: 2,127,532,032 parameters (406,957,056 in the vision tower), as the
+    published config gives with transformers' own Qwen3-VL classes (built on the meta device),
+    and its -mini differs only in widths."""
+    models = {name: bench.build_shaped_model(bench.SHAPES[name], seed=0, dtype=torch.bfloat16,
+                                             device=torch.device("meta"))[0]
+              for name in ("qwen3-2b", "qwen3-2b-mini")}
+    big, mini = models["qwen3-2b"], models["qwen3-2b-mini"]
+    assert type(big).__name__ == "Qwen3VLForConditionalGeneration"
+    assert sum(p.numel() for p in big.parameters()) == 2_127_532_032
+    assert sum(p.numel() for p in big.model.visual.parameters()) == 406_957_056
+    text, vision = big.config.text_config, big.config.vision_config
+    assert text.head_dim == 128 and text.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert list(vision.deepstack_visual_indexes) == [5, 11, 17] and vision.patch_size == 16
+    same = lambda c: (c.text_config.num_hidden_layers, c.text_config.vocab_size,
+                      c.text_config.num_attention_heads // c.text_config.num_key_value_heads,
+                      c.vision_config.depth, list(c.vision_config.deepstack_visual_indexes),
+                      c.vision_config.num_position_embeddings, c.vision_config.patch_size,
+                      c.tie_word_embeddings, c.text_config.rope_parameters["rope_theta"])
+    assert same(big.config) == same(mini.config)
 
 
 def test_3b_shape_is_qwen2_5_vl_3b():

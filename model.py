@@ -144,12 +144,14 @@ FAMILIES = {f.model_type: f for f in (
 
 def family_of(thing) -> Family:
     """The Family of a model, a config, a processor, or a config.json model_type string."""
-    if isinstance(thing, str):
-        model_type = thing
-    elif isinstance(thing, ProcessorMixin):
-        return next(f for f in FAMILIES.values() if isinstance(thing, f.stock_processor))
-    else:
-        model_type = getattr(getattr(thing, "config", thing), "model_type", None)
+    if isinstance(thing, ProcessorMixin):
+        family = next((f for f in FAMILIES.values() if isinstance(thing, f.stock_processor)), None)
+        if family is None:
+            raise ValueError(f"{type(thing).__name__} is not the processor of a supported model "
+                             f"family ({', '.join(f.name for f in FAMILIES.values())})")
+        return family
+    model_type = thing if isinstance(thing, str) else getattr(getattr(thing, "config", thing),
+                                                              "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"{model_type!r} is not a supported model family; supported: "
                          + ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES.values()))

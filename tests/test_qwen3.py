@@ -51,6 +51,15 @@ def test_thinking_is_read_from_the_chat_template():
     assert not qwen.prompt_opens_thinking(processor)
 
 
+def test_the_family_is_read_from_a_model_config_or_processor_and_others_are_named():
+    for name, model_type in (("qwen2.5-vl", "qwen2_5_vl"), ("qwen3-vl-thinking", "qwen3_vl")):
+        model, processor = toy.build_tiny_model(size="tiny", family=name)
+        assert {qwen.family_of(x).model_type for x in (model, model.config, processor,
+                                                        model_type)} == {model_type}
+    with pytest.raises(ValueError, match=r"'qwen3_vl_moe'.*qwen2_5_vl.*qwen3_vl"):
+        qwen.family_of("qwen3_vl_moe")
+
+
 # ---------------------------------------------------------------------------------------------
 # DeepStack
 # ---------------------------------------------------------------------------------------------

@@ -492,12 +492,22 @@ def test_image_token_count_of_112_square_is_16(processor):
     assert model.image_token_count(processor.image_processor, 112, 112) == 16
 
 
+@pytest.fixture(scope="module")
+def qwen3_processor():
+    """The tiny Qwen3-VL processor with the Thinking template: 32-px tokens, and a generation
+    prompt that ends in <think>."""
+    return toy.build_tiny_model(family="qwen3-vl-thinking")[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl-thinking"])
 @pytest.mark.parametrize("sizes", [[(112, 112)], [(30, 20)], [(300, 150)],
                                    [(112, 112), (56, 84)], [(200, 60), (28, 28)]])
-def test_prompt_lengths_equal_the_encoded_prompt_length(processor, sizes):
+def test_prompt_lengths_equal_the_encoded_prompt_length(request, family, sizes):
     # The long-prompt filter (4,096 tokens) uses prompt_lengths on a whole dataset without
     # decoding pictures; it must agree with what the processor really builds, image tokens
     # included, or the filter lets through prompts that are too long (or drops good ones).
+    processor = request.getfixturevalue("processor" if family == "qwen2.5-vl"
+                                        else "qwen3_processor")
     markers = " and ".join(f"picture {k}: <image>" for k in range(len(sizes)))
     pictures = [Image.fromarray(noise(w, h, k)) for k, (w, h) in enumerate(sizes)]
     ex = data.Example(problem=f"Look at {markers}. Which is larger?", answer="1", images=pictures)

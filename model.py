@@ -445,6 +445,7 @@ class Rollouts:
     mm_token_type_ids: torch.Tensor   # [B, P] long, 1 where the token is an <|image_pad|>: tells
                                       #        the model where images sit, for the 3-D positions
     pixel_values: torch.Tensor | None  # [rows, D] float, patch rows of all images, row order
+                                       #        (host memory from generate_rollouts)
     image_grid_thw: torch.Tensor      # [n_images, 3] long, (t, h, w) patches of each image
     images_per_rollout: torch.Tensor  # [B] long, how many images each row's prompt has
     completion_ids: torch.Tensor      # [B, T] long, sampled tokens, padded on the right
@@ -776,12 +777,19 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
         rollouts). The paper's evaluation sampled with top_k 50, eval.py's default.
 
     Works on a DDP-wrapped model (generation needs no gradient synchronisation, so it runs on the
-    bare model). The model is put in eval mode for sampling and restored afterwards."""
+    bare model). The model is put in eval mode for sampling and restored afterwards.
+
+    The returned Rollouts live on the model's device except pixel_values, which stay in host
+    memory: every row carries its own copy of its pictures' patch rows (Rollouts), G copies a
+    picture - at the official pixel budget and G = 5 about 10 GB for 192 prompts, 20 with the
+    masked branch, too much to park next to the model on a GPU. completion_logprobs moves only
+    the rows of the micro-batch it scores."""
     net = unwrap(model)
     device = next(net.parameters()).device
-    once = _encode_prompts(processor, prompts, 1)                       # N rows, one per prompt
-    once = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in once.items()}
-    enc = _repeat_encoded(once, num_samples)                            # B = N * G rows
+    host = _encode_prompts(processor, prompts, 1)                       # N rows, one per prompt
+    once = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in host.items()}
+    enc = {k: (v.to(device) if torch.is_tensor(v) and k != "pixel_values" else v)
+           for k, v in _repeat_encoded(host, num_samples).items()}     # B = N * G rows
     eos = _eos_ids(net)
     pad = net.generation_config.pad_token_id
     greedy = temperature == 0

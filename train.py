@@ -136,6 +136,11 @@ class Config:
     grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
     updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
     micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
+    generation_batch: int = arg(16, "Prompts per `generate` call on one rank (each with its G "
+                                    "rollouts); a step's prompts are generated in such chunks, "
+                                    "so that the KV cache of one call fits (3B: 80 rows x 3,072 "
+                                    "tokens ~ 9 GB in bf16; all 192 prompts of a rank at once "
+                                    "~ 109 GB). 0 = all at once.")
 
     # --- the objective (set by --preset; see papo.py and PAPO_REFERENCE section 4) -----------
     gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
@@ -342,6 +347,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
     ("updates_per_step", lambda v: v >= 1, ">= 1"),
     ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("generation_batch", lambda v: v >= 0, ">= 0 (0 = all of a step's prompts in one call)"),
     ("gamma", lambda v: 0 <= v < math.inf, ">= 0 (the sign is in the objective: KL_prcp is "
                                             "maximised)"),
     ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
@@ -779,9 +785,16 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         items = list(pool.map(lambda ex: ex.to_prompt(**prompt_options(cfg)), prompts))
     torch.manual_seed(seed)                         # sampling of this step is reproducible
-    rollouts = qwen.generate_rollouts(policy, processor, items, num_samples=cfg.group_size,
-                                      max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=cfg.top_p)
+    # In chunks of --generation-batch prompts: the KV cache of one call grows with rows x
+    # (prompt + response). Every rank holds as many prompts, so under --fsdp all ranks make the
+    # same number of calls (each decode step is a collective there). The chunks' rollouts are
+    # stacked in prompt order, as one call would give them (cat_rollouts re-pads).
+    chunk = cfg.generation_batch or len(items)
+    parts = [qwen.generate_rollouts(policy, processor, items[start:start + chunk],
+                                    num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_p=cfg.top_p)
+             for start in range(0, len(items), chunk)]
+    rollouts = parts[0] if len(parts) == 1 else qwen.cat_rollouts(parts)
     masked = None
     if need_masked and cfg.masked_image_key:
         # the dataset's own corrupted pictures, through the same decoding and pixel budget

@@ -37,7 +37,7 @@ BAD_TRAIN_FLAGS = [
     ("--group-size", "1"), ("--micro-batch-size", "0"), ("--gamma", "-0.02"),
     ("--dual-clip", "0.5"), ("--clip-low", "1"), ("--tiny-size", "huge"),
     ("--tiny-family", "llama"), ("--toy-tasks", "count,nope"), ("--eval-size", "-1"),
-    ("--min-pixels", "0"),
+    ("--min-pixels", "0"), ("--generation-batch", "-1"),
     ("--max-prompt-length", "0"), ("--entropy", "maybe"), ("--agg-mode", "mean"),
     ("--max-image-pixels", "0"), ("--kl-prcp-clip", "-0.2"), ("--agg-mode", "micro-mean"),
     ("--kl-prcp-token-fraction", "1.5"), ("--kl-prcp-token-fraction", "-0.2"),

@@ -57,7 +57,6 @@ from unittest import mock
 import numpy as np
 import torch
 import transformers
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import model as qwen
 import toy
@@ -101,31 +100,18 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
     above its 400 that a random model samples decode to nothing) and an image processor that
     keeps pictures of up to shape["image_size"] px square unscaled."""
     name = shape.get("family", "qwen2.5-vl")
-    qwen3 = name == "qwen3-vl"
-    family = qwen.FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
     tokenizer = toy.build_tokenizer(toy.SIZES["tiny"]["vocab"])
-    token = tokenizer.convert_tokens_to_ids
-    vision = toy._vision_config(shape, name)
-    if not qwen3:
-        vision["fullatt_block_indexes"] = shape["fullatt_blocks"]
-    config = family.config_class(
-        text_config=dict(toy._text_config(shape, tokenizer, name), vocab_size=shape["vocab"],
-                         rms_norm_eps=1e-6, max_position_embeddings=128_000),
-        vision_config=vision,
-        image_token_id=token(qwen.IMAGE_PAD), video_token_id=token(qwen.VIDEO_PAD),
-        vision_start_token_id=token(qwen.VISION_START), vision_end_token_id=token(qwen.VISION_END),
-        tie_word_embeddings=shape["tie_embeddings"])
+    config = toy.model_config(shape, tokenizer, name, vocab_size=shape["vocab"], rms_norm_eps=1e-6,
+                              max_position_embeddings=128_000)
     torch.manual_seed(seed)
     with torch.device(device):   # built in place, in its dtype: not 15 GB of float32 on a CPU
-        model = family.model_class._from_config(config, dtype=dtype)
+        model = toy.family_classes(name).model_class._from_config(config, dtype=dtype)
     qwen.fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
     side = shape["image_size"]
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side,
-                                      patch_size=shape["patch"], merge_size=shape["merge"],
-                                      temporal_patch_size=shape["temporal_patch"])
-    template = toy.QWEN3_CHAT_TEMPLATE if qwen3 else toy.CHAT_TEMPLATE
-    return model, family.processor_class(image_processor=images, tokenizer=tokenizer,
-                                         chat_template=template)
+    template = toy.QWEN3_CHAT_TEMPLATE if name == "qwen3-vl" else toy.CHAT_TEMPLATE
+    return model, toy.family_classes(name).processor_class(
+        image_processor=toy.image_processor(shape, name, 56 * 56, side * side),
+        tokenizer=tokenizer, chat_template=template)
 
 
 def build_model(name: str, *, seed: int, dtype: torch.dtype, device: torch.device):

@@ -536,8 +536,38 @@ def _vision_config(s: dict, family: str = "qwen2.5-vl") -> dict:
         return dict(common, num_position_embeddings=s["position_grid"],
                     deepstack_visual_indexes=s["deepstack"])
     # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only the
-    # last one attend over the whole image (as the real model's last block does).
-    return dict(common, fullatt_block_indexes=[s["vision_depth"] - 1], window_size=112)
+    # last one attend over the whole image (as the real model's last block does), unless the
+    # shape names its full-attention blocks (bench.py's 3B shape: 7, 15, 23, 31).
+    return dict(common, fullatt_block_indexes=s.get("fullatt_blocks", [s["vision_depth"] - 1]),
+                window_size=112)
+
+
+def model_config(s: dict, tokenizer, family: str = "qwen2.5-vl", **text_overrides):
+    """The transformers config (Qwen2_5_VLConfig or Qwen3VLConfig) of SIZES-style knobs `s`,
+    with the token ids of `tokenizer`; text_overrides replace text_config entries (bench.py's
+    shaped models: the real vocabulary, a longer position range)."""
+    token = tokenizer.convert_tokens_to_ids
+    return family_classes(family).config_class(
+        text_config=dict(_text_config(s, tokenizer, family), **text_overrides),
+        vision_config=_vision_config(s, family),
+        image_token_id=token(qwen.IMAGE_PAD), video_token_id=token(qwen.VIDEO_PAD),
+        vision_start_token_id=token(qwen.VISION_START), vision_end_token_id=token(qwen.VISION_END),
+        tie_word_embeddings=s["tie_embeddings"])
+
+
+def family_classes(family: str) -> qwen.Family:
+    """model.FAMILIES' entry for a name of TINY_FAMILIES ("qwen3-vl-thinking" -> Qwen3-VL)."""
+    return next(f for f in qwen.FAMILIES.values() if family.startswith(f.name))
+
+
+def image_processor(s: dict, family: str, min_pixels: int, max_pixels: int):
+    """The PIL image processor of SIZES-style knobs `s`, in the family's normalisation (Qwen3-VL:
+    mean = std = 0.5; Qwen2.5-VL: CLIP's, the class default)."""
+    qwen3 = family.startswith("qwen3")
+    normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if qwen3 else {}
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
+                                    patch_size=s["patch"], temporal_patch_size=s["temporal_patch"],
+                                    merge_size=s["merge"], **normalise)
 
 
 def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-vl"):
@@ -557,28 +587,17 @@ def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-v
     s = dict(SIZES[size], **(QWEN3_TINY if qwen3 else {}))
     think = (qwen.THINK_OPEN, qwen.THINK_CLOSE) if qwen3 else ()   # Qwen3's ordinary added tokens
     tokenizer = build_tokenizer(s["vocab"], extra_tokens=think)
-    kind = qwen.FAMILIES["qwen3_vl" if qwen3 else "qwen2_5_vl"]
-    config = kind.config_class(
-        text_config=_text_config(s, tokenizer, family), vision_config=_vision_config(s, family),
-        image_token_id=tokenizer.convert_tokens_to_ids(qwen.IMAGE_PAD),
-        video_token_id=tokenizer.convert_tokens_to_ids(qwen.VIDEO_PAD),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids(qwen.VISION_START),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids(qwen.VISION_END),
-        tie_word_embeddings=s["tie_embeddings"])
+    kind = family_classes(family)
     with torch.random.fork_rng(devices=[]):      # weights from `seed`, caller's RNG unchanged
         torch.manual_seed(seed)
-        model = kind.model_class(config)
+        model = kind.model_class(model_config(s, tokenizer, family))
     model.generation_config = GenerationConfig()
     qwen.fill_generation_config(model, tokenizer)
 
-    # Qwen3-VL normalises pixels with mean = std = 0.5; Qwen2.5-VL with CLIP's (the default)
-    normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if qwen3 else {}
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=s["min_pixels"], max_pixels=s["max_pixels"], patch_size=s["patch"],
-        temporal_patch_size=s["temporal_patch"], merge_size=s["merge"], **normalise)
     template = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_CHAT_TEMPLATE,
                 "qwen3-vl-thinking": QWEN3_THINKING_CHAT_TEMPLATE}[family]
     tokenizer.chat_template = template
-    processor = kind.processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                     chat_template=template)
+    processor = kind.processor_class(
+        image_processor=image_processor(s, family, s["min_pixels"], s["max_pixels"]),
+        tokenizer=tokenizer, chat_template=template)
     return model, processor

@@ -673,6 +673,42 @@ def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
                                    qwen.completion_logprobs(model, r), rtol=0, atol=0)
 
 
+def test_shared_key_value_heads_in_one_kernel_call_change_nothing(tiny, prompts, monkeypatch):
+    """On a CPU-only machine model.py sets transformers' TRANSFORMERS_SDPA_FORCE_GQA, so the
+    attention kernel shares each key/value head between its query heads itself, padding mask
+    and all, instead of transformers copying keys and values per head (tiny: 4 query heads, 2
+    key/value heads). Oracle: transformers' own path - the same sampled tokens, generate's
+    logits and the scored log-probs and entropies, in float64."""
+    if torch.cuda.is_available():
+        pytest.skip("set only on machines without a GPU")
+    assert qwen.os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    model, processor = tiny
+    net = copy.deepcopy(model).double()
+    assert net.config.text_config.num_attention_heads > net.config.text_config.num_key_value_heads
+    sdpa, shared = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(*args, **kwargs):          # which calls the kernel was told to share heads in
+        shared.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", switch)
+        shared.clear()
+        r, logits = generate_with_logits(net, processor, prompts, seed=5, num_samples=2,
+                                         max_new_tokens=MAX_NEW)
+        with torch.no_grad():
+            runs.append((r, logits, *qwen.completion_logprobs(net, r, with_entropy=True),
+                         shared.count(True)))
+    (r, logits, logp, ent, n), (r0, logits0, logp0, ent0, n0) = runs
+    # the language model's calls (2 layers, every decode step and the scoring passes) shared
+    # heads in the kernel; with transformers' own choice none did (every call has a mask)
+    assert n >= 2 * (MAX_NEW + 1) and n0 == 0
+    assert torch.equal(r.completion_ids, r0.completion_ids)
+    for a, b in ((logits, logits0), (logp, logp0), (ent, ent0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_load_model_dtype_and_device(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)

@@ -107,6 +107,7 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
     with torch.device(device):   # built in place, in its dtype: not 15 GB of float32 on a CPU
         model = toy.family_classes(name).model_class._from_config(config, dtype=dtype)
     qwen.fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
+    qwen.patch_embed_as_matmul(model)                  # as load_model does
     side = shape["image_size"]
     template = toy.QWEN3_CHAT_TEMPLATE if name == "qwen3-vl" else toy.CHAT_TEMPLATE
     return model, toy.family_classes(name).processor_class(

@@ -593,6 +593,7 @@ def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-v
         model = kind.model_class(model_config(s, tokenizer, family))
     model.generation_config = GenerationConfig()
     qwen.fill_generation_config(model, tokenizer)
+    qwen.patch_embed_as_matmul(model)                # as load_model does
 
     template = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_CHAT_TEMPLATE,
                 "qwen3-vl-thinking": QWEN3_THINKING_CHAT_TEMPLATE}[family]

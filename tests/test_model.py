@@ -673,6 +673,46 @@ def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
                                    qwen.completion_logprobs(model, r), rtol=0, atol=0)
 
 
+def test_patch_embedding_as_matmul_equals_the_stock_convolution(tiny, prompts, float64_norms):
+    """Every model of the project runs its vision tower's first layer as a matrix product
+    (model.PatchEmbedAsMatmul: load_model and the builders put it in place). Oracle: the same
+    model with transformers' own patch embedding (a Conv3d) holding the same weights - picture
+    features and every gradient equal in float64, on prompts with one and two pictures. The
+    parameter names do not change (the stock module loads its state dict strictly), and a
+    convolution whose patches would overlap is refused."""
+    model, processor = tiny
+    ours = copy.deepcopy(model).double()
+    assert isinstance(ours.model.visual.patch_embed, qwen.PatchEmbedAsMatmul)
+    vision = ours.config.vision_config
+    if isinstance(ours.config, qwen.FAMILIES["qwen3_vl"].config_class):
+        stock_embed = qwen3_modeling.Qwen3VLVisionPatchEmbed(vision)
+    else:
+        stock_embed = qwen_modeling.Qwen2_5_VisionPatchEmbed(
+            vision.patch_size, vision.temporal_patch_size, vision.in_channels, vision.hidden_size)
+    stock_embed.load_state_dict(ours.model.visual.patch_embed.state_dict(), strict=True)
+    stock = copy.deepcopy(ours)
+    stock.model.visual.patch_embed = stock_embed.double()
+    pictures = qwen.encode_images(processor, [p["images"] for p in prompts], 1)
+    features, grads = [], []
+    for net in (ours, stock):
+        out = net.model.get_image_features(pictures["pixel_values"].double(),
+                                           pictures["image_grid_thw"])
+        merged = torch.cat(out.pooler_output)                               # [tokens, H]
+        merged.square().sum().backward()
+        features.append(merged)
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(features[0], features[1], rtol=1e-12, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.visual.patch_embed.proj.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12,
+                                   msg=name)
+    overlapping = copy.deepcopy(stock_embed)
+    overlapping.proj.stride = (1, 1, 1)
+    with pytest.raises(ValueError, match="not a plain patchify"):
+        qwen.PatchEmbedAsMatmul(overlapping)
+
+
 def test_shared_key_value_heads_in_one_kernel_call_change_nothing(tiny, prompts, monkeypatch):
     """On a CPU-only machine model.py sets transformers' TRANSFORMERS_SDPA_FORCE_GQA, so the
     attention kernel shares each key/value head between its query heads itself, padding mask

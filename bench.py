@@ -512,7 +512,7 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
         raise RuntimeError("bench: the same step did different work twice")
     r = s.batch.rollouts
     B, P, T, G = len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1], r.num_samples
-    rows = int(r.image_grid_thw.prod(-1).sum())         # the rollouts' patch rows: B copies
+    rows = int(r.row_pictures()[1].prod(-1).sum())     # patch rows of a plain forward: B copies
     # target 1, paired by repeat: both objectives of a repeat share its generation
     extra = median([p["step"] - g["step"] for p, g in zip(runs["papo-g"], runs["grpo"])])
     forward = phases["papo-g"]["masked"]

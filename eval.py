@@ -99,7 +99,7 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
                 lengths += rollouts.completion_mask.sum(-1).tolist()
                 if kl_ratio is not None:
                     masked = [papo.mask_image(it["images"], ratio=kl_ratio, rng=rng) for it in items]
-                    pixels = qwen.encode_images(processor, masked, samples)
+                    pixels = qwen.encode_images(processor, masked)
                     logp = qwen.completion_logprobs(policy, rollouts, temperature=temperature)
                     masked_logp = qwen.completion_logprobs(
                         policy, rollouts, pixel_values=pixels["pixel_values"],

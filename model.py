@@ -8,7 +8,8 @@ only place that has to know the models' quirks. Read it top to bottom:
                  load_model: a hub id or a saved folder of either family, no torchvision;
                  save_processor writes folders that stock AutoProcessor (with torchvision)
                  loads in full.
-  2. Rollouts    the dataclass that carries G sampled answers per prompt, with their images.
+  2. Rollouts    the dataclass that carries G sampled answers per prompt, with their images
+                 (stored once per prompt).
   3. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
   4. Sampling    generate_rollouts: HF `generate` continuing from a cache filled once per
                  prompt; completion masks from the FIRST end token.
@@ -56,9 +57,9 @@ from transformers.processing_utils import ProcessorMixin
 # once per query head, or, for one query token, folds the heads into the query length. Batched
 # prompts are left padded, so every call of this project has a mask. PyTorch's CPU kernel takes
 # masks AND shared heads; transformers' own switch below gives it both. Same attention, fewer
-# copies: the side-by-side GRPO step of ../shared/bench (2 CPU threads) took 12 ms (6%) less,
-# one step of each alternated in one process. setdefault: exporting the variable as "0" keeps
-# transformers' choice. Never on a machine with a GPU, whatever device a model is put on.
+# copies: the side-by-side GRPO step of ../shared/bench (2 CPU threads) took 12-15 ms (6-7%)
+# less, one step of each alternated in one process. setdefault: exporting the variable as "0"
+# keeps transformers' choice. Never on a machine with a GPU, whatever device a model is put on.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
@@ -420,7 +421,7 @@ class PatchEmbedAsMatmul(torch.nn.Module):
     Qwen2.5-VL) and project each row to the tower's width with a Conv3d whose stride equals its
     kernel: the kernel never overlaps itself, so the convolution is one [rows, D] x [D, E]
     product. As a Conv3d it goes through the convolution kernels, which are slow for this shape:
-    on the CPU 1.8 ms against 0.05 for 512 rows of the tiny model (about 3 ms of the side-by-side
+    on the CPU 1.8 ms against 0.05 for 512 rows of the tiny model (3-4.5 ms of the side-by-side
     GRPO step), and some GPU / cuDNN / bf16 combinations are known to take orders of magnitude
     longer (transformers offers the same replacement as an opt-in `fusion_config`). It holds the
     SAME Conv3d, so parameter names, checkpoints and the optimizer see nothing new; a test
@@ -483,8 +484,14 @@ class Rollouts:
     """G sampled completions for each of N prompts, with everything needed to score them again.
 
     Layout is group-major: row b = prompt_index * num_samples + g, so the G rollouts of a group
-    are adjacent and `view(N, G)` recovers the groups. Every row owns a copy of its prompt's
-    image patches, which makes any subset of rows (a micro-batch) a complete, scoreable batch.
+    are adjacent and `view(N, G)` recovers the groups. The pictures are stored once per PROMPT,
+    not per row: row b shows the pictures of prompt entry prompt_of[b] (the G rows of a group
+    point to one entry). At the official pixel budget a picture of ~600 image tokens is 2,400
+    patch rows of 1,176 floats (11 MB): a copy per rollout would hold G = 5 of them, ~11 GB for
+    the 960 rows of a step on one rank (2.1 GB once per prompt), as much again for the masked
+    branch. Any subset of rows (select, a
+    micro-batch) carries exactly the pictures its rows show, so it stays a complete, scoreable
+    batch; row_pictures() gives the per-row copies a plain forward needs.
 
     Frozen: build a variant with dataclasses.replace(r, pixel_values=...) (the masked-image
     branch), never by assigning to a field - other phases of a step may hold the same object."""
@@ -493,10 +500,12 @@ class Rollouts:
     prompt_mask: torch.Tensor         # [B, P] long, 1 = real prompt token, 0 = left padding
     mm_token_type_ids: torch.Tensor   # [B, P] long, 1 where the token is an <|image_pad|>: tells
                                       #        the model where images sit, for the 3-D positions
-    pixel_values: torch.Tensor | None  # [rows, D] float, patch rows of all images, row order
+    pixel_values: torch.Tensor | None  # [rows, D] float, patch rows of every picture of every
+                                       #        prompt entry, entry after entry, each ONCE
                                        #        (host memory from generate_rollouts)
-    image_grid_thw: torch.Tensor      # [n_images, 3] long, (t, h, w) patches of each image
-    images_per_rollout: torch.Tensor  # [B] long, how many images each row's prompt has
+    image_grid_thw: torch.Tensor      # [n_images, 3] long, (t, h, w) patches of those pictures
+    images_per_prompt: torch.Tensor   # [N] long, how many pictures each prompt entry has
+    prompt_of: torch.Tensor           # [B] long, the prompt entry whose pictures row b shows
     completion_ids: torch.Tensor      # [B, T] long, sampled tokens, padded on the right
     completion_mask: torch.Tensor     # [B, T] float, 1 on generated tokens up to and INCLUDING
                                       #        the first end-of-sequence token, 0 after it
@@ -510,10 +519,13 @@ class Rollouts:
             raise ValueError("Rollouts: prompt_ids, prompt_mask, mm_token_type_ids differ in shape")
         if self.completion_ids.shape != self.completion_mask.shape or len(self.completion_ids) != B:
             raise ValueError("Rollouts: completion_ids and completion_mask must both be [B, T]")
-        if len(self.texts) != B or self.images_per_rollout.shape != (B,):
-            raise ValueError("Rollouts: texts and images_per_rollout need one entry per row")
-        if int(self.images_per_rollout.sum()) != len(self.image_grid_thw):
-            raise ValueError("Rollouts: images_per_rollout does not add up to image_grid_thw")
+        if len(self.texts) != B or self.prompt_of.shape != (B,):
+            raise ValueError("Rollouts: texts and prompt_of need one entry per row")
+        N = len(self.images_per_prompt)
+        if B and not (0 <= int(self.prompt_of.min()) and int(self.prompt_of.max()) < N):
+            raise ValueError(f"Rollouts: prompt_of points outside the {N} prompt entries")
+        if int(self.images_per_prompt.sum()) != len(self.image_grid_thw):
+            raise ValueError("Rollouts: images_per_prompt does not add up to image_grid_thw")
         rows = int(self.image_grid_thw.prod(-1).sum())
         have = 0 if self.pixel_values is None else len(self.pixel_values)
         if rows != have:
@@ -523,26 +535,47 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def _pixel_rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch-row indices, image indices) that belong to the rollouts `indices`, in order."""
-        count = self.images_per_rollout.tolist()                           # [B]
-        first_image = [0, *accumulate(count)]                              # [B + 1]
+    @property
+    def images_per_rollout(self) -> torch.Tensor:
+        """[B] long: how many pictures each row's prompt has."""
+        return self.images_per_prompt[self.prompt_of]
+
+    def _picture_rows(self, entries: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch-row indices, image indices) of the pictures of prompt `entries`, in order (an
+        entry listed twice comes twice)."""
+        count = self.images_per_prompt.tolist()                            # [N]
+        first_image = [0, *accumulate(count)]                              # [N + 1]
         rows_per_image = self.image_grid_thw.prod(-1).tolist()             # [n_images]
         first_row = [0, *accumulate(rows_per_image)]                       # [n_images + 1]
-        images = [i for b in indices for i in range(first_image[b], first_image[b] + count[b])]
+        images = [i for e in entries for i in range(first_image[e], first_image[e] + count[e])]
         rows = [torch.arange(first_row[i], first_row[i] + rows_per_image[i]) for i in images]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         return rows, torch.tensor(images, dtype=torch.long)
 
+    def row_pictures(self, pixel_values=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(pixel_values, image_grid_thw) with every ROW's pictures, row after row: the layout
+        of a plain forward over the rows (G copies of a group's pictures). pixel_values: these
+        patch rows instead of the rollouts' own (same layout, e.g. the masked branch)."""
+        pixels = self.pixel_values if pixel_values is None else pixel_values
+        rows, images = self._picture_rows(self.prompt_of.tolist())
+        grid = self.image_grid_thw[images.to(self.image_grid_thw.device)]
+        if pixels is None or not len(rows):
+            return None, grid
+        return pixels[rows.to(pixels.device)], grid
+
     def select(self, indices) -> "Rollouts":
-        """A new Rollouts with rows `indices` (list, range or 1-D tensor) and THEIR images.
+        """A new Rollouts with rows `indices` (list, range or 1-D tensor) and THEIR pictures,
+        still once per prompt entry (renumbered in order of first use).
 
         Copies, never views that a later in-place edit could leak through."""
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         if any(not -len(self) <= i < len(self) for i in idx):
             raise IndexError(f"Rollouts.select: indices {idx} out of range for {len(self)} rows")
         idx = [i % len(self) for i in idx]                     # -1 -> last row, as in a list
-        rows, images = self._pixel_rows(idx)
+        of = self.prompt_of.tolist()
+        entries = list(dict.fromkeys(of[i] for i in idx))      # the entries kept, first use first
+        renumber = {e: k for k, e in enumerate(entries)}
+        rows, images = self._picture_rows(entries)
         where = lambda t: torch.tensor(idx, dtype=torch.long, device=t.device)
         pixels = None
         if self.pixel_values is not None and len(rows):
@@ -553,7 +586,10 @@ class Rollouts:
             mm_token_type_ids=self.mm_token_type_ids[where(self.mm_token_type_ids)],
             pixel_values=pixels,
             image_grid_thw=self.image_grid_thw[images.to(self.image_grid_thw.device)],
-            images_per_rollout=self.images_per_rollout[where(self.images_per_rollout)],
+            images_per_prompt=self.images_per_prompt[
+                torch.tensor(entries, dtype=torch.long, device=self.images_per_prompt.device)],
+            prompt_of=torch.tensor([renumber[of[i]] for i in idx], dtype=torch.long,
+                                   device=self.prompt_of.device),
             completion_ids=self.completion_ids[where(self.completion_ids)],
             completion_mask=self.completion_mask[where(self.completion_mask)],
             texts=[self.texts[i] for i in idx],
@@ -580,13 +616,15 @@ def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
     left = lambda t, value: F.pad(t, (P - t.shape[1], 0), value=value)   # [b, P]
     right = lambda t, value: F.pad(t, (0, T - t.shape[1]), value=value)  # [b, T]
     pixels = [r.pixel_values for r in parts if r.pixel_values is not None]
+    offsets = [0, *accumulate(len(r.images_per_prompt) for r in parts)]   # entries before part k
     return Rollouts(
         prompt_ids=torch.cat([left(r.prompt_ids, pad) for r in parts]),
         prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),
         mm_token_type_ids=torch.cat([left(r.mm_token_type_ids, 0) for r in parts]),
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat([r.image_grid_thw for r in parts]),
-        images_per_rollout=torch.cat([r.images_per_rollout for r in parts]),
+        images_per_prompt=torch.cat([r.images_per_prompt for r in parts]),
+        prompt_of=torch.cat([r.prompt_of + k for r, k in zip(parts, offsets)]),
         completion_ids=torch.cat([right(r.completion_ids, pad) for r in parts]),
         completion_mask=torch.cat([right(r.completion_mask, 0) for r in parts]),
         texts=[t for r in parts for t in r.texts],
@@ -694,9 +732,12 @@ def prompt_lengths(processor, prompts: list[tuple[list[dict], list[tuple[int, in
             for tokens, (_, sizes) in zip(ids, prompts)]
 
 
-def encode_images(processor, images_per_prompt: list[list], num_samples: int) -> dict:
-    """Image patches for N prompts, repeated G times: {"pixel_values": [rows, D],
-    "image_grid_thw": [n_images, 3]}, in the row order generate_rollouts uses.
+def encode_images(processor, images_per_prompt: list[list], num_samples: int = 1) -> dict:
+    """Image patches for N prompts: {"pixel_values": [rows, D], "image_grid_thw": [n_images, 3]}.
+
+    num_samples = 1 (default): each prompt's pictures once, the layout of the Rollouts that
+    generate_rollouts returns for those prompts (Rollouts.pixel_values). num_samples = G: each
+    prompt's pictures G times, the layout of a plain forward over the N * G rows.
 
     train.py calls this with the MASKED pictures (blacked out in pixel space, before resizing
     and normalising) to build the masked-image branch: the same processor settings make the same
@@ -829,16 +870,14 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     bare model). The model is put in eval mode for sampling and restored afterwards.
 
     The returned Rollouts live on the model's device except pixel_values, which stay in host
-    memory: every row carries its own copy of its pictures' patch rows (Rollouts), G copies a
-    picture - at the official pixel budget and G = 5 about 10 GB for 192 prompts, 20 with the
-    masked branch, too much to park next to the model on a GPU. completion_logprobs moves only
-    the rows of the micro-batch it scores."""
+    memory (each prompt's pictures once: ~2 GB at the official pixel budget for 192 prompts,
+    as much again for the masked branch, no need to park it next to the model on a GPU).
+    completion_logprobs moves only the pictures of the micro-batch it scores."""
     net = unwrap(model)
     device = next(net.parameters()).device
     host = _encode_prompts(processor, prompts, 1)                       # N rows, one per prompt
     once = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in host.items()}
-    enc = {k: (v.to(device) if torch.is_tensor(v) and k != "pixel_values" else v)
-           for k, v in _repeat_encoded(host, num_samples).items()}     # B = N * G rows
+    repeat = lambda t: t.repeat_interleave(num_samples, dim=0).to(device)   # [N, ...] -> [B, ...]
     eos = _eos_ids(net)
     pad = net.generation_config.pad_token_id
     greedy = temperature == 0
@@ -881,13 +920,19 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
         for m, mode in modes.items():
             m.training = mode
 
-    completion_ids = sequences[:, enc["prompt_ids"].shape[1]:]             # [B, T]
+    completion_ids = sequences[:, host["prompt_ids"].shape[1]:]            # [B, T]
     completion_mask = completion_mask_from_eos(completion_ids, eos)        # [B, T]
     texts = processor.tokenizer.batch_decode(
         [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)],
         skip_special_tokens=True)
-    return Rollouts(completion_ids=completion_ids, completion_mask=completion_mask, texts=texts,
-                    num_samples=num_samples, pad_token_id=pad, **enc)
+    N = len(prompts)
+    return Rollouts(prompt_ids=repeat(host["prompt_ids"]), prompt_mask=repeat(host["prompt_mask"]),
+                    mm_token_type_ids=repeat(host["mm_token_type_ids"]),
+                    pixel_values=host["pixel_values"], image_grid_thw=once["image_grid_thw"],
+                    images_per_prompt=once["images_per_rollout"],
+                    prompt_of=repeat(torch.arange(N)),             # each group: its prompt's entry
+                    completion_ids=completion_ids, completion_mask=completion_mask, texts=texts,
+                    num_samples=num_samples, pad_token_id=pad)
 
 
 def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> torch.Tensor:
@@ -949,8 +994,8 @@ def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> 
 #       after the forward and recomputed in the backward, so the graph holds only the hidden
 #       states and the [B, T] results.
 #   (e) the vision tower runs once per DISTINCT picture, not once per row: the G rollouts of a
-#       group show the same picture, and every row carries its own copy of it (Rollouts), so a
-#       plain forward would encode each picture G times. See _encode_each_picture_once.
+#       group show the same picture (stored once, Rollouts.prompt_of), and a plain forward would
+#       encode it G times, once per row. See _encode_each_picture_once.
 #   (f) the language model reads each DISTINCT prompt once, too: a forward over the distinct
 #       prompts fills a KV cache, each row attends to its prompt's entry, and a second forward
 #       reads only the completions (_states_prompt_once). With the official prompt (~100 text
@@ -979,19 +1024,23 @@ def _chunk_logp_entropy(hidden, weight, bias, targets, temperature: float, with_
     return logp, entropy
 
 
-def _scoring_inputs(rollouts: Rollouts, pixel_values) -> dict:
-    """Keyword arguments of the forward over prompt + completion."""
+def _scoring_inputs(rollouts: Rollouts, pixel_values, with_pixels: bool = True) -> dict:
+    """Keyword arguments of the forward over prompt + completion: every row's pictures, row
+    after row (a plain forward's layout, Rollouts.row_pictures). with_pixels=False leaves out
+    pixel_values (the caller hands the forward precomputed features) and copies nothing."""
     r = rollouts
+    image_grid_thw = r.row_pictures()[1]
+    has_images = (pixel_values is not None or r.pixel_values is not None) and len(image_grid_thw)
+    pixel_values = r.row_pictures(pixel_values)[0] if has_images and with_pixels else None
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)                     # [B, S]
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1)       # [B, S]
     # Completion tokens are text (type 0). mm_token_type_ids is how the forward finds the images
     # to give their tokens (time, row, column) positions, as generate did for the prompt.
     # Without it there is no error: positions silently fall back to 1-D and log-probs drift.
     mm_types = torch.cat([r.mm_token_type_ids, torch.zeros_like(r.completion_ids)], dim=1)  # [B, S]
-    has_images = pixel_values is not None and len(r.image_grid_thw) > 0
     return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_types,
-                pixel_values=pixel_values if has_images else None,
-                image_grid_thw=r.image_grid_thw if has_images else None,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw if has_images else None,
                 use_cache=False)    # a scoring pass has no next step: building a cache is waste
 
 
@@ -1009,22 +1058,27 @@ def _first_of_each(n: int, same) -> tuple[list[int], list[int]]:
     return first, group
 
 
-def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOutputWithPooling:
-    """The vision features of every image of a batch, with each distinct picture encoded once.
+def _encode_each_picture_once(net, pixel_values, image_grid_thw,
+                              images: list[int] | None = None) -> BaseModelOutputWithPooling:
+    """The vision features of the images a forward needs, each distinct picture encoded once.
 
+    pixel_values / image_grid_thw: the stored pictures (Rollouts: once per prompt entry).
+    images: the stored image behind each image the forward sees, in the forward's order (None:
+        every stored image, in order). The one-pass forward, for example, sees every row's
+        pictures: images = the row's entry's images, row after row.
     Returns what the model's forward accepts as mm_encoder_outputs["image"]: pooler_output = one
-    [tokens_i, H] tensor per image, in the order of image_grid_thw (the layout of the model's own
+    [tokens_i, H] tensor per image the forward sees (the layout of the model's own
     get_image_features). Images that show the same picture get the SAME tensor, so in the
     backward autograd sums the gradients of every row that reuses it - what the per-row forward
     gives, since there each copy's gradient reaches the same vision weights.
 
-    Which pictures are the same is decided by comparing them: same (t, h, w) grid and identical
-    patch rows (torch.equal, exact). Not by a group size: a micro-batch may hold part of a
-    group, DAPO's refills reorder groups, and two different questions may show one picture;
-    Rollouts carry no group id. The comparison is exact whatever the order, and cheap next to
-    the tower (_first_of_each). Sharing is exact because the
-    tower encodes each image on its own (its attention stays within an image, via cu_seqlens):
-    an image's features depend on its own pixels and grid only."""
+    The rollouts already store a group's pictures once; on top of that, stored pictures that
+    are the same - same (t, h, w) grid and identical patch rows (torch.equal, exact) - are
+    encoded once: two prompt entries can show one picture (DAPO's refill drew the example
+    again, two questions about one picture). The comparison is exact whatever the order, and
+    cheap next to the tower (_first_of_each). Sharing is exact because the tower encodes each
+    image on its own (its attention stays within an image, via cu_seqlens): an image's features
+    depend on its own pixels and grid only."""
     blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())   # one [rows_i, D] per image
     grids = image_grid_thw.tolist()
     # first image of each distinct picture; image i shows picture shows[i]
@@ -1032,7 +1086,8 @@ def _encode_each_picture_once(net, pixel_values, image_grid_thw) -> BaseModelOut
                                   and torch.equal(blocks[a], blocks[b]))
     out = net.get_image_features(torch.cat([blocks[i] for i in first]), image_grid_thw[first],
                                  return_dict=True)
-    per_image = lambda features: tuple(features[k] for k in shows)   # distinct -> every image
+    wanted = range(len(blocks)) if images is None else images
+    per_image = lambda features: tuple(features[shows[i]] for i in wanted)   # distinct -> wanted
     fields = {"pooler_output": per_image(out.pooler_output)}
     # Qwen3-VL (DeepStack) also adds features of a few vision layers to the hidden states of the
     # first decoder layers, at the image tokens: one more tuple per such layer, indexed alike.
@@ -1046,24 +1101,19 @@ def _checkpointing(net) -> bool:
                for layer in net.model.language_model.layers)
 
 
-def _distinct_prompts(r: Rollouts, pixel_values) -> tuple[list[int], torch.Tensor]:
+def _distinct_prompts(r: Rollouts) -> tuple[list[int], torch.Tensor]:
     """Which rows repeat an earlier row's prompt: (first, prompt_of) with `first` the first row
     of each distinct prompt and prompt_of [B] the index in `first` of each row's prompt.
 
-    Same prompt = same token ids, same padding and identical pictures (grid and patch rows,
-    torch.equal, exact). Compared, not assumed from a group size: micro-batches may hold parts
-    of groups, DAPO's refills reorder them, and Rollouts carry no group id (_first_of_each)."""
-    count = r.images_per_rollout.tolist()
-    first_image = [0, *accumulate(count)]                                   # [B + 1]
-    first_row = [0, *accumulate(r.image_grid_thw.prod(-1).tolist())]        # [n_images + 1]
-    pictures = lambda b: pixel_values[first_row[first_image[b]]:first_row[first_image[b + 1]]]
-    grids = lambda b: r.image_grid_thw[first_image[b]:first_image[b + 1]]
+    Same prompt = same prompt entry (Rollouts.prompt_of: the G rollouts of a group) and the
+    same token ids and padding (compared, so that rows put together by hand that point to one
+    entry with different prompts are never merged). Read from the rows, not assumed from a group
+    size: micro-batches may hold parts of groups and DAPO's refills reorder them."""
+    entry = r.prompt_of.tolist()
 
     def same(a, b):
-        return (torch.equal(r.prompt_ids[a], r.prompt_ids[b])
-                and torch.equal(r.prompt_mask[a], r.prompt_mask[b])
-                and torch.equal(grids(a), grids(b))
-                and (pixel_values is None or torch.equal(pictures(a), pictures(b))))
+        return (entry[a] == entry[b] and torch.equal(r.prompt_ids[a], r.prompt_ids[b])
+                and torch.equal(r.prompt_mask[a], r.prompt_mask[b]))
 
     first, prompt_of = _first_of_each(len(r), same)
     return first, torch.tensor(prompt_of, dtype=torch.long, device=r.prompt_ids.device)
@@ -1084,7 +1134,8 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     token) predicts token t. Pictures are still encoded once each (e)."""
     net = unwrap(model)
     T = r.completion_ids.shape[1]
-    inputs = _scoring_inputs(r, pixels)
+    shared = pixels is not None and len(r.image_grid_thw) > 0 and not sharded(net)
+    inputs = _scoring_inputs(r, pixels, with_pixels=not shared)
     # Not for a sharded (--fsdp) model: there the features would be an input of the root unit's
     # forward that requires grad, and FSDP runs a unit's post-backward (reduce-scatter its
     # gradients, free its gathered weights) as soon as the gradients of its inputs are done -
@@ -1094,15 +1145,16 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     # checkpointing update's). Making the tower a unit of its own does not rescue the shared
     # encoding: the root's post-backward then still runs early and frees lm_head's gathered
     # weight before the backward is done with it (tried: a freed-storage error).
-    if inputs["pixel_values"] is not None and not sharded(net):
+    if shared:
         # (e) the forward merges precomputed features into the token embeddings and computes the
         # 3-D positions from image_grid_thw as it would from pixels. The vision tower runs here,
         # outside the wrapper's forward: DDP still all-reduces its gradients, because DDP's hooks
         # sit on the parameters and fire in the backward. mm_encoder_outputs is the forward's
         # own argument for precomputed features (transformers 5.x); tests/test_model.py compares
         # with the plain pixel_values forward.
+        images = r._picture_rows(r.prompt_of.tolist())[1].tolist()  # every row's pictures
         inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
-            net, inputs.pop("pixel_values"), inputs["image_grid_thw"])}
+            net, pixels, r.image_grid_thw, images)}
     captured, hook = _final_states(net, lambda states: states[:, -T - 1:-1])
     try:
         model(**inputs, logits_to_keep=1)                            # (a) through the wrapper
@@ -1130,12 +1182,15 @@ def _states_prompt_once(model, r: Rollouts, pixels, first: list[int], prompt_of)
     T = r.completion_ids.shape[1]
     p = dataclasses.replace(r, pixel_values=pixels).select(first)         # the distinct prompts
     positions = rotary_positions(net, p.prompt_ids, p.prompt_mask, p.mm_token_type_ids,
-                                 p.image_grid_thw)                         # [3, N, P]
+                                 p.row_pictures()[1])                      # [3, N, P]
     prompt_pass = dict(input_ids=p.prompt_ids, attention_mask=p.prompt_mask,
                        position_ids=positions, use_cache=True)
     if p.pixel_values is not None and len(p.image_grid_thw):
-        prompt_pass.update(image_grid_thw=p.image_grid_thw, mm_encoder_outputs={
-            "image": _encode_each_picture_once(net, p.pixel_values, p.image_grid_thw)})
+        images = p._picture_rows(p.prompt_of.tolist())[1]           # each prompt's pictures
+        prompt_pass.update(image_grid_thw=p.image_grid_thw[images.to(p.image_grid_thw.device)],
+                           mm_encoder_outputs={
+                               "image": _encode_each_picture_once(
+                                   net, p.pixel_values, p.image_grid_thw, images.tolist())})
     after_prompt = positions[:, prompt_of, -1:] + 1 + torch.arange(T, device=positions.device)
     captured, hook = _final_states(net, lambda states: states)
     try:
@@ -1191,7 +1246,7 @@ def _completion_logprobs(model, net, r: Rollouts, pixels, temperature: float,
                          with_entropy: bool, chunk_size: int, device):
     B, T = r.completion_ids.shape
     # (a, b, e, f) the final hidden states that predict the completion tokens
-    first, prompt_of = _distinct_prompts(r, pixels)
+    first, prompt_of = _distinct_prompts(r)
     if len(first) < B and not (torch.is_grad_enabled() and _checkpointing(net)):
         hidden = _states_prompt_once(model, r, pixels, first, prompt_of)      # [B, T, H]
     else:
@@ -1264,5 +1319,10 @@ def rollouts_from_texts(processor, prompts: list[dict], texts: list[str]) -> Rol
     T = max(len(x) for x in ids)
     completion_ids = torch.tensor([x + [pad] * (T - len(x)) for x in ids])            # [B, T]
     completion_mask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids])  # [B, T]
-    return Rollouts(completion_ids=completion_ids, completion_mask=completion_mask,
-                    texts=list(texts), num_samples=1, pad_token_id=pad, **enc)
+    return Rollouts(prompt_ids=enc["prompt_ids"], prompt_mask=enc["prompt_mask"],
+                    mm_token_type_ids=enc["mm_token_type_ids"], pixel_values=enc["pixel_values"],
+                    image_grid_thw=enc["image_grid_thw"],
+                    images_per_prompt=enc["images_per_rollout"],
+                    prompt_of=torch.arange(len(prompts)),                 # one row per prompt
+                    completion_ids=completion_ids, completion_mask=completion_mask,
+                    texts=list(texts), num_samples=1, pad_token_id=pad)

@@ -815,7 +815,7 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     if need_masked:
         # Masking happens on the raw picture; the processor then resizes and normalises the masked
         # picture exactly like the original, so the number of image tokens is unchanged.
-        pixels = qwen.encode_images(processor, masked_images, cfg.group_size)
+        pixels = qwen.encode_images(processor, masked_images)         # once per prompt
         if not torch.equal(pixels["image_grid_thw"].cpu(), rollouts.image_grid_thw.cpu()):
             raise RuntimeError("masked images produced a different image-token grid")
         masked = dataclasses.replace(

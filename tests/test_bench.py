@@ -131,8 +131,8 @@ def test_work_of_one_micro_batch_in_closed_form(checkpointing):
     s = bench.prepare("tiny", args, torch.device("cpu"))
     r = s.batch.rollouts
     N, G, B, P, T = 2, 2, len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1]
-    once = int(r.select([0, G]).image_grid_thw.prod(-1).sum())          # each picture once
-    assert B == N * G and once * G == int(r.image_grid_thw.prod(-1).sum())
+    once = int(r.image_grid_thw.prod(-1).sum())          # the rollouts hold each picture once
+    assert B == N * G and once * G == int(r.row_pictures()[1].prod(-1).sum())   # a row's copies
     work = {name: bench.run_step(s, name, measure=True)["work"] for name in OBJECTIVES}
 
     assert work["grpo"]["generate"]["lm_calls"] == calls([N, P - 1, 1], [B, 1, T])
@@ -165,7 +165,8 @@ def test_big_shapes_code_path_runs_on_cpu_with_tiny_widths(shape):
     assert s.policy.dtype == torch.bfloat16
     assert sum(p.numel() for p in s.policy.parameters()) > 151_936 * 128  # the real vocabulary
     r = s.batch.rollouts
-    P, T, rows = r.prompt_ids.shape[1], r.completion_ids.shape[1], int(r.image_grid_thw.prod(-1).sum())
+    P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    rows = int(r.row_pictures()[1].prod(-1).sum())                 # a plain forward's copies
     measured = bench.run_step(s, "papo-g+grad", measure=True)
     assert measured["peak_mib"] > 0
     work = measured["work"]

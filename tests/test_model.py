@@ -275,13 +275,17 @@ def test_masked_image_changes_logprobs_not_shapes(tiny, prompts):
     G = 2
     r = generate_with_logits(model, processor, prompts, num_samples=G, max_new_tokens=MAX_NEW)[0]
     originals = [p["images"] for p in prompts]
-    # encode_images reproduces the rollouts' pixels exactly (same processor, same row order)
-    same = qwen.encode_images(processor, originals, G)
+    # encode_images reproduces the rollouts' pixels exactly (same processor, same order: each
+    # prompt's pictures once), and with G the per-row layout of a plain forward
+    same = qwen.encode_images(processor, originals)
     assert torch.equal(same["pixel_values"], r.pixel_values)
     assert torch.equal(same["image_grid_thw"], r.image_grid_thw)
+    per_row = qwen.encode_images(processor, originals, G)
+    assert torch.equal(per_row["pixel_values"], r.row_pictures()[0])
+    assert torch.equal(per_row["image_grid_thw"], r.row_pictures()[1])
 
     blacked = [[black_square(im) for im in ims] for ims in originals]
-    masked = qwen.encode_images(processor, blacked, G)
+    masked = qwen.encode_images(processor, blacked)
     assert torch.equal(masked["image_grid_thw"], r.image_grid_thw)   # same number of image tokens
     with torch.no_grad():
         logp = qwen.completion_logprobs(model, r)
@@ -376,7 +380,9 @@ def test_select_gives_the_full_batch_logprobs(tiny, prompts):
             part = r.select(rows)
             idx = torch.as_tensor(rows) % len(r)
             assert len(part) == len(idx) and part.texts == [r.texts[i] for i in idx]
-            assert len(part.image_grid_thw) == int(r.images_per_rollout[idx].sum())
+            groups = sorted(set((idx // G).tolist()))          # its pictures: once per group
+            assert len(part.image_grid_thw) == sum(len(prompts[n]["images"]) for n in groups)
+            assert part.images_per_rollout.tolist() == r.images_per_rollout[idx].tolist()
             torch.testing.assert_close(qwen.completion_logprobs(model, part), full[idx],
                                        rtol=0, atol=1e-5)
         with pytest.raises(IndexError):
@@ -389,16 +395,26 @@ def test_select_gives_the_full_batch_logprobs(tiny, prompts):
 
 
 def test_every_rollout_carries_its_own_prompts_pixels(tiny, prompts):
+    """Each row (alone, as select makes it) carries its prompt's pictures; the whole batch holds
+    each prompt's pictures once, not once per rollout; row_pictures gives a plain forward's
+    per-row copies."""
     model, processor = tiny
     G = 3
     r = generate_with_logits(model, processor, prompts, num_samples=G, max_new_tokens=4)[0]
+    alone = [processor.image_processor(images=p["images"], return_tensors="pt") for p in prompts]
+    assert r.prompt_of.tolist() == [b // G for b in range(len(r))]
+    assert len(r.pixel_values) == sum(len(a["pixel_values"]) for a in alone)      # once each
     for b in range(len(r)):
         n = b // G                                   # group-major: row b belongs to prompt b // G
-        alone = processor.image_processor(images=prompts[n]["images"], return_tensors="pt")
         row = r.select([b])
-        assert torch.equal(row.pixel_values, alone["pixel_values"])
-        assert torch.equal(row.image_grid_thw, alone["image_grid_thw"])
+        assert torch.equal(row.pixel_values, alone[n]["pixel_values"])
+        assert torch.equal(row.image_grid_thw, alone[n]["image_grid_thw"])
+        assert row.prompt_of.tolist() == [0] and row.images_per_prompt.tolist() == [
+            len(prompts[n]["images"])]
         assert torch.equal(r.prompt_ids[b], r.prompt_ids[n * G])
+    pixels, grid = r.row_pictures()
+    assert torch.equal(pixels, torch.cat([alone[b // G]["pixel_values"] for b in range(len(r))]))
+    assert torch.equal(grid, torch.cat([alone[b // G]["image_grid_thw"] for b in range(len(r))]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +437,7 @@ def shared_batch(tiny, prompts):
     r = generate_with_logits(model, processor, prompts, num_samples=G_SHARED,
                              max_new_tokens=MAX_NEW)[0]
     blacked = [[black_square(im) for im in p["images"]] for p in prompts]
-    masked = qwen.encode_images(processor, blacked, G_SHARED)["pixel_values"]
+    masked = qwen.encode_images(processor, blacked)["pixel_values"]
     return (copy.deepcopy(model).double(), r, dataclasses.replace(r, pixel_values=masked),
             processor)
 
@@ -515,7 +531,7 @@ def test_scoring_each_picture_and_prompt_once_same_logprobs_as_per_row(
     torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
     patch_rows, lm_calls = _expected_work(shared_batch, rows, scoring_path)
     assert work == ([patch_rows], lm_calls)
-    every_row = int(part.image_grid_thw.prod(-1).sum())
+    every_row = int(part.row_pictures()[1].prod(-1).sum())     # what a plain forward encodes
     assert patches[-1] == every_row and (patch_rows < every_row) == (case != "unrelated")
 
 

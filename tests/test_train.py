@@ -727,8 +727,7 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     budget = lambda name: data.budget_resize(Image.open(tmp_path / name).convert("RGB"),
                                              cfg.min_pixels, cfg.max_pixels)
     assert budget("p0_masked.png").size == (56, 56)
-    expected = qwen.encode_images(processor, [[budget("p0_masked.png")], [budget("p1_masked.png")]],
-                                  cfg.group_size)
+    expected = qwen.encode_images(processor, [[budget("p0_masked.png")], [budget("p1_masked.png")]])
     assert torch.equal(masked.pixel_values.cpu(), expected["pixel_values"])
     assert not torch.equal(masked.pixel_values, rollouts.pixel_values)
     assert torch.equal(masked.completion_ids, rollouts.completion_ids)     # same rollouts

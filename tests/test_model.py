@@ -362,6 +362,10 @@ def test_pixel_values_must_match_the_grid(tiny, prompts):
         dataclasses.replace(r, pixel_values=r.pixel_values[:-4])
     with pytest.raises(ValueError, match="do not match"):
         qwen.completion_logprobs(model, r, pixel_values=r.pixel_values[:-4])
+    with pytest.raises(ValueError, match="outside the 1 prompt entries"):
+        dataclasses.replace(r, prompt_of=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one entry per row"):
+        dataclasses.replace(r, prompt_of=torch.tensor([0]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -489,9 +489,9 @@ class Rollouts:
     point to one entry). At the official pixel budget a picture of ~600 image tokens is 2,400
     patch rows of 1,176 floats (11 MB): a copy per rollout would hold G = 5 of them, ~11 GB for
     the 960 rows of a step on one rank (2.1 GB once per prompt), as much again for the masked
-    branch. Any subset of rows (select, a
-    micro-batch) carries exactly the pictures its rows show, so it stays a complete, scoreable
-    batch; row_pictures() gives the per-row copies a plain forward needs.
+    branch. Any subset of rows (select, a micro-batch) carries exactly the pictures its rows
+    show, so it stays a complete, scoreable batch; row_pictures() gives the per-row copies a
+    plain forward needs.
 
     Frozen: build a variant with dataclasses.replace(r, pixel_values=...) (the masked-image
     branch), never by assigning to a field - other phases of a step may hold the same object."""
@@ -870,8 +870,8 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     bare model). The model is put in eval mode for sampling and restored afterwards.
 
     The returned Rollouts live on the model's device except pixel_values, which stay in host
-    memory (each prompt's pictures once: ~2 GB at the official pixel budget for 192 prompts,
-    as much again for the masked branch, no need to park it next to the model on a GPU).
+    memory: each prompt's pictures once, ~2 GB at the official pixel budget for 192 prompts
+    and as much again for the masked branch, host RAM rather than GPU memory.
     completion_logprobs moves only the pictures of the micro-batch it scores."""
     net = unwrap(model)
     device = next(net.parameters()).device

@@ -552,14 +552,16 @@ class Rollouts:
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         return rows, torch.tensor(images, dtype=torch.long)
 
-    def row_pictures(self, pixel_values=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def row_pictures(self, pixel_values=None,
+                     copy_pixels: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(pixel_values, image_grid_thw) with every ROW's pictures, row after row: the layout
         of a plain forward over the rows (G copies of a group's pictures). pixel_values: these
-        patch rows instead of the rollouts' own (same layout, e.g. the masked branch)."""
+        patch rows instead of the rollouts' own (same layout, e.g. the masked branch).
+        copy_pixels=False: the grid only (pixel_values None), nothing copied."""
         pixels = self.pixel_values if pixel_values is None else pixel_values
         rows, images = self._picture_rows(self.prompt_of.tolist())
         grid = self.image_grid_thw[images.to(self.image_grid_thw.device)]
-        if pixels is None or not len(rows):
+        if pixels is None or not len(rows) or not copy_pixels:
             return None, grid
         return pixels[rows.to(pixels.device)], grid
 
@@ -1029,9 +1031,9 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values, with_pixels: bool = True) 
     after row (a plain forward's layout, Rollouts.row_pictures). with_pixels=False leaves out
     pixel_values (the caller hands the forward precomputed features) and copies nothing."""
     r = rollouts
-    image_grid_thw = r.row_pictures()[1]
-    has_images = (pixel_values is not None or r.pixel_values is not None) and len(image_grid_thw)
-    pixel_values = r.row_pictures(pixel_values)[0] if has_images and with_pixels else None
+    has_images = ((pixel_values is not None or r.pixel_values is not None)
+                  and len(r.image_grid_thw) > 0)
+    pixel_values, image_grid_thw = r.row_pictures(pixel_values, copy_pixels=with_pixels)
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)                     # [B, S]
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1)       # [B, S]
     # Completion tokens are text (type 0). mm_token_type_ids is how the forward finds the images
@@ -1181,16 +1183,15 @@ def _states_prompt_once(model, r: Rollouts, pixels, first: list[int], prompt_of)
     net = unwrap(model)
     T = r.completion_ids.shape[1]
     p = dataclasses.replace(r, pixel_values=pixels).select(first)         # the distinct prompts
+    images = p._picture_rows(p.prompt_of.tolist())[1]               # each prompt's pictures
+    grid = p.image_grid_thw[images.to(p.image_grid_thw.device)]        # [n, 3], in row order
     positions = rotary_positions(net, p.prompt_ids, p.prompt_mask, p.mm_token_type_ids,
-                                 p.row_pictures()[1])                      # [3, N, P]
+                                 grid)                                     # [3, N, P]
     prompt_pass = dict(input_ids=p.prompt_ids, attention_mask=p.prompt_mask,
                        position_ids=positions, use_cache=True)
-    if p.pixel_values is not None and len(p.image_grid_thw):
-        images = p._picture_rows(p.prompt_of.tolist())[1]           # each prompt's pictures
-        prompt_pass.update(image_grid_thw=p.image_grid_thw[images.to(p.image_grid_thw.device)],
-                           mm_encoder_outputs={
-                               "image": _encode_each_picture_once(
-                                   net, p.pixel_values, p.image_grid_thw, images.tolist())})
+    if p.pixel_values is not None and len(grid):
+        prompt_pass.update(image_grid_thw=grid, mm_encoder_outputs={"image": (
+            _encode_each_picture_once(net, p.pixel_values, p.image_grid_thw, images.tolist()))})
     after_prompt = positions[:, prompt_of, -1:] + 1 + torch.arange(T, device=positions.device)
     captured, hook = _final_states(net, lambda states: states)
     try:

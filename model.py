@@ -653,6 +653,16 @@ def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], n
     return torch.cat(blocks), torch.cat(grids)
 
 
+def processor_max_pixels(image_processor) -> int | None:
+    """The most pixels the processor leaves in a picture: its size["longest_edge"] (an area,
+    despite the name; any larger picture is scaled down to fit). None for a processor set up
+    some other way (no resize, no budget). Qwen2.5-VL's: 12,845,056; the tiny ones: 12,544."""
+    ip = image_processor
+    if not getattr(ip, "do_resize", True) or not getattr(ip, "size", None):
+        return None
+    return ip.size.get("longest_edge") or None
+
+
 def _processor_size(image_processor, width: int, height: int) -> tuple[int, int] | None:
     """(width, height) that Qwen's processor resizes a picture to: the nearest multiples of
     patch_size * merge_size (28 px) inside its pixel budget (smart_resize). None for a processor

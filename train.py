@@ -626,6 +626,27 @@ def prompt_options(cfg: Config) -> dict:
                 max_pixels=cfg.max_pixels)
 
 
+def fit_pixel_budget(cfg: Config, processor, announce: bool = True) -> Config:
+    """cfg with --min-pixels lowered to the processor's own maximum where it is above it.
+
+    The budget scales every raw picture up to at least --min-pixels; the processor then scales
+    any picture over its own maximum back down. With a processor that keeps fewer pixels than
+    --min-pixels (the tiny offline ones keep at most 112 x 112 = 12,544; the official minimum is
+    200,704), every picture would go up 4x in side, then straight down again: two bicubic
+    resizes (about 3 ms of CPU for a toy picture) that blur it and add no pixel the model sees.
+    Lowered, a picture inside the processor's range reaches the model untouched, and one below
+    it is scaled up once. Qwen's own processors keep up to 12,845,056 pixels, far above the
+    official budget, which therefore never changes here. --max-pixels is left as given."""
+    top = qwen.processor_max_pixels(processor.image_processor)
+    if top is None or cfg.min_pixels <= top:
+        return cfg
+    if announce:
+        print(f"--min-pixels {cfg.min_pixels} is above the most pixels the processor keeps "
+              f"({top}): pictures would be scaled up, then back down by the processor. Using "
+              f"--min-pixels {top}.")
+    return dataclasses.replace(cfg, min_pixels=top)
+
+
 def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: str,
                          ) -> tuple[data.Dataset, int]:
     """Count the rows whose prompt (pictures' tokens included) is over --max-prompt-length.
@@ -1547,6 +1568,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     # Prompt lengths need only the tokenizer: checked before gigabytes of weights load. Every
     # rank computes the same lengths, so every rank keeps the same rows.
     processor = qwen.load_processor(init_path)
+    cfg = fit_pixel_budget(cfg, processor, announce=d.main)
     dropped = {}
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
     for name in heldout:

@@ -442,6 +442,37 @@ def test_two_steps_on_a_parquet_table_then_eval_reads_the_run_folder(tmp_path, m
     assert list(results[str(table.absolute())]) == [info["checkpoint"]]
 
 
+def test_a_min_pixels_above_what_the_processor_keeps_is_lowered_to_it(capsys):
+    from types import SimpleNamespace
+    import numpy as np
+    from PIL import Image
+    # The tiny processor keeps at most 112 x 112 = 12,544 pixels; the official budget starts at
+    # 200,704. Unlowered, a 112 x 112 picture would go up to 448 x 448, then straight back down.
+    tiny = SimpleNamespace(image_processor=toy.image_processor(
+        toy.SIZES["tiny"], "qwen2.5-vl", 56 * 56, 112 * 112))
+    official = train.Config()
+    assert (official.min_pixels, official.max_pixels) == (200_704, 1_003_520)
+    fitted = train.fit_pixel_budget(official, tiny)
+    assert (fitted.min_pixels, fitted.max_pixels) == (12_544, 1_003_520)
+    assert "--min-pixels 200704" in capsys.readouterr().out
+    assert dataclasses.replace(fitted, min_pixels=official.min_pixels) == official  # nothing else
+
+    # What the model receives: with the lowered budget, the raw picture's own pixels; through
+    # the round trip, blurred ones (which is what the lowering saves, besides the time).
+    raw = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), np.uint8))
+    pixels = lambda cfg: qwen.encode_images(tiny, [[data.budget_resize(
+        raw, cfg.min_pixels, cfg.max_pixels)]])["pixel_values"]
+    direct = qwen.encode_images(tiny, [[raw]])["pixel_values"]
+    assert torch.equal(pixels(fitted), direct)
+    assert pixels(official).shape == direct.shape and not torch.allclose(pixels(official), direct)
+
+    # Qwen2.5-VL's own processor keeps up to 12,845,056 pixels: the official budget is untouched.
+    real = SimpleNamespace(image_processor=toy.image_processor(
+        toy.SIZES["tiny"], "qwen2.5-vl", 3136, 12_845_056))
+    assert train.fit_pixel_budget(official, real) is official
+    assert capsys.readouterr().out == ""
+
+
 def test_eval_py_never_imports_train():
     """eval.py is a leaf beside the loop: importing it must not import train.py (a circle)."""
     code = "import sys, eval; assert 'train' not in sys.modules, 'eval imported train'"

@@ -501,6 +501,16 @@ def bench_logprob_memory(args, device: torch.device) -> dict:
 # 7. Summary, targets, the printed table
 # ---------------------------------------------------------------------------------------------
 
+def paired_extra(runs: list[dict], base: list[dict]) -> float:
+    """Seconds a step of `runs` takes over one of `base`, paired by repeat AND by phase: per
+    phase, the median over repeats of the difference; summed over the phases.
+
+    The median of whole-step differences would add every phase's noise up first: old, ref and
+    update do the same ~0.4 s of work in GRPO and PAPO-G, and their jitter alone moved target 1
+    between 0.95 and 1.21 from run to run. Per phase, the phases of equal work add about 0."""
+    return sum(median([r[phase] - b[phase] for r, b in zip(runs, base)]) for phase in PHASES)
+
+
 def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     """One model's medians, ratios to GRPO, work, and what targets 1 and 4 compare."""
     phases = {k: {p: median([t[p] for t in ts]) for p in (*PHASES, "step")}
@@ -513,8 +523,7 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     r = s.batch.rollouts
     B, P, T, G = len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1], r.num_samples
     rows = int(r.row_pictures()[1].prod(-1).sum())     # patch rows of a plain forward: B copies
-    # target 1, paired by repeat: both objectives of a repeat share its generation
-    extra = median([p["step"] - g["step"] for p, g in zip(runs["papo-g"], runs["grpo"])])
+    extra = paired_extra(runs["papo-g"], runs["grpo"])                 # target 1
     forward = phases["papo-g"]["masked"]
     return {
         "parameters": sum(p.numel() for p in s.policy.parameters()), "rollouts": B,

@@ -118,6 +118,20 @@ def test_smoke_bench_tiny_reports_every_field_and_its_work_in_closed_form(tmp_pa
     assert "papo-g+grad" in printed and "peak memory" in printed and "one per-rollout" in printed
 
 
+def test_target_1_pairs_each_phase_before_summing():
+    # Three repeats. The masking (0.005 s) and the masked forward (0.08 s) are PAPO-G's own; its
+    # old log-probs and update jitter around GRPO's (+0.03, 0, -0.01 s and 0, +0.02, 0 s). Per
+    # phase, the medians of the differences are 0.005, 0.08, 0 and 0: 0.085 s. The median of
+    # the whole steps' differences (0.115, 0.105, 0.075) would say 0.105: the jitter of two
+    # phases added up before the median could remove it.
+    zero = dict.fromkeys(bench.PHASES, 0.0)
+    grpo = [dict(zero, generate=0.3, old=0.1, update=0.2) for _ in range(3)]
+    papo = [dict(zero, generate=0.3, mask=0.005, old=o, masked=0.08, update=u)
+            for o, u in ((0.13, 0.2), (0.1, 0.22), (0.09, 0.2))]
+    assert bench.paired_extra(papo, grpo) == pytest.approx(0.085, abs=1e-12)
+    assert bench.paired_extra(grpo, grpo) == 0.0
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_work_of_one_micro_batch_in_closed_form(checkpointing):
     """The whole batch in one micro-batch and one update: every pass reads each picture once.

@@ -524,6 +524,13 @@ def main(argv=None) -> dict:
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
+        # as in training (train.fit_pixel_budget): a picture is never scaled up past the most
+        # pixels this processor keeps, only for the processor to scale it straight back down
+        top = qwen.processor_max_pixels(processor.image_processor)
+        low = min_pixels if top is None or min_pixels <= top else top
+        if low != min_pixels:
+            print(f"{name}: --min-pixels {min_pixels} is above the most pixels its processor "
+                  f"keeps ({top}); using {low}")
         for s, examples in loaded.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 results[s][name] = evaluate(
@@ -531,7 +538,7 @@ def main(argv=None) -> dict:
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     max_new_tokens=max_new, batch_size=args.batch_size,
                     mask_ratios=tuple(mask_ratios), kl_ratio=kl_ratio if kl_ratio >= 0 else None,
-                    seed=args.seed, progress=True, template=template, min_pixels=min_pixels,
+                    seed=args.seed, progress=True, template=template, min_pixels=low,
                     max_pixels=max_pixels)
         del policy
         out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost

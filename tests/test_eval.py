@@ -96,6 +96,26 @@ def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, t
     assert res["kl_prcp"] >= 0.0
 
 
+def test_eval_never_scales_a_picture_past_what_the_processor_keeps(two_questions, tmp_path,
+                                                                  capsys):
+    # The tiny processor keeps at most 12,544 pixels. Asked for 200,704, eval.py lowers the
+    # budget to that, as train.py does, and scores exactly as if 12,544 had been given.
+    import model as qwen
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
+    policy.save_pretrained(tmp_path / "ckpt"); qwen.save_processor(processor, tmp_path / "ckpt")
+
+    def run(low: str, out: str) -> dict:
+        evaluation.main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "q.jsonl"),
+                         "--samples", "2", "--max-new-tokens", "4", "--min-pixels", low,
+                         "--out", str(tmp_path / out)])
+        return json.loads((tmp_path / out).read_text())
+    high = run("200704", "high.json")
+    assert "--min-pixels 200704 is above the most pixels its processor keeps (12544)" in \
+        capsys.readouterr().out
+    assert high == run("12544", "low.json")
+    assert "is above" not in capsys.readouterr().out
+
+
 def test_side_by_side_columns_are_told_apart_by_their_shortest_distinct_tail():
     models = ["runs/exp-grpo-seed0/checkpoint-000150", "runs/exp-papo-g-seed0/checkpoint-000150",
               "Qwen/Qwen2.5-VL-3B-Instruct"]

@@ -660,10 +660,10 @@ def format_report(report: dict) -> str:
 
 # Defaults per kind of run. CPU sizes: tiny + small take 2-3 minutes on 2 cores; 15 repeats,
 # because target 1 is a difference of medians (9 gave 0.95-1.21 for one code, 25 gave 1.065).
-# 3b: the G = 5, 8 prompts, 512 new tokens, bf16 weights (float32 master weights, gradients, AdamW's
-# moments and a float32 reference of ~3.75B parameters need ~75 GB). Micro-batches of a
-# multiple of G rows: score_phase cuts the batch into consecutive micro-batches, and only whole
-# groups let each read every picture once (target 4).
+# 3b: the G = 5, 8 prompts, 512 new tokens, bf16 weights (float32 master weights,
+# gradients, AdamW's moments and a float32 reference of ~3.75B parameters need ~75 GB).
+# Micro-batches of a multiple of G rows: score_phase cuts the batch into consecutive
+# micro-batches, and only whole groups let each read every picture once (target 4).
 DEFAULTS = {
     "sizes": dict(prompts=8, group_size=4, max_new_tokens=64, repeats=15, warmup=2,
                   updates_per_step=2, micro_batch_size=8, device="cpu", dtype="float32",

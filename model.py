@@ -642,7 +642,10 @@ def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], n
 
     pixel_values holds the rows of all images back to back ([rows, D]); image i owns
     image_grid_thw[i].prod() consecutive rows. Rollout b = n * G + g needs the rows of prompt
-    n's images, so prompt n's block of rows is repeated G times in place."""
+    n's images, so prompt n's block of rows is repeated G times in place. G = 1: the input
+    itself (no copy of the rows)."""
+    if num_samples == 1:
+        return pixel_values, image_grid_thw
     rows_per_image = image_grid_thw.prod(-1).tolist()                  # [n_images]
     blocks, grids, start, image = [], [], 0, 0
     for count in images_per_prompt:

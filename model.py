@@ -709,13 +709,16 @@ def presize(image_processor, images: list) -> list:
             or not all(isinstance(image, Image.Image) for image in images)):
         return images
 
-    def one(image):
-        size = _processor_size(ip, image.width, image.height)
-        if size is None or size == image.size:   # nothing to do, or a processor set up otherwise
+    sizes = [_processor_size(ip, image.width, image.height) for image in images]
+    if all(size is None or size == image.size for size, image in zip(sizes, images)):
+        return images         # nothing to do (or a processor set up otherwise): no thread pool
+
+    def one(image, size):
+        if size is None or size == image.size:
             return image
         return image.resize(size, Image.Resampling(ip.resample))
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        return list(pool.map(one, images))
+        return list(pool.map(one, images, sizes))
 
 
 def image_token_count(image_processor, width: int, height: int) -> int:

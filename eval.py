@@ -524,13 +524,12 @@ def main(argv=None) -> dict:
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
-        # as in training (train.fit_pixel_budget): a picture is never scaled up past the most
-        # pixels this processor keeps, only for the processor to scale it straight back down
-        top = qwen.processor_max_pixels(processor.image_processor)
-        low = min_pixels if top is None or min_pixels <= top else top
+        # as in training: a picture is never scaled up past the most pixels this processor
+        # keeps, only for the processor to scale it straight back down (model.fit_min_pixels)
+        low = qwen.fit_min_pixels(processor.image_processor, min_pixels)
         if low != min_pixels:
             print(f"{name}: --min-pixels {min_pixels} is above the most pixels its processor "
-                  f"keeps ({top}); using {low}")
+                  f"keeps ({low}); using {low}")
         for s, examples in loaded.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 results[s][name] = evaluate(

@@ -656,14 +656,21 @@ def _repeat_images(pixel_values, image_grid_thw, images_per_prompt: list[int], n
     return torch.cat(blocks), torch.cat(grids)
 
 
-def processor_max_pixels(image_processor) -> int | None:
-    """The most pixels the processor leaves in a picture: its size["longest_edge"] (an area,
-    despite the name; any larger picture is scaled down to fit). None for a processor set up
-    some other way (no resize, no budget). Qwen2.5-VL's: 12,845,056; the tiny ones: 12,544."""
+def fit_min_pixels(image_processor, min_pixels: int) -> int:
+    """min_pixels, lowered to the most pixels the processor keeps where it is above them.
+
+    A pixel budget scales every raw picture up to at least min_pixels; the processor then scales
+    any picture over its own maximum (size["longest_edge"], an area despite the name) back
+    down. Above that maximum, every small picture would go up, then straight down again: two
+    bicubic resizes (about 3 ms of CPU for a 112 px toy picture scaled to 448 px and back) that
+    blur it and add no pixel the model sees. Lowered, a picture inside the processor's range
+    reaches the model untouched. The tiny processors keep 12,544 pixels (112 x 112); Qwen's own
+    keep 12,845,056, far above the official budgets, which therefore never change. A processor
+    set up some other way (no resize, no budget) leaves min_pixels as it is."""
     ip = image_processor
-    if not getattr(ip, "do_resize", True) or not getattr(ip, "size", None):
-        return None
-    return ip.size.get("longest_edge") or None
+    top = (ip.size.get("longest_edge") if getattr(ip, "do_resize", True)
+           and getattr(ip, "size", None) else None)
+    return min_pixels if not top or min_pixels <= top else top
 
 
 def _processor_size(image_processor, width: int, height: int) -> tuple[int, int] | None:

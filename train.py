@@ -627,24 +627,17 @@ def prompt_options(cfg: Config) -> dict:
 
 
 def fit_pixel_budget(cfg: Config, processor, announce: bool = True) -> Config:
-    """cfg with --min-pixels lowered to the processor's own maximum where it is above it.
-
-    The budget scales every raw picture up to at least --min-pixels; the processor then scales
-    any picture over its own maximum back down. With a processor that keeps fewer pixels than
-    --min-pixels (the tiny offline ones keep at most 112 x 112 = 12,544; the official minimum is
-    200,704), every picture would go up 4x in side, then straight down again: two bicubic
-    resizes (about 3 ms of CPU for a toy picture) that blur it and add no pixel the model sees.
-    Lowered, a picture inside the processor's range reaches the model untouched, and one below
-    it is scaled up once. Qwen's own processors keep up to 12,845,056 pixels, far above the
-    official budget, which therefore never changes here. --max-pixels is left as given."""
-    top = qwen.processor_max_pixels(processor.image_processor)
-    if top is None or cfg.min_pixels <= top:
+    """cfg with --min-pixels lowered to the most pixels the processor keeps, where it is above
+    them (model.fit_min_pixels says why; the tiny processors keep 12,544, the official minimum
+    is 200,704). --max-pixels is left as given."""
+    low = qwen.fit_min_pixels(processor.image_processor, cfg.min_pixels)
+    if low == cfg.min_pixels:
         return cfg
     if announce:
         print(f"--min-pixels {cfg.min_pixels} is above the most pixels the processor keeps "
-              f"({top}): pictures would be scaled up, then back down by the processor. Using "
-              f"--min-pixels {top}.")
-    return dataclasses.replace(cfg, min_pixels=top)
+              f"({low}): pictures would be scaled up, then back down by the processor. Using "
+              f"--min-pixels {low}.")
+    return dataclasses.replace(cfg, min_pixels=low)
 
 
 def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: str,

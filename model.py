@@ -664,9 +664,10 @@ def fit_min_pixels(image_processor, min_pixels: int) -> int:
     down. Above that maximum, every small picture would go up, then straight down again: two
     bicubic resizes (about 3 ms of CPU for a 112 px toy picture scaled to 448 px and back) that
     blur it and add no pixel the model sees. Lowered, a picture inside the processor's range
-    reaches the model untouched. The tiny processors keep 12,544 pixels (112 x 112); Qwen's own
-    keep 12,845,056, far above the official budgets, which therefore never change. A processor
-    set up some other way (no resize, no budget) leaves min_pixels as it is."""
+    reaches the model untouched. The tiny processors keep 12,544 (Qwen2.5-VL, 112 x 112) or
+    16,384 pixels (Qwen3-VL, 128 x 128); Qwen2.5-VL's own keeps 12,845,056, far above the
+    official budgets, which therefore never change for it. A processor set up some other way
+    (no resize, no budget) leaves min_pixels as it is."""
     ip = image_processor
     top = (ip.size.get("longest_edge") if getattr(ip, "do_resize", True)
            and getattr(ip, "size", None) else None)

@@ -628,8 +628,8 @@ def prompt_options(cfg: Config) -> dict:
 
 def fit_pixel_budget(cfg: Config, processor, announce: bool = True) -> Config:
     """cfg with --min-pixels lowered to the most pixels the processor keeps, where it is above
-    them (model.fit_min_pixels says why; the tiny processors keep 12,544, the official minimum
-    is 200,704). --max-pixels is left as given."""
+    them (model.fit_min_pixels says why; the tiny Qwen2.5-VL processor keeps 12,544, the
+    official minimum is 200,704). --max-pixels is left as given."""
     low = qwen.fit_min_pixels(processor.image_processor, cfg.min_pixels)
     if low == cfg.min_pixels:
         return cfg

@@ -552,6 +552,11 @@ class Rollouts:
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         return rows, torch.tensor(images, dtype=torch.long)
 
+    def row_images(self) -> torch.Tensor:
+        """[n] long: the stored image behind each image a plain forward over the rows sees, row
+        after row (G entries for each picture of a group)."""
+        return self._picture_rows(self.prompt_of.tolist())[1]
+
     def row_pictures(self, pixel_values=None,
                      copy_pixels: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(pixel_values, image_grid_thw) with every ROW's pictures, row after row: the layout
@@ -785,11 +790,11 @@ def _count_image_entries(messages: list[dict]) -> int:
                for part in m["content"] if part.get("type") == "image")
 
 
-def _encode_prompts(processor, prompts: list[dict], num_samples: int) -> dict:
-    """Chat template + tokenizer + image processor for N prompts, repeated G times.
+def _encode_prompts(processor, prompts: list[dict]) -> dict:
+    """Chat template + tokenizer + image processor for N prompts, one row each.
 
-    Returns prompt_ids / prompt_mask / mm_token_type_ids [N*G, P] (left padded), pixel_values,
-    image_grid_thw and images_per_rollout [N*G]."""
+    Returns prompt_ids / prompt_mask / mm_token_type_ids [N, P] (left padded), pixel_values,
+    image_grid_thw and images_per_rollout [N] (_repeat_encoded makes N * G rows of it)."""
     for i, prompt in enumerate(prompts):
         n_entries, n_images = _count_image_entries(prompt["messages"]), len(prompt["images"])
         if n_entries != n_images:
@@ -810,7 +815,7 @@ def _encode_prompts(processor, prompts: list[dict], num_samples: int) -> dict:
                    image_grid_thw=(inputs["image_grid_thw"] if flat
                                    else torch.zeros(0, 3, dtype=torch.long)),
                    images_per_rollout=torch.tensor(counts, dtype=torch.long))
-    return _repeat_encoded(encoded, num_samples)
+    return encoded
 
 
 def _repeat_encoded(encoded: dict, num_samples: int) -> dict:
@@ -901,7 +906,7 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     completion_logprobs moves only the pictures of the micro-batch it scores."""
     net = unwrap(model)
     device = next(net.parameters()).device
-    host = _encode_prompts(processor, prompts, 1)                       # N rows, one per prompt
+    host = _encode_prompts(processor, prompts)                          # N rows, one per prompt
     once = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in host.items()}
     repeat = lambda t: t.repeat_interleave(num_samples, dim=0).to(device)   # [N, ...] -> [B, ...]
     eos = _eos_ids(net)
@@ -1178,7 +1183,7 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
         # sit on the parameters and fire in the backward. mm_encoder_outputs is the forward's
         # own argument for precomputed features (transformers 5.x); tests/test_model.py compares
         # with the plain pixel_values forward.
-        images = r._picture_rows(r.prompt_of.tolist())[1].tolist()  # every row's pictures
+        images = r.row_images().tolist()                               # every row's pictures
         inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
             net, pixels, r.image_grid_thw, images)}
     captured, hook = _final_states(net, lambda states: states[:, -T - 1:-1])
@@ -1207,7 +1212,7 @@ def _states_prompt_once(model, r: Rollouts, pixels, first: list[int], prompt_of)
     net = unwrap(model)
     T = r.completion_ids.shape[1]
     p = dataclasses.replace(r, pixel_values=pixels).select(first)         # the distinct prompts
-    images = p._picture_rows(p.prompt_of.tolist())[1]               # each prompt's pictures
+    images = p.row_images()                                         # each prompt's pictures
     grid = p.image_grid_thw[images.to(p.image_grid_thw.device)]        # [n, 3], in row order
     positions = rotary_positions(net, p.prompt_ids, p.prompt_mask, p.mm_token_type_ids,
                                  grid)                                     # [3, N, P]
@@ -1337,7 +1342,7 @@ def rollouts_from_texts(processor, prompts: list[dict], texts: list[str]) -> Rol
     if len(prompts) != len(texts):
         raise ValueError(f"rollouts_from_texts: {len(prompts)} prompts but {len(texts)} texts")
     tokenizer = processor.tokenizer
-    enc = _encode_prompts(processor, prompts, num_samples=1)
+    enc = _encode_prompts(processor, prompts)
     end = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]

@@ -514,7 +514,7 @@ def test_prompt_lengths_equal_the_encoded_prompt_length(request, family, sizes):
     item = ex.to_prompt()
     [predicted] = model.prompt_lengths(processor, [(item["messages"],
                                                    [p.size for p in item["images"]])])
-    encoded = model._encode_prompts(processor, [item], 1)
+    encoded = model._encode_prompts(processor, [item])
     assert predicted == int(encoded["prompt_mask"].sum())
     # And the image tokens are image_token_count per picture.
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

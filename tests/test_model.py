@@ -347,7 +347,7 @@ def test_presize_gives_the_processors_own_pixels_bit_for_bit(tiny, prompts):
     assert torch.equal(ours["image_grid_thw"], direct["image_grid_thw"])
     assert torch.equal(ours["pixel_values"], direct["pixel_values"])
     item = {"messages": data.make_messages("Which is larger?", len(odd)), "images": odd}
-    encoded = qwen._encode_prompts(processor, [item], 1)
+    encoded = qwen._encode_prompts(processor, [item])
     texts = [processor.apply_chat_template(item["messages"], add_generation_prompt=True,
                                            tokenize=False)]
     plain = processor(text=texts, images=odd, return_tensors="pt")

@@ -299,10 +299,12 @@ class Example:
         return pictures
 
     def to_prompt(self, template: str | None = None, min_pixels: int | None = None,
-                  max_pixels: int | None = None) -> dict:
+                  max_pixels: int | None = None, pictures: list | None = None) -> dict:
         """What a rollout needs: the chat messages, the pictures in the same order (resized into
-        the budget), the answer."""
-        pictures = self.load_images(min_pixels, max_pixels)
+        the budget), the answer. pictures: the row's pictures already decoded and resized by
+        the caller (who also needed the raw ones, to mask them), used as they are."""
+        if pictures is None:
+            pictures = self.load_images(min_pixels, max_pixels)
         return {"messages": chat_messages(self.prompt_text(template), len(pictures)),
                 "images": pictures, "answer": self.answer, "solution": self.solution,
                 "problem": self.problem}

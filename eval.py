@@ -63,7 +63,7 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
     batch_size counts questions per `generate` call (each with `samples` rollouts).
     kl_ratio: mask ratio for the KL_prcp measurement (None: skip it).
     template, min_pixels, max_pixels: how rows become prompts (data.Example.to_prompt); the
-    pixel budget is applied to the raw pictures before any masking, as in training.
+    masks are applied to the raw pictures and the pixel budget after them, as in training.
     decoys: per example, a WRONG answer a shortcut would give (or None); reports "decoy_rate",
     the share of samples with the original picture that give it, over the examples that have one."""
     if not examples:
@@ -74,14 +74,19 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
-        items = [ex.to_prompt(template, min_pixels, max_pixels) for ex in chunk]
+        # As in training: the masked variants black out squares of the RAW picture, then every
+        # variant is resized into the pixel budget on its own (train.generate_phase says why).
+        fit = lambda pictures: [data.budget_resize(p, min_pixels, max_pixels) for p in pictures]
+        raw = [ex.load_images() for ex in chunk]
+        items = [ex.to_prompt(template, pictures=fit(pictures)) for ex, pictures in zip(chunk, raw)]
         answers = [ex.answer for ex in chunk for _ in range(samples)]
         # the same seeds for every model compared, so differences are not sampling luck
         rng = np.random.default_rng([seed, start])
         for ratio in correct:
             torch.manual_seed(seed * 1_000_003 + start)
             images = [it["images"] if ratio is None else
-                      papo.mask_image(it["images"], ratio=ratio, rng=rng) for it in items]
+                      fit(papo.mask_image(pictures, ratio=ratio, rng=rng))
+                      for it, pictures in zip(items, raw)]
             prompts = [{**it, "images": im} for it, im in zip(items, images)]
             rollouts = qwen.generate_rollouts(policy, processor, prompts, num_samples=samples,
                                               max_new_tokens=max_new_tokens,
@@ -98,7 +103,8 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
                                 for t, w in zip(rollouts.texts, wrong) if w is not None]
                 lengths += rollouts.completion_mask.sum(-1).tolist()
                 if kl_ratio is not None:
-                    masked = [papo.mask_image(it["images"], ratio=kl_ratio, rng=rng) for it in items]
+                    masked = [fit(papo.mask_image(pictures, ratio=kl_ratio, rng=rng))
+                              for pictures in raw]
                     pixels = qwen.encode_images(processor, masked)
                     logp = qwen.completion_logprobs(policy, rollouts, temperature=temperature)
                     masked_logp = qwen.completion_logprobs(

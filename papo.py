@@ -392,9 +392,7 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               entropy_orig: Optional[torch.Tensor] = None,
               entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
               max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
-              kl_prcp_token_fraction: Optional[float] = None,
-              kl_prcp_keep: Optional[torch.Tensor] = None,
-              kl_prcp_normalizer: Optional[Number] = None, sft_coef: float = 0.0,
+              kl_prcp_token_fraction: Optional[float] = None, sft_coef: float = 0.0,
               sft_rows: Optional[torch.Tensor] = None, sft_normalizer: Optional[Number] = None,
               ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
@@ -427,13 +425,13 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     lower bound matters only for k1, which can be negative.
 
     Token-level KL_prcp mask (kl_prcp_token_fraction = p, official value 0.2; None = off): the
-    term is aggregated over perception_token_mask(D, mask, p) instead of mask, the selection
-    made on the UNCLIPPED values (the official order: select, then clamp). kl_prcp_keep, a
-    precomputed bool [B, T] selection, takes precedence (a caller that had to count the kept
-    tokens of the whole batch beforehand passes the selection it counted). The term's
-    normaliser is kl_prcp_normalizer when given, else normalizer. With a global "token-mean"
-    normalizer it must be given: the term is a mean over the KEPT tokens of the whole batch,
-    and a normalizer counting every token would silently scale it by about p.
+    tokens outside perception_token_mask(D, mask, p) are ZEROED, and the term is then
+    aggregated over the whole completion mask like every other term, with the same
+    normaliser: for "token-mean", sum over the kept tokens / the number of ALL valid tokens -
+    about p times a mean over the kept tokens, as in the official code (which multiplies the
+    per-token values by the token mask, clamps, and averages over the response mask). The
+    selection is made on the UNCLIPPED values (the official order: select, then clamp), per
+    rollout, so it does not depend on how the batch is cut into micro-batches.
 
     SFT loss on correct rollouts (sft_coef, official value 1e-3; 0 = off): adds
         sft_coef * sum_{i correct, t} -l_{i,t} * m_{i,t} / N_correct
@@ -472,11 +470,6 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
     if kl_prcp_clip is not None and not 0 < kl_prcp_clip < math.inf:
         raise ValueError(f"kl_prcp_clip must be > 0 (or None = off), got {kl_prcp_clip}")
-    selects = kl_prcp_keep is not None or kl_prcp_token_fraction is not None
-    if (selects and gamma != 0 and agg_mode == "token-mean" and normalizer is not None
-            and kl_prcp_normalizer is None):
-        raise ValueError("the token-level KL_prcp mask with a global token-mean normalizer needs "
-                         "kl_prcp_normalizer, the global number of KEPT tokens")
     if sft_coef != 0 and sft_rows is None:
         raise ValueError("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
     if (sft_coef != 0 and normalizer is not None and agg_mode != MICRO_TOKEN_MEAN
@@ -523,22 +516,18 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if masked_logp is not None:
         kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
         log_mean("kl_prcp", kl_prcp)
-        keep = mask                                  # the tokens the term is aggregated over
-        if kl_prcp_keep is not None:
-            keep = kl_prcp_keep.bool() & mask.bool()                          # [B, T]
-        elif kl_prcp_token_fraction is not None:
+        keep = mask.bool()                                                    # [B, T]
+        if kl_prcp_token_fraction is not None:
             keep = perception_token_mask(kl_prcp, mask, kl_prcp_token_fraction)  # [B, T]
-        if selects:
             log_mean("kl_prcp_kept", keep.to(kl_prcp.dtype))
+            # zeroed, not removed: the term keeps the normaliser of every other term
+            kl_prcp = kl_prcp.masked_fill(~keep, 0.0)                         # [B, T]
         if kl_prcp_clip is not None:
-            changed = ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)) & keep.bool()  # [B, T]
+            changed = ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)) & keep       # [B, T]
             log_mean("kl_prcp_clipped", changed.to(kl_prcp.dtype))
             kl_prcp = kl_prcp.clamp(0.0, kl_prcp_clip)                        # [B, T]
         if gamma != 0:
-            term = aggregate(kl_prcp, keep, agg_mode,
-                             kl_prcp_normalizer if kl_prcp_normalizer is not None else normalizer,
-                             max_len)
-            loss = loss - gamma * term                                        # maximised
+            loss = loss - gamma * agg(kl_prcp)                                # maximised
     for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
         if h is not None:
             log_mean(name, h)
@@ -572,12 +561,15 @@ def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: f
                           fraction: float = 0.5) -> tuple[float, float, float]:
     """KL_prcp annealing: (gamma_t, eta_orig_t, eta_mask_t) for training step `step`.
 
-        progress = min((step - 1) / (fraction * total_steps), 1)
+        n        = max(1, int(total_steps * fraction))     the schedule's length, in steps
+        progress = min((step - 1) / n, 1)
         gamma_t  = (1 - progress) * gamma + progress * gamma_end
         eta_t    = eta * gamma_t / gamma          (eta_orig and eta_mask alike)
 
     Steps are counted from 1 to total_steps, as train.py counts them: step 1 trains with gamma
-    itself, and step 1 + fraction * total_steps and every later one with gamma_end. The Double
+    itself, and step 1 + n and every later one with gamma_end. The length is rounded down to
+    whole steps, as the official code does (int(training steps * annealing ratio)): over 5
+    steps with fraction 0.5 it is 2 steps, not 2.5. The Double
     Entropy Loss exists to hold back the collapse that a strong KL_prcp can cause, so it fades
     with the term it guards (as in the official code). gamma_end > gamma is allowed: a ramp up.
 
@@ -600,7 +592,8 @@ def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: f
         raise ValueError(f"gamma_end must be >= 0, got {gamma_end}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    progress = min((step - 1) / (fraction * total_steps), 1.0)
+    length = max(1, int(total_steps * fraction))
+    progress = min((step - 1) / length, 1.0)
     # written as a weighted mean so that progress 0 gives gamma and progress 1 gives gamma_end
     # exactly, without a rounding step
     gamma_t = (1.0 - progress) * gamma + progress * gamma_end

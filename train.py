@@ -150,8 +150,8 @@ class Config:
                                     "from --gamma to --gamma-end over the first "
                                     "--gamma-anneal-fraction of --steps, then stays there; "
                                     "--eta-orig and --eta-mask are scaled by gamma_t / gamma. "
-                                    "Steps count from 1: step 1 uses --gamma, step 1 + fraction "
-                                    "x steps and later ones --gamma-end. The schedule follows "
+                                    "Steps count from 1: step 1 uses --gamma, step 1 + "
+                                    "int(fraction x steps) and later ones --gamma-end. The schedule follows "
                                     "--steps, also when a resume changes it. Logged: gamma_t.")
     gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
     gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
@@ -171,18 +171,24 @@ class Config:
     kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
                                    "so no token can raise the term past C (official switch, C = "
                                    "0.2). 0 = off.")
-    kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, only the "
-                                             "tokens whose KL_prcp is at or above the (1 - P) "
-                                             "quantile of its tokens enter the term (selected "
-                                             "before --kl-prcp-clip; official switch, P = 0.2). "
-                                             "With --agg-mode token-mean the kept tokens of each "
-                                             "mini-batch are counted first, in a no-gradient "
-                                             "pass (one extra forward per rollout). 0 = off.")
+    kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, the "
+                                             "tokens whose KL_prcp is below the (1 - P) quantile "
+                                             "of its tokens are zeroed (selected before "
+                                             "--kl-prcp-clip; official switch, P = 0.2). The "
+                                             "term keeps the normaliser of every term, the count "
+                                             "of ALL valid tokens, as in the official code. "
+                                             "0 = off.")
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
                                  "or exact (-sum p log p from the logits).")
-    dynamic_sampling: bool = arg(False, "DAPO: drop groups whose accuracy is all 0 or all 1 and "
-                                        "draw more prompts to refill the batch.")
-    max_draws: int = arg(4, "Dynamic sampling: most rollout batches drawn to fill one step.")
+    dynamic_sampling: bool = arg(False, "DAPO: keep only groups whose mean accuracy is strictly "
+                                        "between 0.01 and 0.99 and draw further prompts until the "
+                                        "step has --prompts-per-step kept groups (the extra ones "
+                                        "are trimmed). A draw in which no group passes keeps all "
+                                        "its groups (as the official code does).")
+    draw_size: int = arg(128, "Dynamic sampling: prompts per draw, summed over all ranks "
+                              "(official: 128, a third of the step).")
+    max_draws: int = arg(20, "Dynamic sampling: most draws for one step; if the step is still "
+                             "not full after them, the run stops with an error (official: 20).")
     mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
     mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
     mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
@@ -253,7 +259,7 @@ PRESETS: dict[str, dict] = {
 # Its 112 x 112 pictures (16 image tokens) are far below the official budget's 200,704 pixels,
 # which would upscale them 16x in area (256 tokens, mostly blur); the toy budget is the tiny
 # processor's own range, so budget_resize leaves them untouched.
-TOY_OVERRIDES = dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4,
+TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tokens=32, lr=1e-4,
                      updates_per_step=1, micro_batch_size=64, steps=150, save_every=50,
                      min_pixels=56 * 56, max_pixels=112 * 112)
 
@@ -366,6 +372,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
                                                       "rollout's tokens kept)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
+    ("draw_size", lambda v: v >= 1, ">= 1"),
     ("max_draws", lambda v: v >= 1, ">= 1"),
     ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("mask_patch", lambda v: v >= 1, ">= 1 (pixels)"),
@@ -403,6 +410,9 @@ def check_config(cfg: Config, world_size: int) -> None:
     if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
                         f"{world_size} processes")
+    if cfg.dynamic_sampling and cfg.draw_size >= 1 and cfg.draw_size % world_size:
+        problems.append(f"--draw-size {cfg.draw_size} is not divisible by the {world_size} "
+                        f"processes")
     local = cfg.prompts_per_step // max(world_size, 1)       # groups per process and step
     if cfg.updates_per_step >= 1 and local and local % cfg.updates_per_step:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
@@ -793,11 +803,39 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
     """Mask (PAPO) and generate. The masked images are built here, once per prompt, so that the
     G rollouts of a group are all compared against the SAME corrupted picture: their advantages
     and their KL_prcp then differ only through the sampled text. With --masked-image-key they
-    are the dataset's pre-masked pictures instead of random patches."""
+    are the dataset's pre-masked pictures instead of random patches.
+
+    The order is the official one: the patch mask blacks out 14 x 14-pixel squares of the RAW
+    picture, and each branch is then resized into the pixel budget on its own, the masked copy
+    exactly like the original (so a square of the raw picture becomes a 14 f-pixel square of
+    the model's input, f the budget's scale factor, and both branches get the same size)."""
+    fit = lambda pictures: [data.budget_resize(p, cfg.min_pixels, cfg.max_pixels)
+                            for p in pictures]
+    masked_images = None
     # Decoding and resizing the pictures is PIL work, which releases the GIL: one thread per
     # core (torch is idle meanwhile). Same pictures, same order as a plain loop.
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        items = list(pool.map(lambda ex: ex.to_prompt(**prompt_options(cfg)), prompts))
+        raw = list(pool.map(lambda ex: ex.load_images(), prompts))      # RGB, not resized
+        pictures = list(pool.map(fit, raw))                              # in the budget
+        if need_masked and cfg.masked_image_key:
+            # the dataset's own corrupted pictures, through the same decoding and pixel budget
+            masked_images = list(pool.map(
+                lambda ex: ex.load_masked_images(cfg.min_pixels, cfg.max_pixels), prompts))
+        elif need_masked:
+            rng = np.random.default_rng(seed)       # drawn in prompt order, as a plain loop
+            masked_raw = [papo.mask_image(p, patch_size=cfg.mask_patch, ratio=cfg.mask_ratio,
+                                          rng=rng, mode=cfg.mask_mode) for p in raw]
+            masked_images = list(pool.map(fit, masked_raw))
+    del raw
+    template = prompt_options(cfg)["template"]
+    items = [ex.to_prompt(template, pictures=p) for ex, p in zip(prompts, pictures)]
+    if cfg.masked_image_key and masked_images is not None:
+        for ex, mine, theirs in zip(prompts, masked_images, pictures):
+            # checked per row when the data was loaded; rows built in code get the same check
+            if [im.size for im in mine] != [im.size for im in theirs]:
+                raise ValueError(f"{ex.source}: column {cfg.masked_image_key!r}: pre-masked "
+                                 f"picture sizes {[im.size for im in mine]} differ from the "
+                                 f"originals' {[im.size for im in theirs]}")
     torch.manual_seed(seed)                         # sampling of this step is reproducible
     # In chunks of --generation-batch prompts: the KV cache of one call grows with rows x
     # (prompt + response). Every rank holds as many prompts, so under --fsdp all ranks make the
@@ -810,25 +848,9 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
              for start in range(0, len(items), chunk)]
     rollouts = parts[0] if len(parts) == 1 else qwen.cat_rollouts(parts)
     masked = None
-    if need_masked and cfg.masked_image_key:
-        # the dataset's own corrupted pictures, through the same decoding and pixel budget
-        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            masked_images = list(pool.map(
-                lambda ex: ex.load_masked_images(cfg.min_pixels, cfg.max_pixels), prompts))
-        for ex, it, pictures in zip(prompts, items, masked_images):
-            # checked per row when the data was loaded; rows built in code get the same check
-            if [im.size for im in pictures] != [im.size for im in it["images"]]:
-                raise ValueError(f"{ex.source}: column {cfg.masked_image_key!r}: pre-masked "
-                                 f"picture sizes {[im.size for im in pictures]} differ from the "
-                                 f"originals' {[im.size for im in it['images']]}")
-    elif need_masked:
-        rng = np.random.default_rng(seed)
-        masked_images = [papo.mask_image(it["images"], patch_size=cfg.mask_patch,
-                                         ratio=cfg.mask_ratio, rng=rng, mode=cfg.mask_mode)
-                         for it in items]
     if need_masked:
-        # Masking happens on the raw picture; the processor then resizes and normalises the masked
-        # picture exactly like the original, so the number of image tokens is unchanged.
+        # The processor treats the masked pictures exactly like the originals (same size in,
+        # same grid out), so the number of image tokens is unchanged.
         pixels = qwen.encode_images(processor, masked_images)         # once per prompt
         if not torch.equal(pixels["image_grid_thw"].cpu(), rollouts.image_grid_thw.cpu()):
             raise RuntimeError("masked images produced a different image-token grid")
@@ -847,18 +869,32 @@ def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_siz
     return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")
 
 
+class DynamicSamplingExhausted(RuntimeError):
+    """DAPO's dynamic sampling made --max-draws draws without filling the step."""
+
+
 def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, cursor: int,
-                  need_masked: bool) -> tuple[Batch | None, int, dict]:
+                  need_masked: bool) -> tuple[Batch, int, dict]:
     """Phases 1-5: draw, mask, generate, reward, advantages (+ DAPO's dynamic sampling).
 
-    Without dynamic sampling this is one draw. With it, groups whose rollouts all got the same
-    accuracy carry zero advantage and no learning signal, so they are dropped and more prompts
-    are drawn until the batch is full again or `max_draws` draws were made."""
+    Without dynamic sampling this is one draw of --prompts-per-step prompts. With it, the
+    official refill: draws of --draw-size prompts, each filtered (groups whose rollouts all got
+    the same accuracy carry zero advantage and no policy-gradient signal, so they are dropped;
+    a draw in which NO group passes keeps all its groups, as the official code does), until the
+    step holds --prompts-per-step kept groups; the extra kept groups are trimmed. After
+    --max-draws draws without a full step the run stops with an error.
+
+    Over several ranks every rank draws its share of each draw, the keep-all rule looks at the
+    whole draw, and the ranks draw again until EVERY rank holds its share of the step (they run
+    collectives in lockstep, and each trains on the same number of groups); then each trims its
+    own extra. So the step is always full; it can take a draw more than one process would."""
     per_rank = cfg.prompts_per_step // d.world
     kept: list[tuple] = []
     stats = dict(reward=[], accuracy=[], format=[], length=[], zero_var_groups=0, groups=0)
-    for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
-        prompts, cursor = draw_prompts(examples, cfg, d, cursor, cfg.prompts_per_step)
+    draws = cfg.max_draws if cfg.dynamic_sampling else 1
+    for draw in range(draws):
+        size = cfg.draw_size if cfg.dynamic_sampling else cfg.prompts_per_step
+        prompts, cursor = draw_prompts(examples, cfg, d, cursor, size)
         seed = step_seed(cfg, step, d.rank, salt=draw)
         with autocast(cfg, d.device):
             rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed, need_masked)
@@ -871,8 +907,11 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
         stats["reward"].append(rewards); stats["accuracy"].append(acc); stats["format"].append(fmt)
         stats["length"].append(rollouts.completion_mask.sum(-1).float().cpu())
         stats["zero_var_groups"] += int(zero_var.sum()); stats["groups"] += len(zero_var)
-        keep = (papo.dynamic_sampling_keep(by_group) if cfg.dynamic_sampling
-                else torch.ones(len(prompts), dtype=torch.bool))
+        keep = torch.ones(len(prompts), dtype=torch.bool)                    # [N]
+        if cfg.dynamic_sampling:
+            keep = papo.dynamic_sampling_keep(by_group)                      # [N]
+            if int(all_reduce(keep.sum())) == 0:      # no group of the whole draw passes
+                keep[:] = True
         groups = keep.nonzero().flatten()
         rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size)).flatten()
         take = lambda r: r if r is None or len(rows) == len(r) else r.select(rows)  # no copy if all kept
@@ -882,13 +921,18 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
         # every rank must agree on when to stop drawing (they run collective ops in lockstep)
         if int(all_reduce(torch.tensor(n_kept), op=dist.ReduceOp.MIN)) >= per_rank:
             break
+    else:
+        if cfg.dynamic_sampling:
+            have = int(all_reduce(torch.tensor(min(n_kept, per_rank))))
+            raise DynamicSamplingExhausted(
+                f"step {step}: dynamic sampling made --max-draws {cfg.max_draws} draws of "
+                f"--draw-size {cfg.draw_size} prompts and kept only {have} of the "
+                f"{cfg.prompts_per_step} groups a step needs (a group is kept when its "
+                f"rollouts' mean accuracy is strictly between 0.01 and 0.99). Raise "
+                f"--max-draws or --draw-size, lower --prompts-per-step, or check the data: "
+                f"questions the policy always or never gets right leave no signal.")
     stats["draws"] = draw + 1
-    # all ranks train on the same number of groups, or their micro-batch loops would differ
-    n_groups = int(all_reduce(torch.tensor(n_kept), op=dist.ReduceOp.MIN))
-    n_groups = min(n_groups, per_rank)
-    if n_groups == 0:
-        return None, cursor, stats
-    n = n_groups * cfg.group_size
+    n = per_rank * cfg.group_size              # the step's share of this rank, extra trimmed
 
     def merge(parts):   # one draw with nothing dropped (GRPO, PAPO-G) needs no copy at all
         whole = parts[0] if len(parts) == 1 else qwen.cat_rollouts(parts)
@@ -981,7 +1025,6 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         else:
             count = torch.tensor(float(len(mini)))
         normalizer = all_reduce(count)
-        keeps, kept = _perception_keep(batch, policy, micros, cfg, d, gamma)
         sft_count = None
         if correct is not None and cfg.agg_mode != papo.MICRO_TOKEN_MEAN:
             # the SFT term is a token mean over the correct rollouts of the WHOLE mini-batch;
@@ -1011,7 +1054,6 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     normalizer=normalizer, max_len=cfg.max_new_tokens,
                     kl_prcp_clip=cfg.kl_prcp_clip or None,
                     kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
-                    kl_prcp_keep=keeps[i] if keeps else None, kl_prcp_normalizer=kept,
                     sft_coef=cfg.sft_coef, sft_rows=correct[idx] if correct is not None else None,
                     sft_normalizer=sft_count)
                 (loss * d.world).backward()
@@ -1045,40 +1087,6 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     if cfg.gamma_anneal:
         out.update(eta_orig_t=eta_orig, eta_mask_t=eta_mask)
     return out
-
-
-@torch.no_grad()
-def _perception_keep(batch: Batch, policy, micros, cfg: Config, d: Dist, gamma: float):
-    """The token-level KL_prcp mask of a mini-batch, made before its gradient passes: (the kept
-    tokens of each micro-batch, their count over the mini-batch and all ranks); ([], None)
-    when not needed.
-
-    Needed only with --agg-mode token-mean. There the KL_prcp term is a mean over the KEPT
-    tokens of the whole mini-batch, and that count must be known before the first micro-batch's
-    backward, like the token count of the other terms - but which tokens are kept depends on the
-    current policy's log-probs. So a no-gradient pass with the same weights selects them here,
-    and the update uses exactly this selection (not a re-selection from its own forward, whose
-    rounding may differ). In the other modes each micro-batch's (or row's) normaliser is local,
-    and papo_loss selects from the update's own forward."""
-    if not (cfg.kl_prcp_token_fraction and cfg.agg_mode == "token-mean" and gamma):
-        return [], None
-    net = unwrap(policy)                       # no gradient: no DDP bookkeeping wanted
-    keeps = []
-    for idx in micros:
-        with autocast(cfg, d.device):
-            logp = qwen.completion_logprobs(net, batch.rollouts.select(idx),
-                                            temperature=cfg.temperature)       # [b, T]
-            if batch.masked_logp is not None:
-                masked_logp = batch.masked_logp[idx]                             # [b, T]
-            else:                                                   # --perception-grad
-                masked_logp = qwen.completion_logprobs(net, batch.masked.select(idx),
-                                                       temperature=cfg.temperature)
-        kl = papo.perception_kl(logp, masked_logp, cfg.kl_kind)                  # [b, T]
-        mask = batch.rollouts.completion_mask[idx]                               # [b, T]
-        keeps.append(papo.perception_token_mask(kl, mask, cfg.kl_prcp_token_fraction))
-    count = all_reduce(torch.stack([k.sum() for k in keeps]).sum().double())
-    # no kept token anywhere means no term (a sum of 0); 1 keeps the division defined
-    return keeps, count.clamp(min=1.0)
 
 
 def _masked_branch(batch: Batch, policy, idx, cfg: Config):
@@ -1537,18 +1545,24 @@ def main(argv=None) -> dict:
         barrier()
         return result
     except KeyboardInterrupt:
-        if d.main:   # checkpoints are written atomically: the last complete one is intact
-            done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
-            print("\ninterrupted. " + (
-                f"The last complete checkpoint is {done}; continue with:\n"
-                f"  python train.py --resume {run}" if done else
-                "No checkpoint was written yet; start again with --overwrite."), file=sys.stderr)
+        if d.main:
+            print("\ninterrupted. " + how_to_continue(run), file=sys.stderr)
         raise SystemExit(130) from None
+    except DynamicSamplingExhausted as err:    # every rank reached the same decision
+        raise SystemExit(f"train.py: {err}\n" + (how_to_continue(run) if d.main else "")) from None
     finally:
         if lock:
             lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def how_to_continue(run: Path) -> str:
+    """Checkpoints are written atomically: the last complete one is intact."""
+    done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
+    if done:
+        return f"The last complete checkpoint is {done}; continue with:\n  python train.py --resume {run}"
+    return "No checkpoint was written yet; start again with --overwrite."
 
 
 def train_run(cfg: Config, d: Dist, run: Path) -> dict:
@@ -1594,14 +1608,12 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
         batch, state["cursor"], stats = collect_batch(policy, processor, train, cfg, d, step,
                                                       state["cursor"], need_masked)
         times["t_rollout"] = time.perf_counter() - t0
-        metrics = {}
-        if batch is not None:
-            t0 = time.perf_counter()
-            score_phase(batch, policy, ref, cfg, d)
-            times["t_score"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics = update_phase(batch, policy, optimizer, cfg, d, step)
-            times["t_update"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score_phase(batch, policy, ref, cfg, d)
+        times["t_score"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = update_phase(batch, policy, optimizer, cfg, d, step)
+        times["t_update"] = time.perf_counter() - t0
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and heldout:
             # the same questions and sampling seeds every time, so the curve moves only with the
             # policy; it does not disturb training (each step reseeds its own sampling)
@@ -1619,7 +1631,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
         row = dict(step=step, reward=float(means[0]) / d.world, accuracy=float(means[1]) / d.world,
                    format=float(means[2]) / d.world, response_length=float(means[3]) / d.world,
                    zero_var_frac=float(counts[0] / counts[1]), draws=stats["draws"],
-                   kept_rollouts=len(batch.rollouts) if batch else 0, **metrics, **times)
+                   kept_rollouts=len(batch.rollouts), **metrics, **times)
         state["step"] = step
         state["history"] = (state["history"] + [row])[-50:]
         if d.main:
@@ -1630,7 +1642,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
             warning = collapse_warning(state["history"])
             if warning:
                 tqdm.write("WARNING " + warning)
-            if batch is not None and cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0:
                 with open(run / "samples.jsonl", "a") as f:
                     for b in range(0, len(batch.rollouts), cfg.group_size)[:3]:
                         sample = dict(step=step, text=batch.rollouts.texts[b],

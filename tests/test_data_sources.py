@@ -49,7 +49,7 @@ OFFICIAL_INSTRUCTION = ("You first think through the reasoning process as an int
                         "enclosed within <think> </think> tags. Then, provide your final answer "
                         "enclosed within \\boxed{}.")
 
-# The schema of PAPOGalaxy/PAPO_ViRL39K_train and PAPO_MMK12_test (PAPO_REFERENCE.md section 5).
+# The schema of PAPOGalaxy/PAPO_ViRL39K_train and PAPO_MMK12_test (docs/paper.md section 6).
 FEATURES = datasets.Features({"problem": datasets.Value("string"),
                               "answer": datasets.Value("string"),
                               "images": datasets.List(datasets.Image())})
@@ -448,34 +448,48 @@ def test_to_prompt_resizes_into_the_budget(tmp_path):
         np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
 
 
-def test_budget_resize_comes_before_the_patch_mask(processor):
-    # PAPO_REFERENCE.md section 5: resize into the budget, THEN black out 14 x 14 squares. Were
-    # the mask applied to the raw picture and the result resized, the squares would be blurred
-    # and off the grid; and the masked copy must give the processor the same grid as the
-    # original, or the rollouts' image tokens would not line up with the masked patches.
+def test_the_patch_mask_comes_before_the_budget_resize(processor):
+    """docs/paper.md section 3, the official order: black out 14 x 14 squares of the RAW
+    picture, then resize the masked copy into the budget exactly like the original. Checked
+    pixel by pixel: wherever a resized pixel's bicubic support lies inside one raw square, it is
+    exactly 0 if that square was blacked out and exactly the resized original's value if not;
+    and the masked copy gives the processor the same grid as the original, so the rollouts'
+    image tokens line up with the masked patches."""
     pixels = noise(300, 150, 7)
-    ex = data.Example(problem="<image> How wide is it?", answer="1", images=[png_bytes(pixels)])
-    [picture] = ex.to_prompt(min_pixels=56 * 56, max_pixels=112 * 112)["images"]
+    raw = Image.fromarray(pixels)
+    fit = lambda im: data.budget_resize(im, 56 * 56, 112 * 112)
     f = math.sqrt(112 * 112 / (300 * 150))
-    assert picture.size == (int(300 * f), int(150 * f)) == (158, 79)
+    original = fit(raw)
+    masked = fit(papo.mask_image(raw, rng=0))
+    assert masked.size == original.size == (int(300 * f), int(150 * f)) == (158, 79)
+    grid = papo.patch_mask_grid(150, 300, 14, 0.6, rng=0)                 # [11, 22] raw squares
+    before, after = np.asarray(original), np.asarray(masked)
 
-    masked = papo.mask_image(picture, rng=0)
-    assert masked.size == picture.size == (158, 79)
-    # Every 14 x 14 block of the budget-size picture is either untouched or entirely black:
-    # the mask was cut on THIS picture's grid.
-    before, after = np.asarray(picture), np.asarray(masked)
-    kept = blacked = 0
-    for y in range(0, 79, 14):
-        for x in range(0, 158, 14):
-            a, b = before[y:y + 14, x:x + 14], after[y:y + 14, x:x + 14]
-            if np.array_equal(a, b):
-                kept += 1
+    def square_of(out_index, out_size, in_size):
+        """The raw square index whose pixels alone feed this output pixel, or None."""
+        scale = in_size / out_size
+        centre, support = (out_index + 0.5) * scale, 2.0 * scale        # PIL's bicubic filter
+        low, high = math.floor(centre - support - 0.5), math.ceil(centre + support - 0.5)
+        low, high = max(low, 0), min(high, in_size - 1)
+        return low // 14 if low // 14 == high // 14 else None
+
+    rows = [square_of(y, 79, 150) for y in range(79)]
+    cols = [square_of(x, 158, 300) for x in range(158)]
+    black = kept = 0
+    for y, sy in enumerate(rows):
+        for x, sx in enumerate(cols):
+            if sy is None or sx is None:
+                continue
+            if grid[sy, sx]:
+                assert not after[y, x].any(), (x, y)
+                black += 1
             else:
-                assert not b.any(), (x, y)
-                blacked += 1
-    assert kept and blacked                         # the mask did something, and not everything
-
-    grid = model.encode_images(processor, [[picture]], 1)["image_grid_thw"]
+                assert (after[y, x] == before[y, x]).all(), (x, y)
+                kept += 1
+    assert black > 100 and kept > 50                # both kinds of square seen, many pixels each
+    # the other order (mask the resized picture) blacks out 14-px squares of the resized grid
+    assert not np.array_equal(after, np.asarray(papo.mask_image(original, rng=0)))
+    grid = model.encode_images(processor, [[original]], 1)["image_grid_thw"]
     assert torch_equal(grid, model.encode_images(processor, [[masked]], 1)["image_grid_thw"])
 
 

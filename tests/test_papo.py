@@ -663,22 +663,32 @@ D2 = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7], [0.4, 0.6, 0.0, 0.0, 0.0]], dtype=
 M2 = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
 
 
-def test_token_mask_in_papo_loss_is_the_mean_over_kept_tokens():
-    # kept at p = 0.2: row 0 {0.9}; row 1 (0.4, 0.6: q = 0.56) {0.6}
+def test_token_mask_zeroes_dropped_tokens_and_divides_by_all_valid_tokens():
+    """The official normaliser: sum over the KEPT tokens / the number of ALL valid tokens,
+    computed here by hand (not a mean over the kept tokens, which is 7/2 = 3.5 times larger)."""
+    # kept at p = 0.2: row 0 {0.9}; row 1 (0.4, 0.6: q = 0.56) {0.6}; 7 valid tokens in all
     loss, grad, metrics = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
                                            kl_prcp_token_fraction=0.2)
-    assert loss == pytest.approx(-0.1 * (0.9 + 0.6) / 2, abs=1e-12)
+    assert loss == pytest.approx(-0.1 * (0.9 + 0.6) / 7, abs=1e-12)
     expected = torch.zeros_like(D2)
-    expected[0, 2] = expected[1, 1] = -0.1 / 2            # d(-gamma * D)/dl = -gamma, / 2 kept
+    expected[0, 2] = expected[1, 1] = -0.1 / 7            # d(-gamma * D)/dl = -gamma, / 7 valid
     torch.testing.assert_close(grad, expected, atol=1e-15, rtol=0)
     assert metrics["kl_prcp_kept"] == pytest.approx(2 / 7)
     assert metrics["kl_prcp"] == pytest.approx(3.5 / 7)   # still every token's value
-    # a precomputed selection takes precedence over the fraction
-    keep = torch.zeros_like(M2, dtype=torch.bool)
-    keep[0, 0] = True
-    loss, _, _ = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
-                                  kl_prcp_token_fraction=0.2, kl_prcp_keep=keep)
-    assert loss == pytest.approx(-0.1 * 0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode,expected", [
+    # per row: row 0 keeps 0.9 of 5 tokens, row 1 keeps 0.6 of 2 tokens (T = 5)
+    ("seq-mean-token-mean", (0.9 / 5 + 0.6 / 2) / 2),
+    ("seq-mean-token-sum", (0.9 + 0.6) / 2),
+    ("seq-mean-token-sum-norm", (0.9 / 5 + 0.6 / 5) / 2),
+    ("micro-token-mean", (0.9 + 0.6) / 7)])
+def test_token_mask_keeps_every_modes_own_normaliser(mode, expected):
+    """In every aggregation mode the dropped tokens count as zeros under the mode's own
+    normaliser (the official code aggregates the zeroed values over the response mask)."""
+    loss, _, _ = _perception_only(-D2, mask=M2, gamma=1.0, kl_kind="k1",
+                                  kl_prcp_token_fraction=0.2, agg_mode=mode)
+    assert loss == pytest.approx(-expected, abs=1e-12)
 
 
 def test_token_mask_selects_before_clipping():
@@ -691,23 +701,22 @@ def test_token_mask_selects_before_clipping():
     assert metrics["kl_prcp_kept"] == metrics["kl_prcp_clipped"] == pytest.approx(0.2)
 
 
-def test_token_mask_with_a_global_normalizer_counts_kept_tokens():
-    """Micro-batches (one row each) with the global KEPT count equal the full batch, loss and
-    gradient; without that count a global token-mean normalizer is refused."""
+def test_token_mask_micro_batches_with_the_global_token_count_sum_to_the_full_batch():
+    """Micro-batches (one row each), each divided by the GLOBAL count of valid tokens, sum to
+    the full batch's loss and gradient: the selection is per rollout, so cutting the batch
+    does not change which tokens are kept."""
     logp = torch.zeros_like(D2, requires_grad=True)
     kw = dict(masked_logp=-D2, gamma=0.1, kl_kind="k1", kl_prcp_token_fraction=0.2)
     zeros = lambda n: torch.zeros(n, dtype=F64)
     full, _ = papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw)
     (full_grad,) = torch.autograd.grad(full, logp)
-    kept = papo.perception_token_mask(D2, M2, 0.2).sum()
     parts = [papo.papo_loss(logp[i:i + 1], logp[i:i + 1].detach(), zeros(1), M2[i:i + 1],
-                            **{**kw, "masked_logp": -D2[i:i + 1]}, normalizer=M2.sum(),
-                            kl_prcp_normalizer=kept)[0] for i in (0, 1)]
+                            **{**kw, "masked_logp": -D2[i:i + 1]}, normalizer=M2.sum())[0]
+             for i in (0, 1)]
     (grad,) = torch.autograd.grad(sum(parts), logp)
     assert sum(parts).item() == pytest.approx(full.item(), abs=1e-12)
+    assert full.item() == pytest.approx(-0.1 * 1.5 / 7, abs=1e-12)
     torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
-    with pytest.raises(ValueError, match="kl_prcp_normalizer"):
-        papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw, normalizer=M2.sum())
 
 
 def test_sft_term_is_the_token_mean_nll_of_correct_rollouts():
@@ -771,9 +780,16 @@ def test_annealing_endpoints_and_midpoint_in_closed_form():
     g, eo, em = at(101, gamma_end=0.005, fraction=1.0)
     assert (g, eo, em) == pytest.approx((0.0125, 0.05 * 0.625, 0.03 * 0.625), abs=1e-15)
     assert at(200, gamma_end=0.005, fraction=1.0)[0] == pytest.approx(0.02 - 0.015 * 199 / 200)
-    # a ramp up and a fractional length (0.5 * 5 = 2.5 steps): step 2 is 1/2.5 of the way
-    assert papo.annealed_coefficients(2, 5, 0.01, gamma_end=0.02)[0] == pytest.approx(0.014)
-    assert papo.annealed_coefficients(4, 5, 0.01, gamma_end=0.02)[0] == 0.02
+    # a ramp up and a fractional length: 0.5 * 5 = 2.5 steps is int(2.5) = 2 steps, as in the
+    # official code, so step 2 is half-way (0.015, not 1/2.5 of the way: 0.014) and step 3 is
+    # the end value (not 0.018)
+    ramp = lambda step: papo.annealed_coefficients(step, 5, 0.01, gamma_end=0.02)[0]
+    assert ramp(2) == pytest.approx(0.015, abs=1e-15)
+    assert ramp(3) == ramp(4) == 0.02
+    # int() of the product, with its float rounding: 0.29 * 100 = 28.999... -> 28 steps
+    assert papo.annealed_coefficients(29, 100, 0.02, fraction=0.29)[0] == 0.0
+    # a schedule shorter than one step still takes one: step 1 full, step 2 the end value
+    assert [papo.annealed_coefficients(s, 3, 0.02, fraction=0.1)[0] for s in (1, 2)] == [0.02, 0.0]
 
 
 def test_annealing_refuses_what_has_no_schedule():

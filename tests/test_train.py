@@ -273,26 +273,81 @@ def test_generation_in_chunks_of_prompts_gives_the_rollouts_of_one_call(tmp_path
     assert torch.equal(chunked_masked.pixel_values, whole_masked.pixel_values)
 
 
-def test_dynamic_sampling_drops_groups_whose_rollouts_all_agree(tmp_path, monkeypatch):
-    cfg, d, examples, policy, processor = _tiny_batch(
-        tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--max-draws", "2")
+def _scripted_accuracies(monkeypatch, draws):
+    """Replace reward_phase: draw k's groups get the accuracies draws[k] (one row of G per
+    group); returns the list of the rollout counts it was called with."""
     calls = []
 
     def fake_rewards(rollouts, prompts, group_size, thinking_open):
-        # groups 0 and 2 of every draw: all wrong / all right (no signal); 1 and 3: mixed
+        acc = torch.tensor(draws[len(calls)], dtype=torch.float32).flatten()
         calls.append(len(rollouts))
-        acc = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]],
-                           dtype=torch.float32).flatten()
+        assert len(acc) == len(rollouts)
         return acc * 0.9 + 0.1, acc, torch.ones_like(acc)
     monkeypatch.setattr(train, "reward_phase", fake_rewards)
+    return calls
+
+
+MIXED_A, MIXED_B, MIXED_C = [1, 0, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]
+ALL_WRONG, ALL_RIGHT = [0, 0, 0, 0], [1, 1, 1, 1]
+
+
+def test_dynamic_sampling_refills_with_draws_of_draw_size_and_trims_the_extra(tmp_path,
+                                                                             monkeypatch):
+    """The official refill, 4 groups a step in draws of 2 prompts: draw 1 keeps its mixed
+    group; in draw 2 no group passes, so BOTH its groups are kept; draw 3 passes both, one
+    more than the step needs, and the extra is trimmed. Whole groups, in draw order."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--draw-size", "2")
+    assert cfg.max_draws == 20                                     # the official number of tries
+    calls = _scripted_accuracies(monkeypatch, [[MIXED_A, ALL_WRONG], [ALL_RIGHT, ALL_WRONG],
+                                               [MIXED_B, MIXED_C]])
+    generated, real = [], train.generate_phase
+    monkeypatch.setattr(train, "generate_phase", lambda *a, **k: generated.append(real(*a, **k))
+                        or generated[-1])
     batch, cursor, stats = train.collect_batch(policy, processor, examples, cfg, d, step=1,
                                                cursor=0, need_masked=False)
-    assert len(calls) == 2 and cursor == 8              # refilled once, then gave up (max 2)
-    assert stats["zero_var_groups"] == 4 and stats["groups"] == 8
-    # kept: the two mixed groups of each draw, whole groups, in order
-    assert len(batch.rollouts) == 4 * 4
-    assert batch.accuracy.view(-1, 4).tolist() == [[1, 0, 1, 0], [0, 1, 1, 1]] * 2
-    assert torch.allclose(batch.advantages.view(-1, 4).sum(-1), torch.zeros(4), atol=1e-6)
+    assert calls == [8, 8, 8] and cursor == 6 and stats["draws"] == 3
+    assert batch.accuracy.view(-1, 4).tolist() == [MIXED_A, ALL_RIGHT, ALL_WRONG, MIXED_B]
+    assert len(batch.rollouts) == 16 and batch.advantages.view(-1, 4)[1:3].abs().sum() == 0
+    assert stats["zero_var_groups"] == 3 and stats["groups"] == 6     # every sampled group
+    # the kept rows are the rollouts those accuracies belong to, with their own prompts
+    drawn = [(r.texts, r.prompt_ids) for r, _ in generated]
+    texts = drawn[0][0][:4] + drawn[1][0] + drawn[2][0][:4]
+    assert batch.rollouts.texts == texts
+    strip = lambda ids: ids[ids != batch.rollouts.pad_token_id].tolist()
+    prompts = [drawn[0][1][0], drawn[1][1][0], drawn[1][1][4], drawn[2][1][0]]
+    assert [strip(batch.rollouts.prompt_ids[4 * g]) for g in range(4)] == \
+        [strip(p) for p in prompts]
+
+
+def test_dynamic_sampling_stops_with_a_named_error_after_max_draws(tmp_path, monkeypatch):
+    """A step that is still not full after --max-draws draws stops the run with an error that
+    names what to change, instead of training on fewer groups."""
+    cfg, d, examples, policy, processor = _tiny_batch(
+        tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--draw-size", "2",
+        "--max-draws", "3")
+    calls = _scripted_accuracies(monkeypatch, [[MIXED_A, ALL_WRONG]] * 3)
+    with pytest.raises(train.DynamicSamplingExhausted,
+                       match=r"--max-draws 3 draws of --draw-size 2 prompts and kept only 3 of "
+                             r"the 4 groups .* Raise --max-draws or --draw-size"):
+        train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
+                            need_masked=False)
+    assert calls == [8, 8, 8]
+
+
+def test_a_dapo_run_that_cannot_fill_a_step_exits_naming_the_flags_and_logs_draws(
+        tmp_path, monkeypatch):
+    """End to end: step 1 fills in two draws (logged as draws 2, every kept rollout trained on);
+    step 2 never fills, and train.py exits with the error and how to continue."""
+    _scripted_accuracies(monkeypatch, [[MIXED_A, MIXED_B], [MIXED_C, MIXED_A]]
+                         + [[ALL_WRONG, MIXED_C]] * 2)
+    args = tiny_args(tmp_path, "--preset", "dapo", "--prompts-per-step", "4", "--draw-size",
+                     "2", "--max-draws", "2", "--steps", "2", "--beta", "0")
+    with pytest.raises(SystemExit, match=r"step 2: dynamic sampling made --max-draws 2 draws.*"
+                                         r"kept only 2 of the 4 groups(.|\n)*--resume"):
+        train.main(args)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["draws"] == 2 and row["kept_rollouts"] == 16
 
 
 def test_without_dynamic_sampling_nothing_is_dropped(tmp_path, monkeypatch):
@@ -632,9 +687,10 @@ def _update_gradient(batch, policy, cfg, d, **changes):
 
 
 def test_token_mask_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, monkeypatch):
-    """--kl-prcp-token-fraction under the default token-mean: the kept tokens are selected and
-    counted over the whole mini-batch first, so micro-batches of 4 give the gradient of one
-    micro-batch of 16; the term is really in it (the gradient differs with the mask off)."""
+    """--kl-prcp-token-fraction under the default token-mean: each rollout's dropped tokens are
+    zeroed and the term is divided by the mini-batch's count of ALL valid tokens (the official
+    normaliser), so micro-batches of 4 give the gradient of one micro-batch of 16; the term is
+    really in it (the gradient differs with the mask off)."""
     cfg, d, examples, policy, processor = _tiny_batch(
         tmp_path, "--preset", "papo-g", "--beta", "0", "--gamma", "1.0", "--grad-clip", "1e9",
         "--kl-prcp-token-fraction", "0.2")
@@ -642,18 +698,9 @@ def test_token_mask_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, m
                                       need_masked=True)
     train.score_phase(batch, policy, None, cfg, d)
     calls = _recording_papo_loss(monkeypatch)
-    rows, select = [], qwen.Rollouts.select
-    monkeypatch.setattr(qwen.Rollouts, "select", lambda self, idx: (
-        rows.append([int(i) for i in idx]) if self is batch.rollouts else None) or select(self, idx))
     whole = _update_gradient(batch, policy, cfg, d, micro_batch_size=16)
-    # the selection update_phase counted is the mask of the current log-probs, row by row
-    with torch.no_grad():
-        logp = qwen.completion_logprobs(policy, batch.rollouts)
-    keep = train.papo.perception_token_mask(train.papo.perception_kl(logp, batch.masked_logp),
-                                            batch.rollouts.completion_mask, 0.2)
-    assert len(calls) == 1 and torch.equal(calls[0]["kl_prcp_keep"], keep[rows[-1]])
-    assert float(calls[0]["kl_prcp_normalizer"]) == float(keep.sum()) > 0
-    assert keep.sum() < batch.rollouts.completion_mask.sum()
+    assert len(calls) == 1
+    assert float(calls[0]["normalizer"]) == float(batch.rollouts.completion_mask.sum())
     by_four = _update_gradient(batch, policy, cfg, d, micro_batch_size=4)
     torch.testing.assert_close(by_four, whole, rtol=1e-4, atol=1e-7)
     unmasked = _update_gradient(batch, policy, cfg, d, micro_batch_size=16,
@@ -769,6 +816,71 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
                              need_masked=True)
 
 
+def _raw_pictures_outside_the_budget():
+    """Two rows built in code whose pictures are outside the tiny run's budget (3,136 ..
+    12,544 pixels): 210 x 154 is scaled down, 30 x 44 scaled up."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    raws = [Image.fromarray(rng.integers(40, 256, (h, w, 3), dtype=np.uint8)) for w, h in
+            ((210, 154), (30, 44))]
+    rows = [data.Example(problem="How many shapes are in the image?", answer=str(i + 1),
+                         images=[raw], source=f"code:{i}") for i, raw in enumerate(raws)]
+    return raws, rows
+
+
+def test_the_patch_mask_is_applied_to_the_raw_picture_then_resized_into_the_budget(tmp_path):
+    """The official order: black out 14 x 14 squares of the RAW picture, then resize the masked
+    copy into the pixel budget exactly like the original. The masked branch's pixels equal
+    budget_resize(mask(raw)) computed by hand (one mask per prompt, drawn in prompt order from
+    the step's seed), its grid equals the original's, and the other order (mask the resized
+    picture) gives different pixels."""
+    cfg, d, _, policy, processor = _tiny_batch(tmp_path, "--prompts-per-step", "2")
+    raws, rows = _raw_pictures_outside_the_budget()
+    rollouts, masked = train.generate_phase(policy, processor, rows, cfg, seed=5,
+                                            need_masked=True)
+    fit = lambda im: data.budget_resize(im, cfg.min_pixels, cfg.max_pixels)
+    assert [fit(raw).size for raw in raws] == [(130, 95), (46, 67)]       # both really resized
+    rng = train.np.random.default_rng(5)
+    by_hand = [[fit(m) for m in train.papo.mask_image([raw], patch_size=14, ratio=cfg.mask_ratio,
+                                                      rng=rng)] for raw in raws]
+    expected = qwen.encode_images(processor, by_hand)
+    assert torch.equal(masked.pixel_values.cpu(), expected["pixel_values"])
+    assert torch.equal(masked.image_grid_thw, rollouts.image_grid_thw)
+    assert torch.equal(rollouts.pixel_values.cpu(),
+                       qwen.encode_images(processor, [[fit(raw)] for raw in raws])["pixel_values"])
+    rng = train.np.random.default_rng(5)
+    other_order = [train.papo.mask_image([fit(raw)], patch_size=14, ratio=cfg.mask_ratio, rng=rng)
+                   for raw in raws]
+    assert not torch.equal(masked.pixel_values.cpu(),
+                           qwen.encode_images(processor, other_order)["pixel_values"])
+
+
+def test_eval_masks_the_raw_picture_then_resizes_it_like_training(tmp_path, monkeypatch):
+    """eval.evaluate's masked variant: the pictures handed to generation are
+    budget_resize(mask(raw)) with the evaluation's seed stream, not mask(budget_resize(raw))."""
+    import eval as evaluation
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
+    raws, rows = _raw_pictures_outside_the_budget()
+    seen = []
+    real = evaluation.qwen.generate_rollouts
+    monkeypatch.setattr(evaluation.qwen, "generate_rollouts", lambda policy, processor, prompts,
+                        **kw: seen.append([p["images"] for p in prompts])
+                        or real(policy, processor, prompts, **kw))
+    budget = dict(min_pixels=3136, max_pixels=12544)
+    evaluation.evaluate(policy, processor, rows, samples=1, max_new_tokens=4, mask_ratios=(0.6,),
+                        kl_ratio=None, seed=7, **budget)
+    fit = lambda im: data.budget_resize(im, budget["min_pixels"], budget["max_pixels"])
+    rng = train.np.random.default_rng([7, 0])
+    by_hand = [[fit(m) for m in train.papo.mask_image([raw], ratio=0.6, rng=rng)] for raw in raws]
+    original, masked_variant = seen
+    as_arrays = lambda groups: [[train.np.asarray(im) for im in g] for g in groups]
+    assert [[im.size for im in g] for g in masked_variant] == [[(130, 95)], [(46, 67)]]
+    for got, want in zip(as_arrays(masked_variant), as_arrays(by_hand)):
+        assert all(train.np.array_equal(a, b) for a, b in zip(got, want))
+    assert [[im.size for im in g] for g in original] == [[(130, 95)], [(46, 67)]]
+
+
 def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metrics(tmp_path):
     """Smoke test: two steps with every switch of the official objective on run, log their
     metrics (finite) and store the switches in config.json, from where a resume reads them."""
@@ -789,24 +901,3 @@ def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metri
     for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
         assert all(key in r and r[key] == r[key] for r in rows), key
     assert train.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2
-
-
-def test_token_mask_selection_with_perception_grad_scores_the_masked_branch_itself(tmp_path):
-    """With --perception-grad there are no stored masked log-probs: the selection pass scores the
-    masked pictures itself, with the current weights, and selects from those."""
-    cfg, d, examples, policy, processor = _tiny_batch(
-        tmp_path, "--preset", "papo-g", "--beta", "0", "--perception-grad",
-        "--kl-prcp-token-fraction", "0.5")
-    batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
-                                      need_masked=True)
-    train.score_phase(batch, policy, None, cfg, d)
-    assert batch.masked_logp is None and batch.masked is not None
-    micros = torch.arange(16).split(8)
-    keeps, count = train._perception_keep(batch, policy, micros, cfg, d, gamma=0.02)
-    with torch.no_grad():
-        logp = qwen.completion_logprobs(policy, batch.rollouts)
-        masked = qwen.completion_logprobs(policy, batch.masked)
-    expected = train.papo.perception_token_mask(train.papo.perception_kl(logp, masked),
-                                                batch.rollouts.completion_mask, 0.5)
-    assert torch.equal(torch.cat(keeps), expected) and float(count) == float(expected.sum())
-    assert train._perception_keep(batch, policy, micros, cfg, d, gamma=0.0) == ([], None)

@@ -24,20 +24,23 @@ The objective, minimised:
                           rising entropy of both branches is the first sign of collapse
     agg     = how per-token values become one number ("token-mean": sum(v*m) / sum(m))
 
-Switches of the official code, all off by default (papo_loss, annealed_coefficients): KL_prcp
-clamped to [0, c] per token; KL_prcp aggregated over each rollout's top tokens only; gamma (and
-both etas with it) annealed linearly over training; and + sft_coef * (token mean of -l over the
-rollouts whose answer is right), a small supervised pull towards the policy's own successes.
+Switches of the official code, all off by default (papo.Options, annealed_coefficients):
+KL_prcp clamped to [0, c] per token; each rollout's tokens below its KL_prcp quantile zeroed;
+gamma (and both etas with it) annealed linearly over training; and + sft_coef * (token mean of
+-l over the rollouts whose answer is right). docs/paper.md lists them with the official files,
+docs/objective.md derives each term.
 
-Map of this module:
+Map of this module, in reading order:
     group_advantages        r -> A                              (GRPO / Dr. GRPO)
     kl_estimate             k1 / k2 / k3 estimators of KL from sampled tokens
     perception_kl           KL_prcp per token
     perception_token_mask   the tokens of each rollout with the largest KL_prcp (official switch)
     clipped_policy_loss     L_clip per token, with the clip fractions
     entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
-    aggregate               agg, in the four modes of the field, with a global normaliser,
-                            and the official per-micro-batch token mean
+    aggregate               agg: the modes of the field as a table (AGGREGATIONS), with a
+                            global normaliser, and the official per-micro-batch token mean
+    Options                 the official switches and the batch-wide normalisers
+    perception_term         KL_prcp as the objective aggregates it (token mask, clip)
     papo_loss               the whole objective and its logged metrics
     annealed_coefficients   gamma_t and the etas at a step of KL_prcp annealing (official switch)
     patch_mask_grid         which 14x14 squares to black out
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -128,10 +132,8 @@ def kl_estimate(logp: torch.Tensor, other_logp: torch.Tensor, kind: str = "k3") 
     Only k3 is clamped, exactly as in the official code: x to [-20, 20], then k3 to [-10, 10].
     KL_ref is kl_estimate(l, ref); KL_prcp is kl_estimate(l, a).
 
-    Why k3: besides being a non-negative, low-variance value, it makes a useful LOSS. Summed
-    over the policy's own samples and differentiated through logp only, k1's gradient has
-    expectation zero (E_pi[grad log pi] = 0); k3's expected gradient is exactly the gradient of
-    KL(other || pi), and k2's that of KL(pi || other).
+    Why k3 makes a useful loss (k1's expected gradient is zero; k3's is that of KL(other || pi)):
+    docs/objective.md.
 
     Example: pi(token) = 0.5, other(token) = 0.25, so x = -ln 2:
         k1 = ln 2 = 0.6931,  k2 = 0.5 ln^2 2 = 0.2402,  k3 = 0.5 + ln 2 - 1 = 0.1931.
@@ -296,8 +298,41 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation
+# Aggregation: per-token values -> one number
 # ---------------------------------------------------------------------------------------------
+# Each mode returns (total, count) from the masked values vm = v * m [B, T]; aggregate divides
+# the total by the count - or by the caller's global normaliser, which replaces the count.
+
+def _token_mean(vm, m, max_len):                  # sum_{i,t} v m / N_tokens
+    return vm.sum(), m.sum()
+
+
+def _seq_mean_token_mean(vm, m, max_len):         # 1/B sum_i (sum_t v m / sum_t m)
+    row_count = m.sum(-1)                                                     # [B]
+    return (vm.sum(-1) / row_count.clamp(min=1)).sum(), _rows(vm)
+
+
+def _seq_mean_token_sum(vm, m, max_len):          # 1/B sum_i sum_t v m
+    return vm.sum(), _rows(vm)
+
+
+def _seq_mean_token_sum_norm(vm, m, max_len):     # 1/B sum_i (sum_t v m / L)
+    return vm.sum() / float(max_len or vm.shape[-1]), _rows(vm)
+
+
+def _micro_token_mean(vm, m, max_len):            # (sum_{i,t} v m / N_tokens of THIS call) / K
+    return vm.sum() / m.sum().clamp(min=1), torch.ones((), dtype=vm.dtype, device=vm.device)
+
+
+def _rows(vm):
+    return torch.tensor(float(vm.shape[0]), dtype=vm.dtype, device=vm.device)
+
+
+AGGREGATIONS = {"token-mean": _token_mean, "seq-mean-token-mean": _seq_mean_token_mean,
+                "seq-mean-token-sum": _seq_mean_token_sum,
+                "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+                MICRO_TOKEN_MEAN: _micro_token_mean}
+
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
               normalizer: Optional[Number] = None, max_len: Optional[int] = None) -> torch.Tensor:
@@ -308,26 +343,14 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
         "seq-mean-token-sum"       1/B sum_i  sum_t v*m
         "seq-mean-token-sum-norm"  1/B sum_i (sum_t v*m / L)                 (Dr. GRPO)
         "micro-token-mean"         (sum_{i,t} v*m / N_tokens of THIS call) / K  (official code)
-    L is a constant: max_len if given, else T. Pass the configured maximum response length, or
-    micro-batches padded to different T would weigh the same token differently. A row with no
-    tokens contributes 0 to "seq-mean-token-mean", a call with no tokens 0 to "micro-token-mean".
 
-    normalizer replaces the local count in the final division: N_tokens for "token-mean", B
-    for the seq-* modes. Why: the loss of a large batch is often accumulated over micro-batches
-    and data-parallel ranks. If each micro-batch divided by its own count, short and long
-    micro-batches would be weighted equally and the result would depend on how the batch was
-    split. Dividing each by the GLOBAL count (tokens or sequences of the whole batch, summed
-    over micro-batches and ranks) makes the micro-batch losses, and hence their gradients, SUM
-    exactly to the full-batch ones. DDP then AVERAGES gradients over W ranks, so each rank
-    multiplies its loss by W to keep that sum.
-
-    "micro-token-mean" reproduces the official PAPO code: every micro-batch takes the token mean
-    over its OWN tokens and divides it by K, the number of micro-batches of the mini-batch (over
-    all ranks; pass K as normalizer, default 1). The sum over micro-batches is then the MEAN of
-    per-micro-batch token means, which depends on the micro-batch size: a token of a short
-    micro-batch weighs more than one of a long micro-batch. It equals the global "token-mean"
-    only when every micro-batch holds the same number of tokens, which is why "token-mean"
-    over the global batch stays this project's default.
+    L = max_len if given, else T (pass the maximum response length, or micro-batches padded to
+    different T would weigh a token differently). A row or a call with no tokens gives 0.
+    normalizer replaces the local count (N_tokens, B, or K for "micro-token-mean", default 1):
+    dividing every micro-batch by the GLOBAL count of the whole batch (all micro-batches and
+    ranks) makes their losses and gradients SUM exactly to the full batch's, however the batch
+    is cut. "micro-token-mean" instead reproduces the official code, whose result depends on
+    the cut (docs/objective.md, "Aggregation").
 
     Example: v = [[1, 2, 3, 4], [5, 6, 7, 8]], m = [[1, 1, 1, 0], [1, 1, 0, 0]]:
         token-mean 17/5 = 3.4, seq-mean-token-mean (2 + 5.5)/2 = 3.75,
@@ -341,7 +364,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     >>> round(sum(aggregate(v[i:i+1], m[i:i+1], "micro-token-mean", 2) for i in (0, 1)).item(), 4)
     3.75
     """
-    if mode not in ALL_AGG_MODES:
+    if mode not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose one of "
                          f"{', '.join(ALL_AGG_MODES)}")
     if values.shape != mask.shape or (mode not in ("token-mean", MICRO_TOKEN_MEAN)
@@ -353,105 +376,116 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     m = mask.to(dtype)                                                        # [B, T]
     # Padding may hold garbage (even inf or NaN) and 0 * NaN = NaN, so overwrite, not just multiply.
     vm = (values.to(dtype) * m).masked_fill(m == 0, 0.0)                      # [B, T]
-    if mode == MICRO_TOKEN_MEAN:
-        # this call's own token mean, then 1/K: the normaliser counts micro-batches, not tokens
-        count = m.sum()
-        local_mean = vm.sum() / torch.where(count > 0, count, torch.ones_like(count))
-        if normalizer is None:
-            return local_mean
-        return local_mean / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
-    if mode == "token-mean":
-        total = vm.sum()
-        count = m.sum()
-    else:
-        row = vm.sum(dim=-1)                                                  # [B]
-        if mode == "seq-mean-token-mean":
-            row_count = m.sum(dim=-1)                                         # [B]
-            row = row / torch.where(row_count > 0, row_count, torch.ones_like(row_count))  # [B]
-        elif mode == "seq-mean-token-sum-norm":
-            row = row / float(max_len if max_len is not None else values.shape[-1])        # [B]
-        total = row.sum()
-        count = torch.tensor(float(values.shape[0]), dtype=dtype, device=values.device)
-    if normalizer is None:
-        # an empty micro-batch has total 0 and contributes 0, not 0/0
-        return total / torch.where(count > 0, count, torch.ones_like(count))
-    return total / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
+    total, count = AGGREGATIONS[mode](vm, m, max_len)
+    if normalizer is not None:
+        return total / torch.as_tensor(normalizer, dtype=dtype, device=values.device)
+    return total / count.clamp(min=1)         # an empty micro-batch contributes 0, not 0/0
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole objective
 # ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Options:
+    """The official switches (all off by default), exact entropies and the batch-wide
+    normalisers of papo_loss - everything beyond the paper's knobs. Checked once, when built.
+
+    kl_prcp_clip            c: each token's KL_prcp clamped to [0, c] (official value 0.2)
+    kl_prcp_token_fraction  p: per rollout, tokens below its (1 - p) KL_prcp quantile zeroed
+                            (official value 0.2); perception_term says how
+    sft_coef, sft_rows      + sft_coef x token mean of -l over the rollouts sft_rows [B] marks
+                            as right (official value 1e-3); sft_rows alone logs "sft_nll"
+    entropy                 "sample" (official: H = -l, -a) or "exact" (-sum_v p log p, given
+                            precomputed as entropy_orig / entropy_mask [B, T])
+    normalizer              the global count that every term's aggregate divides by (tokens,
+                            rollouts, or micro-batches K, by agg_mode; see aggregate); None: local
+    sft_normalizer          the SFT term's global count: tokens of right rollouts in the batch
+    max_len                 L of "seq-mean-token-sum-norm"
+    """
+    kl_prcp_clip: Optional[float] = None
+    kl_prcp_token_fraction: Optional[float] = None
+    sft_coef: float = 0.0
+    sft_rows: Optional[torch.Tensor] = None
+    entropy: str = "sample"
+    entropy_orig: Optional[torch.Tensor] = None
+    entropy_mask: Optional[torch.Tensor] = None
+    normalizer: Optional[Number] = None
+    sft_normalizer: Optional[Number] = None
+    max_len: Optional[int] = None
+
+    def __post_init__(self):
+        problems = []
+        if self.kl_prcp_clip is not None and not 0 < self.kl_prcp_clip < math.inf:
+            problems.append(f"kl_prcp_clip must be > 0 (or None = off), got {self.kl_prcp_clip}")
+        if self.kl_prcp_token_fraction is not None and not 0 < self.kl_prcp_token_fraction <= 1:
+            problems.append(f"kl_prcp_token_fraction must be in (0, 1] (or None = off), "
+                            f"got {self.kl_prcp_token_fraction}")
+        if not 0 <= self.sft_coef < math.inf:
+            problems.append(f"sft_coef must be >= 0, got {self.sft_coef}")
+        if self.sft_coef and self.sft_rows is None:
+            problems.append("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
+        if self.entropy not in ENTROPY_KINDS:
+            problems.append(f"unknown entropy {self.entropy!r}; choose one of {ENTROPY_KINDS}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def perception_term(logp: torch.Tensor, masked_logp: torch.Tensor, mask: torch.Tensor,
+                    kind: str = "k3", token_fraction: Optional[float] = None,
+                    clip: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+    """KL_prcp per token as the objective aggregates it, with the official switches:
+    (values [B, T], metrics).
+
+        D = perception_kl(l, a)                    every token's value, logged as "kl_prcp"
+        D = D * perception_token_mask(D, m, p)     token_fraction p: the rest ZEROED, not removed
+        D = clamp(D, 0, c)                         clip c
+
+    The official order: select on the raw values, then clamp. Zeroed tokens stay in the
+    aggregate's normaliser, so with the token mask the "token-mean" term is the sum over kept
+    tokens / the number of ALL valid tokens, about p times a mean over the kept ones (the
+    official dp_actor multiplies by the token mask, clamps, then averages over the response
+    mask). Metrics, token means over this call: "kl_prcp", and with a switch on the share of
+    tokens kept ("kl_prcp_kept") or changed by the clamp ("kl_prcp_clipped").
+    """
+    d = perception_kl(logp, masked_logp, kind)                                # [B, T]
+    metrics = {"kl_prcp": aggregate(d.detach(), mask)}
+    keep = mask.bool()                                                        # [B, T]
+    if token_fraction is not None:
+        keep = perception_token_mask(d, mask, token_fraction)                 # [B, T]
+        metrics["kl_prcp_kept"] = aggregate(keep.to(d.dtype), mask)
+        d = d.masked_fill(~keep, 0.0)                                         # [B, T]
+    if clip is not None:
+        changed = ((d < 0) | (d > clip)) & keep                               # [B, T]
+        metrics["kl_prcp_clipped"] = aggregate(changed.to(d.dtype), mask)
+        d = d.clamp(0.0, clip)                                                # [B, T]
+    return d, metrics
+
+
 def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, masked_logp: Optional[torch.Tensor] = None,
               ref_logp: Optional[torch.Tensor] = None, gamma: float = 0.0, eta_orig: float = 0.0,
               eta_mask: float = 0.0, beta: float = 0.0, clip_low: float = 0.2,
               clip_high: float = 0.2, dual_clip: Optional[float] = 3.0,
-              agg_mode: str = "token-mean", kl_kind: str = "k3", entropy: str = "sample",
-              logits: Optional[torch.Tensor] = None, masked_logits: Optional[torch.Tensor] = None,
-              entropy_orig: Optional[torch.Tensor] = None,
-              entropy_mask: Optional[torch.Tensor] = None, normalizer: Optional[Number] = None,
-              max_len: Optional[int] = None, kl_prcp_clip: Optional[float] = None,
-              kl_prcp_token_fraction: Optional[float] = None, sft_coef: float = 0.0,
-              sft_rows: Optional[torch.Tensor] = None, sft_normalizer: Optional[Number] = None,
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = agg(L_clip) + beta*agg(KL_ref(l, ref)) - gamma*agg(KL_prcp(l, a)) + eta_orig*H_orig
-           + eta_mask*H_mask,   all aggregated with agg = aggregate(., mask, agg_mode, ...).
+              agg_mode: str = "token-mean", kl_kind: str = "k3",
+              options: Optional[Options] = None, **switches) -> tuple[torch.Tensor, dict]:
+    """L = agg(L_clip) + beta agg(KL_ref) - gamma agg(KL_prcp) + eta_orig H_orig + eta_mask H_mask
+           (+ sft_coef agg_sft(-l) over the right rollouts, when that switch is on)
 
     logp (l), old_logp, mask, masked_logp (a), ref_logp: [B, T]; advantages: [B] or [B, T].
-    GRPO is gamma = eta = 0 (then L is exactly agg(L_clip) plus the beta term); PAPO-G adds gamma;
-    PAPO-D is DAPO plus gamma and both etas.
+    GRPO: gamma = eta = 0; PAPO-G adds gamma; PAPO-D is DAPO (beta 0) plus gamma and both etas.
+    H_orig = -l and H_mask = -a per token (the official sample estimates) unless
+    options.entropy == "exact". agg = aggregate(., mask, agg_mode, options.normalizer, ...).
+    options: the official switches and normalisers (Options); `switches` are its fields given
+    as keywords instead (papo_loss(..., kl_prcp_clip=0.2) is papo_loss(..., options=
+    Options(kl_prcp_clip=0.2))). A term is added only when its coefficient is non-zero, so GRPO's
+    loss is exactly agg(L_clip) (+ the beta term).
 
-    The masked branch. The official PAPO passes a DETACHED masked_logp, computed once per rollout
-    batch with the pre-update weights (the weights that produced old_logp): one extra forward
-    pass per rollout instead of one per update, and the term then only moves the original-image
-    policy. A masked_logp that carries gradient lets it flow through the masked branch too (the
-    paper's general form). With a detached a, the sample estimate H_mask = agg(-a) has zero
-    gradient: it still changes the loss value and the metrics, not the update.
-
-    Entropies. entropy="sample": H_orig = agg(-l), H_mask = agg(-a), the official estimates.
-    entropy="exact": H = -sum_v p_v log p_v per token, either precomputed ([B, T] entropy_orig /
-    entropy_mask, so the caller need not keep [B, T, V] logits alive) or from logits /
-    masked_logits [B, T, V]; precomputed values take precedence. Beware what the sample form
-    can do: on tokens drawn from the CURRENT policy, E_pi[grad(-log pi)] = 0, so agg(-l) pushes
-    entropy down only through what breaks that identity (tokens sampled by an older policy in
-    later mini-batches, top-p truncation, the length-dependent token-mean weights). The exact
-    form's gradient is the entropy's own gradient (notebooks/02_objective.ipynb shows both).
-
-    KL_prcp clipping (kl_prcp_clip = c, official value 0.2; None = off): each token's KL_prcp
-    is clamped to [0, c] before it is aggregated, so no token contributes more than c and a
-    token beyond c gives no gradient: the policy cannot raise the term without bound by pushing
-    a few tokens far from the masked branch (the "KL_prcp hacking" of collapsed runs). The
-    lower bound matters only for k1, which can be negative.
-
-    Token-level KL_prcp mask (kl_prcp_token_fraction = p, official value 0.2; None = off): the
-    tokens outside perception_token_mask(D, mask, p) are ZEROED, and the term is then
-    aggregated over the whole completion mask like every other term, with the same
-    normaliser: for "token-mean", sum over the kept tokens / the number of ALL valid tokens -
-    about p times a mean over the kept tokens, as in the official code (which multiplies the
-    per-token values by the token mask, clamps, and averages over the response mask). The
-    selection is made on the UNCLIPPED values (the official order: select, then clamp), per
-    rollout, so it does not depend on how the batch is cut into micro-batches.
-
-    SFT loss on correct rollouts (sft_coef, official value 1e-3; 0 = off): adds
-        sft_coef * sum_{i correct, t} -l_{i,t} * m_{i,t} / N_correct
-    where sft_rows ([B], bool or 0/1) marks the rollouts whose accuracy is 1. It is a TOKEN
-    mean over those rollouts' tokens in every mode. Its normaliser: sft_normalizer, the number
-    of such tokens in the whole batch (over micro-batches and ranks), so that micro-batches sum
-    to the full-batch gradient; it must be given with a global normalizer. With
-    agg_mode="micro-token-mean" it is instead this call's own token mean divided by normalizer
-    (K), like every other term in that mode. A batch with no correct rollout adds 0.
-
-    Returns the loss (0-dim, with gradient) and metrics as Python floats. Apart from "loss" the
-    metrics are token means over THIS call's masked tokens, whatever the normalizer, and each is
-    logged whenever its inputs are given (so a GRPO run with masked_logp still monitors kl_prcp):
-    loss, pg_loss, kl_ref, kl_prcp, entropy_orig, entropy_mask, clip_low, clip_high, clip_dual,
-    approx_kl_old (k3 estimate of KL(old || new) on the old policy's samples: how far the update
-    has moved), ratio_mean. "kl_prcp" is always the unclipped value over every token (what the
-    policy does, not what the loss sees); with clipping on, "kl_prcp_clipped" is the share of
-    tokens whose value the clamp changed (among those in the term), and with the token mask
-    on, "kl_prcp_kept" is the share of tokens kept. With sft_rows given, "sft_nll" is the mean
-    -l over the correct rollouts' tokens only (0 when there are none).
+    Returns the loss (0-dim, differentiable) and metrics as Python floats: "loss", and token means
+    over this call of pg_loss, clip_low / clip_high / clip_dual, kl_ref, kl_prcp (+ kl_prcp_kept,
+    kl_prcp_clipped), entropy_orig, entropy_mask, sft_nll, approx_kl_old (k3 KL(old || new)) and
+    ratio_mean - each whenever its inputs are given, whatever the coefficients.
+    docs/objective.md derives each term; notebooks/02_objective.ipynb computes them by hand.
 
     Example (token-mean, one token, A = 0 so only the perception term acts):
     >>> l = torch.tensor([[math.log(0.5)]], requires_grad=True)
@@ -460,100 +494,106 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     >>> round(loss.item(), 4), round(torch.autograd.grad(loss, l)[0].item(), 4)
     (-0.1931, -0.5)
     """
+    o = options if options is not None else Options(**switches)
+    _check_inputs(o, switches, options, masked_logp, ref_logp, gamma, eta_orig, eta_mask, beta,
+                  kl_kind, agg_mode)
+    agg = lambda v: aggregate(v, mask, agg_mode, o.normalizer, o.max_len)    # [B, T] -> 0-dim
+
+    # the per-token terms, each computed whenever its inputs are given (for the metrics)
+    pg, metrics = clipped_policy_loss(logp, old_logp, advantages, clip_low, clip_high,
+                                      dual_clip, mask)                        # [B, T] L_clip
+    kl_ref = kl_estimate(logp, ref_logp, kl_kind) if ref_logp is not None else None  # [B, T]
+    kl_prcp = None
+    if masked_logp is not None:
+        kl_prcp, more = perception_term(logp, masked_logp, mask, kl_kind,
+                                        o.kl_prcp_token_fraction, o.kl_prcp_clip)   # [B, T]
+        metrics.update(more)
+    h_orig, h_mask = _entropies(logp, masked_logp, o)                         # [B, T] each
+
+    # the objective, term by term as in the equation above
+    loss = agg(pg)
+    if beta:
+        loss = loss + beta * agg(kl_ref)
+    if gamma:
+        loss = loss - gamma * agg(kl_prcp)            # SUBTRACTED: KL_prcp is maximised
+    if eta_orig:
+        loss = loss + eta_orig * agg(h_orig)          # added: both entropies pushed down
+    if eta_mask:
+        loss = loss + eta_mask * agg(h_mask)
+    if o.sft_coef:
+        loss = loss + o.sft_coef * _sft_mean(-logp, mask, o, agg_mode)   # l up on right answers
+
+    metrics.update(_monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, o))
+    metrics["loss"] = loss.detach()
+    return loss, _as_floats(metrics)
+
+
+def _check_inputs(o: Options, switches, options, masked_logp, ref_logp, gamma, eta_orig,
+                  eta_mask, beta, kl_kind, agg_mode) -> None:
+    """The cross-argument checks of papo_loss (Options checks its own fields)."""
+    if switches and options is not None:
+        raise TypeError(f"papo_loss: give the switches as options= OR as keywords, not both "
+                        f"({', '.join(switches)})")
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown kl_kind {kl_kind!r}; choose one of {KL_KINDS}")
-    if entropy not in ENTROPY_KINDS:
-        raise ValueError(f"unknown entropy {entropy!r}; choose one of {ENTROPY_KINDS}")
     if gamma != 0 and masked_logp is None:
         raise ValueError("gamma != 0 (Implicit Perception Loss) needs masked_logp")
     if beta != 0 and ref_logp is None:
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
-    if kl_prcp_clip is not None and not 0 < kl_prcp_clip < math.inf:
-        raise ValueError(f"kl_prcp_clip must be > 0 (or None = off), got {kl_prcp_clip}")
-    if sft_coef != 0 and sft_rows is None:
-        raise ValueError("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
-    if (sft_coef != 0 and normalizer is not None and agg_mode != MICRO_TOKEN_MEAN
-            and sft_normalizer is None):
+    if eta_mask != 0 and o.entropy == "sample" and masked_logp is None:
+        raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
+    for eta, given, name in ((eta_orig, o.entropy_orig, "entropy_orig"),
+                             (eta_mask, o.entropy_mask, "entropy_mask")):
+        if eta != 0 and o.entropy == "exact" and given is None:
+            raise ValueError(f"{name.replace('entropy', 'eta')} != 0 with entropy='exact' "
+                             f"needs options.{name}")
+    if (o.sft_coef and o.normalizer is not None and o.sft_normalizer is None
+            and agg_mode != MICRO_TOKEN_MEAN):
         raise ValueError("sft_coef with a global normalizer needs sft_normalizer, the global "
                          "number of tokens of correct rollouts")
-    if entropy == "sample":
-        if eta_mask != 0 and masked_logp is None:
-            raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
-        h_orig = -logp                                                        # [B, T]
-        h_mask = -masked_logp if masked_logp is not None else None           # [B, T]
-    else:
-        h_orig = entropy_orig if entropy_orig is not None else (
-            entropy_from_logits(logits) if logits is not None else None)     # [B, T]
-        h_mask = entropy_mask if entropy_mask is not None else (
-            entropy_from_logits(masked_logits) if masked_logits is not None else None)  # [B, T]
-        if eta_orig != 0 and h_orig is None:
-            raise ValueError("eta_orig != 0 with entropy='exact' needs entropy_orig or logits")
-        if eta_mask != 0 and h_mask is None:
-            raise ValueError("eta_mask != 0 with entropy='exact' needs entropy_mask or masked_logits")
 
-    def agg(v: torch.Tensor) -> torch.Tensor:
-        return aggregate(v, mask, agg_mode, normalizer, max_len)
 
-    # Metrics are kept as 0-dim tensors and turned into Python floats together at the end: ONE
-    # device-to-host copy per call instead of one per metric (each is a sync on a GPU).
-    stats: dict[str, torch.Tensor] = {}
+def _entropies(logp, masked_logp, o: Options):
+    """(H_orig, H_mask) per token: the sample estimates -l and -a (official), or the exact
+    entropies the caller computed (entropy_from_logits); None where not available."""
+    if o.entropy == "exact":
+        return o.entropy_orig, o.entropy_mask
+    return -logp, (-masked_logp if masked_logp is not None else None)
 
-    def log_mean(name: str, v: torch.Tensor) -> None:
-        stats[name] = aggregate(v.detach(), mask)          # token mean over this call's tokens
 
-    pg, fractions = clipped_policy_loss(logp, old_logp, advantages, clip_low, clip_high,
-                                        dual_clip, mask)                      # [B, T]
-    loss = agg(pg)
-    log_mean("pg_loss", pg)
-    stats.update(fractions)
-    # Each term is added only when its coefficient is non-zero, so GRPO's loss is bit-for-bit
-    # agg(L_clip) and a NaN in an unused input cannot leak in through 0 * NaN.
-    if ref_logp is not None:
-        kl_ref = kl_estimate(logp, ref_logp, kl_kind)                         # [B, T]
-        log_mean("kl_ref", kl_ref)
-        if beta != 0:
-            loss = loss + beta * agg(kl_ref)
-    if masked_logp is not None:
-        kl_prcp = perception_kl(logp, masked_logp, kl_kind)                   # [B, T]
-        log_mean("kl_prcp", kl_prcp)
-        keep = mask.bool()                                                    # [B, T]
-        if kl_prcp_token_fraction is not None:
-            keep = perception_token_mask(kl_prcp, mask, kl_prcp_token_fraction)  # [B, T]
-            log_mean("kl_prcp_kept", keep.to(kl_prcp.dtype))
-            # zeroed, not removed: the term keeps the normaliser of every other term
-            kl_prcp = kl_prcp.masked_fill(~keep, 0.0)                         # [B, T]
-        if kl_prcp_clip is not None:
-            changed = ((kl_prcp < 0) | (kl_prcp > kl_prcp_clip)) & keep       # [B, T]
-            log_mean("kl_prcp_clipped", changed.to(kl_prcp.dtype))
-            kl_prcp = kl_prcp.clamp(0.0, kl_prcp_clip)                        # [B, T]
-        if gamma != 0:
-            loss = loss - gamma * agg(kl_prcp)                                # maximised
-    for name, eta, h in (("entropy_orig", eta_orig, h_orig), ("entropy_mask", eta_mask, h_mask)):
-        if h is not None:
-            log_mean(name, h)
-            if eta != 0:
-                loss = loss + eta * agg(h)                                   # entropy pushed down
-    if sft_rows is not None:
-        # m restricted to the rollouts whose answer is right
-        sft_mask = mask.bool() & sft_rows.bool().reshape(-1, 1)               # [B, T]
-        nll = -logp.to(_compute_dtype(logp))                                  # [B, T]
-        stats["sft_nll"] = aggregate(nll.detach(), sft_mask)
-        if sft_coef != 0:
-            if agg_mode == MICRO_TOKEN_MEAN:
-                sft = aggregate(nll, sft_mask, MICRO_TOKEN_MEAN,
-                                sft_normalizer if sft_normalizer is not None else normalizer)
-            else:
-                sft = aggregate(nll, sft_mask, "token-mean", sft_normalizer)
-            loss = loss + sft_coef * sft                          # raises l on right answers
-    with torch.no_grad():
-        log_mean("approx_kl_old", kl_estimate(old_logp, logp, "k3"))
-        dtype = _compute_dtype(logp, old_logp)
-        log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-20.0, 20.0)  # [B, T]
-        log_mean("ratio_mean", torch.exp(log_ratio))
-    stats["loss"] = loss.detach()
-    widest = functools.reduce(torch.promote_types, (v.dtype for v in stats.values()))
-    values = torch.stack([v.reshape(()).to(widest) for v in stats.values()]).tolist()
-    return loss, dict(zip(stats, values))
+def _sft_mean(nll, mask, o: Options, agg_mode: str) -> torch.Tensor:
+    """The SFT term: a TOKEN mean of -l over the right rollouts' tokens in every mode, divided
+    by their global count (sft_normalizer), or - with "micro-token-mean" - this call's own token
+    mean over K, like every term there. A batch with no right rollout adds 0."""
+    right = mask.bool() & o.sft_rows.bool().reshape(-1, 1)                    # [B, T]
+    if agg_mode == MICRO_TOKEN_MEAN:
+        k = o.sft_normalizer if o.sft_normalizer is not None else o.normalizer
+        return aggregate(nll, right, MICRO_TOKEN_MEAN, k)
+    return aggregate(nll, right, "token-mean", o.sft_normalizer)
+
+
+@torch.no_grad()
+def _monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, o: Options) -> dict:
+    """What papo_loss logs beside the loss: token means over this call's tokens."""
+    mean = lambda v: aggregate(v.detach(), mask)
+    dtype = _compute_dtype(logp, old_logp)
+    log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-20.0, 20.0)      # [B, T]
+    out = {"pg_loss": mean(pg), "approx_kl_old": mean(kl_estimate(old_logp, logp, "k3")),
+           "ratio_mean": mean(torch.exp(log_ratio))}
+    for name, values in (("kl_ref", kl_ref), ("entropy_orig", h_orig), ("entropy_mask", h_mask)):
+        if values is not None:
+            out[name] = mean(values)
+    if o.sft_rows is not None:
+        right = mask.bool() & o.sft_rows.bool().reshape(-1, 1)                # [B, T]
+        out["sft_nll"] = aggregate(-logp.detach(), right)
+    return out
+
+
+def _as_floats(metrics: dict) -> dict[str, float]:
+    """0-dim tensors -> Python floats in ONE device-to-host copy (each copy is a sync on a GPU)."""
+    widest = functools.reduce(torch.promote_types, (v.dtype for v in metrics.values()))
+    values = torch.stack([v.reshape(()).to(widest) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
 
 
 def annealed_coefficients(step: int, total_steps: int, gamma: float, eta_orig: float = 0.0,

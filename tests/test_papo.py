@@ -494,17 +494,20 @@ def test_each_coefficient_adds_exactly_its_term(mode):
     assert everything - base == pytest.approx(sum(terms.values()), abs=1e-12)
 
 
-def test_exact_entropy_from_logits_equals_precomputed():
+def test_exact_entropies_add_exactly_their_terms_and_options_equal_keywords():
     b = make_batch()
     h, hm = papo.entropy_from_logits(b["logits"]), papo.entropy_from_logits(b["masked_logits"])
-    kw = dict(masked_logp=b["masked_logp"], gamma=0.02, eta_orig=0.05, eta_mask=0.03, entropy="exact")
-    from_logits, m1 = call(b, logits=b["logits"], masked_logits=b["masked_logits"], **kw)
-    precomputed, m2 = call(b, entropy_orig=h, entropy_mask=hm, **kw)
-    assert torch.equal(from_logits, precomputed) and m1 == m2
+    kw = dict(masked_logp=b["masked_logp"], gamma=0.02, eta_orig=0.05, eta_mask=0.03)
+    precomputed, m1 = call(b, entropy="exact", entropy_orig=h, entropy_mask=hm, **kw)
+    as_options, m2 = call(b, options=papo.Options(entropy="exact", entropy_orig=h,
+                                                  entropy_mask=hm), **kw)
+    assert torch.equal(as_options, precomputed) and m1 == m2
     base = call(b, masked_logp=b["masked_logp"], gamma=0.02)[0]
     expected = 0.05 * papo.aggregate(h, b["mask"]) + 0.03 * papo.aggregate(hm, b["mask"])
     assert (precomputed - base).item() == pytest.approx(expected.item(), abs=1e-12)
     assert m1["entropy_orig"] == pytest.approx(papo.aggregate(h.detach(), b["mask"]).item())
+    with pytest.raises(TypeError, match="not both"):
+        call(b, options=papo.Options(), kl_prcp_clip=0.2, **kw)
 
 
 def test_missing_inputs_are_named():

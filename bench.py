@@ -59,7 +59,10 @@ import torch
 import transformers
 
 import model as qwen
+import speedups
 import toy
+import config
+import runtime
 import train
 
 MIB = 2 ** 20
@@ -107,7 +110,7 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
     with torch.device(device):   # built in place, in its dtype: not 15 GB of float32 on a CPU
         model = toy.family_classes(name).model_class._from_config(config, dtype=dtype)
     qwen.fill_generation_config(model, tokenizer)      # the end-of-turn ids generate stops at
-    qwen.patch_embed_as_matmul(model)                  # as load_model does
+    speedups.patch_embed_as_matmul(model)                  # as load_model does
     side = shape["image_size"]
     template = toy.QWEN3_CHAT_TEMPLATE if name == "qwen3-vl" else toy.CHAT_TEMPLATE
     return model, toy.family_classes(name).processor_class(
@@ -264,11 +267,11 @@ STEP = 1   # the step handed to train.py: it seeds sampling and the update's row
 class Setup:
     name: str
     policy: torch.nn.Module
-    ref: torch.nn.Module       # frozen copy (beta > 0 in both presets, as train.build_policy)
+    ref: torch.nn.Module       # frozen copy (beta > 0 in both presets, as runtime.build_policy)
     processor: object
     prompts: list              # the step's data.Examples, in collect_batch's order
-    cfgs: dict                 # objective -> train.Config
-    d: train.Dist
+    cfgs: dict                 # objective -> config.Config
+    d: runtime.Dist
     initial: dict              # the policy's initial weights, on the CPU: not in GPU memory
     batch: train.Batch         # the shared rollouts, masked images included
     seed: int                  # the step's sampling seed
@@ -289,10 +292,10 @@ def prepare(name: str, args, device: torch.device) -> Setup:
                # train.py's "auto": float32 master weights, bf16 autocast on a GPU
                f"--dtype={'bfloat16' if args.dtype == 'bfloat16' else 'auto'}",
                f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"]
-    cfgs = {k: train.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
+    cfgs = {k: config.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
     for cfg in cfgs.values():
-        train.check_config(cfg, world_size=1)
-    rng, d = np.random.default_rng(args.seed), train.Dist(device=device)
+        config.check_config(cfg, world_size=1)
+    rng, d = np.random.default_rng(args.seed), runtime.Dist(device=device)
     examples = [toy.toy_example(rng, image_size=side) for _ in range(args.prompts)]
     with Work(policy) as work:
         batch, _, _ = train.collect_batch(policy, processor, examples, cfgs["papo-g"], d, STEP,
@@ -300,7 +303,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, args.prompts)  # its draw
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
                  {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()},
-                 batch, train.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
+                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
     Work.counts() per phase}. Peak = the larger of (tensors held + what scoring
     allocates) and the same for the update: score_phase drops the masked pictures in between."""
     cfg = s.cfgs[objective]
-    uses_mask = train.uses_masked_branch(cfg)
+    uses_mask = config.uses_masked_branch(cfg)
     times, work = dict.fromkeys(PHASES, 0.0), {"generate": s.generate_work}
     if uses_mask and not measure:
         times["mask"] = time_mask(s, cfg)
@@ -424,7 +427,7 @@ def kv_cache_forced_off():
                             mm_token_type_ids=enc["mm_token_type_ids"],
                             pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
                             generation_config=config)
-    return mock.patch.object(qwen, "_generate_from_shared_prompts", plain)
+    return mock.patch.object(speedups, "generate_from_shared_prompts", plain)
 
 
 VARIANTS = {"checkpointing on": (True, True), "checkpointing off": (False, True),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -89,6 +90,12 @@ def read_template(path: str | Path) -> str:
                          "(a forged turn boundary, or image tokens without their picture), so "
                          "only the chat template and the processor may place them")
     return text
+
+
+@functools.lru_cache(maxsize=4)
+def template_text(path: str) -> str | None:
+    """read_template(path), read once per path; None for "" (the official prompt)."""
+    return read_template(path) if path else None
 
 
 def format_prompt(problem: str, template: str | None = None) -> str:

@@ -17,10 +17,17 @@ model's tokenizer on the toy's texts and builds the model itself.
     tokenizer_corpus     every text the tiny model will read or write
     build_tiny_model     a randomly initialised Qwen2.5-VL or Qwen3-VL of the real class (SIZES,
                          TINY_FAMILIES), with a tokenizer trained on that corpus
+    prepare_toy_data     the run's toy splits, written once to the cache folder
+    warm_start           the tiny model trained on worked solutions until it is right some of
+                         the time: where the offline RL run starts (cached)
+    shortcut_decoys      per question, the wrong answer its wording points to
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +36,15 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import eval as evaluation
 import model as qwen
-from data import INSTRUCTION, Example, format_prompt, write_jsonl
+import speedups
+import papo
+from data import INSTRUCTION, Example, format_prompt, template_text, write_jsonl
 
 # To run the whole method offline on a laptop we need a task that (a) a tiny model can learn in
 # minutes, (b) cannot be solved from the text alone, so that "looking at the image" is exactly
@@ -593,7 +604,7 @@ def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-v
         model = kind.model_class(model_config(s, tokenizer, family))
     model.generation_config = GenerationConfig()
     qwen.fill_generation_config(model, tokenizer)
-    qwen.patch_embed_as_matmul(model)                # as load_model does
+    speedups.patch_embed_as_matmul(model)                # as load_model does
 
     template = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_CHAT_TEMPLATE,
                 "qwen3-vl-thinking": QWEN3_THINKING_CHAT_TEMPLATE}[family]
@@ -602,3 +613,128 @@ def build_tiny_model(seed: int = 0, size: str = "tiny", family: str = "qwen2.5-v
         image_processor=image_processor(s, family, s["min_pixels"], s["max_pixels"]),
         tokenizer=tokenizer, chat_template=template)
     return model, processor
+
+
+# =============================================================================================
+# The offline run: the toy splits on disk, the warm start, the shortcut's decoys
+# =============================================================================================
+# What train.py does with the toy world when no --model is given: write its splits once to the
+# cache folder (the same JSONL + images a user's data would be), train the tiny model on worked
+# solutions until it is right some of the time, then hand that model to RL.
+
+def world_tasks(cfg) -> tuple[str, ...]:
+    """The toy tasks trained on: --toy-tasks, else the world's."""
+    given = tuple(t for t in cfg.toy_tasks.split(",") if t)
+    return given or TOY_WORLDS[cfg.toy_world].tasks
+
+
+def toy_splits(cfg) -> dict[str, tuple[Path, tuple[str, ...], int, int]]:
+    """Every toy split: name -> (folder, tasks, size, seed). Each split has its own seed, so no
+    held-out picture is ever trained on; the folder is named by tasks and size, so a world that
+    shares a split with another (the plain tasks) shares its files too."""
+    def folder(tasks, name, n):
+        return Path(cfg.cache) / f"toy-{'+'.join(tasks)}" / f"{name}-{n}"
+    tasks = world_tasks(cfg)
+    splits = {"train": (folder(tasks, "train", cfg.toy_train_size), tasks, cfg.toy_train_size, 1),
+              "held-out": (folder(tasks, "heldout", cfg.toy_eval_size), tasks, cfg.toy_eval_size, 2)}
+    for k, (name, extra) in enumerate(TOY_WORLDS[cfg.toy_world].extra.items()):
+        splits[name] = (folder(extra, "heldout", cfg.toy_eval_size), extra, cfg.toy_eval_size, 3 + k)
+    return splits
+
+
+def prepare_toy_data(cfg) -> None:
+    """Write the toy splits once (call it on one process), so every later run and every rank
+    reads the same files."""
+    for folder, tasks, n, seed in toy_splits(cfg).values():
+        if not (folder / "data.jsonl").is_file():
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks)
+            tmp.rename(folder)
+
+
+# The offline warm start: a short supervised stage on the toy task's worked solutions, so that
+# RL starts from a model that formats its answers and is right some of the time (a random model
+# earns reward 0 on every rollout, and every advantage is 0). Cached: it runs once per setting.
+
+def warm_start_path(cfg) -> Path:
+    """The cache folder of the warm start for these settings. The prompt is part of the key: a
+    warm start trained on other wording (and a tokenizer trained on another corpus) would start
+    RL off its own distribution."""
+    tasks = "+".join(world_tasks(cfg))
+    prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
+    family = "" if cfg.tiny_family == "qwen2.5-vl" else f"{cfg.tiny_family}-"   # older names kept
+    return (Path(cfg.cache) / f"warmstart-{family}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
+            f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}-prompt{prompt}")
+
+
+def _prompt_fingerprint(cfg) -> str:
+    """The prompt text of a fixed question: changes whenever the template or instruction does."""
+    return format_prompt("{problem}", template_text(cfg.prompt_template))
+
+
+def warm_start(cfg, train) -> Path:
+    """The warm-started tiny model's folder, trained first if it is not in the cache (call it
+    on one process). cfg: a config.Config (its seed, tiny_*, sft_*, prompt and budget fields).
+
+    Supervised fine-tuning = maximising completion_logprobs of the worked solution: the same
+    function that scores rollouts in RL, so the warm start exercises exactly the RL code path."""
+    path = warm_start_path(cfg)
+    if not (path / "config.json").is_file():
+        random.seed(cfg.seed)                  # every generator, as a training run seeds them
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        options = dict(template=template_text(cfg.prompt_template), min_pixels=cfg.min_pixels,
+                       max_pixels=cfg.max_pixels)
+        policy, processor = build_tiny_model(seed=cfg.seed, size=cfg.tiny_size,
+                                             family=cfg.tiny_family)
+        # A Thinking template's prompt already opens <think>: the target starts inside it.
+        opened = qwen.prompt_opens_thinking(processor)
+        target = lambda ex: ex.solution.removeprefix(qwen.THINK_OPEN) if opened else ex.solution
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+        # The stopping rule watches a slice of the TRAINING split that the warm start never
+        # trains on, so the held-out numbers reported later were not used to pick the model.
+        n_probe = min(64, len(train) // 4)
+        train, probe = train[:-n_probe], train[-n_probe:]
+        bar = tqdm(range(1, cfg.sft_steps + 1), desc="warm start", dynamic_ncols=True)
+        acc = 0.0
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, step, 17])
+            batch = [train[i] for i in rng.integers(0, len(train), cfg.sft_batch)]
+            prompts = [ex.to_prompt(**options) for ex in batch]
+            targets = qwen.rollouts_from_texts(processor, prompts, [target(ex) for ex in batch])
+            # A short linear warm-up keeps the first large-lr steps of a random model stable.
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.sft_lr * min(1.0, step / 20)
+            logp = qwen.completion_logprobs(policy, targets)                    # [B, T]
+            loss = -papo.aggregate(logp, targets.completion_mask)               # token-mean NLL
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
+            if step % 25 == 0:
+                acc = evaluation.evaluate(policy, processor, probe, samples=2, temperature=1.0,
+                                          max_new_tokens=cfg.max_new_tokens, seed=step,
+                                          mask_ratios=(), **options)["accuracy"]
+                if acc >= cfg.sft_target_acc:
+                    break
+            bar.set_postfix(nll=f"{loss.item():.3f}", sampled_acc=f"{acc:.2f}")
+        bar.close()
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        qwen.save_processor(processor, tmp)
+        tmp.rename(path)
+        print(f"warm start: {step} steps, sampled accuracy on {n_probe} unseen training prompts {acc:.2f} "
+              f"-> {path}")
+    return path
+
+
+def shortcut_decoys(examples) -> list[str | None] | None:
+    """Per question, the answer its wording points to when that answer is WRONG (wording_answer),
+    so the evaluation can count how often the policy takes the shortcut; None when no question
+    has a panel letter (every dataset but the shortcut world's)."""
+    pointed = [wording_answer(ex.problem) for ex in examples]
+    if not any(pointed):
+        return None
+    return [w if w is not None and w != ex.answer else None for w, ex in zip(pointed, examples)]

@@ -7,7 +7,7 @@
 Every (recipe, seed) is one `train.py --toy-world shortcut` run in OUT/<recipe>-seed<S>; the runs
 of one seed share its warm start (the cache folder keys it by seed), so the recipes differ only in
 their objective. Runs go `--jobs` at a time with `--threads` torch threads each (two jobs of one
-thread each on 2 cores: a second thread per job only spins, see TOY_WORLD_NOTES). A finished run
+thread each on 2 cores: a second thread per job only spins, see docs/toy.md). A finished run
 (final_eval.json present) is skipped, so an interrupted experiment continues where it stopped.
 
 The summary reads each run's final_eval.json and metrics.jsonl and writes OUT/summary.json (also
@@ -43,7 +43,7 @@ RECIPES: dict[str, list[str]] = {
     "papo-g-gamma0.2-entropy": ["--preset", "papo-g", "--gamma", "0.2", "--eta-orig", "0.03",
                                 "--eta-mask", "0.03"],
 }
-DEFAULT_RECIPES = ["grpo", "papo-g", "papo-g-gamma0.2", "papo-d"]   # the README's table
+DEFAULT_RECIPES = ["grpo", "papo-g", "papo-g-gamma0.2", "papo-d"]   # docs/results.md's table
 BASELINE = "grpo"
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
@@ -100,8 +100,8 @@ def run_all(out: Path, seeds: list[int], recipes: list[str], jobs: int, threads:
     # at once. So the splits are written first (they are the same for every seed), then the first
     # run of every seed goes (seeds in parallel), then the rest.
     r, s = todo[0]
-    build = [sys.executable, "-c", "import sys, train; train.prepare_toy_data("
-             "train.parse_config(sys.argv[1:]), train.setup_distributed())",
+    build = [sys.executable, "-c", "import sys, config, toy; toy.prepare_toy_data("
+             "config.parse_config(sys.argv[1:]))",
              *train_command(out, r, s, extra)[2:]]
     if run(build, out / "logs" / "toy-data.log", threads):
         raise SystemExit(f"building the toy splits failed: see {out / 'logs' / 'toy-data.log'}")

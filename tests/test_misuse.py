@@ -20,6 +20,8 @@ import data
 import eval as evaluation
 import model as qwen
 import toy
+import config
+import runtime
 import train
 from test_train import tiny_args
 
@@ -48,26 +50,26 @@ BAD_TRAIN_FLAGS = [
 
 @pytest.mark.parametrize("flag,value", BAD_TRAIN_FLAGS)
 def test_every_bad_train_flag_is_refused_by_name_before_any_work(flag, value, tmp_path):
-    cfg = train.parse_config(["--out", str(tmp_path / "run"), flag, value])
+    cfg = config.parse_config(["--out", str(tmp_path / "run"), flag, value])
     with pytest.raises(SystemExit) as info:
-        train.check_config(cfg, world_size=1)
+        config.check_config(cfg, world_size=1)
     message = str(info.value)
     assert f"{flag} {value}" in message.replace("'", "") and "must be" in message
     assert not (tmp_path / "run").exists()          # nothing was created
 
 
 def test_all_bad_flags_are_listed_in_one_message(tmp_path):
-    cfg = train.parse_config(["--out", str(tmp_path / "run"), "--steps", "0", "--lr", "-1",
+    cfg = config.parse_config(["--out", str(tmp_path / "run"), "--steps", "0", "--lr", "-1",
                               "--top-p", "2"])
     with pytest.raises(SystemExit) as info:
-        train.check_config(cfg, world_size=1)
+        config.check_config(cfg, world_size=1)
     assert all(f in str(info.value) for f in ("--steps 0", "--lr -1.0", "--top-p 2.0"))
 
 
 def test_the_defaults_and_the_presets_pass(tmp_path):
-    for preset in train.PRESETS:
+    for preset in config.PRESETS:
         for extra in ([], ["--model", str(tmp_path), "--data", "x.jsonl"]):
-            train.check_config(train.parse_config(["--preset", preset, *extra]), world_size=1)
+            config.check_config(config.parse_config(["--preset", preset, *extra]), world_size=1)
 
 
 @pytest.mark.parametrize("flags", [["--kl-prcp-clip", "0.2"], ["--kl-prcp-token-fraction", "0.2"],
@@ -75,35 +77,35 @@ def test_the_defaults_and_the_presets_pass(tmp_path):
 def test_kl_prcp_switches_without_the_kl_prcp_term_are_refused(flags, tmp_path):
     """They would do nothing: GRPO and DAPO have no KL_prcp term (gamma 0)."""
     for preset in ("grpo", "dapo"):
-        cfg = train.parse_config(["--out", str(tmp_path / "run"), "--preset", preset, *flags])
+        cfg = config.parse_config(["--out", str(tmp_path / "run"), "--preset", preset, *flags])
         with pytest.raises(SystemExit, match=f"{flags[0]}.*--gamma 0"):
-            train.check_config(cfg, world_size=1)
-    train.check_config(train.parse_config(["--out", str(tmp_path / "run"), *flags]), 1)
+            config.check_config(cfg, world_size=1)
+    config.check_config(config.parse_config(["--out", str(tmp_path / "run"), *flags]), 1)
 
 
 def test_masked_image_key_needs_a_dataset_and_a_masked_branch(tmp_path):
     out = ["--out", str(tmp_path / "run"), "--masked-image-key", "images_aug"]
     with pytest.raises(SystemExit, match="--masked-image-key images_aug: the offline toy data"):
-        train.check_config(train.parse_config(out), 1)
+        config.check_config(config.parse_config(out), 1)
     with pytest.raises(SystemExit, match="--masked-image-key images_aug: this objective has no "
                                          "masked branch"):
-        train.check_config(train.parse_config([*out, "--data", "t.jsonl", "--preset", "grpo"]), 1)
-    train.check_config(train.parse_config([*out, "--data", "t.jsonl"]), 1)
+        config.check_config(config.parse_config([*out, "--data", "t.jsonl", "--preset", "grpo"]), 1)
+    config.check_config(config.parse_config([*out, "--data", "t.jsonl"]), 1)
 
 
 def test_out_naming_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a run folder"):
-        train.check_config(train.parse_config(["--out", str(tmp_path / "afile")]), 1)
+        config.check_config(config.parse_config(["--out", str(tmp_path / "afile")]), 1)
 
 
 def test_resume_with_a_different_out_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.json").write_text(json.dumps({"steps": 3}))
     with pytest.raises(SystemExit):
-        train.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+        config.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
     # the same folder spelled differently is fine
-    cfg = train.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a" / ".")])
+    cfg = config.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a" / ".")])
     assert cfg.steps == 3
 
 
@@ -208,7 +210,7 @@ def test_pruning_keeps_the_newest_by_step_and_never_the_latest(tmp_path):
     for step in (5, 999_999, 1_000_000, 1_000_001):
         (tmp_path / f"checkpoint-{step:06d}").mkdir()
     # by name, "checkpoint-1000000" sorts before "checkpoint-999999"
-    train.prune_checkpoints(tmp_path, keep_last=2, keep=tmp_path / "checkpoint-000005")
+    runtime.prune_checkpoints(tmp_path, keep_last=2, keep=tmp_path / "checkpoint-000005")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-000005", "checkpoint-1000000", "checkpoint-1000001"]
 
@@ -275,7 +277,7 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact_and_says_how_to_resume(tmp_pat
     err = capsys.readouterr().err
     assert f"python train.py --resume {run}" in err and "checkpoint-000001" in err
     assert not (run / ".lock").exists()
-    assert train.latest_checkpoint(run).name == "checkpoint-000001"
+    assert runtime.latest_checkpoint(run).name == "checkpoint-000001"
     monkeypatch.setattr(train, "collect_batch", real)
     train.main(["--resume", str(run), "--steps", "3"])
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]

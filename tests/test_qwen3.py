@@ -17,8 +17,10 @@ from PIL import Image
 from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import model as qwen
+import speedups
 import rewards
 import toy
+import config
 import train
 from test_train import _assert_same_parameters, _torchrun, last_checkpoint, params, tiny_args
 
@@ -77,7 +79,7 @@ def test_deepstack_features_of_a_repeated_picture_are_one_tensor_and_the_towers_
     hook = model.model.visual.patch_embed.register_forward_hook(
         lambda module, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
-        shared = qwen._encode_each_picture_once(model, enc["pixel_values"], enc["image_grid_thw"])
+        shared = speedups.encode_each_picture_once(model, enc["pixel_values"], enc["image_grid_thw"])
         hook.remove()
         every = model.get_image_features(enc["pixel_values"], enc["image_grid_thw"],
                                          return_dict=True)
@@ -126,11 +128,11 @@ def test_one_papo_step_on_a_tiny_qwen3_saves_a_plain_transformers_folder(tmp_pat
     args = tiny_args(tmp_path, "--tiny-family", family, "--lr", "1e-2")
     result = train.main(args)
     run = tmp_path / "run"
-    start = params(train.warm_start_path(train.parse_config(args)))
+    start = params(toy.warm_start_path(config.parse_config(args)))
     after = params(last_checkpoint(run))
     assert any(not torch.equal(start[k], after[k]) for k in start)
     assert result["before"] is not None and result["after"] is not None
-    assert f"warmstart-{family}-tiny-" in train.warm_start_path(train.parse_config(args)).name
+    assert f"warmstart-{family}-tiny-" in toy.warm_start_path(config.parse_config(args)).name
 
     thinking = family.endswith("-thinking")
     assert flags and set(flags) == {thinking}
@@ -157,7 +159,7 @@ def test_ddp_and_fsdp_with_gradient_checkpointing_on_a_tiny_qwen3_agree(tmp_path
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(2, 29561, tiny_args(ddp, *common))
     _torchrun(2, 29562, tiny_args(fsdp, "--fsdp", *common))
-    start = params(train.warm_start_path(train.parse_config(tiny_args(ddp, *common))))
+    start = params(toy.warm_start_path(config.parse_config(tiny_args(ddp, *common))))
     p_ddp, p_fsdp = params(last_checkpoint(ddp / "run")), params(last_checkpoint(fsdp / "run"))
     assert any(not torch.equal(start[k], p_ddp[k]) for k in start)         # it did train
     _assert_same_parameters(p_ddp, p_fsdp, rel=1e-5)

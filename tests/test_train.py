@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import runtime
 import train
 import model as qwen
 import data
@@ -33,14 +35,14 @@ def params(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def last_checkpoint(run: Path) -> Path:
-    return train.latest_checkpoint(run)
+    return runtime.latest_checkpoint(run)
 
 
 def test_smoke_one_step_changes_parameters_and_logs_every_field(tmp_path):
     """Smoke test: one PAPO-G step runs, its loss is finite and the parameters move."""
     result = train.main(tiny_args(tmp_path, "--lr", "1e-2"))
     run = tmp_path / "run"
-    start = params(train.warm_start_path(train.parse_config(tiny_args(tmp_path))))
+    start = params(toy.warm_start_path(config.parse_config(tiny_args(tmp_path))))
     after = params(last_checkpoint(run))
     assert any(not torch.equal(start[k], after[k]) for k in start)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -79,7 +81,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     train.main(tiny_args(tmp_path, "--steps", "1"))
     run = tmp_path / "run"
     good = last_checkpoint(run)
-    cfg = train.Config(**json.loads((run / "config.json").read_text()))
+    cfg = config.Config(**json.loads((run / "config.json").read_text()))
     policy, processor = qwen.load_model(str(good))
     optimizer = torch.optim.AdamW(policy.parameters())
 
@@ -87,7 +89,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
         raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(torch, "save", crash)     # dies after the weights, before the state
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(run, 2, policy, processor, optimizer, {"step": 2}, cfg)
+        runtime.save_checkpoint(run, 2, policy, processor, optimizer, {"step": 2}, cfg)
     monkeypatch.undo()
     assert last_checkpoint(run) == good
     qwen.load_model(str(last_checkpoint(run)))      # still complete and loadable
@@ -159,7 +161,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_a_plain_transformers_folder(
     ddp, fsdp, straight = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "straight"
     _torchrun(2, 29541, tiny_args(ddp, "--steps", "2", *common))
     _torchrun(2, 29542, tiny_args(fsdp, "--steps", "2", "--fsdp", *common))
-    start = params(train.warm_start_path(train.parse_config(tiny_args(fsdp, *common))))
+    start = params(toy.warm_start_path(config.parse_config(tiny_args(fsdp, *common))))
     p_ddp, p_fsdp = params(last_checkpoint(ddp / "run")), params(last_checkpoint(fsdp / "run"))
     assert any(not torch.equal(start[k], p_fsdp[k]) for k in start)       # it did train
     _assert_same_parameters(p_ddp, p_fsdp)
@@ -234,10 +236,10 @@ def test_fsdp_one_process_matches_a_plain_run(tmp_path):
 
 def _tiny_batch(tmp_path, *extra):
     """A real rollout batch of the tiny model on the toy task, and everything that made it."""
-    cfg = train.parse_config(tiny_args(tmp_path, *extra))
-    d = train.Dist()
-    train.prepare_toy_data(cfg, d)
-    examples, _ = train.load_datasets(cfg, d)
+    cfg = config.parse_config(tiny_args(tmp_path, *extra))
+    d = runtime.Dist()
+    toy.prepare_toy_data(cfg)
+    examples, _ = runtime.load_datasets(cfg, d)
     policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     return cfg, d, examples, policy, processor
 
@@ -416,12 +418,12 @@ def test_update_micro_batches_hold_whole_groups_each_row_once(tmp_path, monkeypa
 def test_collapse_warning_fires_only_on_the_kl_prcp_hacking_signature():
     calm = [dict(step=i, kl_prcp=0.10, entropy_orig=0.50, entropy_mask=0.80) for i in range(10)]
     hacked = dict(step=10, kl_prcp=0.50, entropy_orig=0.70, entropy_mask=1.00)
-    assert "KL_prcp" in train.collapse_warning(calm + [hacked])
+    assert "KL_prcp" in runtime.collapse_warning(calm + [hacked])
     # a KL jump with falling entropy is the intended effect, not collapse
-    assert train.collapse_warning(calm + [{**hacked, "entropy_orig": 0.40}]) is None
+    assert runtime.collapse_warning(calm + [{**hacked, "entropy_orig": 0.40}]) is None
     # rising entropies without a KL jump: no warning either
-    assert train.collapse_warning(calm + [{**hacked, "kl_prcp": 0.12}]) is None
-    assert train.collapse_warning(calm[:5] + [hacked]) is None         # too little history
+    assert runtime.collapse_warning(calm + [{**hacked, "kl_prcp": 0.12}]) is None
+    assert runtime.collapse_warning(calm[:5] + [hacked]) is None         # too little history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,9 +507,9 @@ def test_a_min_pixels_above_what_the_processor_keeps_is_lowered_to_it(capsys):
     # 200,704. Unlowered, a 112 x 112 picture would go up to 448 x 448, then straight back down.
     tiny = SimpleNamespace(image_processor=toy.image_processor(
         toy.SIZES["tiny"], "qwen2.5-vl", 56 * 56, 112 * 112))
-    official = train.Config()
+    official = config.Config()
     assert (official.min_pixels, official.max_pixels) == (200_704, 1_003_520)
-    fitted = train.fit_pixel_budget(official, tiny)
+    fitted = config.fit_pixel_budget(official, tiny)
     assert (fitted.min_pixels, fitted.max_pixels) == (12_544, 1_003_520)
     assert "--min-pixels 200704" in capsys.readouterr().out
     assert dataclasses.replace(fitted, min_pixels=official.min_pixels) == official  # nothing else
@@ -524,7 +526,7 @@ def test_a_min_pixels_above_what_the_processor_keeps_is_lowered_to_it(capsys):
     # Qwen2.5-VL's own processor keeps up to 12,845,056 pixels: the official budget is untouched.
     real = SimpleNamespace(image_processor=toy.image_processor(
         toy.SIZES["tiny"], "qwen2.5-vl", 3136, 12_845_056))
-    assert train.fit_pixel_budget(official, real) is official
+    assert config.fit_pixel_budget(official, real) is official
     assert capsys.readouterr().out == ""
 
 
@@ -589,18 +591,18 @@ def test_the_shortcut_world_scores_a_conflict_split_where_the_wording_always_mis
 
 
 def test_eval_data_replaces_only_the_training_like_split_of_the_shortcut_world(tmp_path):
-    cfg = train.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut",
+    cfg = config.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut",
                                        "--eval-data", "mine.jsonl"))
-    _, held = train.data_sources(cfg)
+    _, held = runtime.data_sources(cfg)
     assert held["held-out"] == "mine.jsonl" and held["conflict"].endswith("heldout-4/data.jsonl")
     # the plain world keeps its tasks, and with them its cached warm start's name
-    plain = train.parse_config(tiny_args(tmp_path))
-    assert train.toy_tasks(plain) == toy.DEFAULT_TOY_TASKS
-    assert "-count+count_color-seed0-" in train.warm_start_path(plain).name
-    assert list(train.data_sources(plain)[1]) == ["held-out"]
+    plain = config.parse_config(tiny_args(tmp_path))
+    assert toy.world_tasks(plain) == toy.DEFAULT_TOY_TASKS
+    assert "-count+count_color-seed0-" in toy.warm_start_path(plain).name
+    assert list(runtime.data_sources(plain)[1]) == ["held-out"]
     # training on one's own data: no toy split is added
-    own = train.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut", "--data", "t.jsonl"))
-    assert train.data_sources(own) == ("t.jsonl", {})
+    own = config.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut", "--data", "t.jsonl"))
+    assert runtime.data_sources(own) == ("t.jsonl", {})
 
 
 def test_shortcut_decoys_are_the_letters_wrong_answers_only():
@@ -608,16 +610,16 @@ def test_shortcut_decoys_are_the_letters_wrong_answers_only():
     examples = [ex("Panel B: how many shapes are in the image?", "4"),   # points to 2: a decoy
                 ex("Panel D: how many shapes are in the image?", "4"),   # points to the answer
                 ex("How many shapes are in the image?", "3")]            # points nowhere
-    assert train.shortcut_decoys(examples) == ["2", None, None]
-    assert train.shortcut_decoys(examples[2:]) is None
+    assert toy.shortcut_decoys(examples) == ["2", None, None]
+    assert toy.shortcut_decoys(examples[2:]) is None
 
 
 def test_the_last_steps_evaluation_is_the_final_one_not_a_second_pass(tmp_path, monkeypatch):
     """--eval-every 3 over 4 steps evaluates at step 3 and at the last step, and the final table
     reuses the last step's numbers: 1 (before) + 2 calls, not 4."""
     calls = []
-    real = train.evaluate_heldout
-    monkeypatch.setattr(train, "evaluate_heldout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runtime.evaluate_heldout
+    monkeypatch.setattr(runtime, "evaluate_heldout", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = train.main(tiny_args(tmp_path, "--steps", "4", "--eval-every", "3"))
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [3, 4]
@@ -630,12 +632,15 @@ def test_the_last_steps_evaluation_is_the_final_one_not_a_second_pass(tmp_path, 
 # ---------------------------------------------------------------------------------------------
 
 def _recording_papo_loss(monkeypatch):
-    """Replace papo.papo_loss by a wrapper that records every call's keyword arguments."""
+    """Replace papo.papo_loss by a wrapper that records every call's keyword arguments (and the
+    fields of its options)."""
     calls = []
     real = train.papo.papo_loss
 
     def recording(*args, **kwargs):
-        calls.append(kwargs)
+        options = kwargs.get("options") or train.papo.Options()        # its fields, flattened
+        calls.append({**kwargs, **{f.name: getattr(options, f.name)
+                                   for f in dataclasses.fields(options)}})
         return real(*args, **kwargs)
     monkeypatch.setattr(train.papo, "papo_loss", recording)
     return calls
@@ -788,14 +793,14 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     for them; a row built in code with a wrong size is stopped, naming row and column."""
     from PIL import Image
     jsonl = _jsonl_with_pre_masked_pictures(tmp_path)
-    cfg = train.parse_config(tiny_args(tmp_path, "--data", str(jsonl), "--eval-data",
+    cfg = config.parse_config(tiny_args(tmp_path, "--data", str(jsonl), "--eval-data",
                                        str(tmp_path / "plain.jsonl"), "--masked-image-key",
                                        "images_aug", "--prompts-per-step", "2"))
     data.write_jsonl([{"problem": "How many shapes are in the image?", "answer": "1",
                        "images": ["p0.png"]}], tmp_path / "plain.jsonl")
-    train.check_config(cfg, 1)
-    d = train.Dist()
-    examples, heldout = train.load_datasets(cfg, d)
+    config.check_config(cfg, 1)
+    d = runtime.Dist()
+    examples, heldout = runtime.load_datasets(cfg, d)
     assert examples[0].masked_images == [tmp_path / "p0_masked.png"]
     assert heldout["held-out"][0].masked_images is None
     policy, processor = toy.build_tiny_model(seed=0, size="tiny")
@@ -900,4 +905,4 @@ def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metri
     assert rows[1]["eta_orig_t"] == pytest.approx(0.03 * 0.0125 / 0.02)
     for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
         assert all(key in r and r[key] == r[key] for r in rows), key
-    assert train.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2
+    assert config.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2

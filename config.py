@@ -1,0 +1,439 @@
+"""The settings of a training run: one dataclass with a help text per field, the paper's four
+recipes as presets, every flag's allowed range, and the command line built from them.
+
+    cfg = parse_config(["--preset", "papo-d", "--steps", "100"])   # what train.py does
+    check_config(cfg, world_size=1)                                  # refuses bad settings early
+
+Precedence: field defaults (the official Qwen2.5-VL-3B recipe) < the offline toy run's overrides
+(when --model is not given) < --preset < flags given on the command line. A resumed run starts
+from its own saved config.json instead, and flags given now still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+
+import data
+import model as qwen
+import papo
+import toy
+
+DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
+
+
+def arg(default, help: str):
+    """A dataclass field that carries its own documentation (shown by `--help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- what to train on --------------------------------------------------------------------
+    preset: str = arg("papo-g", "grpo | papo-g | dapo | papo-d: objective settings of the paper.")
+    model: str = arg("", "Qwen2.5-VL or Qwen3-VL hub id or local folder. Empty: the offline tiny "
+                         "model (--tiny-family), warm-started on the toy task (cached).")
+    data: str = arg("", "Training data: a JSONL file, a ShareGPT .json file, a parquet file, glob "
+                        "or folder, a save_to_disk folder, or a hub dataset owner/name[:split] "
+                        "(e.g. PAPOGalaxy/PAPO_ViRL39K_train). Empty: the offline toy task.")
+    eval_data: str = arg("", "Held-out data (same forms as --data) for the before/after table. "
+                             "Empty: the toy held-out split when training on the toy task, else "
+                             "no evaluation.")
+    problem_key: str = arg("problem", "Table column holding the question.")
+    answer_key: str = arg("answer", "Table column holding the gold answer.")
+    image_key: str = arg("images", "Table column holding the picture(s): Image features, "
+                                   "{bytes, path} dicts or paths.")
+    image_dir: str = arg("", "Folder that relative picture paths are relative to (default: the "
+                             "data file's folder).")
+    masked_image_key: str = arg("", "Pre-masked pictures (official switch; its column "
+                                    "'images_aug', for semantic-aware masking): the --data "
+                                    "table column, or JSONL key listing paths, whose pictures the "
+                                    "masked branch uses instead of random patches - one per "
+                                    "picture, each of its original's size (checked per row "
+                                    "before training), resized into the same pixel budget. "
+                                    "--mask-ratio/--mask-patch/--mask-mode then apply only to "
+                                    "the held-out evaluation. Empty: random patches.")
+    prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
+                                   "official one (the trimmed question, a blank line, the "
+                                   "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
+    min_pixels: int = arg(200_704, "Pixel budget: every raw picture is scaled up to at least this "
+                                   "area BEFORE masking and processing (official: 256 image tokens).")
+    max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
+                                     "area before masking and processing (official: 1,280 tokens).")
+    max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
+                                            "header) a row may have; a larger one is a bad row.")
+    max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
+                                       "stop the run before training unless --drop-long-prompts.")
+    drop_long_prompts: bool = arg(False, "Drop (and count, print and log) rows longer than "
+                                         "--max-prompt-length instead of stopping.")
+    out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
+    resume: str = arg("", "Run folder to continue from its latest checkpoint (exactly).")
+    overwrite: bool = arg(False, "Start afresh in an --out folder that holds an earlier run, "
+                                 "deleting that run's files (without it such a folder is refused).")
+    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
+    steps: int = arg(200, "Number of RL steps (rollout batches).")
+
+    # --- rollouts ----------------------------------------------------------------------------
+    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.")
+    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).")
+    max_new_tokens: int = arg(2048, "Longest response, in tokens.")
+    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).")
+    top_p: float = arg(0.99, "Nucleus sampling of rollouts.")
+
+    # --- optimisation ------------------------------------------------------------------------
+    lr: float = arg(1e-6, "AdamW learning rate (constant).")
+    weight_decay: float = arg(0.01, "AdamW weight decay.")
+    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
+    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
+    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
+    generation_batch: int = arg(16, "Prompts per `generate` call on one rank (each with its G "
+                                    "rollouts); a step's prompts are generated in such chunks, "
+                                    "so that the KV cache of one call fits (3B: 80 rows x 3,072 "
+                                    "tokens ~ 9 GB in bf16; all 192 prompts of a rank at once "
+                                    "~ 109 GB). 0 = all at once.")
+
+    # --- the objective (set by --preset; see papo.py and docs/paper.md section 5) ------------
+    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
+    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
+    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    gamma_anneal: bool = arg(False, "KL_prcp annealing (official switch): gamma goes linearly "
+                                    "from --gamma to --gamma-end over the first "
+                                    "--gamma-anneal-fraction of --steps, then stays there; "
+                                    "--eta-orig and --eta-mask are scaled by gamma_t / gamma. "
+                                    "Steps count from 1: step 1 uses --gamma, step 1 + "
+                                    "int(fraction x steps) and later ones --gamma-end. The schedule follows "
+                                    "--steps, also when a resume changes it. Logged: gamma_t.")
+    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
+    gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
+                                            "gamma moves to --gamma-end.")
+    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
+    clip_low: float = arg(0.2, "PPO clip range below 1.")
+    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
+    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
+    agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
+                                      "seq-mean-token-sum | seq-mean-token-sum-norm (each "
+                                      "normalised over the whole mini-batch, all ranks: the "
+                                      "gradient does not depend on --micro-batch-size) | "
+                                      "micro-token-mean (the official code exactly: the mean of "
+                                      "per-micro-batch token means, which DOES depend on "
+                                      "--micro-batch-size and on the number of processes).")
+    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+    kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
+                                   "so no token can raise the term past C (official switch, C = "
+                                   "0.2). 0 = off.")
+    kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, the "
+                                             "tokens whose KL_prcp is below the (1 - P) quantile "
+                                             "of its tokens are zeroed (selected before "
+                                             "--kl-prcp-clip; official switch, P = 0.2). The "
+                                             "term keeps the normaliser of every term, the count "
+                                             "of ALL valid tokens, as in the official code. "
+                                             "0 = off.")
+    entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
+                                 "or exact (-sum p log p from the logits).")
+    dynamic_sampling: bool = arg(False, "DAPO: keep only groups whose mean accuracy is strictly "
+                                        "between 0.01 and 0.99 and draw further prompts until the "
+                                        "step has --prompts-per-step kept groups (the extra ones "
+                                        "are trimmed). A draw in which no group passes keeps all "
+                                        "its groups (as the official code does).")
+    draw_size: int = arg(128, "Dynamic sampling: prompts per draw, summed over all ranks "
+                              "(official: 128, a third of the step).")
+    max_draws: int = arg(20, "Dynamic sampling: most draws for one step; if the step is still "
+                             "not full after them, the run stops with an error (official: 20).")
+    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
+    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
+    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+    sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
+                               "times the token mean of -log pi over the tokens of the rollouts "
+                               "whose accuracy is 1, normalised by their number in the whole "
+                               "mini-batch (all micro-batches and ranks; per micro-batch with "
+                               "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
+                               "start's --sft-* settings.")
+    perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
+                                       "(the paper's general form). Default: detached, computed "
+                                       "once per rollout batch (official).")
+
+    # --- infrastructure ----------------------------------------------------------------------
+    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (non-reentrant).")
+    fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and AdamW state over the "
+                            "processes with FSDP2 (fully_shard per decoder layer and vision "
+                            "block) instead of replicating them with DDP. For models whose "
+                            "replicas do not fit (7B on 80 GB GPUs, docs/performance.md).")
+    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
+    sample_every: int = arg(25, "Log a few sample completions every N steps.")
+    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
+    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
+    eval_every: int = arg(0, "Also score the held-out set(s) every N steps and at the last step "
+                             "(0 = only before and after) and log eval_* columns and its time "
+                             "t_eval in metrics.jsonl, so the curves show WHEN accuracy with and "
+                             "without the picture moves. The last step's is the final evaluation.")
+
+    # --- the offline default (used only when --model is empty) -------------------------------
+    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).")
+    tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (toy.TINY_FAMILIES): "
+                                         "qwen2.5-vl, qwen3-vl, or qwen3-vl-thinking (Qwen3-VL "
+                                         "with the Thinking models' chat template, whose prompt "
+                                         "opens <think>).")
+    toy_world: str = arg("plain", "The toy world (toy.TOY_WORLDS): plain, or shortcut - the "
+                                  "wording of some questions usually gives the answer away, and "
+                                  "a 'conflict' split, where it never does, is scored as well.")
+    toy_tasks: str = arg("", "Comma-separated toy tasks (toy.TOY_TASKS) to train on instead of "
+                             "the world's own.")
+    toy_train_size: int = arg(8192, "Toy training split size.")
+    toy_eval_size: int = arg(256, "Toy held-out split size.")
+    sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
+                               "(it stops earlier, at --sft-target-acc).")
+    sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
+    sft_batch: int = arg(32, "Batch size of the warm start.")
+    sft_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 training "
+                                      "prompts it never trained on reaches this: RL needs a model "
+                                      "mid-way through learning the task.")
+    cache: str = arg("cache", "Folder for the toy datasets and warm-start checkpoints.")
+
+
+# The paper's four recipes (docs/paper.md section 5). Only the objective differs.
+PRESETS: dict[str, dict] = {
+    "grpo":   dict(gamma=0.0, eta_orig=0.0, eta_mask=0.0, beta=0.01, clip_high=0.3,
+                   dynamic_sampling=False),
+    "papo-g": dict(gamma=0.02, eta_orig=0.0, eta_mask=0.0, beta=0.01, clip_high=0.3,
+                   dynamic_sampling=False),
+    "dapo":   dict(gamma=0.0, eta_orig=0.0, eta_mask=0.0, beta=0.0, clip_high=0.28,
+                   dynamic_sampling=True),
+    "papo-d": dict(gamma=0.01, eta_orig=0.03, eta_mask=0.03, beta=0.0, clip_high=0.28,
+                   dynamic_sampling=True),
+}
+
+# The offline toy world (docs/toy.md): a model of ~1M parameters learns with a much larger
+# learning rate, short responses and small batches; G = 8 keeps enough groups with mixed rewards.
+# Its 112 x 112 pictures (16 image tokens) are far below the official budget's 200,704 pixels,
+# which would upscale them 16x in area (256 tokens, mostly blur); the toy budget is the tiny
+# processor's own range, so budget_resize leaves them untouched.
+TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tokens=32, lr=1e-4,
+                     updates_per_step=1, micro_batch_size=64, steps=150, save_every=50,
+                     min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
+               "image_dir")
+
+
+def saved_config(cfg: Config) -> dict:
+    """The config as config.json stores it: every local path absolute, so that --resume from
+    any working directory finds the same data, cache and warm start (a relative cache would
+    silently rebuild the toy data and a NEW warm start - and with it a new KL_ref reference).
+    Hub ids stay as they are."""
+    out = dataclasses.asdict(cfg)
+    for name in PATH_FIELDS:
+        out[name] = absolute_path(out[name], always=name in ("out", "cache", "resume"))
+    return out
+
+
+def absolute_path(value: str, always: bool = False) -> str:
+    """A local path or glob made absolute (`always`: even if it does not exist yet); anything
+    else - a hub id, "" - as it is."""
+    if value and (always or Path(value).expanduser().exists() or any(c in value for c in "*?[")):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def parse_config(argv=None) -> Config:
+    """Build the command line from the dataclass, then apply the precedence described above."""
+    epilog = ("Defaults shown are the official Qwen2.5-VL-3B recipe. Without --model the offline "
+              "toy run overrides: " + ", ".join(f"{k}={v}" for k, v in TOY_OVERRIDES.items())
+              + ". Presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
+                                          for name, p in PRESETS.items()) + ".")
+    parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=epilog)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if f.type in ("bool", bool):
+            # --flag / --no-flag; SUPPRESS keeps "not given" distinguishable from the default.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_ + f" (default: {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
+                                help=help_ + f" (default: {f.default})")
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("resume"):
+        # Continue with the run's own settings; flags given now (e.g. --steps) still win.
+        saved = Path(given["resume"]) / "config.json"
+        if not saved.is_file():
+            parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
+        if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
+            parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
+                         "continues in its own folder; drop --out (or copy the run folder first)")
+        try:
+            values = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--resume: {saved} is not readable JSON ({err})")
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            print(f"note: {saved} has settings this version does not know, ignored: "
+                  f"{', '.join(unknown)}")
+        values = {k: v for k, v in values.items() if k in known}
+        return Config(**{**values, **given, "resume": given["resume"]})
+    values = {}
+    if not given.get("model"):
+        values.update(TOY_OVERRIDES)
+    values.update(PRESETS[preset])
+    values.update(given)
+    return Config(**values)
+
+
+# Every flag's allowed range, checked before anything heavy. A value outside it does not fail
+# loudly by itself - it runs and trains wrongly (a negative --grad-clip turns descent into
+# ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
+# crashes much later with an unrelated error - so each is named here with its range.
+FLAG_RULES: list[tuple[str, Callable, str]] = [
+    ("steps", lambda v: v >= 1, ">= 1"),
+    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: 0 < v < math.inf, "> 0 (0 is greedy: a group's rollouts would "
+                                                "all be equal and carry no learning signal)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("lr", lambda v: 0 < v < math.inf, "> 0"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
+    ("updates_per_step", lambda v: v >= 1, ">= 1"),
+    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("generation_batch", lambda v: v >= 0, ">= 0 (0 = all of a step's prompts in one call)"),
+    ("gamma", lambda v: 0 <= v < math.inf, ">= 0 (the sign is in the objective: KL_prcp is "
+                                            "maximised)"),
+    ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("eta_mask", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_end", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
+    ("beta", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
+    ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
+    ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
+    ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
+                                                           "KL_prcp a token contributes)"),
+    ("sft_coef", lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"),
+    ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
+                                                      "rollout's tokens kept)"),
+    ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
+    ("draw_size", lambda v: v >= 1, ">= 1"),
+    ("max_draws", lambda v: v >= 1, ">= 1"),
+    ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("mask_patch", lambda v: v >= 1, ">= 1 (pixels)"),
+    ("mask_mode", lambda v: v in papo.MASK_MODES, "one of " + ", ".join(papo.MASK_MODES)),
+    ("min_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
+    ("max_prompt_length", lambda v: v >= 1, ">= 1"),
+    ("max_image_pixels", lambda v: v >= 1, ">= 1"),
+    ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+    ("save_every", lambda v: v >= 1, ">= 1"),
+    ("keep_checkpoints", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
+    ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("eval_samples", lambda v: v >= 1, ">= 1"),
+    ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("tiny_size", lambda v: v in toy.SIZES, "one of " + ", ".join(toy.SIZES)),
+    ("tiny_family", lambda v: v in toy.TINY_FAMILIES, "one of " + ", ".join(toy.TINY_FAMILIES)),
+    ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
+    ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
+     "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
+    ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
+    ("toy_eval_size", lambda v: v >= 1, ">= 1"),
+    ("sft_steps", lambda v: v >= 1, ">= 1"),
+    ("sft_lr", lambda v: 0 < v < math.inf, "> 0"),
+    ("sft_batch", lambda v: v >= 1, ">= 1"),
+    ("sft_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    """Refuse bad settings before any heavy work: one message naming every bad flag and its
+    allowed range."""
+    problems = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
+                for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+    if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
+        problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
+                        f"{world_size} processes")
+    if cfg.dynamic_sampling and cfg.draw_size >= 1 and cfg.draw_size % world_size:
+        problems.append(f"--draw-size {cfg.draw_size} is not divisible by the {world_size} "
+                        f"processes")
+    local = cfg.prompts_per_step // max(world_size, 1)       # groups per process and step
+    if cfg.updates_per_step >= 1 and local and local % cfg.updates_per_step:
+        problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
+                        f"{local} groups (prompts) each process holds per step: mini-batches "
+                        f"are whole groups")
+    if cfg.fsdp and not dist.is_initialized():
+        problems.append("--fsdp shards the model over processes: start it with torchrun "
+                        "(torchrun --nproc_per_node N train.py --fsdp ...)")
+    if cfg.masked_image_key and not cfg.data:
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: the offline toy data has no "
+                        "pre-masked pictures; give --data with that column")
+    if cfg.masked_image_key and not uses_masked_branch(cfg):
+        problems.append(f"--masked-image-key {cfg.masked_image_key}: this objective has no "
+                        "masked branch (--gamma 0 and --eta-mask 0), so the pictures would go "
+                        "unused")
+    if cfg.model and not cfg.data:
+        problems.append("--model is given but --data is not: a real model needs a dataset "
+                        "(the toy task is only for the offline tiny model)")
+    shaping = [flag for flag, on in (("--kl-prcp-clip", cfg.kl_prcp_clip),
+                                     ("--kl-prcp-token-fraction", cfg.kl_prcp_token_fraction),
+                                     ("--gamma-anneal", cfg.gamma_anneal))
+               if on]
+    if shaping and cfg.gamma == 0:
+        problems.append(f"{', '.join(shaping)} shape the KL_prcp term, which --gamma 0 turns "
+                        "off (--preset grpo or dapo); set --gamma or drop them")
+    if 1 <= cfg.max_pixels < cfg.min_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
+    if cfg.prompt_template:
+        try:
+            data.read_template(cfg.prompt_template)
+        except ValueError as err:
+            problems.append(str(err))
+    # (data sources are checked when they are loaded: a hub id or a glob is not a file)
+    if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
+        problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
+    if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
+        problems.append(f"--resume {cfg.resume}: no checkpoint there (latest.txt missing)")
+    out = Path(cfg.resume or cfg.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: is a file, not a run folder")
+    if problems:
+        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+
+
+def uses_masked_branch(cfg: Config) -> bool:
+    return cfg.gamma > 0 or cfg.eta_mask > 0
+
+
+def prompt_options(cfg: Config) -> dict:
+    """How a dataset row becomes a prompt: the template and the pixel budget (Example.to_prompt)."""
+    return dict(template=data.template_text(cfg.prompt_template), min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels)
+
+
+def fit_pixel_budget(cfg: Config, processor, announce: bool = True) -> Config:
+    """cfg with --min-pixels lowered to the most pixels the processor keeps, where it is above
+    them (model.fit_min_pixels says why; the tiny Qwen2.5-VL processor keeps 12,544, the
+    official minimum is 200,704). --max-pixels is left as given."""
+    low = qwen.fit_min_pixels(processor.image_processor, cfg.min_pixels)
+    if low == cfg.min_pixels:
+        return cfg
+    if announce:
+        print(f"--min-pixels {cfg.min_pixels} is above the most pixels the processor keeps "
+              f"({low}): pictures would be scaled up, then back down by the processor. Using "
+              f"--min-pixels {low}.")
+    return dataclasses.replace(cfg, min_pixels=low)

@@ -1,0 +1,725 @@
+"""The plumbing of a training run - everything train.py needs that is not the algorithm.
+
+    1. processes     Dist, setup_distributed, all_reduce, barrier, shard_model (FSDP2),
+                     seeds, autocast
+    2. data          the training and held-out sets, every row checked before training;
+                     prompts over the length limit
+    3. checkpoints   atomic plain transformers folders + trainer state, exact resume, the run
+                     folder and its lock
+    4. logs          the collapse watch, curves.png, the held-out evaluation and the
+                     before/after table
+    5. models        the policy (DDP or FSDP2) and its frozen reference, fresh or resumed
+
+It sits below train.py and imports nothing from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+import data
+import eval as evaluation
+import model as qwen
+import toy
+from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
+
+
+# =============================================================================================
+# 1. Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is one process
+# =============================================================================================
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:  # only rank 0 logs and writes files
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    if "RANK" not in os.environ:
+        d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        d = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                 local_rank=int(os.environ["LOCAL_RANK"]))
+        if torch.cuda.is_available():
+            d.device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(d.device)
+        # nccl for GPUs, gloo for CPU processes (the offline default under torchrun).
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
+    if d.device.type == "cpu":
+        # Tiny models on CPU produce denormal floats that slowed training steps from 0.08 s to
+        # over 1 s part-way through a run (docs/toy.md); flushing them to zero costs nothing.
+        torch.set_flush_denormal(True)
+        if d.world > 1:  # processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
+    return d
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) a tensor over ranks; a no-op in a single process. nccl reduces only CUDA
+    tensors and gloo only CPU ones, so the value travels to the backend's device and back."""
+    if not dist.is_initialized():
+        return x
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    y = x.detach().to(device).clone()
+    dist.all_reduce(y, op=op or dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(m):
+    """The bare model inside DDP; an FSDP2 model is its own (fully_shard wraps nothing)."""
+    return m.module if isinstance(m, DDP) else m
+
+
+def shard_model(net, cfg: Config, d: Dist, trainable: bool):
+    """FSDP2 (--fsdp): each vision block and decoder layer becomes one unit, whose parameters
+    are stored as 1/world shards (DTensors) and gathered only while it runs (forward and
+    backward); then the root unit takes the rest (embeddings, final norm, lm_head, patch
+    embedding, merger). Gradient checkpointing was enabled on the layers before (load_model),
+    so each checkpointed layer re-gathers its weights in the backward as usual.
+
+    Mixed precision on GPU: the shards stay fp32 (the master weights an lr of 1e-6 needs), a
+    unit is gathered in bf16 and gradients are reduced in fp32. On CPU: no mixed precision,
+    as without --fsdp. The frozen reference (trainable=False) is already bf16 on GPU."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if use_bf16 and trainable else MixedPrecisionPolicy())
+    for block in net.model.visual.blocks:
+        fully_shard(block, mp_policy=mp)
+    for layer in net.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+    # FSDP decides which unit is the root when a unit first runs: the first one called. Our
+    # first call may well be net.model(...) (a prefill) or a vision block, which would then
+    # wrongly become a root of its own; so the root is settled here, on the whole model.
+    net._get_fsdp_state()._lazy_init()
+    return net
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(cfg: Config, step: int, rank: int, salt: int = 0) -> int:
+    """A seed that is a pure function of (run seed, step, rank): masks, data order and sampling of
+    step s are identical whether the run got there in one go or through a resume."""
+    return (cfg.seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % 2**31
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU keeps fp32 master weights (an lr of 1e-6 vanishes in bf16 weights)."""
+    use = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+# =============================================================================================
+# 2. The run's data: every row checked before training starts
+# =============================================================================================
+
+def data_sources(cfg: Config) -> tuple[str, dict[str, str]]:
+    """(training source, {held-out split name: source}): the flags, or the toy splits' files.
+    --eval-data replaces the toy held-out split drawn like training; the world's other splits
+    (the shortcut world's conflict split) stay as long as the training data is the toy's."""
+    if cfg.data:
+        return cfg.data, {"held-out": cfg.eval_data} if cfg.eval_data else {}
+    splits = {name: str(folder / "data.jsonl") for name, (folder, *_) in toy.toy_splits(cfg).items()}
+    train = splits.pop("train")
+    if cfg.eval_data:
+        splits["held-out"] = cfg.eval_data
+    return train, splits
+
+
+def load_datasets(cfg: Config, d: Dist) -> tuple[data.Dataset, dict[str, data.Dataset]]:
+    """Every row is checked before training starts (data.load_dataset): a bad row - including one
+    without a picture, which the masked branch could not mask - stops the run naming its source
+    and row, all bad rows at once. Pictures stay on disk (or in the table) until drawn."""
+    train_src, eval_srcs = data_sources(cfg)
+    keys = dict(problem_key=cfg.problem_key, answer_key=cfg.answer_key, image_key=cfg.image_key,
+                image_dir=cfg.image_dir or None, max_image_pixels=cfg.max_image_pixels,
+                progress=d.main)
+    try:
+        # pre-masked pictures are a training input; the held-out sets are masked at random
+        train = data.load_dataset(train_src, **keys,
+                                  masked_image_key=cfg.masked_image_key or None)
+        heldout = {name: data.load_dataset(src, **keys)[: cfg.eval_size or None]
+                   for name, src in eval_srcs.items()}
+    except data.DatasetError as err:
+        raise SystemExit(f"train.py: {err}") from None
+    return train, heldout
+
+
+def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: str,
+                         ) -> tuple[data.Dataset, int]:
+    """Count the rows whose prompt (pictures' tokens included) is over --max-prompt-length.
+
+    Computed from the text and the picture sizes recorded when the rows were checked - no
+    picture is decoded. Long rows stop the run, named, unless --drop-long-prompts; then they are
+    left out and their number is returned, to be printed and logged. Never a silent skip."""
+    opts = prompt_options(cfg)
+    rows = dataset.rows
+    lengths = []
+    for start in range(0, len(rows), 1024):    # batches: the tokenizer is fastest on lists
+        lengths += qwen.prompt_lengths(processor, [
+            (data.chat_messages(ex.prompt_text(opts["template"]), len(ex.sizes)),
+             [data.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
+            for ex in rows[start:start + 1024]])
+    long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
+    if not long:
+        return dataset, 0
+    named = [f"{rows[i].source}: {lengths[i]} tokens" for i in long]
+    if not cfg.drop_long_prompts:
+        raise SystemExit(
+            f"train.py: {len(long)} of {len(rows)} {what} prompts are longer than "
+            f"--max-prompt-length {cfg.max_prompt_length} (pictures' tokens included); shorten "
+            f"them, raise the limit, lower --max-pixels, or pass --drop-long-prompts:\n  "
+            + "\n  ".join(named[:20]) + (f"\n  ... and {len(named) - 20} more" if len(named) > 20 else ""))
+    keep = [i for i in range(len(rows)) if lengths[i] <= cfg.max_prompt_length]
+    if not keep:
+        raise SystemExit(f"train.py: every {what} prompt is over --max-prompt-length "
+                         f"{cfg.max_prompt_length}: nothing left to train on")
+    print(f"--drop-long-prompts: dropped {len(long)} of {len(rows)} {what} rows over "
+          f"{cfg.max_prompt_length} tokens (first: {named[0]})")
+    return dataset.subset(keep), len(long)
+
+
+def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset, dict, str]:
+    """(cfg, training set, held-out sets, the starting model's folder or hub id), everything
+    checked, and config.json + run.json written (rank 0).
+
+    Without --model: the toy splits are written once and the tiny model is warm-started on them
+    (both cached, rank 0 while the others wait). Prompt lengths need only the tokenizer: checked
+    before gigabytes of weights load; every rank computes the same lengths and keeps the same
+    rows. --min-pixels above what the processor keeps is lowered to it (config.fit_pixel_budget)."""
+    seed_everything(cfg.seed + d.rank)
+    if not cfg.data:
+        if d.main:
+            toy.prepare_toy_data(cfg)
+        barrier()
+    train, heldout = load_datasets(cfg, d)
+    if not cfg.model and d.main:
+        toy.warm_start(cfg, train)
+    barrier()
+    init_path = cfg.model or str(toy.warm_start_path(cfg))
+    processor = qwen.load_processor(init_path)
+    cfg = fit_pixel_budget(cfg, processor, announce=d.main)
+    dropped = {}
+    train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
+    for name in heldout:
+        heldout[name], dropped[name] = check_prompt_lengths(heldout[name], processor, cfg, name)
+    if d.main:
+        write_run_record(run, cfg, dropped)
+    return cfg, train, heldout, init_path
+
+
+def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
+    """config.json (every setting) and run.json (what eval.py needs to evaluate the run), written
+    once the data is known to be usable, so that a run refused for its data leaves an empty
+    folder behind, not one a fresh run would have to --overwrite."""
+    saved = saved_config(cfg)
+    (run / "config.json").write_text(json.dumps(saved, indent=2))
+    eval_srcs = {name: absolute_path(src) for name, src in data_sources(cfg)[1].items()}
+    write_run_info(run, eval_data=eval_srcs.pop("held-out", None),
+                   other_eval_data=eval_srcs,
+                   eval_size=cfg.eval_size, max_new_tokens=cfg.max_new_tokens,
+                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                   prompt_template=saved["prompt_template"] or None,
+                   problem_key=cfg.problem_key, answer_key=cfg.answer_key,
+                   image_key=cfg.image_key, image_dir=saved["image_dir"] or None,
+                   dropped_long_prompts=dropped)
+
+
+# =============================================================================================
+# 3. Checkpoints: written to a temporary folder and renamed, then `latest.txt` is replaced
+# atomically - a crash at any moment leaves the previous checkpoint complete and pointed to.
+# =============================================================================================
+
+def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: dict,
+                    cfg: Config, d: Dist | None = None) -> Path:
+    """Called on every rank. Without --fsdp only rank 0 works (every rank holds everything).
+    With --fsdp the model is gathered (a collective) into one ordinary Hugging Face folder
+    written by rank 0, and the optimizer state is written SHARDED by all ranks into
+    <checkpoint>/optimizer with torch.distributed.checkpoint (each rank its own part; on
+    several nodes the run folder must be on a filesystem they share)."""
+    d = d or Dist()
+    final = run / f"checkpoint-{step:06d}"
+    tmp = run / f".tmp-checkpoint-{step:06d}"
+    if cfg.fsdp:
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        optimizer_shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.fsdp:
+            unsharded_copy(policy, full).save_pretrained(tmp)
+        else:
+            unwrap(policy).save_pretrained(tmp)  # loadable by model.load_model and plain transformers
+    if cfg.fsdp:
+        barrier()                            # the folder exists before the others write into it
+        dcp.save(optimizer_shards, checkpoint_id=str(tmp / "optimizer"))
+        barrier()
+    if not d.main:
+        return final
+    qwen.save_processor(processor, tmp)      # names the stock processor classes (see there)
+    torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               tmp / "trainer_state.pt")
+    (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run / "latest.txt.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, run / "latest.txt")   # the commit point
+    write_run_info(run, checkpoint=str(final.absolute()))
+    prune_checkpoints(run, cfg.keep_checkpoints, keep=final)
+    return final
+
+
+def unsharded_copy(policy, full_state: dict):
+    """An ordinary (unsharded) model holding `full_state` - the gathered weights of a sharded
+    one - for save_pretrained: the sharded model itself would save its FSDP class name as the
+    architecture. Built on the meta device (no memory) and given the tensors themselves."""
+    net = unwrap(policy)
+    with torch.device("meta"):
+        plain = qwen.family_of(net).model_class._from_config(net.config)
+    plain.load_state_dict(full_state, assign=True)
+    plain.tie_weights()       # a tied lm_head is one tensor with embed_tokens again
+    plain.generation_config = net.generation_config
+    return plain
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """checkpoint-000150 -> 150; None for any other name."""
+    digits = folder.name.removeprefix("checkpoint-")
+    return int(digits) if folder.name.startswith("checkpoint-") and digits.isdigit() else None
+
+
+def prune_checkpoints(run: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the `keep_last` newest checkpoints BY STEP (a name sort breaks past step
+    999,999), never `keep` - the one latest.txt names."""
+    folders = sorted((f for f in run.glob("checkpoint-*") if checkpoint_step(f) is not None),
+                     key=checkpoint_step)
+    for folder in folders[:-keep_last]:
+        if folder.resolve() != keep.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_run_info(run: Path, **fields) -> None:
+    """Merge `fields` into run.json: what a later evaluation of this run needs - the latest
+    checkpoint, the held-out data, the generation length, the pixel budget and the prompt
+    template. eval.py reads this file (and never imports this one). Replaced atomically."""
+    path = run / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.update(fields)
+    tmp = run / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# What a run writes into its folder: --overwrite deletes exactly these, nothing else.
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "latest.txt", "latest.txt.tmp", "run.json",
+             "run.json.tmp", "config.json", "final_eval.json", "final_table.txt", "curves.png")
+
+
+def prepare_run_folder(cfg: Config, run: Path) -> None:
+    """Make the (locked) run folder safe to write (rank 0): a fresh run refuses a folder that
+    holds anything but an empty lock, unless --overwrite, which deletes the earlier run's files
+    and nothing else; --resume continues the folder it names."""
+    if cfg.resume:
+        return
+    earlier = sorted(p.name for p in run.iterdir() if p.name != ".lock")
+    if not earlier:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(
+            f"train.py: --out {run} is not empty ({', '.join(earlier[:5])}"
+            f"{', ...' if len(earlier) > 5 else ''}). Continue that run with --resume {run}, "
+            f"start afresh with --overwrite, or pick another --out.")
+    ours = [n for n in earlier if n in RUN_FILES or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
+    for name in ours:
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    print(f"--overwrite: deleted the earlier run's {len(ours)} files in {run}")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a JSONL log. A line that does not parse - the last one, torn by a crash in
+    the middle of a write - is dropped with a note instead of stopping the resume."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"note: {path}:{n} is not complete JSON (a write cut short); dropped")
+    return rows
+
+
+def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
+    """(policy, processor, ref, optimizer, state) to start the loop from: fresh, or - with
+    --resume - the newest checkpoint that loads. A checkpoint that fails to load (a truncated
+    file, a disk error) is named and the previous intact one is used instead."""
+    candidates = [None]
+    if cfg.resume:
+        named = latest_checkpoint(run)
+        older = sorted((f for f in run.glob("checkpoint-*") if checkpoint_step(f) is not None
+                        and f.resolve() != named.resolve()), key=checkpoint_step, reverse=True)
+        candidates = [named, *older]
+    for i, folder in enumerate(candidates):
+        try:
+            policy, processor, ref = build_policy(cfg, d, init_path, folder)
+            # fused: one kernel over all parameters instead of a loop of small ops (0.4 ms
+            # against 2 ms a step on the tiny model); the same update rule. With --fsdp the
+            # parameters are DTensor shards: AdamW is elementwise, so each rank updates its own
+            # shard, and fused takes DTensors (torch 2.13; a 2-rank run matches DDP bit for bit).
+            optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                          lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+            state = {"step": 0, "cursor": 0, "before": None, "history": []}
+            if folder is not None:
+                state = load_trainer_state(folder, policy, optimizer, cfg)
+        except Exception as err:   # whatever a damaged checkpoint raises, with its path named
+            rest = candidates[i + 1:]
+            if folder is None or not rest:
+                if folder is None:
+                    raise
+                raise SystemExit(f"train.py: cannot resume: checkpoint {folder} does not load "
+                                 f"({type(err).__name__}: {err}) and no older one is left") from None
+            print(f"WARNING: checkpoint {folder} does not load ({type(err).__name__}: "
+                  f"{str(err)[:200]}); falling back to {rest[0]}")
+            continue
+        break
+    if folder is not None and d.main:
+        # drop log rows written after the checkpoint (the interrupted run's unfinished work)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            f = run / name
+            if f.is_file():
+                keep = [r for r in read_log(f) if r.get("step", 0) <= state["step"]]
+                f.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        print(f"resumed from {folder} at step {state['step']}")
+    elif d.main:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (run / name).unlink(missing_ok=True)
+    return policy, processor, ref, optimizer, state
+
+
+class RunLock:
+    """A run folder's lock file: ".lock", holding the owner's host and pid.
+
+    Two processes training into one folder would interleave their metrics and delete each
+    other's checkpoints. The lock is created atomically (O_EXCL), released on exit - also after
+    an exception - and a lock whose process is gone (a crash, a SIGKILL) is recognised as stale
+    and taken over with a note. Only rank 0 holds it."""
+
+    def __init__(self, run: Path):
+        self.path = run / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _owner(run: Path) -> tuple[str, int] | None:
+        try:
+            host, pid = (run / ".lock").read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(owner: tuple[str, int]) -> bool:
+        host, pid = owner
+        if host != os.uname().nodename:
+            return True                  # another machine's process: cannot tell, assume alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    @classmethod
+    def free(cls, run: Path) -> bool:
+        owner = cls._owner(run)
+        return owner is None or not cls._alive(owner)
+
+    @classmethod
+    def describe(cls, run: Path) -> str:
+        owner = cls._owner(run)
+        return f"{run / '.lock'}: process {owner[1]} on {owner[0]}" if owner else str(run / ".lock")
+
+    def acquire(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner(self.path.parent)
+                if owner is not None and self._alive(owner):
+                    raise SystemExit(f"train.py: another training process is writing to "
+                                     f"{self.path.parent} ({self.describe(self.path.parent)}); "
+                                     "wait for it, or use another --out") from None
+                print(f"note: removing the stale lock of a process that is gone "
+                      f"({self.describe(self.path.parent)})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.uname().nodename} {os.getpid()}\n")
+            self.held = True
+            return self
+        raise SystemExit(f"train.py: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def latest_checkpoint(run: Path) -> Path:
+    return run / (run / "latest.txt").read_text().strip()
+
+
+def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
+    blob = torch.load(folder / "trainer_state.pt", weights_only=False)
+    if cfg.fsdp != (folder / "optimizer").is_dir():
+        # the two keep AdamW's state in different forms (one file / per-rank shards)
+        raise ValueError(f"its optimizer state was written {'without' if cfg.fsdp else 'with'} "
+                         f"--fsdp; resume it {'without' if cfg.fsdp else 'with'} --fsdp")
+    if cfg.fsdp:
+        # the sharded optimizer state (save_checkpoint): every rank reads its own shards. The
+        # template comes from the live optimizer (get_optimizer_state_dict first creates its
+        # AdamW state if no step was taken yet), dcp.load fills it in place.
+        shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+        dcp.load(shards, checkpoint_id=str(folder / "optimizer"))
+        set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
+    rng = blob["rng"]
+    torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return blob["state"]
+
+
+# =============================================================================================
+# 4. Logs: the collapse watch, the curves, the held-out evaluation and its before/after table
+# =============================================================================================
+
+def collapse_warning(history: list[dict], window: int = 10) -> str | None:
+    """The "KL_prcp hacking" signature (docs/paper.md section 8): KL_prcp jumps while the entropy
+    of BOTH branches rises - the policy raises the divergence by emitting tokens that are unlikely
+    under any image, not by looking more closely. Returns a warning or None."""
+    if len(history) <= window or "kl_prcp" not in history[-1]:
+        return None
+    past, now = history[-window - 1:-1], history[-1]
+    mean = lambda k: float(np.mean([h[k] for h in past]))
+    kl_jump = now["kl_prcp"] > 2.0 * mean("kl_prcp") + 1e-3
+    rising = all(now[k] > 1.1 * mean(k) for k in ("entropy_orig", "entropy_mask"))
+    if kl_jump and rising:
+        return (f"step {now['step']}: possible KL_prcp hacking - KL_prcp {now['kl_prcp']:.4f} vs "
+                f"{mean('kl_prcp'):.4f} over the last {window} steps while both entropies rise "
+                f"(orig {now['entropy_orig']:.3f}, mask {now['entropy_mask']:.3f}). Consider a "
+                "smaller --gamma, the Double Entropy Loss (--eta-orig/--eta-mask) or --beta > 0.")
+    return None
+
+
+CURVES = [("reward", "reward"), ("accuracy", "accuracy"), ("kl_prcp", "KL_prcp"),
+          ("entropy_orig", "entropy (original)"), ("entropy_mask", "entropy (masked)"),
+          ("kl_ref", "KL_ref"), ("response_length", "response length"),
+          ("clip_high", "clip fraction (high)")]
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+        ax.set_title(title); ax.set_xlabel("step"); ax.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(out_png, dpi=90); plt.close(fig)
+
+
+def eval_mask_ratios(cfg: Config) -> tuple[float, ...]:
+    """Held-out accuracy is measured with the picture masked at the training ratio and fully."""
+    return tuple(dict.fromkeys((cfg.mask_ratio, 1.0)))
+
+
+
+def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> dict | None:
+    """Per held-out split: accuracy with the original picture and with it masked (eval_mask_ratios),
+    format rate, and KL_prcp on the policy's own samples; rank 0 only (the other ranks wait).
+    One flat dict: the split drawn like training unprefixed, another split's keys prefixed with
+    its name ("conflict_accuracy"), so that metrics.jsonl columns stay flat."""
+    result = None
+    # A sharded model (--fsdp) runs only with all ranks taking part: every rank evaluates the
+    # same questions with the same seeds (rank 0 keeps the result). Otherwise rank 0 alone.
+    if heldout and (d.main or cfg.fsdp):
+        start = time.perf_counter()
+        result = {}
+        for name, examples in heldout.items():
+            with autocast(cfg, d.device):
+                scores = evaluation.evaluate(unwrap(policy), processor, examples,
+                                             samples=cfg.eval_samples, temperature=1.0, top_p=1.0,
+                                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                             mask_ratios=eval_mask_ratios(cfg),
+                                             kl_ratio=cfg.mask_ratio, batch_size=64,
+                                             decoys=toy.shortcut_decoys(examples),
+                                             **prompt_options(cfg))
+            prefix = "" if name == "held-out" else f"{name}_"
+            result.update({prefix + k: v for k, v in scores.items()})
+        result["seconds"] = round(time.perf_counter() - start, 1)
+    if not d.main:
+        result = None
+    barrier()
+    return result
+
+
+def print_table(before: dict | None, after: dict | None, cfg: Config, splits) -> str:
+    """The before/after table, one block per held-out split."""
+    if not before or not after:
+        return ""
+    rows = [("accuracy, original image", "accuracy")]
+    rows += [(f"accuracy, image masked {r}", f"accuracy_mask{r}") for r in eval_mask_ratios(cfg)]
+    rows += [(f"KL_prcp on own samples (mask {cfg.mask_ratio})", "kl_prcp"), ("format rate", "format"),
+             ("wrong answers the wording points to", "decoy_rate")]
+    lines = []
+    for split in splits:
+        prefix = "" if split == "held-out" else f"{split}_"
+        lines += [f"{split} ({before[prefix + 'n']} questions x {cfg.eval_samples} samples, "
+                  "temperature 1.0)",
+                  f"{'':38s} {'before RL':>10s} {'after RL':>10s} {'change':>8s}"]
+        for name, k in rows:
+            if prefix + k not in before:    # decoy_rate: only where the wording points somewhere
+                continue
+            b, a = before[prefix + k], after[prefix + k]
+            lines.append(f"{name:38s} {b:10.3f} {a:10.3f} {a - b:+8.3f}")
+    return "\n".join(lines)
+
+
+def eval_columns(held: dict | None) -> dict:
+    """The held-out scores a metrics.jsonl row carries (rank 0; {} on the others)."""
+    return {f"eval_{k}": v for k, v in (held or {}).items()
+            if any(w in k for w in ("accuracy", "format", "pass@", "kl_prcp", "decoy_rate"))}
+
+
+def log_step(run: Path, row: dict, batch, history: list[dict], cfg: Config, bar) -> None:
+    """Rank 0, after each step: the row to metrics.jsonl, the progress bar, the collapse
+    watch, and every --sample-every steps the first rollout of three groups to samples.jsonl."""
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
+                    kl_prcp=f"{row.get('kl_prcp', float('nan')):.4f}")
+    warning = collapse_warning(history)
+    if warning:
+        tqdm.write("WARNING " + warning)
+    step = row["step"]
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        with open(run / "samples.jsonl", "a") as f:
+            for b in range(0, len(batch.rollouts), cfg.group_size)[:3]:
+                sample = dict(step=step, text=batch.rollouts.texts[b],
+                              reward=float(batch.rewards[b]))
+                f.write(json.dumps(sample) + "\n")
+        tqdm.write(f"[step {step}] sample (reward {sample['reward']:.1f}): "
+                   f"{sample['text'][:160]!r}")
+
+
+def finish_run(run: Path, cfg: Config, d: Dist, policy, before, after, heldout) -> dict:
+    """The run's result: final_eval.json, curves.png and the before/after table (rank 0)."""
+    result = {"before": before, "after": after, "rank_fingerprints": rank_fingerprints(policy)}
+    if d.main:
+        (run / "final_eval.json").write_text(json.dumps(result, indent=2))
+        if (run / "metrics.jsonl").is_file():
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+        table = print_table(before, after, cfg, heldout)
+        if table:
+            print(table)
+            (run / "final_table.txt").write_text(table + "\n")
+        print(f"run folder: {run}")
+    return result
+
+
+def rank_fingerprints(policy) -> list[list[float]]:
+    """Every rank's (sum, sum of squares, weighted sum) of its parameters in float64: a cheap
+    check that data-parallel replicas are still identical (they must be: each update applies the
+    same all-reduced gradient to the same weights). With --fsdp each weight exists once, in
+    shards: the fingerprints are of the gathered weights, the same on every rank by
+    construction."""
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p   # FSDP: gather shards
+    flat = torch.cat([full(p.detach()).double().flatten() for p in unwrap(policy).parameters()])
+    ramp = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64, device=flat.device)
+    mine = [float(flat.sum()), float((flat ** 2).sum()), float((flat * ramp).sum())]
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+
+# =============================================================================================
+# 5. The models a run trains: fresh or resumed
+# =============================================================================================
+
+def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None):
+    """The trainable policy (DDP-wrapped under torchrun) and, when beta > 0, a frozen reference
+    copy of the STARTING policy (also after a resume)."""
+    policy, processor = qwen.load_model(str(resume_from or init_path), device=d.device,
+                                        gradient_checkpointing=cfg.gradient_checkpointing)
+    ref = None
+    if cfg.beta > 0:
+        ref, _ = qwen.load_model(init_path, device=d.device) if resume_from else (copy.deepcopy(policy), None)
+        ref.requires_grad_(False).eval()
+        if d.device.type == "cuda":   # frozen: bf16 weights suffice and halve its memory
+            ref.to(torch.bfloat16)
+    policy.train()
+    if cfg.fsdp:                      # (check_config made sure torchrun started us)
+        policy = shard_model(policy, cfg, d, trainable=True)
+        if ref is not None:
+            ref = shard_model(ref, cfg, d, trainable=False)
+    elif d.world > 1:
+        policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return policy, processor, ref
+
+
+def how_to_continue(run: Path) -> str:
+    """Checkpoints are written atomically: the last complete one is intact."""
+    done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
+    if done:
+        return f"The last complete checkpoint is {done}; continue with:\n  python train.py --resume {run}"
+    return "No checkpoint was written yet; start again with --overwrite."

@@ -4,19 +4,21 @@ The RL math (papo.py) sees only tensors: per-token log-probs, masks, advantages.
 turns a Qwen2.5-VL or Qwen3-VL model and its processor into exactly those tensors, and it is the
 only place that has to know the models' quirks. Read it top to bottom:
 
-  1. Loading     FAMILIES: what differs between Qwen2.5-VL and Qwen3-VL, in one place;
-                 load_model: a hub id or a saved folder of either family, no torchvision;
-                 save_processor writes folders that stock AutoProcessor (with torchvision)
-                 loads in full.
+  1. Loading     load_model: a hub id or a saved folder of either family, no torchvision
+                 (what differs between Qwen2.5-VL and Qwen3-VL is in families.py).
   2. Rollouts    the dataclass that carries G sampled answers per prompt, with their images
                  (stored once per prompt).
   3. Encoding    chat template -> token ids (left padded) + image patches, repeated G times.
-  4. Sampling    generate_rollouts: HF `generate` continuing from a cache filled once per
-                 prompt; completion masks from the FIRST end token.
-  5. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token,
-                 without ever holding [batch, length, vocabulary] logits in memory, each
-                 distinct prompt and picture read once.
+  4. Sampling    generate_rollouts: HF `generate`; completion masks from the FIRST end token.
+  5. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token, one
+                 forward per row and a chunked log-softmax gather, never holding [batch,
+                 length, vocabulary] logits in memory; naive_completion_logprobs, the obvious
+                 version, is the tests' oracle.
   6. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
+
+What makes it fast - each prompt and picture read once per group, FSDP's root gathering, CPU
+kernels - is in speedups.py, called from here where it applies and tied to the plain path by the
+float64 equivalence tests.
 
 The offline tiny model (the same classes, random weights, a tokenizer trained locally) is built
 in toy.py, next to the toy task it learns.
@@ -28,10 +30,8 @@ P prompt length, T completion length, V vocabulary, H hidden size, D numbers per
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
@@ -39,217 +39,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoConfig, GenerationConfig,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                          Qwen3VLProcessor)
+from transformers import AutoConfig, GenerationConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,
                                                                        smart_resize)
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.processing_utils import ProcessorMixin
 
-# Grouped-query attention on a CPU-only machine. Qwen shares each key/value head between several
-# query heads (Qwen2.5-VL-3B: 16 query heads, 2 key/value heads). transformers hands that sharing
-# to PyTorch's attention kernel (enable_gqa) only when there is no padding mask - on CUDA a mask
-# would push such a call onto the slow "math" kernel - and otherwise copies every key and value
-# once per query head, or, for one query token, folds the heads into the query length. Batched
-# prompts are left padded, so every call of this project has a mask. PyTorch's CPU kernel takes
-# masks AND shared heads; transformers' own switch below gives it both. Same attention, fewer
-# copies: the side-by-side GRPO step of ../shared/bench (2 CPU threads) took 12-15 ms (6-7%)
-# less, one step of each alternated in one process. setdefault: exporting the variable as "0"
-# keeps transformers' choice. Never on a machine with a GPU, whatever device a model is put on.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+import speedups
+# the families' classes and special tokens, used here and re-exported (model.family_of, ...)
+from families import (ENDOFTEXT, FAMILIES, IM_END, IM_START, IMAGE_PAD, SPECIAL_TOKENS,  # noqa: F401
+                      THINK_CLOSE, THINK_OPEN, VIDEO_PAD, VISION_END, VISION_START, Family,
+                      Qwen3VLImageTextProcessor, QwenVLImageTextProcessor, family_of,
+                      prompt_opens_thinking, save_processor)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Loading Qwen2.5-VL and Qwen3-VL
 # ---------------------------------------------------------------------------------------------
-
-# Qwen's special tokens. The tiny model's tokenizer uses the same strings, so every piece of code
-# (chat template, image placeholders, end-of-turn detection) is identical for both models.
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
-
-
-class _ImagesOnly:
-    """A Qwen processor without its video processor (the mixin behind the two classes below).
-
-    The stock processors take a video processor as their third part, and without torchvision
-    transformers cannot provide one (its video processors need torchvision; constructing or
-    loading the stock processor fails). Images are all this project needs. ProcessorMixin
-    discovers a processor's parts from the names of `__init__`'s arguments, so leaving
-    `video_processor` out of this signature is what removes it - from construction, from
-    save_pretrained and from from_pretrained alike. Everything else (the <|image_pad|>
-    expansion, mm_token_type_ids) is inherited from the stock class unchanged.
-
-    Saving: write folders with `save_processor(processor, folder)`, not plain save_pretrained.
-    A plain save names this project's class in processor_config.json, which AutoProcessor does
-    not know (it then silently returns only the tokenizer); save_processor names the stock class
-    and adds a video processor config, so `AutoProcessor.from_pretrained` on a machine with
-    torchvision returns the full stock processor. Either kind of folder loads here with
-    `load_model` (or the class's from_pretrained)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # the attributes the stock __init__ would set around its call of ProcessorMixin's
-        for name, token in (("image", IMAGE_PAD), ("video", VIDEO_PAD),
-                            ("vision_start", VISION_START), ("vision_end", VISION_END)):
-            value = getattr(tokenizer, f"{name}_token", None) or token
-            setattr(self, f"{name}_token", value)
-            setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(value))
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template,
-                                **kwargs)
-
-
-class QwenVLImageTextProcessor(_ImagesOnly, Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without its video processor (see _ImagesOnly)."""
-
-
-class Qwen3VLImageTextProcessor(_ImagesOnly, Qwen3VLProcessor):
-    """Qwen3VLProcessor without its video processor (see _ImagesOnly)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The two model families
-# ---------------------------------------------------------------------------------------------
-#
-# Qwen2.5-VL (what the paper trained) and Qwen3-VL (2B / 4B / 8B, Instruct and Thinking) run
-# through the same code. What differs between them is listed here, and handled where it says:
-#
-#   classes          the model, config and processor classes, and the stock names a saved
-#                    folder must carry                                         -> Family
-#   patch size       14 px vs 16 px; merge 2 x 2 in both, so one image token covers 28 vs
-#                    32 px. Always read from the processor or config, never assumed (the PAPO
-#                    mask keeps its 14-px squares on both, as the official Qwen3-VL branch does).
-#   normalisation    CLIP mean / std vs 0.5 / 0.5: stored in the processor's own config.
-#   3-D positions    both give image tokens (time, row, column) positions, by the same rule
-#                    for pictures (videos differ); Qwen3-VL interleaves the three among the
-#                    rotary frequencies instead of giving each a block - inside the model. Here
-#                    positions come only from the model's own get_rope_index (rotary_positions)
-#   vision features  Qwen3-VL (DeepStack) also adds features of a few vision layers to the
-#                    first decoder layers' hidden states at the image tokens
-#                                                      -> _encode_each_picture_once carries them
-#   chat template    Qwen2.5-VL adds a default system turn; Qwen3-VL-Thinking's generation
-#                    prompt opens a <think> block, so its answers start inside it
-#                                                      -> prompt_opens_thinking, the format reward
-#   special tokens   the same strings (and ids) in both; Qwen3's tokenizer adds <think> and
-#                    </think> as ordinary tokens, so decoding keeps them.
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    name: str                     # as users write it: --tiny-family, the README
-    model_type: str               # config.json's "model_type"
-    model_class: type             # ...ForConditionalGeneration
-    config_class: type
-    processor_class: type         # this project's images-only processor
-    stock_processor: type         # the transformers class a saved folder names (AutoProcessor)
-    stock_video_processor: str    # the video processor type such a folder names
-
-
-FAMILIES = {f.model_type: f for f in (
-    Family("qwen2.5-vl", "qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig,
-           QwenVLImageTextProcessor, Qwen2_5_VLProcessor, "Qwen2VLVideoProcessor"),
-    Family("qwen3-vl", "qwen3_vl", Qwen3VLForConditionalGeneration, Qwen3VLConfig,
-           Qwen3VLImageTextProcessor, Qwen3VLProcessor, "Qwen3VLVideoProcessor"),
-)}
-
-
-def family_of(thing) -> Family:
-    """The Family of a model, a config, a processor, or a config.json model_type string."""
-    if isinstance(thing, ProcessorMixin):
-        family = next((f for f in FAMILIES.values() if isinstance(thing, f.stock_processor)), None)
-        if family is None:
-            raise ValueError(f"{type(thing).__name__} is not the processor of a supported model "
-                             f"family ({', '.join(f.name for f in FAMILIES.values())})")
-        return family
-    model_type = thing if isinstance(thing, str) else getattr(getattr(thing, "config", thing),
-                                                              "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"{model_type!r} is not a supported model family; supported: "
-                         + ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES.values()))
-    return FAMILIES[model_type]
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def prompt_opens_thinking(processor) -> bool:
-    """Whether the chat template's generation prompt opens a <think> block that it leaves open
-    (Qwen3-VL-Thinking), so that a response starts INSIDE the thinking and has no opening tag.
-
-    Decided by rendering the template, not by a name or a flag: what the model sees is what
-    counts. The format reward reads this (rewards.format_reward(..., thinking_open=...))."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
-    opening = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    closed = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    added = opening.removeprefix(closed)        # what add_generation_prompt appends
-    return added.rfind(THINK_OPEN) > added.rfind(THINK_CLOSE)
-
-
-# The image processor settings that a video processor shares (same vision tower, same patching,
-# same normalisation). Video-only knobs (frame sampling, fps) keep their class defaults.
-_SHARED_WITH_VIDEO = ("do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                      "image_mean", "image_std", "do_convert_rgb", "patch_size",
-                      "temporal_patch_size", "merge_size")
-
-
-def save_processor(processor, folder) -> None:
-    """processor.save_pretrained(folder), rewritten so the folder names transformers' STOCK classes.
-
-    Why: this project's processor classes (_ImagesOnly) exist only because it runs without
-    torchvision.
-    A checkpoint, though, is also read by people with a normal GPU install (torchvision present)
-    calling `AutoProcessor.from_pretrained(folder)`. AutoProcessor picks the class named by
-    processor_config.json's "processor_class"; it does not know ours, and falls back to the
-    tokenizer alone - no error, just a processor that cannot take images. So after saving:
-
-      * "processor_class" becomes the stock class, "Qwen2_5_VLProcessor" or "Qwen3VLProcessor"
-        (in processor_config.json and in tokenizer_config.json, which save_pretrained stamps
-        too), the class such a user expects;
-      * a nested "video_processor" entry is added, because the stock processor has a third part
-        and transformers looks for its config first inside processor_config.json (then in
-        video_preprocessor_config.json, then preprocessor_config.json). Its type is the
-        family's (Qwen2VLVideoProcessor, Qwen3VLVideoProcessor) and its settings come from the saved
-        image processor: same patch / temporal patch / merge sizes, same mean and std, and the
-        same pixel budget `size` = {"shortest_edge": min pixels, "longest_edge": max pixels} -
-        the key the video class reads (its min_pixels / max_pixels arguments only fill `size`).
-        Falling back to the image processor's settings is also what transformers itself does for
-        a folder with no video config.
-
-    Loading stays torchvision-free: load_model uses our subclass, which has no video_processor
-    argument, so the nested entry is simply ignored, and it forces the PIL image processor.
-    Folders saved before this function existed (naming our class, no video entry) load there too.
-    """
-    family = family_of(processor)
-    processor.save_pretrained(folder)
-    folder = Path(folder)
-    config_file = folder / "processor_config.json"
-    config = json.loads(config_file.read_text())
-    config["processor_class"] = family.stock_processor.__name__
-    image = config["image_processor"]
-    video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
-    size = dict(image.get("size") or {})
-    if "min_pixels" in image:                  # an older image processor that saved the budget flat
-        size.setdefault("shortest_edge", image["min_pixels"])
-    if "max_pixels" in image:
-        size.setdefault("longest_edge", image["max_pixels"])
-    if size:
-        video["size"] = {k: size[k] for k in ("shortest_edge", "longest_edge") if k in size}
-    video["video_processor_type"] = family.stock_video_processor
-    config["video_processor"] = video
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    tokenizer_file = folder / "tokenizer_config.json"
-    if tokenizer_file.is_file():
-        tokenizer_config = json.loads(tokenizer_file.read_text())
-        if "processor_class" in tokenizer_config:
-            tokenizer_config["processor_class"] = family.stock_processor.__name__
-            tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False)
-                                      + "\n")
-
 
 def unwrap(model):
     """The bare Hugging Face model inside a DistributedDataParallel (or DataParallel) wrapper.
@@ -259,45 +63,6 @@ def unwrap(model):
     (generate, reading the config, the lm_head weight) uses the bare model."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
-
-
-def sharded(net) -> bool:
-    """Whether `net` is an FSDP2 model (train.py --fsdp: torch.distributed.fsdp.fully_shard on
-    every decoder layer and vision block, then on the whole model). fully_shard is not a
-    wrapper: it changes the module's class in place, so unwrap returns it unchanged."""
-    return isinstance(net, FSDPModule)
-
-
-@contextlib.contextmanager
-def root_gathered(net):
-    """Keep the parameters owned by the ROOT FSDP unit of a sharded model gathered meanwhile.
-
-    With --fsdp every decoder layer and vision block is its own unit: its hooks gather its
-    weights when it is called, whoever calls it. What the root unit owns - embed_tokens, the
-    final norm, lm_head (tied to embed_tokens when config.tie_word_embeddings), the vision
-    patch_embed and merger - FSDP gathers only when the root module itself is called. The code
-    below also enters the model through net.model(...) (prefills), net.get_image_features(...)
-    (each picture once) and net.lm_head.weight (the chunked log-probs, outside any forward), so
-    it gathers the root's parameters by hand around the whole call (FSDPModule.unshard: one
-    all-gather of the root's shards; tied weights stay one tensor).
-
-    Giving those pieces units of their own would not remove this: lm_head.weight is still read
-    outside a forward, and a tied lm_head/embed_tokens cannot live in two units.
-
-    Afterwards: without gradients (generation, scoring) the root is resharded at once. With
-    gradients it must stay gathered until the backward, which reads lm_head.weight and the
-    others again; FSDP's own end-of-backward callback then reduce-scatters their gradients and
-    reshards them (as for every unit), so the next call gathers the updated weights. A no-op for
-    a model that is not sharded."""
-    if not sharded(net):
-        yield
-        return
-    net.unshard()
-    try:
-        yield
-    finally:
-        if not torch.is_grad_enabled():
-            net.reshard()
 
 
 def _as_dtype(dtype):
@@ -405,47 +170,13 @@ def load_model(name_or_path, *, dtype=None, device=None, gradient_checkpointing:
         kwargs["attn_implementation"] = attn_implementation
     model = family.model_class.from_pretrained(source, **kwargs)
     fill_generation_config(model, processor.tokenizer)
-    patch_embed_as_matmul(model)
+    speedups.patch_embed_as_matmul(model)
 
     if gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if device is not None:
         model.to(device)
     return model, processor
-
-
-class PatchEmbedAsMatmul(torch.nn.Module):
-    """The vision tower's first layer, computed as the matrix product it is.
-
-    Both families cut a picture into rows of C x T x p x p numbers (3 x 2 x 14 x 14 = 1176 for
-    Qwen2.5-VL) and project each row to the tower's width with a Conv3d whose stride equals its
-    kernel: the kernel never overlaps itself, so the convolution is one [rows, D] x [D, E]
-    product. As a Conv3d it goes through the convolution kernels, which are slow for this shape:
-    on the CPU 1.8 ms against 0.05 for 512 rows of the tiny model (3-4.5 ms of the side-by-side
-    GRPO step), and some GPU / cuDNN / bf16 combinations are known to take orders of magnitude
-    longer (transformers offers the same replacement as an opt-in `fusion_config`). It holds the
-    SAME Conv3d, so parameter names, checkpoints and the optimizer see nothing new; a test
-    compares values and gradients with the stock forward in float64."""
-
-    def __init__(self, original: torch.nn.Module):
-        super().__init__()
-        conv = original.proj
-        if conv.stride != conv.kernel_size or conv.padding != (0, 0, 0) or conv.groups != 1:
-            raise ValueError(f"patch embedding {conv} is not a plain patchify convolution")
-        self.proj = conv                            # [E, C, T, p, p] weight, as in the checkpoint
-        self.embed_dim = original.embed_dim
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight                                           # [E, C, T, p, p]
-        rows = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)  # [rows, C*T*p*p]
-        return F.linear(rows, weight.flatten(1), self.proj.bias)          # [rows, E]
-
-
-def patch_embed_as_matmul(model) -> None:
-    """Put PatchEmbedAsMatmul in place of the model's vision patch embedding (once)."""
-    visual = unwrap(model).model.visual
-    if not isinstance(visual.patch_embed, PatchEmbedAsMatmul):
-        visual.patch_embed = PatchEmbedAsMatmul(visual.patch_embed)
 
 
 def _enable_gradient_checkpointing(model) -> None:
@@ -833,24 +564,6 @@ def _repeat_encoded(encoded: dict, num_samples: int) -> dict:
                 images_per_rollout=repeat(encoded["images_per_rollout"]))
 
 
-def rotary_positions(net, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
-    """[3, B, S] rotary positions of a batch of token rows, as the model's own forward makes them.
-
-    Qwen2.5-VL gives each token three positions (time, row, column): an image token its place in
-    the picture's grid, a text token its running count three times over, continued after the
-    largest position of the picture before it (get_rope_index). Padding is skipped (it gets 0).
-    Computed here, not inside the forward, where a forward sees only PART of a sequence: the
-    prompt alone, or a completion whose prompt is in a cache (generate_rollouts,
-    completion_logprobs) - the forward can only work positions out from a whole sequence."""
-    if len(image_grid_thw) == 0:     # text only: counts of the real tokens, as generate does
-        counts = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                 # [B, S]
-        return counts[None].expand(3, -1, -1)
-    positions, _ = unwrap(net).model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-        attention_mask=attention_mask)
-    return positions                                                               # [3, B, S]
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. Sampling rollouts
 # ---------------------------------------------------------------------------------------------
@@ -943,9 +656,9 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
         # Generation with FSDP: every decode step gathers each layer through FSDP's hooks and
         # frees it again (the root's parameters stay gathered throughout, root_gathered) - no
         # full copy of the model is ever held.
-        no_autograd = torch.no_grad() if sharded(net) else torch.inference_mode()
-        with no_autograd, root_gathered(net):
-            sequences = _generate_from_shared_prompts(net, once, num_samples, config)
+        no_autograd = torch.no_grad() if speedups.sharded(net) else torch.inference_mode()
+        with no_autograd, speedups.root_gathered(net):
+            sequences = speedups.generate_from_shared_prompts(net, once, num_samples, config)
         sequences = sequences.clone()                                      # [B, P + T]
     finally:
         for m, mode in modes.items():
@@ -964,40 +677,6 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
                     prompt_of=repeat(torch.arange(N)),             # each group: its prompt's entry
                     completion_ids=completion_ids, completion_mask=completion_mask, texts=texts,
                     num_samples=num_samples, pad_token_id=pad)
-
-
-def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> torch.Tensor:
-    """`generate` for G samples of each of N prompts, reading each prompt (and picture) ONCE.
-
-    A plain generate over the N * G rows would run its first forward - the vision tower and the
-    whole prompt - G times per prompt, on identical rows. Instead:
-      1. one forward over the N prompts without their last token fills a KV cache (N rows);
-      2. the cache is repeated G times, group-major (Cache.batch_repeat_interleave);
-      3. generate continues from that cache, a path transformers supports ("restarting from a
-         cache"): it feeds only the uncached last prompt token, then samples as usual.
-    The positions are passed in (rotary_positions, the model's own rule), so the forward never
-    has to infer them from a partial sequence. Same distribution as the plain call: a test
-    compares the sampled tokens and their logits with it in float64."""
-    P = once["prompt_ids"].shape[1]
-    positions = rotary_positions(net, once["prompt_ids"], once["prompt_mask"],
-                                 once["mm_token_type_ids"], once["image_grid_thw"])  # [3, N, P]
-    prefill = dict(input_ids=once["prompt_ids"][:, :P - 1],
-                   attention_mask=once["prompt_mask"][:, :P - 1],
-                   position_ids=positions[..., :P - 1], use_cache=True)
-    if once["pixel_values"] is not None:   # the pictures sit before the last token (a text one)
-        prefill.update(pixel_values=once["pixel_values"], image_grid_thw=once["image_grid_thw"])
-    # the inner model: the prefill needs the cache, not logits
-    cache = net.model(**prefill).cache                                       # N rows, P - 1
-    cache.batch_repeat_interleave(num_samples)                               # B rows
-    repeat = lambda t, dim=0: t.repeat_interleave(num_samples, dim=dim)
-    return net.generate(input_ids=repeat(once["prompt_ids"]),
-                        attention_mask=repeat(once["prompt_mask"]),
-                        position_ids=repeat(positions, dim=1), cache=cache,
-                        generation_config=config,
-                        # sharded: every rank must run the same number of decode steps (each
-                        # gathers layers collectively), so a rank whose rollouts all ended keeps
-                        # stepping until every rank's have
-                        synced_gpus=sharded(net) and torch.distributed.get_world_size() > 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,15 +703,16 @@ def _generate_from_shared_prompts(net, once: dict, num_samples: int, config) -> 
 #   (d) with gradients, each chunk runs under torch.utils.checkpoint: its logits are freed
 #       after the forward and recomputed in the backward, so the graph holds only the hidden
 #       states and the [B, T] results.
+# The fast paths (speedups.py), selected where they apply:
 #   (e) the vision tower runs once per DISTINCT picture, not once per row: the G rollouts of a
 #       group show the same picture (stored once, Rollouts.prompt_of), and a plain forward would
-#       encode it G times, once per row. See _encode_each_picture_once.
+#       encode it G times (speedups.encode_each_picture_once).
 #   (f) the language model reads each DISTINCT prompt once, too: a forward over the distinct
 #       prompts fills a KV cache, each row attends to its prompt's entry, and a second forward
-#       reads only the completions (_states_prompt_once). With the official prompt (~100 text
-#       tokens + 256-1,280 image tokens) and G = 5, most tokens of a batch are prompt tokens.
-#       Gradient checkpointing drops caches, so with it the update reads prompt + completion
-#       per row (_states_one_pass); pictures are still encoded once there.
+#       reads only the completions (speedups.states_prompt_once). With the official prompt
+#       (~100 text tokens + 256-1,280 image tokens) and G = 5, most tokens of a batch are prompt
+#       tokens. Gradient checkpointing drops caches, so with it the update takes the plain
+#       one-pass forward (_states_one_pass), pictures still encoded once.
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -1075,79 +755,9 @@ def _scoring_inputs(rollouts: Rollouts, pixel_values, with_pixels: bool = True) 
                 use_cache=False)    # a scoring pass has no next step: building a cache is waste
 
 
-def _first_of_each(n: int, same) -> tuple[list[int], list[int]]:
-    """Group items 0..n-1 by same(i, j): (first, group) with first[k] the first item of group k
-    and group[i] the group of item i. The newest group is tried first, so the adjacent rows of a
-    GRPO group match at the first try."""
-    first, group = [], []
-    for i in range(n):
-        k = next((k for k in reversed(range(len(first))) if same(first[k], i)), None)
-        if k is None:
-            k = len(first)
-            first.append(i)
-        group.append(k)
-    return first, group
-
-
-def _encode_each_picture_once(net, pixel_values, image_grid_thw,
-                              images: list[int] | None = None) -> BaseModelOutputWithPooling:
-    """The vision features of the images a forward needs, each distinct picture encoded once.
-
-    pixel_values / image_grid_thw: the stored pictures (Rollouts: once per prompt entry).
-    images: the stored image behind each image the forward sees, in the forward's order (None:
-        every stored image, in order). The one-pass forward, for example, sees every row's
-        pictures: images = the row's entry's images, row after row.
-    Returns what the model's forward accepts as mm_encoder_outputs["image"]: pooler_output = one
-    [tokens_i, H] tensor per image the forward sees (the layout of the model's own
-    get_image_features). Images that show the same picture get the SAME tensor, so in the
-    backward autograd sums the gradients of every row that reuses it - what the per-row forward
-    gives, since there each copy's gradient reaches the same vision weights.
-
-    The rollouts already store a group's pictures once; on top of that, stored pictures that
-    are the same - same (t, h, w) grid and identical patch rows (torch.equal, exact) - are
-    encoded once: two prompt entries can show one picture (DAPO's refill drew the example
-    again, two questions about one picture). The comparison is exact whatever the order, and
-    cheap next to the tower (_first_of_each). Sharing is exact because the tower encodes each
-    image on its own (its attention stays within an image, via cu_seqlens): an image's features
-    depend on its own pixels and grid only."""
-    blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())   # one [rows_i, D] per image
-    grids = image_grid_thw.tolist()
-    # first image of each distinct picture; image i shows picture shows[i]
-    first, shows = _first_of_each(len(blocks), lambda a, b: grids[a] == grids[b]
-                                  and torch.equal(blocks[a], blocks[b]))
-    out = net.get_image_features(torch.cat([blocks[i] for i in first]), image_grid_thw[first],
-                                 return_dict=True)
-    wanted = range(len(blocks)) if images is None else images
-    per_image = lambda features: tuple(features[shows[i]] for i in wanted)   # distinct -> wanted
-    fields = {"pooler_output": per_image(out.pooler_output)}
-    # Qwen3-VL (DeepStack) also adds features of a few vision layers to the hidden states of the
-    # first decoder layers, at the image tokens: one more tuple per such layer, indexed alike.
-    if getattr(out, "deepstack_features", None) is not None:
-        fields["deepstack_features"] = [per_image(level) for level in out.deepstack_features]
-    return type(out)(**fields)
-
-
 def _checkpointing(net) -> bool:
     return any(getattr(layer, "gradient_checkpointing", False)
                for layer in net.model.language_model.layers)
-
-
-def _distinct_prompts(r: Rollouts) -> tuple[list[int], torch.Tensor]:
-    """Which rows repeat an earlier row's prompt: (first, prompt_of) with `first` the first row
-    of each distinct prompt and prompt_of [B] the index in `first` of each row's prompt.
-
-    Same prompt = same prompt entry (Rollouts.prompt_of: the G rollouts of a group) and the
-    same token ids and padding (compared, so that rows put together by hand that point to one
-    entry with different prompts are never merged). Read from the rows, not assumed from a group
-    size: micro-batches may hold parts of groups and DAPO's refills reorder them."""
-    entry = r.prompt_of.tolist()
-
-    def same(a, b):
-        return (entry[a] == entry[b] and torch.equal(r.prompt_ids[a], r.prompt_ids[b])
-                and torch.equal(r.prompt_mask[a], r.prompt_mask[b]))
-
-    first, prompt_of = _first_of_each(len(r), same)
-    return first, torch.tensor(prompt_of, dtype=torch.long, device=r.prompt_ids.device)
 
 
 def _final_states(net, keep):
@@ -1165,7 +775,7 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     token) predicts token t. Pictures are still encoded once each (e)."""
     net = unwrap(model)
     T = r.completion_ids.shape[1]
-    shared = pixels is not None and len(r.image_grid_thw) > 0 and not sharded(net)
+    shared = pixels is not None and len(r.image_grid_thw) > 0 and not speedups.sharded(net)
     inputs = _scoring_inputs(r, pixels, with_pixels=not shared)
     # Not for a sharded (--fsdp) model: there the features would be an input of the root unit's
     # forward that requires grad, and FSDP runs a unit's post-backward (reduce-scatter its
@@ -1184,7 +794,7 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
         # own argument for precomputed features (transformers 5.x); tests/test_model.py compares
         # with the plain pixel_values forward.
         images = r.row_images().tolist()                               # every row's pictures
-        inputs["mm_encoder_outputs"] = {"image": _encode_each_picture_once(
+        inputs["mm_encoder_outputs"] = {"image": speedups.encode_each_picture_once(
             net, pixels, r.image_grid_thw, images)}
     captured, hook = _final_states(net, lambda states: states[:, -T - 1:-1])
     try:
@@ -1192,48 +802,6 @@ def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     finally:
         hook.remove()
     return captured[0]                                                     # [B, T, H]
-
-
-def _states_prompt_once(model, r: Rollouts, pixels, first: list[int], prompt_of) -> torch.Tensor:
-    """The same states as _states_one_pass, reading each distinct prompt ONCE (f):
-
-      1. a forward over the distinct prompts (and their pictures) fills a KV cache, [N, P];
-      2. the cache is indexed by prompt_of: each row gets its prompt's keys and values, [B, P]
-         (an index, so in the backward each row's gradient flows into its prompt's states and
-         the G rows of a group add up there, as the G copies of the one-pass forward do);
-      3. a forward over the completions attends to that cache, [B, T].
-    Exact by causality: no prompt position attends to the completion, so the prompt's states do
-    not depend on which completion follows. The state that predicts token 0 is the prompt's last
-    one; token t > 0 is predicted by completion position t - 1. Positions are passed in: the
-    completion pass cannot work them out without its prompt (rotary_positions).
-
-    Not used with gradient checkpointing and gradients on: checkpointed layers drop the cache
-    (transformers), so that case takes the one-pass forward."""
-    net = unwrap(model)
-    T = r.completion_ids.shape[1]
-    p = dataclasses.replace(r, pixel_values=pixels).select(first)         # the distinct prompts
-    images = p.row_images()                                         # each prompt's pictures
-    grid = p.image_grid_thw[images.to(p.image_grid_thw.device)]        # [n, 3], in row order
-    positions = rotary_positions(net, p.prompt_ids, p.prompt_mask, p.mm_token_type_ids,
-                                 grid)                                     # [3, N, P]
-    prompt_pass = dict(input_ids=p.prompt_ids, attention_mask=p.prompt_mask,
-                       position_ids=positions, use_cache=True)
-    if p.pixel_values is not None and len(grid):
-        prompt_pass.update(image_grid_thw=grid, mm_encoder_outputs={"image": (
-            _encode_each_picture_once(net, p.pixel_values, p.image_grid_thw, images.tolist()))})
-    after_prompt = positions[:, prompt_of, -1:] + 1 + torch.arange(T, device=positions.device)
-    captured, hook = _final_states(net, lambda states: states)
-    try:
-        cache = net.model(**prompt_pass).cache                             # [N, P] keys, values
-        last = captured.pop()[:, -1]                                       # [N, H]
-        cache.batch_select_indices(prompt_of)                              # [B, P]
-        model(input_ids=r.completion_ids,                                  # through the wrapper
-              attention_mask=torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1),
-              position_ids=after_prompt, cache=cache, use_cache=True, logits_to_keep=1)
-        completion = captured.pop()                                        # [B, T, H]
-    finally:
-        hook.remove()
-    return torch.cat([last[prompt_of, None], completion[:, :-1]], dim=1)  # [B, T, H]
 
 
 def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, temperature: float = 1.0,
@@ -1267,7 +835,7 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
     temperature = float(temperature) if temperature > 0 else 1.0
     # a sharded (--fsdp) model: gather the root's own parameters for everything below, which
     # enters the model through its parts and reads lm_head.weight directly (root_gathered)
-    with root_gathered(net):
+    with speedups.root_gathered(net):
         return _completion_logprobs(model, net, r, pixels, temperature, with_entropy,
                                     chunk_size, device)
 
@@ -1276,9 +844,10 @@ def _completion_logprobs(model, net, r: Rollouts, pixels, temperature: float,
                          with_entropy: bool, chunk_size: int, device):
     B, T = r.completion_ids.shape
     # (a, b, e, f) the final hidden states that predict the completion tokens
-    first, prompt_of = _distinct_prompts(r)
+    first, prompt_of = speedups.distinct_prompts(r)
     if len(first) < B and not (torch.is_grad_enabled() and _checkpointing(net)):
-        hidden = _states_prompt_once(model, r, pixels, first, prompt_of)      # [B, T, H]
+        hidden = speedups.states_prompt_once(model, net, r, pixels, first, prompt_of,
+                                             _final_states)                    # [B, T, H]
     else:
         hidden = _states_one_pass(model, r, pixels)                          # [B, T, H]
 

@@ -20,6 +20,7 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_modeling
 import data
 import toy
 import model as qwen
+import speedups
 
 MAX_NEW = 12
 
@@ -488,8 +489,8 @@ def scoring_path(request, monkeypatch):
     """Both ways completion_logprobs reads a batch: each distinct prompt once (the default), and
     one forward over prompt + completion per row (taken with gradient checkpointing)."""
     if request.param == "one-pass":
-        monkeypatch.setattr(qwen, "_states_prompt_once",
-                            lambda model, r, pixels, first, prompt_of:
+        monkeypatch.setattr(speedups, "states_prompt_once",
+                            lambda model, net, r, pixels, first, prompt_of, capture:
                             qwen._states_one_pass(model, r, pixels))
     return request.param
 
@@ -596,7 +597,7 @@ def test_generation_reads_each_prompt_once_same_samples_and_logits(shared_batch,
     runs = {}
     for name in ("shared", "plain"):
         if name == "plain":
-            monkeypatch.setattr(qwen, "_generate_from_shared_prompts", _plain_generate)
+            monkeypatch.setattr(speedups, "generate_from_shared_prompts", _plain_generate)
         rows, hook = _language_model_rows(model)
         patches, vision_hook = _patch_rows_seen(model)
         try:
@@ -695,14 +696,14 @@ def test_save_load_round_trip_is_exact(tiny, prompts, tmp_path):
 
 def test_patch_embedding_as_matmul_equals_the_stock_convolution(tiny, prompts, float64_norms):
     """Every model of the project runs its vision tower's first layer as a matrix product
-    (model.PatchEmbedAsMatmul: load_model and the builders put it in place). Oracle: the same
+    (speedups.PatchEmbedAsMatmul: load_model and the builders put it in place). Oracle: the same
     model with transformers' own patch embedding (a Conv3d) holding the same weights - picture
     features and every gradient equal in float64, on prompts with one and two pictures. The
     parameter names do not change (the stock module loads its state dict strictly), and a
     convolution whose patches would overlap is refused."""
     model, processor = tiny
     ours = copy.deepcopy(model).double()
-    assert isinstance(ours.model.visual.patch_embed, qwen.PatchEmbedAsMatmul)
+    assert isinstance(ours.model.visual.patch_embed, speedups.PatchEmbedAsMatmul)
     vision = ours.config.vision_config
     if isinstance(ours.config, qwen.FAMILIES["qwen3_vl"].config_class):
         stock_embed = qwen3_modeling.Qwen3VLVisionPatchEmbed(vision)
@@ -730,18 +731,18 @@ def test_patch_embedding_as_matmul_equals_the_stock_convolution(tiny, prompts, f
     overlapping = copy.deepcopy(stock_embed)
     overlapping.proj.stride = (1, 1, 1)
     with pytest.raises(ValueError, match="not a plain patchify"):
-        qwen.PatchEmbedAsMatmul(overlapping)
+        speedups.PatchEmbedAsMatmul(overlapping)
 
 
 def test_shared_key_value_heads_in_one_kernel_call_change_nothing(tiny, prompts, monkeypatch):
-    """On a CPU-only machine model.py sets transformers' TRANSFORMERS_SDPA_FORCE_GQA, so the
+    """On a CPU-only machine speedups.py sets transformers' TRANSFORMERS_SDPA_FORCE_GQA, so the
     attention kernel shares each key/value head between its query heads itself, padding mask
     and all, instead of transformers copying keys and values per head (tiny: 4 query heads, 2
     key/value heads). Oracle: transformers' own path - the same sampled tokens, generate's
     logits and the scored log-probs and entropies, in float64."""
     if torch.cuda.is_available():
         pytest.skip("set only on machines without a GPU")
-    assert qwen.os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    assert speedups.os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
     model, processor = tiny
     net = copy.deepcopy(model).double()
     assert net.config.text_config.num_attention_heads > net.config.text_config.num_key_value_heads

@@ -6,7 +6,7 @@
     python eval.py --suite suite/ --model runs/grpo/... --model runs/papo/...   # Table 1
     python eval.py --mean-of runs/exp-eval-seed0.json runs/exp-eval-seed1.json ...   # over seeds
 
-Protocol (PAPO_REFERENCE section 6): k = 8 samples per question at temperature 1.0, top_p 1.0,
+Protocol (docs/paper.md section 7): k = 8 samples per question at temperature 1.0, top_p 1.0,
 top_k 50, pictures resized into [1,024, 589,824] pixels; the score is avg@k, the mean accuracy
 over all k * n samples. Also reported per dataset: pass@k (a question counts if any of its k
 samples is right), the format rate, the mean response length, and - outside --suite - avg@k with

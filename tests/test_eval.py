@@ -155,7 +155,7 @@ def test_mean_of_seed_files_gives_mean_and_sample_std_column_by_column(tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's suite table. Oracle: Table 1 of the paper (PAPO_REFERENCE section 6), in percent,
+# The paper's suite table. Oracle: Table 1 of the paper (docs/paper.md section 7), in percent,
 # columns in SUITE order (5 General, then 4 Vision-dependent), then the printed averages
 # (General, Vision-dependent, Overall) and, for PAPO rows, the printed gains.
 # ---------------------------------------------------------------------------------------------

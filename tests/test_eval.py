@@ -93,7 +93,13 @@ def test_eval_cli_writes_every_field_for_a_real_tiny_checkpoint(two_questions, t
     for key in ("n", "samples", "accuracy", "pass@2", "format", "response_length",
                 "accuracy_mask0.6", "accuracy_mask1.0", "kl_prcp"):
         assert key in res, key
-    assert res["kl_prcp"] >= 0.0
+    assert res["kl_prcp"] > 0.0                    # the masked branch saw another picture
+    # the control: a picture "masked" at ratio 0 is the original, and KL_prcp is exactly 0
+    evaluation.main(["--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "q.jsonl"),
+                     "--samples", "2", "--max-new-tokens", "4", "--mask-ratios", "--kl-ratio",
+                     "0", "--out", str(tmp_path / "res0.json")])
+    same = json.loads((tmp_path / "res0.json").read_text())[str(tmp_path / "q.jsonl")]
+    assert same[str(tmp_path / "ckpt")]["kl_prcp"] == 0.0
 
 
 def test_eval_never_scales_a_picture_past_what_the_processor_keeps(two_questions, tmp_path,

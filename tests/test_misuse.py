@@ -99,11 +99,12 @@ def test_out_naming_a_file_is_refused(tmp_path):
         config.check_config(config.parse_config(["--out", str(tmp_path / "afile")]), 1)
 
 
-def test_resume_with_a_different_out_is_refused(tmp_path):
+def test_resume_with_a_different_out_is_refused(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "config.json").write_text(json.dumps({"steps": 3}))
     with pytest.raises(SystemExit):
         config.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert "a resumed run continues in its own folder" in capsys.readouterr().err
     # the same folder spelled differently is fine
     cfg = config.parse_config(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a" / ".")])
     assert cfg.steps == 3
@@ -130,10 +131,13 @@ def test_every_bad_eval_flag_is_refused_before_any_model_loads(flag, value, chec
                                                                capsys, monkeypatch):
     folder = checkpoint_and_data
     monkeypatch.setattr(qwen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         evaluation.main(["--model", str(folder / "ckpt"), "--data", str(folder / "q.jsonl"),
                          "--out", str(folder / "r.json"), flag, value])
-    assert flag in capsys.readouterr().err
+    # the flag's own complaint ("  --samples 0: must be >= 1"), not its name in the usage line
+    complaints = [line.strip() for line in capsys.readouterr().err.splitlines()
+                  if ": must be " in line]
+    assert exit_.value.code == 2 and any(c.startswith(f"{flag} ") for c in complaints)
     assert not (folder / "r.json").exists()
 
 
@@ -143,11 +147,13 @@ def test_eval_checks_out_and_every_model_before_generating(out, checkpoint_and_d
     folder = checkpoint_and_data
     monkeypatch.chdir(folder)
     monkeypatch.setattr(qwen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         evaluation.main(["--model", "ckpt", "--model", "no_such_ckpt", "--data", "q.jsonl",
                          "--out", out])
     err = capsys.readouterr().err
-    assert "no_such_ckpt" in err and "--out" in err
+    # both complaints, not the flags' names in argparse's usage line
+    assert exit_.value.code == 2 and "no such model folder: no_such_ckpt" in err
+    assert f"--out {out}: " in err
 
 
 # ---------------------------------------------------------------------------------------------

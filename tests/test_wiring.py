@@ -47,7 +47,7 @@ def world(tmp_path_factory):
                            base=root / "base", data=Path(runtime.data_sources(cfg)[0]))
 
 
-def config(world, *extra: str) -> config.Config:
+def make_config(world, *extra: str) -> config.Config:
     """tiny_args' offline configuration on the module's toy data, with `extra` flags."""
     return config.parse_config(tiny_args(world.root, *extra))
 
@@ -154,7 +154,7 @@ def graded(world):
                        "U": f"\\boxed{{{wrong}}}"}[code] for code in PATTERNS[k]]
         return dataclasses.replace(rollouts, texts=texts)
 
-    cfg = config(world, "--preset", "grpo", "--prompts-per-step", "3", "--group-size", "4",
+    cfg = make_config(world, "--preset", "grpo", "--prompts-per-step", "3", "--group-size", "4",
                  "--generation-batch", "2")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.qwen, "generate_rollouts", crafted)
@@ -204,7 +204,7 @@ def scored(world):
     """A PAPO-G batch sampled at temperature 0.7 (4 prompts x 4), scored with 2 updates per step
     (so old log-probs are computed), beta > 0 and a reference model that is NOT the policy (a
     tiny model of another seed), so that every log-prob says which model produced it."""
-    cfg = config(world, "--preset", "papo-g", "--beta", "0.01", "--temperature", "0.7",
+    cfg = make_config(world, "--preset", "papo-g", "--beta", "0.01", "--temperature", "0.7",
                  "--updates-per-step", "2", "--micro-batch-size", "4", "--grad-clip", "1e9")
     ref, _ = toy.build_tiny_model(seed=1, size="tiny")
     ref.requires_grad_(False).eval()
@@ -313,7 +313,7 @@ def test_top_p_and_temperature_reach_the_sampler(world, flags, identical):
     --top-p 1e-6 or --temperature 1e-4 make every group's G rollouts identical, plain sampling
     of the same tiny random model makes every group's rollouts differ. Catches either setting
     dropped on its way to the sampler (it then samples at top_p 1 / temperature 1)."""
-    cfg = config(world, "--preset", "grpo", "--prompts-per-step", "3", *flags)
+    cfg = make_config(world, "--preset", "grpo", "--prompts-per-step", "3", *flags)
     batch, _, _ = train.collect_batch(world.policy, world.processor, world.examples, cfg,
                                       runtime.Dist(), step=1, cursor=0, need_masked=False)
     assert groups_identical(batch.rollouts, cfg.group_size) == [identical] * 3
@@ -354,7 +354,7 @@ def test_each_mini_batch_is_normalised_by_its_own_tokens_and_gets_its_own_gradie
     (ratios stay inside the clip range: the weights do not move). Response lengths and
     advantages are the test's: the two mini-batches hold different token counts. Catches the
     count taken over the whole batch (or another mini-batch) instead of the mini-batch."""
-    cfg = config(world, "--preset", "grpo", "--beta", "0", "--updates-per-step", "2",
+    cfg = make_config(world, "--preset", "grpo", "--beta", "0", "--updates-per-step", "2",
                  "--micro-batch-size", "4", "--grad-clip", "1e9")
     d = runtime.Dist()
     policy = world.policy

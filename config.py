@@ -5,14 +5,16 @@ recipes as presets, every flag's allowed range, and the command line built from 
     check_config(cfg, world_size=1)                                  # refuses bad settings early
 
 Precedence: field defaults (the official Qwen2.5-VL-3B recipe) < the offline toy run's overrides
-(when --model is not given) < --preset < flags given on the command line. A resumed run starts
-from its own saved config.json instead, and flags given now still win.
+(when --model is not given) < the preset < a --config file < a --preset given on the command
+line < the other flags given there. A resumed run starts from its own saved config.json
+instead, and flags given now still win.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +27,7 @@ import torch.distributed as dist
 import data
 import model as qwen
 import papo
+import rewards
 import toy
 
 DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
@@ -159,6 +162,31 @@ class Config:
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
+    scale_rewards: str = arg("group", "group (the paper's GRPO: each group's advantages divided "
+                                      "by its rewards' std) | none (Dr. GRPO: the group mean "
+                                      "subtracted only).")
+    mask_truncated: bool = arg(False, "Leave completions that hit --max-new-tokens without an end "
+                                      "token out of every loss term (their advantages still "
+                                      "count in their group). truncated_frac is logged either "
+                                      "way.")
+    reward: str = arg("", "Your own reward: FILE.py:function or module:function, called as "
+                          "function(response, gold_answer, example) -> (accuracy, format), each "
+                          "in [0, 1]; reward = 0.9 accuracy + 0.1 format. Empty: rewards.py "
+                          "(the official math reward). docs/rewards.md has an example.")
+    reward_time_limit: float = arg(10.0, "Seconds one call of --reward may take; it runs in a "
+                                         "child process, and a call past the limit scores 0 "
+                                         "(reported).")
+
+    # --- parameter-efficient and partial training ---------------------------------------------
+    lora_rank: int = arg(0, "LoRA (through PEFT, an optional install): the adapters' rank; 0 = "
+                            "train every weight. The reference log-probs come from the same "
+                            "model with its adapters switched off (no second copy).")
+    lora_alpha: float = arg(0.0, "LoRA scale numerator (0 = 2 x --lora-rank).")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "Comma-separated names of the language model's linear layers that "
+                            "get adapters (the vision tower never does).")
+    freeze_vision_tower: bool = arg(False, "Never change the vision tower: its weights get no "
+                                           "gradient and no optimizer state.")
 
     # --- infrastructure ----------------------------------------------------------------------
     dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
@@ -169,7 +197,15 @@ class Config:
                             "replicas do not fit (7B on 80 GB GPUs, docs/performance.md).")
     save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
-    sample_every: int = arg(25, "Log a few sample completions every N steps.")
+    sample_every: int = arg(25, "Log a few sample completions every N steps (samples.jsonl, and "
+                                "with pictures to the trackers of --report-to).")
+    report_to: str = arg("none", "Where to send the metrics besides metrics.jsonl, "
+                                 "comma-separated: none | tensorboard | wandb | trackio (each "
+                                 "an optional install; wandb works offline with "
+                                 "WANDB_MODE=offline).")
+    project: str = arg("papo", "Project name for wandb / trackio.")
+    config: str = arg("", "A JSON file (a run's config.json) or YAML file of settings to start "
+                          "from; flags given on the command line override it.")
     eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
     eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
     eval_every: int = arg(0, "Also score the held-out set(s) every N steps and at the last step "
@@ -223,7 +259,12 @@ TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tok
 
 
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
-               "image_dir")
+               "image_dir", "config")
+
+# --report-to's choices: the trackers (an optional install each; the import that tells
+# whether it is there, and the pip package).
+REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboard"),
+             "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
 
 
 def saved_config(cfg: Config) -> dict:
@@ -264,10 +305,12 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
                                 help=help_ + f" (default: {f.default})")
     given = vars(parser.parse_args(argv))
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        parser.error(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("preset", Config.preset) not in PRESETS:
+        parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
     if given.get("resume"):
+        if given.get("config"):
+            parser.error("--config starts a new run from a file of settings and --resume "
+                         "continues a run with its own: give one of them")
         # Continue with the run's own settings; flags given now (e.g. --steps) still win.
         saved = Path(given["resume"]) / "config.json"
         if not saved.is_file():
@@ -286,12 +329,61 @@ def parse_config(argv=None) -> Config:
                   f"{', '.join(unknown)}")
         values = {k: v for k, v in values.items() if k in known}
         return Config(**{**values, **given, "resume": given["resume"]})
+    from_file = read_config_file(given["config"], parser) if given.get("config") else {}
+    preset = given.get("preset", from_file.get("preset", Config.preset))
+    if preset not in PRESETS:
+        parser.error(f"--config {given['config']}: preset {preset!r}: choose one of "
+                     f"{', '.join(PRESETS)}")
     values = {}
-    if not given.get("model"):
+    if not given.get("model", from_file.get("model")):
         values.update(TOY_OVERRIDES)
     values.update(PRESETS[preset])
+    values.update(from_file)              # a run's config.json holds every coefficient
+    if "preset" in given:                 # ... which a preset named on the command line replaces
+        values.update(PRESETS[preset])
     values.update(given)
     return Config(**values)
+
+
+def read_config_file(path: str, parser) -> dict:
+    """The settings of a JSON file (a run's config.json) or a YAML file (.yaml / .yml), with
+    the keys of Config; an unknown key is an error naming it. A resumed run's `resume` entry is
+    dropped: a config file starts a new run (--resume continues one)."""
+    try:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml                          # pyyaml comes with transformers
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except (OSError, ValueError) as err:         # yaml's and json's errors are ValueErrors
+        parser.error(f"--config {path}: cannot read it ({err})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: holds no settings (expected a mapping of flag names)")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown settings {', '.join(unknown)} (the names are "
+                     "python train.py --help's flags with _ for -)")
+    values.pop("resume", None)
+    values.pop("config", None)
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    wrong = [f"{k} = {v!r} (expected {types[k]})" for k, v in values.items()
+             if not _fits(v, types[k])]
+    if wrong:
+        parser.error(f"--config {path}: wrong types: {'; '.join(wrong)}")
+    return values
+
+
+def _fits(value, type_name: str) -> bool:
+    """Whether a value read from a config file has its field's type (an int is a fine float)."""
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 # Every flag's allowed range, checked before anything heavy. A value outside it does not fail
@@ -343,6 +435,14 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("save_every", lambda v: v >= 1, ">= 1"),
     ("keep_checkpoints", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
     ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
+     "comma-separated names from " + ", ".join(REPORTERS)),
+    ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
+    ("reward_time_limit", lambda v: 0 < v < math.inf, "> 0 (seconds)"),
+    ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("lora_alpha", lambda v: 0 <= v < math.inf, ">= 0 (0 = 2 x --lora-rank)"),
+    ("lora_targets", lambda v: all(t.strip().isidentifier() for t in v.split(",")),
+     "comma-separated layer names such as q_proj,v_proj"),
     ("eval_samples", lambda v: v >= 1, ">= 1"),
     ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
@@ -411,8 +511,32 @@ def check_config(cfg: Config, world_size: int) -> None:
     out = Path(cfg.resume or cfg.out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out}: is a file, not a run folder")
+    problems += optional_install_problems(cfg)
+    if cfg.reward:
+        try:
+            rewards.load_reward(cfg.reward)
+        except rewards.RewardError as err:
+            problems.append(str(err))
     if problems:
         raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+
+
+def optional_install_problems(cfg: Config) -> list[str]:
+    """What the chosen trackers and LoRA need that is not installed, with the pip command (they
+    are optional installs: requirements.txt does not pull them in)."""
+    problems = []
+    for name in dict.fromkeys(cfg.report_to.split(",")):
+        needs = REPORTERS.get(name)
+        if needs and importlib.util.find_spec(needs[0]) is None:
+            problems.append(f"--report-to {name}: {needs[1]} is not installed; "
+                            f"pip install {needs[1]}")
+    if cfg.lora_rank:
+        if importlib.util.find_spec("peft") is None:
+            problems.append("--lora-rank: PEFT is not installed; pip install peft")
+        if cfg.fsdp:
+            problems.append("--lora-rank with --fsdp: not supported (LoRA's trainable state is "
+                            "small enough for DDP: drop --fsdp)")
+    return problems
 
 
 def uses_masked_branch(cfg: Config) -> bool:

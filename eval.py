@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import data
@@ -56,7 +57,8 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
              batch_size: int = 16, mask_ratios=(0.6, 1.0), kl_ratio: float | None = None,
              seed: int = 0, progress: bool = False, template: str | None = None,
              min_pixels: int | None = None, max_pixels: int | None = None,
-             decoys: list[str | None] | None = None) -> dict:
+             decoys: list[str | None] | None = None, user_reward=None,
+             split_over_ranks: bool = False) -> dict:
     """Score `policy` on `examples` (a sequence of data.Example); see the module docstring for
     the metrics.
 
@@ -65,64 +67,98 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
     template, min_pixels, max_pixels: how rows become prompts (data.Example.to_prompt); the
     masks are applied to the raw pictures and the pixel budget after them, as in training.
     decoys: per example, a WRONG answer a shortcut would give (or None); reports "decoy_rate",
-    the share of samples with the original picture that give it, over the examples that have one."""
+    the share of samples with the original picture that give it, over the examples that have one.
+    user_reward: a rewards.UserReward (--reward) instead of the built-in math reward.
+    split_over_ranks: under torchrun, each rank scores every world-th batch of questions and the
+    ranks gather their results: the same numbers as one process (each batch keeps its own
+    sampling seeds, and the parts are added up in batch order), in 1/world of the time."""
     if not examples:
         raise ValueError("evaluate: no examples")
-    correct = {None: [], **{r: [] for r in mask_ratios}}
-    fmt, lengths, kl_sum, kl_tokens, decoyed = [], [], 0.0, 0.0, []
-    thinking_open = qwen.prompt_opens_thinking(processor)   # a Thinking model's format check
-    batches = range(0, len(examples), batch_size)
-    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        chunk = examples[start:start + batch_size]
-        # As in training: the masked variants black out squares of the RAW picture, then every
-        # variant is resized into the pixel budget on its own (train.generate_phase says why).
-        fit = lambda pictures: [data.budget_resize(p, min_pixels, max_pixels) for p in pictures]
-        raw = [ex.load_images() for ex in chunk]
-        items = [ex.to_prompt(template, pictures=fit(pictures)) for ex, pictures in zip(chunk, raw)]
-        answers = [ex.answer for ex in chunk for _ in range(samples)]
-        # the same seeds for every model compared, so differences are not sampling luck
-        rng = np.random.default_rng([seed, start])
-        for ratio in correct:
-            torch.manual_seed(seed * 1_000_003 + start)
-            images = [it["images"] if ratio is None else
-                      fit(papo.mask_image(pictures, ratio=ratio, rng=rng))
-                      for it, pictures in zip(items, raw)]
-            prompts = [{**it, "images": im} for it, im in zip(items, images)]
-            rollouts = qwen.generate_rollouts(policy, processor, prompts, num_samples=samples,
-                                              max_new_tokens=max_new_tokens,
-                                              temperature=temperature, top_p=top_p,
-                                              top_k=top_k)
-            details = [rewards.reward_details(t, a, thinking_open)
-                       for t, a in zip(rollouts.texts, answers)]
-            correct[ratio].append(np.array([x["accuracy"] for x in details]).reshape(-1, samples))
-            if ratio is None:
-                fmt += [x["format"] for x in details]
-                if decoys is not None:
-                    wrong = [decoys[start + i // samples] for i in range(len(details))]
-                    decoyed += [rewards.reward_details(t, w)["accuracy"]
-                                for t, w in zip(rollouts.texts, wrong) if w is not None]
-                lengths += rollouts.completion_mask.sum(-1).tolist()
-                if kl_ratio is not None:
-                    masked = [fit(papo.mask_image(pictures, ratio=kl_ratio, rng=rng))
-                              for pictures in raw]
-                    pixels = qwen.encode_images(processor, masked)
-                    logp = qwen.completion_logprobs(policy, rollouts, temperature=temperature)
-                    masked_logp = qwen.completion_logprobs(
-                        policy, rollouts, pixel_values=pixels["pixel_values"],
-                        temperature=temperature)
-                    m = rollouts.completion_mask.float()
-                    kl_sum += float((papo.perception_kl(logp, masked_logp) * m).sum())
-                    kl_tokens += float(m.sum())
-    c = np.concatenate(correct[None])
+    rank, world = ((dist.get_rank(), dist.get_world_size())
+                   if split_over_ranks and dist.is_initialized() else (0, 1))
+    starts = range(0, len(examples), batch_size)
+    mine = [_score_batch(policy, processor, examples, start, samples=samples,
+                         temperature=temperature, top_p=top_p, top_k=top_k,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         mask_ratios=mask_ratios, kl_ratio=kl_ratio, seed=seed, template=template,
+                         min_pixels=min_pixels, max_pixels=max_pixels, decoys=decoys,
+                         user_reward=user_reward)
+            for start in tqdm(starts[rank::world], desc="eval", disable=not progress, leave=False)]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        mine = [part for parts in everyone for part in parts]
+    parts = sorted(mine, key=lambda part: part["start"])         # batch order, as one process
+    c = np.concatenate([p["correct"][None] for p in parts])
+    fmt = [x for p in parts for x in p["format"]]
+    lengths = [x for p in parts for x in p["lengths"]]
+    decoyed = [x for p in parts for x in p["decoyed"]]
     out = {"n": len(examples), "samples": samples, "accuracy": avg_at_k(c),
            f"pass@{samples}": pass_at_k(c), "format": float(np.mean(fmt)),
            "response_length": float(np.mean(lengths))}
     for ratio in mask_ratios:
-        out[f"accuracy_mask{ratio}"] = avg_at_k(np.concatenate(correct[ratio]))
+        out[f"accuracy_mask{ratio}"] = avg_at_k(np.concatenate([p["correct"][ratio]
+                                                                for p in parts]))
     if kl_ratio is not None:
+        kl_sum = kl_tokens = 0.0
+        for p in parts:                        # the running sums of one process, in its order
+            kl_sum += p["kl_sum"]
+            kl_tokens += p["kl_tokens"]
         out["kl_prcp"] = kl_sum / max(kl_tokens, 1.0)
     if decoyed:
         out["decoy_rate"] = float(np.mean(decoyed))
+    return out
+
+
+def _score_batch(policy, processor, examples, start: int, *, samples, temperature, top_p,
+                 top_k, max_new_tokens, batch_size, mask_ratios, kl_ratio, seed, template,
+                 min_pixels, max_pixels, decoys, user_reward) -> dict:
+    """One batch of questions, examples[start:start + batch_size]: its correct answers per
+    picture variant ({None: original, ratio: masked} -> [n, samples]), format scores, response
+    lengths, KL_prcp sums and decoy hits. Its seeds depend on `start` alone."""
+    chunk = examples[start:start + batch_size]
+    thinking_open = qwen.prompt_opens_thinking(processor)   # a Thinking model's format check
+    # As in training: the masked variants black out squares of the RAW picture, then every
+    # variant is resized into the pixel budget on its own (train.load_pictures says why).
+    fit = lambda pictures: [data.budget_resize(p, min_pixels, max_pixels) for p in pictures]
+    raw = [ex.load_images() for ex in chunk]
+    items = [ex.to_prompt(template, pictures=fit(pictures)) for ex, pictures in zip(chunk, raw)]
+    asked = [ex for ex in chunk for _ in range(samples)]
+    out = dict(start=start, correct={}, format=[], lengths=[], decoyed=[], kl_sum=0.0,
+               kl_tokens=0.0)
+    # the same seeds for every model compared, so differences are not sampling luck
+    rng = np.random.default_rng([seed, start])
+    for ratio in (None, *mask_ratios):
+        torch.manual_seed(seed * 1_000_003 + start)
+        images = [it["images"] if ratio is None else
+                  fit(papo.mask_image(pictures, ratio=ratio, rng=rng))
+                  for it, pictures in zip(items, raw)]
+        prompts = [{**it, "images": im} for it, im in zip(items, images)]
+        rollouts = qwen.generate_rollouts(policy, processor, prompts, num_samples=samples,
+                                          max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, top_k=top_k)
+        details = [user_reward(t, ex) if user_reward is not None else
+                   rewards.reward_details(t, ex.answer, thinking_open)
+                   for t, ex in zip(rollouts.texts, asked)]
+        out["correct"][ratio] = np.array([x["accuracy"] for x in details]).reshape(-1, samples)
+        if ratio is not None:
+            continue
+        out["format"] = [x["format"] for x in details]
+        if decoys is not None:
+            wrong = [decoys[start + i // samples] for i in range(len(details))]
+            out["decoyed"] = [rewards.reward_details(t, w)["accuracy"]
+                              for t, w in zip(rollouts.texts, wrong) if w is not None]
+        out["lengths"] = rollouts.completion_mask.sum(-1).tolist()
+        if kl_ratio is not None:
+            masked = [fit(papo.mask_image(pictures, ratio=kl_ratio, rng=rng)) for pictures in raw]
+            pixels = qwen.encode_images(processor, masked)
+            logp = qwen.completion_logprobs(policy, rollouts, temperature=temperature)
+            masked_logp = qwen.completion_logprobs(policy, rollouts,
+                                                   pixel_values=pixels["pixel_values"],
+                                                   temperature=temperature)
+            m = rollouts.completion_mask.float()
+            out["kl_sum"] = float((papo.perception_kl(logp, masked_logp) * m).sum())
+            out["kl_tokens"] = float(m.sum())
     return out
 
 
@@ -453,6 +489,11 @@ def main(argv=None) -> dict:
                         "skipped with --suite)")
     p.add_argument("--limit", type=int, default=0, help="first N questions only (0 = all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default="",
+                   help="your own reward, FILE.py:function or module:function (as train.py's "
+                        "--reward); default: the official math reward")
+    p.add_argument("--reward-time-limit", type=float, default=10.0,
+                   help="seconds one call of --reward may take (a call past it scores 0)")
     p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
     p.add_argument("--mean-of", nargs="+", metavar="FILE",
                    help="only print mean +- std over result files written by earlier runs "
@@ -525,15 +566,56 @@ def main(argv=None) -> dict:
     except (data.DatasetError, ValueError) as err:   # every source is checked before any model
         raise SystemExit(f"eval.py: {err}") from None
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        user_reward = (rewards.UserReward(args.reward, args.reward_time_limit) if args.reward
+                       else None)
+    except rewards.RewardError as err:
+        p.error(str(err))
+    # torchrun --nproc_per_node N eval.py ...: every rank loads each model and scores every N-th
+    # batch of questions; rank 0 gathers the results (evaluate(split_over_ranks=True))
+    device, main_rank = _processes()
     results: dict[str, dict] = {s: {} for s in sources}
+    try:
+        _score_models(models, loaded, results, args, device, main_rank, out, user_reward,
+                      template, max_new, min_pixels, max_pixels, mask_ratios, kl_ratio)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not main_rank:
+        return results
+    print(format_table(results, models))
+    if args.suite:
+        scores = {m: {Path(s).name: results[s][m]["accuracy"] for s in sources if Path(s).name
+                      in SUITE_FILES} for m in models}
+        print("\n" + format_suite_table(suite_summary(scores, models), models))
+    print(f"\nwrote {out}")
+    return results
+
+
+def _processes() -> tuple[torch.device, bool]:
+    """(this process's device, whether it is rank 0); starts the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), True
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":     # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return device, dist.get_rank() == 0
+
+
+def _score_models(models, loaded, results, args, device, main_rank, out, user_reward, template,
+                  max_new, min_pixels, max_pixels, mask_ratios, kl_ratio) -> None:
+    """Each model on each dataset, the results file rewritten after every model (rank 0)."""
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
         # as in training: a picture is never scaled up past the most pixels this processor
         # keeps, only for the processor to scale it straight back down (model.fit_min_pixels)
         low = qwen.fit_min_pixels(processor.image_processor, min_pixels)
-        if low != min_pixels:
+        if low != min_pixels and main_rank:
             print(f"{name}: --min-pixels {min_pixels} is above the most pixels its processor "
                   f"keeps ({low}); using {low}")
         for s, examples in loaded.items():
@@ -543,17 +625,11 @@ def main(argv=None) -> dict:
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     max_new_tokens=max_new, batch_size=args.batch_size,
                     mask_ratios=tuple(mask_ratios), kl_ratio=kl_ratio if kl_ratio >= 0 else None,
-                    seed=args.seed, progress=True, template=template, min_pixels=low,
-                    max_pixels=max_pixels)
+                    seed=args.seed, progress=main_rank, template=template, min_pixels=low,
+                    max_pixels=max_pixels, user_reward=user_reward, split_over_ranks=True)
         del policy
-        out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost
-    print(format_table(results, models))
-    if args.suite:
-        scores = {m: {Path(s).name: results[s][m]["accuracy"] for s in sources if Path(s).name
-                      in SUITE_FILES} for m in models}
-        print("\n" + format_suite_table(suite_summary(scores, models), models))
-    print(f"\nwrote {out}")
-    return results
+        if main_rank:
+            out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLI
 
 import speedups
 # the families' classes and special tokens, used here and re-exported (model.family_of, ...)
-from families import (ENDOFTEXT, FAMILIES, IM_END, IM_START, IMAGE_PAD, SPECIAL_TOKENS,  # noqa: F401
-                      THINK_CLOSE, THINK_OPEN, VIDEO_PAD, VISION_END, VISION_START, Family,
+from families import (ENDOFTEXT, FAMILIES, IM_END, IM_START, IMAGE_PAD,  # noqa: F401
+                      SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN, VIDEO_PAD, VISION_END, VISION_START, Family,
                       Qwen3VLImageTextProcessor, QwenVLImageTextProcessor, family_of,
                       prompt_opens_thinking, save_processor)
 
@@ -568,7 +568,8 @@ def _repeat_encoded(encoded: dict, num_samples: int) -> dict:
 # 4. Sampling rollouts
 # ---------------------------------------------------------------------------------------------
 
-def _eos_ids(model) -> list[int]:
+def eos_ids(model) -> list[int]:
+    """The end-of-sequence token ids generation stops at."""
     eos = unwrap(model).generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
 
@@ -593,6 +594,17 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
     is_eos = torch.isin(completion_ids, eos).long()                     # [B, T]
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos                  # [B, T] EOSs strictly before
     return (eos_before == 0).float()                                    # [B, T]
+
+
+def truncated_rows(rollouts: "Rollouts", max_new_tokens: int, eos: list[int]) -> torch.Tensor:
+    """[B] bool: the rows cut at max_new_tokens - as long as that, and their last token is not
+    an end-of-sequence token (a response that ends exactly at the limit is not truncated).
+    Example: max 3, eos 2: ids [5, 7, 9] -> True; [5, 7, 2] -> False; [5, 2, 0] -> False."""
+    lengths = rollouts.completion_mask.sum(-1).long()                          # [B]
+    ids = rollouts.completion_ids                                              # [B, T]
+    last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)       # [B]
+    ends = torch.isin(last, torch.tensor(eos, device=ids.device))
+    return (lengths >= max_new_tokens) & ~ends
 
 
 @torch.no_grad()
@@ -622,7 +634,7 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
     host = _encode_prompts(processor, prompts)                          # N rows, one per prompt
     once = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in host.items()}
     repeat = lambda t: t.repeat_interleave(num_samples, dim=0).to(device)   # [N, ...] -> [B, ...]
-    eos = _eos_ids(net)
+    eos = eos_ids(net)
     pad = net.generation_config.pad_token_id
     greedy = temperature == 0
 

@@ -18,6 +18,7 @@ gold answers it cannot compare; train.py and eval.py call reward_details.
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing
 import os
 import re
@@ -605,3 +606,150 @@ def reward(text: str, answer: str, thinking_open: bool = False) -> float:
     1.0
     """
     return reward_details(text, answer, thinking_open)["reward"]
+
+
+# =============================================================================================
+# Your own reward (--reward FILE.py:function or module:function)
+# =============================================================================================
+# A task other than math needs another reward. train.py and eval.py take any function
+#
+#     def my_reward(response: str, gold: str, example: dict) -> tuple[float, float]:
+#         return accuracy, format                  # each in [0, 1]
+#
+# and pay 0.9 * accuracy + 0.1 * format, as for the built-in reward. `example` holds the row's
+# text fields (problem, answer, id, task, source). The function runs in a child process, like
+# math-verify above, so that one call that hangs cannot stall training: a call past
+# --reward-time-limit seconds scores 0 and is reported. What it returns is checked on every call;
+# anything but two finite numbers in [0, 1] stops the run with an error naming the function and
+# the row. docs/rewards.md has a worked example.
+
+class RewardError(ValueError):
+    """A user reward that cannot be loaded, raised, or returned something unusable."""
+
+
+def load_reward(spec: str):
+    """The function named by "FILE.py:function" or "module:function" (RewardError, naming what
+    is missing, otherwise)."""
+    import importlib
+    import importlib.util
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise RewardError(f"--reward {spec!r}: expected FILE.py:function or module:function")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise RewardError(f"--reward {spec}: no such file {where}")
+            loader = importlib.util.spec_from_file_location(f"user_reward_{abs(hash(where))}",
+                                                            where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except RewardError:
+        raise
+    except Exception as err:                   # the user's module itself failed to import
+        raise RewardError(f"--reward {spec}: importing {where} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise RewardError(f"--reward {spec}: {where} has no function {name!r}")
+    return function
+
+
+def _serve_user_reward(conn, parent_end, spec: str) -> None:
+    """The reward process: load the user's function once, then answer each call with
+    ("ok", result) or ("error", description)."""
+    parent_end.close()
+    try:
+        function = load_reward(spec)
+    except RewardError as err:
+        conn.send(("error", str(err)))
+        return
+    conn.send("ready")
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", function(*args)))
+        except Exception as err:
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class UserReward:
+    """--reward as train.py and eval.py call it: reward_details' contract for a user function,
+    run in a child process (started on first use, restarted after a call that overran)."""
+
+    def __init__(self, spec: str, time_limit: float = 10.0):
+        self.spec, self.time_limit = spec, time_limit
+        self.process = self.conn = None
+        self.stops = 0
+        load_reward(spec)                          # refuse a bad spec now, in this process
+
+    def __call__(self, response: str, example) -> dict[str, float]:
+        fields = {k: getattr(example, k, None)
+                  for k in ("problem", "answer", "id", "task", "source")}
+        where = fields["source"] or "a row"
+        reply = self._call((response, example.answer, fields))
+        if reply is None:                          # past the time limit: 0, reported
+            return {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
+        kind, value = reply
+        if kind == "error":
+            raise RewardError(f"--reward {self.spec} failed on {where}: {value}")
+        acc, fmt = _checked(value, self.spec, where)
+        return {"reward": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
+
+    def _call(self, args):
+        if self.process is None or not self.process.is_alive():
+            self._start()
+        self.conn.send(args)
+        if self.conn.poll(self.time_limit):
+            return self.conn.recv()
+        self.stops += 1
+        if self.stops == 1 or self.stops % 100 == 0:
+            print(f"rewards: --reward {self.spec} ran past {self.time_limit} s and scored 0 "
+                  f"({self.stops} so far); raise --reward-time-limit if that was a real answer",
+                  file=sys.stderr)
+        self.stop()
+        return None
+
+    def _start(self) -> None:
+        self.stop()
+        self.conn, child_end = _PROCESSES.Pipe()
+        self.process = _PROCESSES.Process(target=_serve_user_reward,
+                                          args=(child_end, self.conn, self.spec), daemon=True)
+        self.process.start()
+        child_end.close()
+        ready = self.conn.poll(STARTUP_LIMIT) and self.conn.recv()
+        if ready != "ready":
+            self.stop()
+            raise RewardError(ready[1] if isinstance(ready, tuple) else
+                              f"--reward {self.spec}: its process did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+            self.process = self.conn = None
+
+    def __del__(self):
+        try:
+            self.stop()
+        except Exception:
+            pass
+
+
+def _checked(value, spec: str, where: str) -> tuple[float, float]:
+    """(accuracy, format) from what a user reward returned, or RewardError saying what is wrong."""
+    try:
+        acc, fmt = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise RewardError(f"--reward {spec} returned {value!r} on {where}: expected "
+                          "(accuracy, format), two numbers") from None
+    for what, v in (("accuracy", acc), ("format", fmt)):
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise RewardError(f"--reward {spec} returned {what} {v!r} on {where}: expected a "
+                              "finite number in [0, 1]")
+    return acc, fmt

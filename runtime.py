@@ -39,8 +39,10 @@ from tqdm.auto import tqdm
 
 import data
 import eval as evaluation
+import lora
 import model as qwen
 import toy
+from trackers import Trackers
 from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
 
 
@@ -285,6 +287,9 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.fsdp:
             unsharded_copy(policy, full).save_pretrained(tmp)
+        elif lora.has_adapters(policy):      # the merged weights, and the adapters beside them
+            unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp)
+            lora.save_adapters(policy, tmp / lora.ADAPTER_FOLDER)
         else:
             unwrap(policy).save_pretrained(tmp)  # loadable by model.load_model and plain transformers
     if cfg.fsdp:
@@ -638,11 +643,28 @@ def eval_columns(held: dict | None) -> dict:
             if any(w in k for w in ("accuracy", "format", "pass@", "kl_prcp", "decoy_rate"))}
 
 
-def log_step(run: Path, row: dict, batch, history: list[dict], cfg: Config, bar) -> None:
-    """Rank 0, after each step: the row to metrics.jsonl, the progress bar, the collapse
-    watch, and every --sample-every steps the first rollout of three groups to samples.jsonl."""
+def reports_samples(cfg: Config, step: int) -> bool:
+    """Whether this step sends sample completions with their pictures to the trackers."""
+    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+    return bool(trackers) and bool(cfg.sample_every) and step % cfg.sample_every == 0
+
+
+def start_trackers(cfg: Config, run: Path, d: Dist) -> Trackers | None:
+    """The trackers of --report-to on rank 0 (None elsewhere), given every setting."""
+    if not d.main:
+        return None
+    return Trackers(cfg.report_to, run, saved_config(cfg), cfg.project)
+
+
+def log_step(run: Path, row: dict, batch, history: list[dict], cfg: Config, bar,
+             trackers: Trackers | None = None) -> None:
+    """Rank 0, after each step: the row to metrics.jsonl and the trackers, the progress bar,
+    the collapse watch, and every --sample-every steps the first rollout of three groups to
+    samples.jsonl (and, with their pictures, to the trackers)."""
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+    if trackers is not None:
+        trackers.log(row, row["step"])
     bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
                     kl_prcp=f"{row.get('kl_prcp', float('nan')):.4f}")
     warning = collapse_warning(history)
@@ -657,6 +679,13 @@ def log_step(run: Path, row: dict, batch, history: list[dict], cfg: Config, bar)
                 f.write(json.dumps(sample) + "\n")
         tqdm.write(f"[step {step}] sample (reward {sample['reward']:.1f}): "
                    f"{sample['text'][:160]!r}")
+    if trackers is not None and batch.pictures is not None:
+        G = cfg.group_size
+        trackers.log_samples([dict(text=batch.rollouts.texts[g * G], reward=float(batch.rewards[g * G]),
+                                   accuracy=float(batch.accuracy[g * G]),
+                                   picture=(pictures or [None])[0],
+                                   masked_picture=(masked or [None])[0])
+                              for g, (pictures, masked) in enumerate(batch.pictures[:3])], step)
 
 
 def finish_run(run: Path, cfg: Config, d: Dist, policy, before, after, heldout) -> dict:
@@ -698,15 +727,29 @@ def rank_fingerprints(policy) -> list[list[float]]:
 
 def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None):
     """The trainable policy (DDP-wrapped under torchrun) and, when beta > 0, a frozen reference
-    copy of the STARTING policy (also after a resume)."""
-    policy, processor = qwen.load_model(str(resume_from or init_path), device=d.device,
+    copy of the STARTING policy (also after a resume). With LoRA there is no copy: the
+    reference is the policy with its adapters off (lora.reference), so ref is None."""
+    lora_run = cfg.lora_rank > 0
+    # a LoRA checkpoint's folder holds the MERGED weights; resuming starts from the base model
+    # and puts the saved adapters back instead
+    policy, processor = qwen.load_model(str(init_path if lora_run else resume_from or init_path),
+                                        device=d.device,
                                         gradient_checkpointing=cfg.gradient_checkpointing)
     ref = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and not lora_run:
         ref, _ = qwen.load_model(init_path, device=d.device) if resume_from else (copy.deepcopy(policy), None)
         ref.requires_grad_(False).eval()
         if d.device.type == "cuda":   # frozen: bf16 weights suffice and halve its memory
             ref.to(torch.bfloat16)
+    if lora_run:
+        lora.add_adapters(policy, cfg.lora_rank, cfg.lora_alpha,
+                          [t.strip() for t in cfg.lora_targets.split(",")])
+        if resume_from is not None:
+            lora.load_adapters(policy, resume_from / lora.ADAPTER_FOLDER)
+        if d.main:
+            print(lora.describe(policy))
+    if cfg.freeze_vision_tower:       # no gradient, hence no optimizer state (load_start)
+        policy.model.visual.requires_grad_(False)
     policy.train()
     if cfg.fsdp:                      # (check_config made sure torchrun started us)
         policy = shard_model(policy, cfg, d, trainable=True)

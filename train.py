@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 import data
+import lora
 import model as qwen
 import papo
 import rewards
@@ -70,14 +71,20 @@ class Batch:
     ref_logp: torch.Tensor | None = None      # [B, T] frozen reference policy
     masked_logp: torch.Tensor | None = None   # [B, T] policy on the masked images, pre-update
     masked_entropy: torch.Tensor | None = None  # [B, T] exact entropy of that branch
+    pictures: list | None = None              # [N] (pictures, masked pictures) per group, kept
+                                              # only on steps that report samples to trackers
 
     def select(self, rows: torch.Tensor) -> "Batch":
         """The batch of these rows (whole groups); itself when that is every row (no copy)."""
         if len(rows) == len(self.rollouts):
             return self
         take = lambda r: None if r is None else r.select(rows)
+        G = self.rollouts.num_samples
+        pictures = None if self.pictures is None else [self.pictures[int(r) // G]
+                                                       for r in rows[::G]]
         return Batch(take(self.rollouts), take(self.masked), self.rewards[rows],
-                     self.accuracy[rows], self.fmt[rows], self.advantages[rows])
+                     self.accuracy[rows], self.fmt[rows], self.advantages[rows],
+                     pictures=pictures)
 
 
 def rl_step(policy, ref, optimizer, processor, examples, cfg: Config, d: Dist, step: int,
@@ -85,8 +92,9 @@ def rl_step(policy, ref, optimizer, processor, examples, cfg: Config, d: Dist, s
     """Phases 1-7 of step `step`: (the trained batch, the step's metrics and phase times)."""
     times = {}
     t0 = time.perf_counter()
-    batch, state["cursor"], stats = collect_batch(policy, processor, examples, cfg, d, step,
-                                                  state["cursor"], uses_masked_branch(cfg))
+    batch, state["cursor"], stats = collect_batch(
+        policy, processor, examples, cfg, d, step, state["cursor"], uses_masked_branch(cfg),
+        keep_pictures=runtime.reports_samples(cfg, step))
     times["t_rollout"] = time.perf_counter() - t0                        # phases 1-5
     t0 = time.perf_counter()
     score_phase(batch, policy, ref, cfg, d)                              # phase 6
@@ -159,10 +167,12 @@ def load_pictures(prompts: list[data.Example], cfg: Config, seed: int, need_mask
 # --- phase 3: generate ------------------------------------------------------------------------
 
 def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, seed: int,
-                   need_masked: bool) -> tuple[qwen.Rollouts, qwen.Rollouts | None]:
-    """Phases 2-3: the pictures (load_pictures), then G rollouts per prompt; with the masked
-    branch, the same rollouts carrying the masked pictures' patches (only pixel_values differ)."""
-    pictures, masked_pictures = load_pictures(prompts, cfg, seed, need_masked)
+                   need_masked: bool, pictures: tuple | None = None,
+                   ) -> tuple[qwen.Rollouts, qwen.Rollouts | None]:
+    """Phases 2-3: the pictures (load_pictures, unless the caller already has them), then G
+    rollouts per prompt; with the masked branch, the same rollouts carrying the masked pictures'
+    patches (only pixel_values differ)."""
+    pictures, masked_pictures = pictures or load_pictures(prompts, cfg, seed, need_masked)
     template = prompt_options(cfg)["template"]
     items = [ex.to_prompt(template, pictures=p) for ex, p in zip(prompts, pictures)]
     torch.manual_seed(seed)                         # sampling of this step is reproducible
@@ -190,12 +200,15 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 # --- phase 4: reward --------------------------------------------------------------------------
 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
-                 thinking_open: bool = False):
-    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details). Rollout b
-    answers prompt b // G (group-major). thinking_open: the chat template opened <think> in
-    the prompt (model.prompt_opens_thinking)."""
-    details = [rewards.reward_details(text, prompts[b // group_size].answer, thinking_open)
-               for b, text in enumerate(rollouts.texts)]
+                 thinking_open: bool = False, user_reward: rewards.UserReward | None = None):
+    """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details, or the
+    user's --reward). Rollout b answers prompt b // G (group-major). thinking_open: the chat
+    template opened <think> in the prompt (model.prompt_opens_thinking)."""
+    def score(text, example):
+        if user_reward is not None:
+            return user_reward(text, example)
+        return rewards.reward_details(text, example.answer, thinking_open)
+    details = [score(text, prompts[b // group_size]) for b, text in enumerate(rollouts.texts)]
     as_tensor = lambda key: torch.tensor([x[key] for x in details], dtype=torch.float32)
     return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")
 
@@ -207,7 +220,7 @@ class DynamicSamplingExhausted(RuntimeError):
 
 
 def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, cursor: int,
-                  need_masked: bool) -> tuple[Batch, int, dict]:
+                  need_masked: bool, keep_pictures: bool = False) -> tuple[Batch, int, dict]:
     """Phases 1-5: draw, mask, generate, reward, advantages -> (batch, cursor, statistics).
 
     Without dynamic sampling this is one draw of --prompts-per-step prompts. With it, the
@@ -222,18 +235,28 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
     per_rank = cfg.prompts_per_step // d.world
     size = cfg.draw_size if cfg.dynamic_sampling else cfg.prompts_per_step
     thinking_open = qwen.prompt_opens_thinking(processor)
+    eos = qwen.eos_ids(policy)
     kept: list[Batch] = []
-    stats = dict(reward=[], accuracy=[], format=[], length=[], zero_var_groups=0, groups=0)
+    stats = dict(reward=[], accuracy=[], format=[], length=[], truncated=[], zero_var_groups=0,
+                 groups=0)
     for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
         prompts, cursor = draw_prompts(examples, cfg, d, cursor, size)             # 1
         seed = step_seed(cfg, step, d.rank, salt=draw)
+        pictures = load_pictures(prompts, cfg, seed, need_masked)                  # 2
         with autocast(cfg, d.device):
             rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed,
-                                              need_masked)                          # 2, 3
-        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size, thinking_open)  # 4
-        advantages = papo.group_advantages(rewards, cfg.group_size)                # 5
-        drawn = Batch(rollouts, masked, rewards, acc, fmt, advantages)
-        _tally(stats, drawn, cfg.group_size)
+                                              need_masked, pictures=pictures)       # 3
+        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size, thinking_open,
+                                         **user_reward(cfg))                        # 4
+        advantages = papo.group_advantages(rewards, cfg.group_size,
+                                           scale_by_std=cfg.scale_rewards == "group")  # 5
+        drawn = Batch(rollouts, masked, rewards, acc, fmt, advantages,
+                      pictures=list(zip(pictures[0], pictures[1] or [None] * len(prompts)))
+                      if keep_pictures else None)
+        truncated = qwen.truncated_rows(rollouts, cfg.max_new_tokens, eos)       # [B]
+        _tally(stats, drawn, cfg.group_size, truncated)
+        if cfg.mask_truncated:
+            drawn = leave_out_truncated(drawn, truncated)
         kept.append(drawn.select(groups_to_keep(acc, cfg)))
         n_kept = sum(len(k.rollouts) for k in kept) // cfg.group_size
         # every rank must agree on when to stop drawing (they run collective ops in lockstep)
@@ -251,6 +274,30 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
                 f"questions the policy always or never gets right leave no signal.")
     stats["draws"] = draw + 1
     return _first_rows(kept, per_rank * cfg.group_size), cursor, stats
+
+
+def user_reward(cfg: Config) -> dict:
+    """{"user_reward": the runner of --reward} ({} for the built-in reward): one runner, and
+    one child process, per spec for the whole run."""
+    if not cfg.reward:
+        return {}
+    key = (cfg.reward, cfg.reward_time_limit)
+    if key not in _USER_REWARDS:
+        _USER_REWARDS[key] = rewards.UserReward(*key)
+    return {"user_reward": _USER_REWARDS[key]}
+
+
+_USER_REWARDS: dict[tuple, rewards.UserReward] = {}
+
+
+def leave_out_truncated(batch: Batch, truncated: torch.Tensor) -> Batch:
+    """--mask-truncated: the batch with the completion masks of truncated rows zeroed, so they
+    enter no loss term and no normaliser (and are not even scored). Their rewards and
+    advantages stay: they still count in their group's baseline, as in TRL's option."""
+    keep = (~truncated).to(batch.rollouts.completion_mask.dtype)[:, None]       # [B, 1]
+    hide = lambda r: None if r is None else dataclasses.replace(
+        r, completion_mask=r.completion_mask * keep.to(r.completion_mask.device))
+    return dataclasses.replace(batch, rollouts=hide(batch.rollouts), masked=hide(batch.masked))
 
 
 def groups_to_keep(accuracy: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -271,13 +318,14 @@ def groups_to_keep(accuracy: torch.Tensor, cfg: Config) -> torch.Tensor:
     return (groups[:, None] * G + torch.arange(G)).flatten()                 # [kept rows]
 
 
-def _tally(stats: dict, drawn: Batch, G: int) -> None:
+def _tally(stats: dict, drawn: Batch, G: int, truncated: torch.Tensor) -> None:
     """Statistics describe every sampled rollout, before any group is dropped."""
     by_group = drawn.accuracy.view(-1, G)                                    # [N, G]
     zero_var = (by_group == by_group[:, :1]).all(dim=1)                      # [N]
     stats["reward"].append(drawn.rewards); stats["accuracy"].append(drawn.accuracy)
     stats["format"].append(drawn.fmt)
     stats["length"].append(drawn.rollouts.completion_mask.sum(-1).float().cpu())
+    stats["truncated"].append(truncated.float().cpu())
     stats["zero_var_groups"] += int(zero_var.sum()); stats["groups"] += len(zero_var)
 
 
@@ -291,17 +339,20 @@ def _first_rows(parts: list[Batch], n: int) -> Batch:
     device = rollouts.completion_ids.device
     tensors = [torch.cat([getattr(p, f) for p in parts])[:n].to(device)
                for f in ("rewards", "accuracy", "fmt", "advantages")]
-    return Batch(rollouts, masked, *tensors)
+    pictures = None if parts[0].pictures is None else [
+        g for p in parts for g in p.pictures][:n // rollouts.num_samples]
+    return Batch(rollouts, masked, *tensors, pictures=pictures)
 
 
 def rollout_statistics(stats: dict, d: Dist) -> dict:
     """The step's rollout statistics (every sampled rollout), averaged over ranks."""
     means = all_reduce(torch.stack([torch.cat(stats[k]).mean() for k in
-                                    ("reward", "accuracy", "format", "length")]))
+                                    ("reward", "accuracy", "format", "length", "truncated")]))
     counts = all_reduce(torch.tensor([stats["zero_var_groups"], stats["groups"]],
                                      dtype=torch.float64))
     return dict(reward=float(means[0]) / d.world, accuracy=float(means[1]) / d.world,
                 format=float(means[2]) / d.world, response_length=float(means[3]) / d.world,
+                truncated_frac=float(means[4]) / d.world,
                 zero_var_frac=float(counts[0] / counts[1]), draws=stats["draws"])
 
 
@@ -338,7 +389,8 @@ def score_phase(batch: Batch, policy, ref_model, cfg: Config, d: Dist) -> None:
     if cfg.updates_per_step > 1:
         batch.old_logp = run(policy, batch.rollouts)
     if cfg.beta > 0:
-        batch.ref_logp = run(ref_model, batch.rollouts)
+        with lora.reference(policy, ref_model) as ref:   # LoRA: the policy, adapters off
+            batch.ref_logp = run(ref, batch.rollouts)
     if batch.masked is not None and not cfg.perception_grad:
         if cfg.entropy == "exact":
             batch.masked_logp, batch.masked_entropy = run(policy, batch.masked, with_entropy=True)
@@ -540,8 +592,23 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     """Everything after the run folder is safe to write: data, models, the RL loop, the table."""
     cfg, examples, heldout, init_path = runtime.prepare_data(cfg, d, run)
     policy, processor, ref, optimizer, state = runtime.load_start(cfg, d, run, init_path)
+    trackers = runtime.start_trackers(cfg, run, d)
+    try:
+        return train_loop(cfg, d, run, policy, processor, ref, optimizer, state, examples,
+                          heldout, trackers)
+    finally:
+        if trackers is not None:
+            trackers.finish()
+
+
+def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimizer, state: dict,
+               examples, heldout: dict, trackers) -> dict:
+    """The RL steps, each followed by its logs and (every --save-every) a checkpoint; then the
+    final held-out evaluation and the before/after table."""
     if not cfg.resume:
         state["before"] = runtime.evaluate_heldout(policy, processor, heldout, cfg, d)
+        if trackers is not None and state["before"]:
+            trackers.log(runtime.eval_columns(state["before"]), 0)    # step 0: before RL
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
     held, evaluated_at = None, None
@@ -556,7 +623,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
         state["step"] = step
         state["history"] = (state["history"] + [row])[-50:]
         if d.main:
-            runtime.log_step(run, row, batch, state["history"], cfg, bar)
+            runtime.log_step(run, row, batch, state["history"], cfg, bar, trackers)
         if step % cfg.save_every == 0 or step == cfg.steps:
             runtime.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
             barrier()
@@ -565,6 +632,8 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     # test is the same on every rank, so all of them skip or all call evaluate_heldout
     after = held if evaluated_at == cfg.steps else runtime.evaluate_heldout(policy, processor,
                                                                             heldout, cfg, d)
+    if trackers is not None and after and evaluated_at != cfg.steps:
+        trackers.log(runtime.eval_columns(after), cfg.steps)
     return runtime.finish_run(run, cfg, d, policy, state["before"], after, heldout)
 
 

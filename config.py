@@ -79,6 +79,13 @@ class Config:
                                          "--max-prompt-length instead of stopping.")
     out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
     resume: str = arg("", "Run folder to continue from its latest checkpoint (exactly).")
+    allow_changes: bool = arg(False, "With --resume: accept flags that change how the run "
+                                     "trains from here on (preset, coefficients, data, model, "
+                                     "seed, batch shape...); each change is printed and recorded "
+                                     "in config_history.jsonl. Without it they are refused.")
+    force_unlock: bool = arg(False, "Take over the run folder's lock even when a process (maybe "
+                                    "on another machine) holds it: for the lock a preempted job "
+                                    "left behind.")
     overwrite: bool = arg(False, "Start afresh in an --out folder that holds an earlier run, "
                                  "deleting that run's files (without it such a folder is refused).")
     seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
@@ -328,6 +335,19 @@ def parse_config(argv=None) -> Config:
             print(f"note: {saved} has settings this version does not know, ignored: "
                   f"{', '.join(unknown)}")
         values = {k: v for k, v in values.items() if k in known}
+        if "preset" in given:          # a preset is its coefficients, not only its name
+            given = {**PRESETS[given["preset"]], **given}
+        changes = resume_changes(values, given)
+        if changes and not given.get("allow_changes"):
+            parser.error(f"--resume {given['resume']}: these flags would change how the run "
+                         "trains from here on:\n  " + "\n  ".join(
+                             f"--{k.replace('_', '-')}: {old!r} -> {new!r}"
+                             for k, (old, new) in changes.items())
+                         + "\nDrop them to continue the run as it was, or pass --allow-changes to "
+                         "continue with them (each change is printed and recorded in "
+                         "config_history.jsonl).")
+        for k, (old, new) in changes.items():
+            print(f"--allow-changes: {k}: {old!r} -> {new!r}")
         return Config(**{**values, **given, "resume": given["resume"]})
     from_file = read_config_file(given["config"], parser) if given.get("config") else {}
     preset = given.get("preset", from_file.get("preset", Config.preset))
@@ -343,6 +363,28 @@ def parse_config(argv=None) -> Config:
         values.update(PRESETS[preset])
     values.update(given)
     return Config(**values)
+
+
+# What a resumed run may change without changing how it trains: how long it goes on, how often
+# it saves, logs and evaluates, where it reports, how generation is chunked (same rollouts).
+RESUME_NEUTRAL = {"resume", "steps", "save_every", "keep_checkpoints", "sample_every",
+                  "eval_every", "eval_samples", "eval_size", "report_to", "project",
+                  "force_unlock", "overwrite", "allow_changes", "generation_batch",
+                  "reward_time_limit", "out"}
+
+
+def resume_changes(saved: dict, given: dict) -> dict[str, tuple]:
+    """{field: (the run's value, the new one)} for the flags given with --resume that differ
+    from the run's config.json and would change its training (paths compared absolute)."""
+    changes = {}
+    for k, new in given.items():
+        if k in RESUME_NEUTRAL or k not in saved:
+            continue
+        if k in PATH_FIELDS:
+            new = absolute_path(new, always=k == "cache")
+        if new != saved[k]:
+            changes[k] = (saved[k], new)
+    return changes
 
 
 def read_config_file(path: str, parser) -> dict:
@@ -391,6 +433,7 @@ def _fits(value, type_name: str) -> bool:
 # ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
 # crashes much later with an unrelated error - so each is named here with its range.
 FLAG_RULES: list[tuple[str, Callable, str]] = [
+    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31) (numpy's and torch's generators)"),
     ("steps", lambda v: v >= 1, ">= 1"),
     ("prompts_per_step", lambda v: v >= 1, ">= 1"),
     ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
@@ -508,6 +551,14 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
     if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
         problems.append(f"--resume {cfg.resume}: no checkpoint there (latest.txt missing)")
+    elif cfg.resume:
+        done = (Path(cfg.resume) / "latest.txt").read_text().strip().removeprefix("checkpoint-")
+        if done.isdigit() and cfg.steps <= int(done):
+            problems.append(f"--steps {cfg.steps}: the run already reached step {int(done)}; "
+                            f"give more steps to continue it")
+    if cfg.eval_every and cfg.data and not cfg.eval_data:
+        problems.append(f"--eval-every {cfg.eval_every}: there is no held-out data to evaluate "
+                        "(give --eval-data)")
     out = Path(cfg.resume or cfg.out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out}: is a file, not a run folder")

@@ -495,6 +495,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reward-time-limit", type=float, default=10.0,
                    help="seconds one call of --reward may take (a call past it scores 0)")
     p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (without it, it is refused)")
     p.add_argument("--mean-of", nargs="+", metavar="FILE",
                    help="only print mean +- std over result files written by earlier runs "
                         "(one per seed, same models in the same order)")
@@ -551,6 +553,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if out.is_dir():
         bad.append(f"--out {out}: is a folder; give a file name")
+    elif out.exists() and not args.overwrite:
+        bad.append(f"--out {out}: exists (an earlier evaluation's results); pass --overwrite to "
+                   "replace it, or give another --out")
     elif not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         bad.append(f"--out {out}: folder {out.parent} does not exist or is not writable")
     for name in models:       # every model must be loadable before the first one is scored

@@ -19,8 +19,12 @@ import copy
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +132,46 @@ def shard_model(net, cfg: Config, d: Dist, trainable: bool):
     # wrongly become a root of its own; so the root is settled here, on the whole model.
     net._get_fsdp_state()._lazy_init()
     return net
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGHUP (what a cluster scheduler sends before it takes the machine) end
+# the run after the current step, with a checkpoint, the lock released and the resume command.
+# ---------------------------------------------------------------------------------------------
+
+class Preempted(Exception):
+    """The run was asked to stop (a signal) and stopped cleanly after a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
+_STOP_SIGNAL = {"signum": 0}
+
+
+def catch_stop_signals() -> dict:
+    """SIGTERM and SIGHUP set a flag the loop reads after each step, instead of killing the
+    process mid-write (the main thread only: signals are delivered there)."""
+    def note(signum, frame):
+        _STOP_SIGNAL["signum"] = signum
+        print(f"\ntrain.py: received {signal.Signals(signum).name}; stopping after this step "
+              "with a checkpoint", file=sys.stderr, flush=True)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    _STOP_SIGNAL["signum"] = 0
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def restore_signal_handlers(handlers: dict) -> None:
+    """Put back what catch_stop_signals replaced (train.main may run inside another program)."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def stop_requested() -> int:
+    """The stop signal any rank received (0: none), agreed on by every rank."""
+    return int(all_reduce(torch.tensor(_STOP_SIGNAL["signum"]), op=dist.ReduceOp.MAX))
 
 
 def seed_everything(seed: int) -> None:
@@ -252,7 +296,14 @@ def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
     once the data is known to be usable, so that a run refused for its data leaves an empty
     folder behind, not one a fresh run would have to --overwrite."""
     saved = saved_config(cfg)
-    (run / "config.json").write_text(json.dumps(saved, indent=2))
+    earlier = run / "config.json"
+    if earlier.is_file():             # a resumed run: what changed, kept, never overwritten
+        before = json.loads(earlier.read_text())
+        changed = {k: [before.get(k), v] for k, v in saved.items() if before.get(k) != v}
+        if changed:
+            with open(run / "config_history.jsonl", "a") as f:
+                f.write(json.dumps({"resumed_from": saved["resume"], "changed": changed}) + "\n")
+    earlier.write_text(json.dumps(saved, indent=2))
     eval_srcs = {name: absolute_path(src) for name, src in data_sources(cfg)[1].items()}
     write_run_info(run, eval_data=eval_srcs.pop("held-out", None),
                    other_eval_data=eval_srcs,
@@ -300,10 +351,7 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
         return final
     qwen.save_processor(processor, tmp)      # names the stock processor classes (see there)
     torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "trainer_state.pt")
+                "rng": rng_states()}, tmp / "trainer_state.pt")
     (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -358,28 +406,41 @@ def write_run_info(run: Path, **fields) -> None:
 
 # What a run writes into its folder: --overwrite deletes exactly these, nothing else.
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "latest.txt", "latest.txt.tmp", "run.json",
-             "run.json.tmp", "config.json", "final_eval.json", "final_table.txt", "curves.png")
+             "run.json.tmp", "config.json", "config_history.jsonl", "final_eval.json",
+             "final_table.txt", "curves.png", "tensorboard", "wandb", ".wandb_id")
+
+
+def is_run_entry(name: str) -> bool:
+    return name in RUN_FILES or name.startswith(("checkpoint-", ".tmp-checkpoint-"))
 
 
 def prepare_run_folder(cfg: Config, run: Path) -> None:
     """Make the (locked) run folder safe to write (rank 0): a fresh run refuses a folder that
-    holds anything but an empty lock, unless --overwrite, which deletes the earlier run's files
-    and nothing else; --resume continues the folder it names."""
+    holds anything but an empty lock, unless --overwrite - which deletes an earlier run's files
+    and is refused for any folder that holds something no run wrote (a model, data, notes):
+    nothing but a run is ever deleted. --resume continues the folder it names."""
     if cfg.resume:
         return
     earlier = sorted(p.name for p in run.iterdir() if p.name != ".lock")
     if not earlier:
         return
+    listing = f"{', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
     if not cfg.overwrite:
         raise SystemExit(
-            f"train.py: --out {run} is not empty ({', '.join(earlier[:5])}"
-            f"{', ...' if len(earlier) > 5 else ''}). Continue that run with --resume {run}, "
-            f"start afresh with --overwrite, or pick another --out.")
-    ours = [n for n in earlier if n in RUN_FILES or n.startswith(("checkpoint-", ".tmp-checkpoint-"))]
-    for name in ours:
+            f"train.py: --out {run} is not empty ({listing}). Continue that run with --resume "
+            f"{run}, start afresh with --overwrite, or pick another --out.")
+    foreign = [n for n in earlier if not is_run_entry(n)]
+    if foreign or not (run / "run.json").is_file():
+        why = (f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "
+               "no run of train.py wrote" if foreign else
+               "it has no run.json, so no run of train.py wrote it (a model folder?)")
+        raise SystemExit(f"train.py: --overwrite refused for --out {run}: {why}. --overwrite "
+                         "deletes only an earlier run's files; pick another --out, or move what "
+                         "you want to keep out of the folder first.")
+    for name in earlier:
         target = run / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    print(f"--overwrite: deleted the earlier run's {len(ours)} files in {run}")
+    print(f"--overwrite: deleted the earlier run's {len(earlier)} files in {run}")
 
 
 def read_log(path: Path) -> list[dict]:
@@ -418,6 +479,9 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
             state = {"step": 0, "cursor": 0, "before": None, "history": []}
             if folder is not None:
                 state = load_trainer_state(folder, policy, optimizer, cfg)
+                for group in optimizer.param_groups:    # the saved state carries the old ones;
+                    group["lr"] = cfg.lr                # --allow-changes may have set new ones
+                    group["weight_decay"] = cfg.weight_decay
         except Exception as err:   # whatever a damaged checkpoint raises, with its path named
             rest = candidates[i + 1:]
             if folder is None or not rest:
@@ -486,12 +550,24 @@ class RunLock:
         owner = cls._owner(run)
         return f"{run / '.lock'}: process {owner[1]} on {owner[0]}" if owner else str(run / ".lock")
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, force: bool = False) -> "RunLock":
+        """Take the lock; force (--force-unlock): take it over from whoever holds it."""
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = self._owner(self.path.parent)
+                if force:
+                    print(f"--force-unlock: taking over {self.describe(self.path.parent)}")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if owner is not None and owner[0] != os.uname().nodename:
+                    age = (time.time() - self.path.stat().st_mtime) / 3600
+                    raise SystemExit(
+                        f"train.py: {self.path.parent} is locked by process {owner[1]} on "
+                        f"another machine, {owner[0]}, since {age:.1f} hours ago. It may be "
+                        f"stale (a job preempted there): if no training runs on {owner[0]} "
+                        "any more, pass --force-unlock to take it over.") from None
                 if owner is not None and self._alive(owner):
                     raise SystemExit(f"train.py: another training process is writing to "
                                      f"{self.path.parent} ({self.describe(self.path.parent)}); "
@@ -516,8 +592,48 @@ def latest_checkpoint(run: Path) -> Path:
     return run / (run / "latest.txt").read_text().strip()
 
 
+def rng_states() -> dict:
+    """Every random generator's state as tensors and plain values, so that trainer_state.pt
+    loads with torch.load(weights_only=True): nothing in it is an arbitrary object."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(rng: dict) -> None:
+    numpy_state = rng["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"])
+    torch.set_rng_state(rng["torch"]); np.random.set_state(numpy_state)
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.pt, loaded without running any code it might hold: torch.load with
+    weights_only=True admits tensors and plain values only. Checkpoints of earlier versions kept
+    numpy's generator state as a numpy array; numpy's array constructor is admitted too (it
+    builds arrays and nothing else). Anything else is refused, naming the file."""
+    from numpy.core.multiarray import _reconstruct
+    arrays = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(arrays):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1][:200]
+        raise ValueError(f"{path} holds objects other than tensors and plain values ({first}); "
+                         "it is refused, because loading such objects can run code. A "
+                         "checkpoint written by train.py never holds any: this file was written "
+                         "or changed by something else") from None
+
+
 def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
-    blob = torch.load(folder / "trainer_state.pt", weights_only=False)
+    blob = read_trainer_state(folder / "trainer_state.pt")
     if cfg.fsdp != (folder / "optimizer").is_dir():
         # the two keep AdamW's state in different forms (one file / per-rank shards)
         raise ValueError(f"its optimizer state was written {'without' if cfg.fsdp else 'with'} "
@@ -531,10 +647,7 @@ def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
         set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])
-    rng = blob["rng"]
-    torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_states(blob["rng"])
     return blob["state"]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -439,7 +440,10 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                 if k != "loss":
                     sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
                     weights[k] = weights.get(k, 0.0) + own.get(k, w)
-        grad_norm, stepped = optimizer_step(policy, optimizer, cfg)
+        try:
+            grad_norm, stepped = optimizer_step(policy, optimizer, cfg)
+        except Diverged as err:
+            raise Diverged(f"step {step}: {err}") from None
         grad_norms.append(grad_norm)
         skipped += not stepped
     out = weighted_means_over_ranks(sums, weights)
@@ -528,19 +532,35 @@ def _masked_branch(batch: Batch, policy, idx, cfg: Config):
     return batch.masked_logp[idx], entropy
 
 
+class Diverged(RuntimeError):
+    """An update made the weights non-finite, or blew their norm up: the run cannot go on."""
+
+
 def optimizer_step(policy, optimizer, cfg: Config) -> tuple[float, bool]:
     """Clip the global gradient norm and step: (the norm, whether the step was taken). A
-    non-finite norm skips the step (gradients are all-reduced, so every rank agrees)."""
+    non-finite norm skips the step (gradients are all-reduced, so every rank agrees). An update
+    that leaves the weights non-finite, or more than doubles their norm (a learning rate far
+    too large: AdamW moves every weight by about lr), stops the run (Diverged) before the broken
+    policy generates again."""
     # With FSDP the gradients are DTensor shards: clip_grad_norm_ computes each shard's part
     # and reduces the norm over the ranks itself, returning a DTensor (full_tensor: a value)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
     stepped = bool(torch.isfinite(grad_norm))
     if stepped:
+        trained = [p for p in policy.parameters() if p.requires_grad]
+        before = _full(torch.nn.utils.get_total_norm(trained))
         optimizer.step()
+        after = _full(torch.nn.utils.get_total_norm(trained))
+        if not torch.isfinite(after) or after > 2 * before:
+            raise Diverged(f"the update took the weights' norm from {float(before):.4g} to "
+                           f"{float(after):.4g} (--lr {cfg.lr:g}): the policy diverged; resume "
+                           "from the last checkpoint with a smaller --lr")
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm), stepped
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def weighted_means_over_ranks(sums: dict, weights: dict) -> dict[str, float]:
@@ -562,10 +582,12 @@ def main(argv=None) -> dict:
     check_config(cfg, d.world)
     run = Path(cfg.resume or cfg.out)
     lock = None
+    handlers = runtime.catch_stop_signals()
     try:
         if d.main:
             run.mkdir(parents=True, exist_ok=True)
-            lock = runtime.RunLock(run).acquire()   # first: nobody else may write here meanwhile
+            # first: nobody else may write here meanwhile
+            lock = runtime.RunLock(run).acquire(force=cfg.force_unlock)
             runtime.prepare_run_folder(cfg, run)
         barrier()
         result = train_run(cfg, d, run)
@@ -581,7 +603,16 @@ def main(argv=None) -> dict:
     except DynamicSamplingExhausted as err:    # every rank reached the same decision
         raise SystemExit(f"train.py: {err}\n"
                          + (runtime.how_to_continue(run) if d.main else "")) from None
+    except Diverged as err:                      # every rank holds the same weights
+        raise SystemExit(f"train.py: {err}.\n" + (runtime.how_to_continue(run) if d.main
+                                                    else "")) from None
+    except runtime.Preempted as stop:           # likewise (stop_requested)
+        if d.main:
+            print(f"train.py: stopped by {signal.Signals(stop.signum).name} after step "
+                  f"{stop.step}. " + runtime.how_to_continue(run), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     finally:
+        runtime.restore_signal_handlers(handlers)
         if lock:
             lock.release()
         if dist.is_initialized():
@@ -624,9 +655,16 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
         state["history"] = (state["history"] + [row])[-50:]
         if d.main:
             runtime.log_step(run, row, batch, state["history"], cfg, bar, trackers)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        saved = step % cfg.save_every == 0 or step == cfg.steps
+        if saved:
             runtime.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
             barrier()
+        signum = runtime.stop_requested()        # SIGTERM / SIGHUP on any rank: all stop here
+        if signum:
+            if not saved:
+                runtime.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
+                barrier()
+            raise runtime.Preempted(signum, step)
     bar.close()
     # the last step's evaluation IS the final one (same policy, same questions and seeds); the
     # test is the same on every rank, so all of them skip or all call evaluate_heldout

@@ -5,6 +5,7 @@ scores like the adapter model, resume is exact), the user's own reward, the trac
 from what they wrote), and evaluation split over two processes (equal to one)."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -154,7 +155,7 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
 # (the LoRA and tracker tests skip where requirements-extras.txt is not installed; CI installs it)
 
 def _trainer_state(run: Path) -> dict:
-    return torch.load(last_checkpoint(run) / "trainer_state.pt", weights_only=False)
+    return runtime.read_trainer_state(last_checkpoint(run) / "trainer_state.pt")
 
 
 def test_a_frozen_vision_tower_never_changes_and_has_no_optimizer_state(tmp_path):
@@ -388,11 +389,13 @@ def _wandb_history(run_folder: Path) -> list[dict]:
 
 def test_tensorboard_wandb_and_trackio_receive_the_metrics_evaluations_and_samples(
         tmp_path, monkeypatch):
-    for package in ("tensorboard", "wandb", "trackio"):     # CI installs requirements-extras.txt
-        pytest.importorskip(package, reason="pip install -r requirements-extras.txt")
+    # first the environment: trackio reads TRACKIO_DIR when it is imported
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    for package in ("tensorboard", "wandb", "trackio"):     # CI installs requirements-extras.txt
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed: pip install -r requirements-extras.txt")
     train.main(tiny_args(tmp_path, "--steps", "2", "--sample-every", "2", "--report-to",
                          "tensorboard,wandb,trackio", "--project", "papo-test"))
     run = tmp_path / "run"

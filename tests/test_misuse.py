@@ -172,10 +172,37 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_clears_only
     assert (run / "metrics.jsonl").read_text() == before          # nothing was touched
     assert not (run / ".lock").exists()                           # and the lock is released
 
+    # a file no run wrote: --overwrite refuses the folder, deleting nothing
+    with pytest.raises(SystemExit, match="--overwrite refused.*my_notes.txt, which no run"):
+        train.main(args + ["--overwrite"])
+    assert (run / "my_notes.txt").read_text() == "keep me"
+    assert (run / "metrics.jsonl").read_text() == before
+    (run / "my_notes.txt").unlink()
     train.main(args + ["--overwrite"])
     assert "--overwrite: deleted" in capsys.readouterr().out
-    assert (run / "my_notes.txt").read_text() == "keep me"        # not a run file: kept
     assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_overwrite_never_deletes_a_model_folder(tmp_path, capsys):
+    """--out MODEL_FOLDER --overwrite: the folder holds a model (config.json and weights), not
+    a run; it is refused and stays loadable."""
+    import toy
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
+    folder = tmp_path / "model"
+    policy.save_pretrained(folder)
+    qwen.save_processor(processor, folder)
+    files = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit, match="--overwrite refused for --out .*model: it holds "):
+        train.main(tiny_args(tmp_path, "--out", str(folder), "--overwrite"))
+    assert sorted(p.name for p in folder.iterdir()) == files
+    qwen.load_model(folder)
+    # a lone config.json (no weights beside it) is not a run's either: no run.json
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="has no run.json"):
+        train.main(tiny_args(tmp_path, "--out", str(lone), "--overwrite"))
+    assert (lone / "config.json").is_file()
 
 
 def test_a_second_process_cannot_write_into_a_locked_run(tmp_path):
@@ -288,3 +315,18 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact_and_says_how_to_resume(tmp_pat
     train.main(["--resume", str(run), "--steps", "3"])
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_eval_refuses_to_overwrite_an_earlier_results_file_unless_told(checkpoint_and_data,
+                                                                       capsys):
+    folder = checkpoint_and_data
+    out = folder / "results.json"
+    out.write_text('{"earlier": "results"}')
+    args = ["--model", str(folder / "ckpt"), "--data", str(folder / "q.jsonl"), "--samples", "1",
+            "--max-new-tokens", "2", "--mask-ratios", "--kl-ratio", "-1", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        evaluation.main(args)
+    assert "exists (an earlier evaluation's results); pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": "results"}'
+    evaluation.main(args + ["--overwrite"])
+    assert "earlier" not in json.loads(out.read_text())

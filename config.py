@@ -549,12 +549,17 @@ def check_config(cfg: Config, world_size: int) -> None:
     # (data sources are checked when they are loaded: a hub id or a glob is not a file)
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
-    if cfg.resume and not (Path(cfg.resume) / "latest.txt").is_file():
-        problems.append(f"--resume {cfg.resume}: no checkpoint there (latest.txt missing)")
-    elif cfg.resume:
-        done = (Path(cfg.resume) / "latest.txt").read_text().strip().removeprefix("checkpoint-")
-        if done.isdigit() and cfg.steps <= int(done):
-            problems.append(f"--steps {cfg.steps}: the run already reached step {int(done)}; "
+    if cfg.resume:
+        pointer = Path(cfg.resume) / "latest.txt"
+        names = ([pointer.read_text().strip()] if pointer.is_file() else
+                 [p.name for p in Path(cfg.resume).glob("checkpoint-*") if p.is_dir()])
+        done = [int(n.removeprefix("checkpoint-")) for n in names
+                if n.removeprefix("checkpoint-").isdigit()]
+        if not done:
+            problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
+                            "checkpoint-* folder)")
+        elif cfg.steps <= max(done):
+            problems.append(f"--steps {cfg.steps}: the run already reached step {max(done)}; "
                             f"give more steps to continue it")
     if cfg.eval_every and cfg.data and not cfg.eval_data:
         problems.append(f"--eval-every {cfg.eval_every}: there is no held-out data to evaluate "

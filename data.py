@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rewards import gold_answer_problem   # a gold answer the reward cannot compare is a bad row
 
@@ -292,14 +292,17 @@ class Example:
         for i, item in enumerate(refs):
             try:
                 if isinstance(item, Image.Image):
-                    picture = to_rgb(item)
+                    picture = to_rgb(_upright(item))
                 else:
                     # Validation applied --max-image-pixels to this very picture and recorded its
                     # size; a row that was never validated gets the default guard.
                     limit = MAX_IMAGE_PIXELS if not self.sizes else max(
                         MAX_IMAGE_PIXELS, self.sizes[i][0] * self.sizes[i][1])
                     with _open_picture(item, limit) as im:   # closes the file: runs open many
-                        picture = to_rgb(im)
+                        if (why := _frames_problem(im)):
+                            raise ValueError(why)
+                        # turned as a viewer shows it (a phone photo is stored sideways)
+                        picture = to_rgb(_upright(im))
             except ValueError as err:
                 raise ValueError(f"{self.source or 'example'}: {what} {i + 1}: {err}") from None
             pictures.append(budget_resize(picture, min_pixels, max_pixels))
@@ -578,10 +581,12 @@ def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
             return None, f"image not found: {ref}"
         try:
             with _open_picture(ref, max_image_pixels) as im:
-                size = im.size
-                why = picture_mode_problem(im)
-                if im.mode != "F":      # a float picture was just decoded, which checks it fully
-                    im.verify()
+                mode = im.mode
+                if mode != "F":         # a float picture is decoded below, which checks it fully
+                    im.verify()         # (verify must come straight after opening)
+            with _open_picture(ref, max_image_pixels) as im:
+                size = _shown_size(im)
+                why = picture_mode_problem(im) or _frames_problem(im)
         except _PictureTooLarge as err:
             return None, str(err)
         except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
@@ -592,6 +597,35 @@ def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
         return None, (f"picture of {size[0]}x{size[1]} px: an aspect ratio over "
                       f"{MAX_ASPECT_RATIO}, which Qwen2.5-VL's processor refuses")
     return size, None
+
+
+# EXIF orientations that turn a picture by 90 degrees (5-8): a viewer shows it with width and
+# height swapped. Phones store photos this way; load_images turns them as a viewer does.
+_TURNED = (5, 6, 7, 8)
+
+
+def _shown_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the picture, its EXIF orientation applied."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in _TURNED else (width, height)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says (itself when it says nothing)."""
+    if image.getexif().get(0x0112, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _frames_problem(image: Image.Image) -> str | None:
+    """An animated GIF or a multi-page TIFF is refused: which frame would be the question's
+    picture is not ours to guess (taking the first one silently hid the rest)."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        return (f"a picture of {frames} frames (an animation or a multi-page file): save the "
+                "frame the question is about as a picture of its own")
+    return None
 
 
 class _PictureChecker:
@@ -896,7 +930,12 @@ def _open_table(source: str):
         path = Path(spec).expanduser()
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
                           or (path / "dataset_dict.json").is_file()):
-        return _one_split(datasets.load_from_disk(str(path)), source, split), path, source
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:   # a damaged arrow file, a missing one, bad JSON metadata
+            raise DatasetError([f"{path}: a Dataset.save_to_disk folder that does not load "
+                                f"({type(err).__name__}: {str(err)[:300]})"]) from None
+        return _one_split(loaded, source, split), path, source
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*.parquet"))
         if not files:
@@ -918,8 +957,28 @@ def _open_table(source: str):
     if not all(f.endswith(".parquet") for f in files):
         raise DatasetError([f"{spec}: matches files that are not .parquet: "
                             + ", ".join(f for f in files if not f.endswith(".parquet"))[:300]])
-    table = datasets.load_dataset("parquet", data_files=files, split="train")
+    _check_parquet_files(files)
+    try:
+        table = datasets.load_dataset("parquet", data_files=files, split="train")
+    except Exception as err:      # a damaged page past a sound footer, files whose columns differ
+        raise DatasetError([f"{spec}: the parquet data does not load ({type(err).__name__}: "
+                            f"{str(err)[:300]})"]) from None
     return table, Path(files[0]).absolute().parent, source
+
+
+def _check_parquet_files(files: list[str]) -> None:
+    """Each file's parquet footer is read first, so that a damaged or truncated file is named
+    (the `datasets` loader would fail deep inside pyarrow, mostly without the file's name)."""
+    import pyarrow.parquet
+    bad = []
+    for f in files:
+        try:
+            pyarrow.parquet.ParquetFile(f).metadata
+        except Exception as err:
+            bad.append(f"{f}: not a readable parquet file ({type(err).__name__}: "
+                       f"{str(err)[:200]})")
+    if bad:
+        raise DatasetError(bad)
 
 
 def _open_hub(repo: str, split: str | None, source: str):

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+import unicodedata
 from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, localcontext
 
 import math_verify
@@ -513,12 +514,78 @@ class _MathProcess:
 _MATH = threading.local()  # one math process per thread, so threads never wait for each other
 
 
+# ---------------------------------------------------------------------------------------------
+# What a careful grader reads past: spacing, full-width characters, degree signs, the wrapping
+# of a multiple-choice letter, and units (the same number in another unit is WRONG; a bare
+# number against a gold answer with a unit is right). docs/rewards.md lists every rule.
+# ---------------------------------------------------------------------------------------------
+_LATEX_SPACING = re.compile(r"\\[,;:! ]|~")                      # 1\,000, 3\ m
+_DEGREES = re.compile(r"(?:\s*(?:°|\^\s*\{?\s*\\circ\s*\}?|\\degree|\\circ)|\s+degrees?)$")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textbf|mathrm|mathbf|mbox|operatorname)"
+                           r"\s*\{([^{}]*)\}")
+_BASE_UNITS = ("mm cm dm m km in inch inches ft foot feet yd yard yards mi mile miles nm "
+               "mg g kg t lb lbs oz ms s sec secs second seconds min mins minute minutes h hr "
+               "hrs hour hours day days week weeks year years ml mL l L N kN J kJ W kW V mV A "
+               "mA Pa kPa Hz kHz cal kcal mol °C °F K dollars dollar cents cent units unit "
+               "yuan euros pounds").split()
+_UNITS = set(_BASE_UNITS) | {f"{u}{p}" for u in ("mm", "cm", "dm", "m", "km", "in", "ft", "yd")
+                             for p in ("^2", "^3", "^{2}", "^{3}", "²", "³")} | {
+    "m/s", "km/h", "kmh", "mph", "ft/s", "m/s^2", "m/s^{2}", "m/s²", "km/s", "cm/s", "g/cm^3",
+    "kg/m^3", "squareunits", "squnits", "cubicunits", "sqcm", "sqm"}
+_NUMBER_AND_UNIT = re.compile(r"(?P<number>.*?[\d})])\s*(?P<unit>[A-Za-z°][A-Za-z0-9/^{}²³° ]*)")
+_OPTION_GOLD = re.compile(r"[A-Z]|[A-H]{2,8}")     # "B", or several options "AC"
+_OPTION_WITH_TEXT = re.compile(r"\(?([A-Za-z])\)?\s*[.:)]\s+\S.*|\(([A-Za-z])\)\s+\S.*", re.DOTALL)
+_OPTION_NOISE = re.compile(r"(?i)\b(?:and|or|options?|choices?|answer)\b|[\s,;&()\[\]:]")
+
+
+def _canonical(s: str) -> str:
+    """Full-width characters as ASCII (NFKC), LaTeX spacing removed, a trailing degree sign
+    dropped: '３０°' -> '30', '1\\,000' -> '1000', '30^\\circ' -> '30'."""
+    s = unicodedata.normalize("NFKC", s)
+    s = _LATEX_SPACING.sub(lambda m: " " if m.group(0) == "\\ " else "", s).strip()
+    # the degree mark is searched in the last 40 characters only: a search over the whole
+    # string would rescan each run of spaces from each of its characters (quadratic)
+    head, tail = s[:-40], s[-40:]
+    return (head + _DEGREES.sub("", tail)).strip()
+
+
+def _split_unit(s: str) -> tuple[str, str] | None:
+    """(number part, unit) when `s` is a number followed by a unit of _UNITS, else None:
+    '5 \\text{ cm}' -> ('5', 'cm'), '\\frac{1}{2}m/s' -> ('\\frac{1}{2}', 'm/s'), '2x' -> None."""
+    if len(s) > 200:            # an answer with a unit is short; the match below is not linear
+        return None
+    plain = _TEXT_WRAPPER.sub(lambda m: " " + m.group(1) + " ", s).strip()
+    m = _NUMBER_AND_UNIT.fullmatch(plain)
+    if m is None:
+        return None
+    unit = m["unit"].replace(" ", "")
+    return (m["number"].strip(), unit) if unit in _UNITS else None
+
+
+def _options(s: str) -> frozenset[str] | None:
+    """The option letters an answer names: '(B)', 'B)', 'B. 42', '\\text{(B)}', 'Option B' ->
+    {B}; 'A, C', 'CA', 'A and C' -> {A, C}; anything else None."""
+    s = _TEXT_WRAPPER.sub(lambda m: m.group(1), s).strip()
+    if (m := _OPTION_WITH_TEXT.fullmatch(s)):
+        return frozenset((m.group(1) or m.group(2)).upper())
+    letters = _OPTION_NOISE.sub("", s).removesuffix(".")
+    if 1 <= len(letters) <= 8 and letters.isalpha() and letters.isascii() \
+            and len(set(letters.upper())) == len(letters):
+        return frozenset(letters.upper())
+    return None
+
+
 @functools.lru_cache(maxsize=65536)  # one gold answer is scored against G rollouts every step
 def _gold(answer: str) -> tuple[str, object]:
-    """('words', lowercased text) or ('math', parsed values); ValueError when unusable."""
-    s = _normalise(answer)
+    """('options', letters), ('words', lowercased text) or ('math', parsed values); ValueError
+    when unusable."""
+    s = _canonical(_normalise(answer))
+    if _OPTION_GOLD.fullmatch(s):
+        return "options", frozenset(s)
     if _WORDS.fullmatch(s):
         return "words", s.lower()
+    if (split := _split_unit(s)) is not None:     # the number part is what must parse
+        s = split[0]
     if not s or extract_boxed("\\boxed{" + s + "}") != s:
         raise ValueError(f"gold answer {answer!r} is empty or has unbalanced braces")
     parsed = _parse(s)
@@ -548,12 +615,20 @@ def answers_match(predicted: str, answer: str) -> bool:
     >>> answers_match("3.0000004", "3"), answers_match("1e5", "100000"), answers_match("4=3", "3")
     (True, True, False)
     """
-    kind, gold_words = _gold(answer)
-    pred = _normalise(predicted)
+    kind, gold_value = _gold(answer)
+    pred = _canonical(_normalise(predicted))
+    if kind == "options":
+        return _options(pred) == gold_value
     if kind == "words":
-        return pred.lower() == gold_words
+        return pred.lower() == gold_value
+    gold = _canonical(_normalise(answer))
+    pred_unit, gold_unit = _split_unit(pred), _split_unit(gold)
+    if pred_unit and gold_unit and pred_unit[1] != gold_unit[1]:
+        return False                             # 5 m is not 5 cm
+    pred = pred_unit[0] if pred_unit else pred   # then the numbers decide
+    gold = gold_unit[0] if gold_unit else gold
     pred, pred_percent = _drop_percent(pred)
-    gold, gold_percent = _drop_percent(_normalise(answer))
+    gold, gold_percent = _drop_percent(gold)
     readings = [(pred, gold)]  # PERCENT: a sign on one side only may also mean "divided by 100"
     if pred_percent and not gold_percent:
         readings.append((_per_cent(pred), gold))

@@ -15,8 +15,10 @@ It sits below train.py and imports nothing from it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -336,23 +338,25 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
         optimizer_shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.fsdp:
-            unsharded_copy(policy, full).save_pretrained(tmp)
-        elif lora.has_adapters(policy):      # the merged weights, and the adapters beside them
-            unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp)
-            lora.save_adapters(policy, tmp / lora.ADAPTER_FOLDER)
-        else:
-            unwrap(policy).save_pretrained(tmp)  # loadable by model.load_model and plain transformers
+        with disk_errors_named(run, final, tmp, policy, optimizer):
+            if cfg.fsdp:
+                unsharded_copy(policy, full).save_pretrained(tmp)
+            elif lora.has_adapters(policy):  # the merged weights, and the adapters beside them
+                unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp)
+                lora.save_adapters(policy, tmp / lora.ADAPTER_FOLDER)
+            else:
+                unwrap(policy).save_pretrained(tmp)  # loadable by load_model and transformers
     if cfg.fsdp:
         barrier()                            # the folder exists before the others write into it
         dcp.save(optimizer_shards, checkpoint_id=str(tmp / "optimizer"))
         barrier()
     if not d.main:
         return final
-    qwen.save_processor(processor, tmp)      # names the stock processor classes (see there)
-    torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
-                "rng": rng_states()}, tmp / "trainer_state.pt")
-    (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    with disk_errors_named(run, final, tmp, policy, optimizer):
+        qwen.save_processor(processor, tmp)  # names the stock processor classes (see there)
+        torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
+                    "rng": rng_states()}, tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = run / "latest.txt.tmp"
@@ -361,6 +365,27 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
     write_run_info(run, checkpoint=str(final.absolute()))
     prune_checkpoints(run, cfg.keep_checkpoints, keep=final)
     return final
+
+
+@contextlib.contextmanager
+def disk_errors_named(run: Path, final: Path, tmp: Path, policy, optimizer):
+    """A write that fails while the disk is short of space (torch.save says only "unexpected
+    pos ...") becomes an error naming the folder, the space free and the space a checkpoint
+    needs; the half-written folder is removed and the previous checkpoint stays intact."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(run).free
+        tensors = [*unwrap(policy).parameters(), *(v for state in optimizer.state.values()
+                                                   for v in state.values() if torch.is_tensor(v))]
+        needed = sum(t.numel() * t.element_size() for t in tensors)
+        if getattr(err, "errno", None) != errno.ENOSPC and free >= needed:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"train.py: writing {final.name} into {run} failed ({err}): that disk "
+                         f"has {free / 1e9:.2f} GB free and a checkpoint needs about "
+                         f"{needed / 1e9:.2f} GB. Free some space (or --keep-checkpoints 1) and "
+                         f"resume; the previous checkpoint is intact.") from None
 
 
 def unsharded_copy(policy, full_state: dict):
@@ -464,8 +489,7 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
     candidates = [None]
     if cfg.resume:
         named = latest_checkpoint(run)
-        older = sorted((f for f in run.glob("checkpoint-*") if checkpoint_step(f) is not None
-                        and f.resolve() != named.resolve()), key=checkpoint_step, reverse=True)
+        older = [f for f in reversed(checkpoint_folders(run)) if f.resolve() != named.resolve()]
         candidates = [named, *older]
     for i, folder in enumerate(candidates):
         try:
@@ -589,7 +613,22 @@ class RunLock:
 
 
 def latest_checkpoint(run: Path) -> Path:
-    return run / (run / "latest.txt").read_text().strip()
+    """The checkpoint latest.txt names; without latest.txt (deleted, lost in a copy), the newest
+    checkpoint folder, with a note (load_start falls back further if it does not load)."""
+    pointer = run / "latest.txt"
+    if pointer.is_file():
+        return run / pointer.read_text().strip()
+    folders = checkpoint_folders(run)
+    if not folders:
+        raise FileNotFoundError(f"{run}: no checkpoint there (no latest.txt, no checkpoint-*)")
+    print(f"note: {pointer} is missing; using the newest checkpoint, {folders[-1].name}")
+    return folders[-1]
+
+
+def checkpoint_folders(run: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest step first."""
+    return sorted((f for f in run.glob("checkpoint-*") if f.is_dir() and checkpoint_step(f)
+                   is not None), key=checkpoint_step)
 
 
 def rng_states() -> dict:

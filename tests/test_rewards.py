@@ -321,3 +321,37 @@ def test_the_time_limit_counts_from_ready_not_from_the_start(monkeypatch):
         assert worker.compare([("\\frac{1}{2}", "0.5")], False) is False
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a careful human grader decides (docs/rewards.md, "The comparison rules")
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    # units: the same number in another unit is wrong; a bare number against a unit is right
+    ("5 m", "5 cm", False), ("3 km", "3 m", False), ("5\\text{ m}", "5\\text{ cm}", False),
+    ("3", "3 m/s", True), ("3 m/s", "3 m/s", True), ("3\\ \\text{m/s}", "3 m/s", True),
+    ("\\frac{1}{2} m", "0.5 m", True), ("5 cm", "5", True), ("4 cm", "5 cm", False),
+    ("12 cm^2", "12 cm^2", True), ("12 cm^2", "12 cm^3", False),
+    # multiple choice: the option letter in any usual wrapping
+    ("(B)", "B", True), ("B)", "B", True), ("\\text{(B)}", "B", True), ("B. 42", "B", True),
+    ("B: 42", "B", True), ("(B) 42", "B", True), ("Option B", "B", True), ("b", "B", True),
+    ("(C)", "B", False), ("C. 42", "B", False), ("BC", "B", False),
+    # several options: the set, in any order or spelling
+    ("A, C", "AC", True), ("CA", "AC", True), ("A and C", "AC", True), ("(A)(C)", "AC", True),
+    ("A", "AC", False), ("ACD", "AC", False),
+    # degrees, thin spaces, full-width characters
+    ("30°", "30", True), ("30", "30°", True), ("30^\\circ", "30", True), ("30^{\\circ}", "30°", True),
+    ("30 degrees", "30", True), ("31°", "30", False),
+    ("1\\,000", "1000", True), ("1000", "1\\,000", True), ("1\\!000", "1000", True),
+    ("３", "3", True), ("3", "３", True), ("３.５", "3.5", True),
+    # what must stay as it was
+    ("2x", "2", False), ("x = 3", "3", True), ("4", "3", False), ("Red", "red", True),
+])
+def test_grading_decides_as_a_careful_human_grader(pred, gold, expected):
+    assert rewards.answers_match(pred, gold) is expected
+
+
+@pytest.mark.parametrize("gold", ["30°", "３", "3 m/s", "B", "AC", "1\\,000", "12 cm^2"])
+def test_those_gold_answers_are_usable(gold):
+    assert rewards.gold_answer_problem(gold) is None

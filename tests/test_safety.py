@@ -245,3 +245,97 @@ def test_a_seed_out_of_range_is_refused_before_any_work(tmp_path):
     for seed in ("-1", str(2 ** 31)):
         with pytest.raises(SystemExit, match=rf"--seed {seed}: must be in \[0, 2\^31\)"):
             config.check_config(config.parse_config(tiny_args(tmp_path, "--seed", seed)), 1)
+
+
+def test_a_full_disk_during_a_save_names_the_folder_and_the_space_needed(tmp_path, monkeypatch):
+    """torch.save on a full disk says only "unexpected pos ..."; the run says what is wrong, the
+    half-written folder goes, and the previous checkpoint stays the one latest.txt names."""
+    from collections import namedtuple
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("trainer_state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                               "626240 vs 626132")
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"writing checkpoint-000002 into .*run failed \(.*"
+                                         r"unexpected pos.*\): that disk has 0.00 GB free and a "
+                                         r"checkpoint needs about 0\.\d+ GB"):
+        train.main(["--resume", str(tmp_path / "run"), "--steps", "2"])
+    run = tmp_path / "run"
+    assert last_checkpoint(run).name == "checkpoint-000001"
+    assert not list(run.glob(".tmp-checkpoint-*"))
+
+
+def test_a_damaged_parquet_file_or_dataset_folder_is_named(tmp_path):
+    import data
+    from test_train import _toy_parquet
+    good = _toy_parquet(tmp_path / "good.parquet", 4)
+    bad = tmp_path / "tables" / "broken.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])      # truncated
+    (tmp_path / "tables" / "fine.parquet").write_bytes(good.read_bytes())
+    with pytest.raises(data.DatasetError, match=r"broken\.parquet: not a readable parquet file"):
+        data.load_dataset(str(tmp_path / "tables"))
+    folder = tmp_path / "saved"
+    import datasets
+    datasets.Dataset.from_parquet(str(good)).save_to_disk(str(folder))
+    arrow = next(folder.glob("*.arrow"))
+    arrow.write_bytes(b"not an arrow file")
+    with pytest.raises(data.DatasetError, match=rf"{folder}: a Dataset.save_to_disk folder that "
+                                                r"does not load"):
+        data.load_dataset(str(folder))
+
+
+def test_without_latest_txt_resume_uses_the_newest_checkpoint(tmp_path, capsys):
+    train.main(tiny_args(tmp_path, "--steps", "2"))
+    run = tmp_path / "run"
+    (run / "latest.txt").unlink()
+    train.main(["--resume", str(run), "--steps", "3"])
+    assert "latest.txt is missing; using the newest checkpoint, checkpoint-000002" in \
+        capsys.readouterr().out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: EXIF orientation, several frames
+# ---------------------------------------------------------------------------------------------
+
+def test_a_phone_photo_is_turned_as_a_viewer_shows_it(tmp_path):
+    """A 40 x 20 JPEG whose EXIF orientation 6 says "turn 90 degrees clockwise": the checked
+    size, the prompt's size and the pixels are those of the upright 20 x 40 picture."""
+    import data
+    from PIL import Image
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (250, 0, 0)                 # stored: red on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    data.write_jsonl([{"problem": "What is red?", "answer": "top", "images": ["photo.jpg"]}],
+                     tmp_path / "q.jsonl")
+    [ex] = data.load_dataset(str(tmp_path / "q.jsonl"))
+    assert ex.sizes == [(20, 40)]
+    [picture] = ex.load_images()
+    shown = np.asarray(picture).astype(int)
+    assert picture.size == (20, 40)
+    assert shown[:18, :, 0].min() > 200 and shown[22:, :, 0].max() < 60   # red on top now
+
+
+def test_an_animated_or_multi_page_picture_is_refused_naming_the_row(tmp_path):
+    import data
+    from PIL import Image
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tiff", save_all=True, append_images=frames[1:])
+    data.write_jsonl([{"problem": "p", "answer": "1", "images": ["moving.gif"]},
+                      {"problem": "p", "answer": "1", "images": ["pages.tiff"]}],
+                     tmp_path / "q.jsonl")
+    with pytest.raises(data.DatasetError) as err:
+        data.load_dataset(str(tmp_path / "q.jsonl"))
+    message = str(err.value)
+    assert "q.jsonl:1: " in message and "q.jsonl:2: " in message
+    assert message.count("a picture of 2 frames (an animation or a multi-page file)") == 2

@@ -23,22 +23,7 @@ import config  # noqa: E402
 import runtime  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
-
-
-class GradientRecorder:
-    """The optimizer: records the (all-reduced) gradient at each step, changes no weight."""
-
-    def __init__(self, policy):
-        self.params = list(policy.parameters())
-        self.grads = []
-
-    def step(self):
-        self.grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
-                                     for p in self.params]))
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
+from test_train import GradientRecorder  # noqa: E402  (this folder is the script's own)
 
 
 # Per rank, over its 2 prompts x G = 4 rows: at most this many response tokens (as if EOS had

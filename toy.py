@@ -567,7 +567,7 @@ def model_config(s: dict, tokenizer, family: str = "qwen2.5-vl", **text_override
 
 
 def family_classes(family: str) -> qwen.Family:
-    """model.FAMILIES' entry for a name of TINY_FAMILIES ("qwen3-vl-thinking" -> Qwen3-VL)."""
+    """families.FAMILIES' entry for a name of TINY_FAMILIES ("qwen3-vl-thinking" -> Qwen3-VL)."""
     return next(f for f in qwen.FAMILIES.values() if family.startswith(f.name))
 
 

@@ -1,7 +1,7 @@
 """The shortcut-world experiment: GRPO and PAPO recipes from the same warm starts, over seeds.
 
-    python experiments/shortcut.py --out runs/shortcut                  # 5 seeds x 4 recipes
-    python experiments/shortcut.py --out runs/shortcut --recipes papo-g-gamma0.2-entropy
+    python experiments/shortcut.py --out runs/shortcut                  # the design: 7 recipes x 5 seeds
+    python experiments/shortcut.py --out runs/shortcut --recipes dapo --seeds 0 1   # a subset
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
 
 Every (recipe, seed) is one `train.py --toy-world shortcut` run in OUT/<recipe>-seed<S>; the runs
@@ -12,9 +12,11 @@ thread each on 2 cores: a second thread per job only spins, see docs/toy.md). A 
 
 The summary reads each run's final_eval.json and metrics.jsonl and writes OUT/summary.json (also
 the curves, for notebook 04) and OUT/summary.md: per recipe the mean and spread over seeds of
-every held-out number after RL, and per PAPO recipe the paired difference from GRPO seed by seed
-with a 95% t-interval (the same seed shares the warm start, data order and sampling seeds, so the
-pairing removes the warm start's luck from the comparison).
+every held-out number after RL, per PAPO recipe the paired difference from its baseline (GRPO;
+DAPO for PAPO-D) seed by seed with a 95% t-interval (the same seed shares the warm start, data
+order and sampling seeds, so the pairing removes the warm start's luck from the comparison), and
+the collapsed seeds of each recipe by name. The design - recipes, outcomes, the collapse rule and
+how the annealed variant is chosen - is written down in docs/results.md.
 """
 
 from __future__ import annotations
@@ -32,19 +34,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> train.py flags. PAPO-G at the paper's gamma and at 10x it (is 0.02 simply too weak for a
-# model this small?); PAPO-D (DAPO + gamma 0.01 + the Double Entropy Loss); and 10x gamma with the
-# Double Entropy Loss at PAPO-D's weights, the paper's remedy for the collapse large gammas cause.
+# name -> train.py flags. The baselines (GRPO, DAPO), the paper's PAPO-D, and PAPO-G at three
+# gammas above the paper's 0.02 with the official safeguards on: each token's KL_prcp clamped to
+# [0, 0.2] and only the top 20% of each rollout's tokens kept (docs/paper.md section 3b). The
+# annealed variants decay gamma linearly to 0 over the first half of the run; only one of them
+# runs, chosen from the finished PAPO-G runs by `annealed_recipe` (docs/results.md, the design).
+SAFEGUARDS = ["--kl-prcp-clip", "0.2", "--kl-prcp-token-fraction", "0.2"]
+GAMMAS = ("0.05", "0.1", "0.2")
 RECIPES: dict[str, list[str]] = {
     "grpo": ["--preset", "grpo"],
-    "papo-g": ["--preset", "papo-g"],
-    "papo-g-gamma0.2": ["--preset", "papo-g", "--gamma", "0.2"],
+    "dapo": ["--preset", "dapo"],
     "papo-d": ["--preset", "papo-d"],
-    "papo-g-gamma0.2-entropy": ["--preset", "papo-g", "--gamma", "0.2", "--eta-orig", "0.03",
-                                "--eta-mask", "0.03"],
+    **{f"papo-g-gamma{g}": ["--preset", "papo-g", "--gamma", g, *SAFEGUARDS] for g in GAMMAS},
+    **{f"papo-g-gamma{g}-anneal": ["--preset", "papo-g", "--gamma", g, *SAFEGUARDS,
+                                   "--gamma-anneal"] for g in GAMMAS},
 }
-DEFAULT_RECIPES = ["grpo", "papo-g", "papo-g-gamma0.2", "papo-d"]   # docs/results.md's table
-BASELINE = "grpo"
+FIXED_RECIPES = ["grpo", "dapo", "papo-d", *(f"papo-g-gamma{g}" for g in GAMMAS)]
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
 # not change the training trajectory (tests/test_train.py), only how finely the curves are drawn.
@@ -172,18 +177,57 @@ def summarise(runs: dict) -> tuple[dict, str]:
                              {s: v["before"] for s, v in seeds.items()})
         summary.setdefault("change", {})[r] = row
         change_lines.append(f"| {r} | {len(seeds)} | " + " | ".join(cells) + " |")
-    # what the objective did: each recipe against the baseline from the same warm start
-    base = {s: v["after"] for s, v in runs.get(BASELINE, {}).items()}
-    paired_lines = ["", f"Paired difference from {BASELINE} (same seed), mean [95% t-interval]:",
-                    "", *header]
+    # what the objective did: each recipe against its baseline from the same warm start
+    paired_lines = ["", "Paired difference from the recipe's baseline (same seed), mean [95% "
+                    "t-interval]:", "", header[0].replace("| recipe |", "| recipe - baseline |"),
+                    header[1]]
     for r, seeds in runs.items():
+        b = baseline_of(r)
+        base = {s: v["after"] for s, v in runs.get(b, {}).items()}
         common = sorted(set(seeds) & set(base))
-        if r == BASELINE or not common:
+        if b is None or not common:
             continue
         row, cells = _paired({s: seeds[s]["after"] for s in common}, base)
-        summary["paired"][r] = row
-        paired_lines.append(f"| {r} | {len(common)} | " + " | ".join(cells) + " |")
-    return summary, "\n".join(lines + change_lines + paired_lines) + "\n"
+        summary["paired"][r] = {"baseline": b, **row}
+        paired_lines.append(f"| {r} - {b} | {len(common)} | " + " | ".join(cells) + " |")
+    # collapses, seed by seed (a band over seeds would hide a split outcome)
+    collapse_lines = ["", "Collapsed seeds (held-out accuracy after RL below half the warm "
+                      "start's, or format rate below 0.5):", ""]
+    for r, seeds in runs.items():
+        hit = [s for s, v in sorted(seeds.items()) if collapsed(v["before"], v["after"])]
+        summary["recipes"][r]["collapsed"] = hit
+        collapse_lines.append(f"- {r}: {len(hit)} of {len(seeds)}"
+                              + (f" (seed {', '.join(map(str, hit))})" if hit else ""))
+    return summary, "\n".join(lines + change_lines + paired_lines + collapse_lines) + "\n"
+
+
+def baseline_of(recipe: str) -> str | None:
+    """Each PAPO recipe is compared with the baseline it adds to: PAPO-D with DAPO, PAPO-G with
+    GRPO. The baselines themselves are not paired."""
+    if recipe.startswith("papo-d"):
+        return "dapo"
+    return "grpo" if recipe.startswith("papo") else None
+
+
+def collapsed(before: dict, after: dict) -> bool:
+    """The design's collapse rule (docs/results.md): RL lost more than half the warm start's
+    held-out accuracy, or most answers lost the format."""
+    return after["accuracy"] < 0.5 * before["accuracy"] or after.get("format", 1.0) < 0.5
+
+
+def annealed_recipe(runs: dict, seeds: list[int]) -> str | None:
+    """The design's choice of the one annealed variant: the largest gamma whose PAPO-G runs
+    finished on every seed without a collapse; if every gamma collapsed somewhere, the one with
+    the fewest collapsed seeds (the smaller gamma on a tie). None until all those runs finished."""
+    counts = {}
+    for g in GAMMAS:
+        done = runs.get(f"papo-g-gamma{g}", {})
+        if set(seeds) - set(done):
+            return None
+        counts[g] = sum(collapsed(done[s]["before"], done[s]["after"]) for s in seeds)
+    clean = [g for g in GAMMAS if counts[g] == 0]
+    gamma = max(clean, key=float) if clean else min(GAMMAS, key=lambda g: (counts[g], float(g)))
+    return f"papo-g-gamma{gamma}-anneal"
 
 
 def _paired(new: dict, old: dict) -> tuple[dict, list[str]]:
@@ -215,15 +259,27 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="Folder of the runs and the summary.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES),
+                   help="Only these (default: the design's six fixed recipes, then the annealed "
+                        "variant that `annealed_recipe` picks from their results).")
     p.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
     p.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
     p.add_argument("--summary-only", action="store_true", help="Do not train; summarise.")
     args, extra = p.parse_known_args(argv)   # anything else goes to every train.py run
     out = Path(args.out).resolve()
+    recipes = args.recipes or FIXED_RECIPES
     if not args.summary_only:
-        run_all(out, args.seeds, args.recipes, args.jobs, args.threads, extra)
-    runs = load_runs(out, args.recipes, args.seeds)
+        run_all(out, args.seeds, recipes, args.jobs, args.threads, extra)
+    if not args.recipes:   # the design's last run: the annealed variant its results pick
+        chosen = annealed_recipe(load_runs(out, FIXED_RECIPES, args.seeds), args.seeds)
+        if chosen is None:
+            print("the annealed variant waits for every seed of the PAPO-G runs", flush=True)
+        else:
+            print(f"annealed variant (docs/results.md's rule): {chosen}", flush=True)
+            recipes = recipes + [chosen]
+            if not args.summary_only:
+                run_all(out, args.seeds, [chosen], args.jobs, args.threads, extra)
+    runs = load_runs(out, recipes, args.seeds)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
     summary, table = summarise(runs)

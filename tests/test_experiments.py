@@ -35,6 +35,7 @@ def test_paired_differences_are_taken_seed_by_seed():
     runs = {"grpo": {0: _run(0.2, 0.1), 1: _run(0.6, 0.5), 2: _run(0.4, 0.2)},
             "papo-g": {0: _run(0.3, 0.1), 1: _run(0.7, 0.5), 2: _run(0.5, 0.2)}}
     summary, table = shortcut.summarise(runs)
+    assert summary["paired"]["papo-g"]["baseline"] == "grpo"
     paired = summary["paired"]["papo-g"]["accuracy"]
     assert paired["mean"] == pytest.approx(0.1)
     assert paired["low"] == pytest.approx(0.1) and paired["high"] == pytest.approx(0.1)
@@ -56,3 +57,66 @@ def test_one_common_seed_gives_a_difference_but_no_interval():
     summary, table = shortcut.summarise(runs)
     assert summary["paired"]["papo-g"]["accuracy"]["low"] is None
     assert "[one seed]" in table
+
+
+def test_papo_d_is_paired_with_dapo_and_papo_g_with_grpo():
+    runs = {"grpo": {0: _run(0.2, 0.1), 1: _run(0.6, 0.5)},
+            "dapo": {0: _run(0.5, 0.4), 1: _run(0.5, 0.4)},
+            "papo-d": {0: _run(0.6, 0.4), 1: _run(0.7, 0.4)},
+            "papo-g-gamma0.1": {0: _run(0.3, 0.1), 1: _run(0.6, 0.5)}}
+    summary, table = shortcut.summarise(runs)
+    assert summary["paired"]["papo-d"]["baseline"] == "dapo"
+    assert summary["paired"]["papo-d"]["accuracy"]["per_seed"] == pytest.approx([0.1, 0.2])
+    assert summary["paired"]["papo-g-gamma0.1"]["accuracy"]["per_seed"] == pytest.approx([0.1, 0.0])
+    assert "dapo" not in summary["paired"] and "grpo" not in summary["paired"]
+    assert "| papo-d - dapo | 2 |" in table
+
+
+def _final(before_acc, after_acc, after_format=1.0):
+    return {"before": {"accuracy": before_acc, "format": 1.0},
+            "after": {"accuracy": after_acc, "format": after_format}, "curve": []}
+
+
+def test_a_collapse_is_named_seed_by_seed():
+    """Below half the warm start's held-out accuracy, or format below 0.5; the boundary itself
+    is not a collapse."""
+    assert shortcut.collapsed({"accuracy": 0.5}, {"accuracy": 0.24, "format": 1.0})
+    assert not shortcut.collapsed({"accuracy": 0.5}, {"accuracy": 0.25, "format": 1.0})
+    assert shortcut.collapsed({"accuracy": 0.5}, {"accuracy": 0.6, "format": 0.49})
+    runs = {"papo-g-gamma0.2": {0: _final(0.5, 0.0, 0.0), 1: _final(0.5, 0.6), 2: _final(0.4, 0.1)}}
+    summary, table = shortcut.summarise(runs)
+    assert summary["recipes"]["papo-g-gamma0.2"]["collapsed"] == [0, 2]
+    assert "- papo-g-gamma0.2: 2 of 3 (seed 0, 2)" in table
+
+
+def test_the_annealed_variant_is_the_largest_gamma_that_never_collapsed():
+    ok, bad = _final(0.5, 0.6), _final(0.5, 0.0)
+    seeds = [0, 1]
+    runs = {"papo-g-gamma0.05": {0: ok, 1: ok}, "papo-g-gamma0.1": {0: ok, 1: ok},
+            "papo-g-gamma0.2": {0: ok, 1: bad}}
+    assert shortcut.annealed_recipe(runs, seeds) == "papo-g-gamma0.1-anneal"
+    runs["papo-g-gamma0.2"][1] = ok
+    assert shortcut.annealed_recipe(runs, seeds) == "papo-g-gamma0.2-anneal"
+    # every gamma collapsed somewhere: the fewest collapses, the smaller gamma on a tie
+    runs = {"papo-g-gamma0.05": {0: bad, 1: bad}, "papo-g-gamma0.1": {0: ok, 1: bad},
+            "papo-g-gamma0.2": {0: bad, 1: ok}}
+    assert shortcut.annealed_recipe(runs, seeds) == "papo-g-gamma0.1-anneal"
+    # not decided before every seed of every gamma finished
+    del runs["papo-g-gamma0.2"][1]
+    assert shortcut.annealed_recipe(runs, seeds) is None
+    # and each annealed recipe is its gamma's flags plus --gamma-anneal, paired with GRPO
+    assert shortcut.RECIPES["papo-g-gamma0.1-anneal"] == \
+        shortcut.RECIPES["papo-g-gamma0.1"] + ["--gamma-anneal"]
+    assert shortcut.baseline_of("papo-g-gamma0.1-anneal") == "grpo"
+
+
+def test_every_recipe_is_a_valid_command_line():
+    import config
+    for name, flags in shortcut.RECIPES.items():
+        cfg = config.parse_config([*shortcut.COMMON, *flags])
+        assert cfg.toy_world == "shortcut" and cfg.steps == 100, name
+        if name.startswith("papo-g-gamma"):
+            assert (cfg.kl_prcp_clip, cfg.kl_prcp_token_fraction) == (0.2, 0.2), name
+            assert cfg.gamma == float(name.split("gamma")[1].split("-")[0]), name
+            assert cfg.gamma_anneal == name.endswith("-anneal"), name
+    assert config.parse_config(shortcut.RECIPES["papo-d"]).dynamic_sampling

@@ -145,6 +145,54 @@ def test_perception_kl_gradient_formula():
     assert grad.tolist() == pytest.approx([-0.5, 3.0], abs=1e-12)
 
 
+def test_the_push_on_l_of_each_estimator_in_closed_form():
+    """d(-D)/dl per token, x = a - l (the masked branch's log-prob minus the original's):
+    k1 = -x: 1 everywhere, no zero (every sampled token pushed down the same in the loss's
+    terms, whatever the picture did); k2 = x^2 / 2: -x; k3 = e^x - x - 1: -(1 - e^x) - zero
+    where the branches agree, at most 1 in size where the picture supports the token (x < 0),
+    and large where hiding the picture makes it likelier (x > 0), up to the official cap of k3
+    at 10 (x = 2.61, a push of e^x - 1 = 12.6), beyond which it is 0."""
+    x = torch.tensor([-8.0, -2.0, -0.5, 0.0, 0.5, 2.0, 2.6], dtype=F64)
+    l = torch.full_like(x, -1.0).requires_grad_(True)
+    a = l.detach() + x
+    closed = {"k1": -torch.ones_like(x), "k2": x, "k3": -(1 - x.exp())}    # d(-D)/dl
+    for kind, expected in closed.items():
+        (grad,) = torch.autograd.grad(-papo.perception_kl(l, a, kind).sum(), l)
+        assert grad.tolist() == pytest.approx(expected.tolist(), rel=1e-12, abs=1e-12), kind
+    # descent moves l by -grad: up where the picture supports the token, down where it does not
+    (grad,) = torch.autograd.grad(-papo.perception_kl(l, a).sum(), l)
+    push = -grad
+    assert push[3] == 0                                          # x = 0: no push
+    assert (push[:3] > 0).all() and (push[:3] < 1).all()         # x < 0: up, by less than 1
+    assert (push[4:] < 0).all() and push[-1] < -12               # x > 0: down, by up to 12.6
+    l_far = torch.tensor([0.0], dtype=F64, requires_grad=True)   # x = 2.62: k3 = 10.1, capped
+    (g_far,) = torch.autograd.grad(-papo.perception_kl(l_far, torch.tensor([2.62], dtype=F64)).sum(),
+                                   l_far)
+    assert g_far.item() == 0.0
+    # k2 has the same zero and signs; k1 has neither
+    (g2,) = torch.autograd.grad(-papo.perception_kl(l, a, "k2").sum(), l)
+    assert g2[3] == 0 and (-g2[:3] > 0).all() and (-g2[4:] < 0).all()
+
+
+def test_the_clamp_silences_the_push_outside_its_band():
+    """With --kl-prcp-clip 0.2 a token's push is zero once its k3 passes 0.2, i.e. outside
+    e^x - x - 1 < 0.2: x in about (-0.7068, 0.5722), where the push is at most 0.507 up and
+    0.772 down. Inside, it is the unclamped -(1 - e^x)."""
+    lo, hi = -0.7068, 0.5722                       # roots of e^x - x - 1 = 0.2 (to 1e-4)
+    assert math.exp(lo) - lo - 1 == pytest.approx(0.2, abs=1e-4)
+    assert math.exp(hi) - hi - 1 == pytest.approx(0.2, abs=1e-4)
+    assert (1 - math.exp(lo), 1 - math.exp(hi)) == pytest.approx((0.507, -0.772), abs=1e-3)
+    x = torch.tensor([-1.0, -0.72, -0.69, -0.3, 0.3, 0.56, 0.59, 1.0], dtype=F64)
+    l = torch.zeros_like(x, requires_grad=True)
+    mask = torch.ones(1, len(x), dtype=F64)
+    values, _ = papo.perception_term(l[None], (l.detach() + x)[None], mask, clip=0.2)   # [1, T]
+    (grad,) = torch.autograd.grad(-values.sum(), l)
+    inside = (x > lo) & (x < hi)
+    assert inside.tolist() == [False, False, True, True, True, True, False, False]
+    assert grad[~inside].tolist() == [0.0] * 4
+    assert grad[inside].tolist() == pytest.approx((-(1 - x.exp()))[inside].tolist(), abs=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entropy
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ only place that has to know the models' quirks. Read it top to bottom:
   5. Scoring     completion_logprobs: log pi(o_t | q, I, o_<t) for every completion token, one
                  forward per row and a chunked log-softmax gather, never holding [batch,
                  length, vocabulary] logits in memory; naive_completion_logprobs, the obvious
-                 version, is the tests' oracle.
+                 version, is the tests' oracle; next_token_logits, its forward, gives whole
+                 distributions for analysis.
   6. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
 
 What makes it fast - each prompt and picture read once per group, FSDP's root gathering, CPU
@@ -890,19 +891,28 @@ def _completion_logprobs(model, net, r: Rollouts, pixels, temperature: float,
     return (logp, scatter(entropies)) if with_entropy else logp
 
 
+def next_token_logits(model, rollouts: Rollouts, *, pixel_values=None) -> torch.Tensor:
+    """The full next-token logits [B, T, V] at every completion position: logits[b, t] is what
+    the model predicts for completion_ids[b, t] (the model's plain forward, no chunking). For
+    analysis and oracles that need whole distributions - e.g. the original and the masked
+    branch's at one position (notebook 03) - not for training (it holds B x T x V floats)."""
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    r = rollouts.to(device)
+    pixels = r.pixel_values if pixel_values is None else pixel_values.to(device)
+    T = r.completion_ids.shape[1]
+    return model(**_scoring_inputs(r, pixels)).logits[:, -T - 1:-1]            # [B, T, V]
+
+
 def naive_completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None,
                               temperature: float = 1.0, with_entropy: bool = False):
     """THE ORACLE for tests and benchmarks - same contract as completion_logprobs, computed the
     obvious way: the model's plain forward (pixel_values in, so the vision tower runs once per
     row), full [B, T, V] logits -> log_softmax -> gather. Memory-hungry; do not train with it."""
-    net = unwrap(model)
-    device = next(net.parameters()).device
-    r = rollouts.to(device)
-    pixels = r.pixel_values if pixel_values is None else pixel_values.to(device)
     temperature = float(temperature) if temperature > 0 else 1.0
-    T = r.completion_ids.shape[1]
-    logits = model(**_scoring_inputs(r, pixels)).logits[:, -T - 1:-1]   # [B, T, V]
+    logits = next_token_logits(model, rollouts, pixel_values=pixel_values)     # [B, T, V]
     logp_all = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)  # [B, T, V]
+    r = rollouts.to(logits.device)
     mask = r.completion_mask                                                   # [B, T]
     logp = logp_all.gather(-1, r.completion_ids[..., None]).squeeze(-1) * mask  # [B, T]
     if not with_entropy:

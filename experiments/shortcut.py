@@ -1,6 +1,7 @@
 """The shortcut-world experiment: GRPO and PAPO recipes from the same warm starts, over seeds.
 
     python experiments/shortcut.py --out runs/shortcut                  # the design: 7 recipes x 5 seeds
+    python experiments/shortcut.py --out runs/shortcut --recipes papo-g-gamma0.2-unguarded
     python experiments/shortcut.py --out runs/shortcut --recipes dapo --seeds 0 1   # a subset
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
 
@@ -49,6 +50,9 @@ RECIPES: dict[str, list[str]] = {
     **{f"papo-g-gamma{g}-anneal": ["--preset", "papo-g", "--gamma", g, *SAFEGUARDS,
                                    "--gamma-anneal"] for g in GAMMAS},
 }
+# The same gamma 0.2 without the safeguards: does the clip and token mask change the outcome at
+# one gamma (paired by seed with papo-g-gamma0.2)? Run after the design's seven, by name.
+RECIPES["papo-g-gamma0.2-unguarded"] = ["--preset", "papo-g", "--gamma", "0.2"]
 FIXED_RECIPES = ["grpo", "dapo", "papo-d", *(f"papo-g-gamma{g}" for g in GAMMAS)]
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
@@ -206,6 +210,8 @@ def baseline_of(recipe: str) -> str | None:
     GRPO. The baselines themselves are not paired."""
     if recipe.startswith("papo-d"):
         return "dapo"
+    if recipe == "papo-g-gamma0.2-unguarded":
+        return "papo-g-gamma0.2"
     return "grpo" if recipe.startswith("papo") else None
 
 

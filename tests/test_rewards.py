@@ -6,8 +6,11 @@ responses are timed, on the main thread and in a worker thread, against a fixed 
 """
 import multiprocessing
 import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +280,27 @@ def test_a_forked_process_grades_with_its_own_math_process():
     assert queue.get(timeout=30) is True
     child.join(timeout=30)
     assert child.exitcode == 0
+
+
+def test_a_trainer_with_its_stop_handler_exits_after_using_the_math_process():
+    """train.py catches SIGTERM to stop after a step (runtime.catch_stop_signals); at exit,
+    multiprocessing stops the daemon math process with SIGTERM and waits for it. A forked math
+    process that kept the trainer's handler ignored that and the trainer hung forever after its
+    last step - every run of an experiment script waited on it. Here the whole sequence runs in
+    a fresh interpreter, which must exit by itself."""
+    script = ("import runtime, rewards\n"
+              "runtime.catch_stop_signals()\n"
+              "assert rewards.answers_match('\\\\frac{1}{2}', '0.5')\n"
+              "assert rewards._MATH.process.process.is_alive()\n"
+              "print('graded')\n")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                              text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter did not exit: the math process ignored SIGTERM")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "graded"
 
 
 def test_a_spawned_math_process_grades_too_and_its_start_does_not_count(monkeypatch):

@@ -1,6 +1,6 @@
 """The shortcut-world experiment: GRPO and PAPO recipes from the same warm starts, over seeds.
 
-    python experiments/shortcut.py --out runs/shortcut                  # the design: 7 recipes x 3 seeds
+    python experiments/shortcut.py --out runs/shortcut                  # the design: 7 recipes x 5 seeds
     python experiments/shortcut.py --out runs/shortcut --recipes papo-g-gamma0.2-unguarded
     python experiments/shortcut.py --out runs/shortcut --recipes dapo --seeds 0 1   # a subset
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
@@ -264,7 +264,7 @@ def _mean_sd(values) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="Folder of the runs and the summary.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES),
                    help="Only these (default: the design's six fixed recipes, then the annealed "
                         "variant that `annealed_recipe` picks from their results).")

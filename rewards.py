@@ -853,6 +853,7 @@ def reward_form(function, spec: str) -> str:
         raise RewardError(f"--reward {spec}: takes one argument, not annotated: annotate it as "
                           "list[dict] (EasyR1's batch form) or dict (one response at a time)")
     text = (note if isinstance(note, str) else getattr(note, "__name__", "") or repr(note))
+    text = text.strip("'\" ")                 # "'list[dict]'": a quoted annotation, postponed
     is_list = re.match(r"(?:typing\.|collections\.abc\.)?(?:list|sequence)\b", text, re.I)
     return "batch" if is_list else "one"
 

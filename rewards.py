@@ -562,7 +562,9 @@ _LEAD_IN = re.compile(r"(?i)(?:the\s+)?(?:final\s+|correct\s+|right\s+)?"
                       r"(?:answer|option|choice)\s*(?:is\b|:)?\s*")
 # Another option named in an option's text: "(A)", "A)", or a capital A-H standing alone that
 # does not open a sentence ("B. or maybe A" names A; "C. A circle" does not).
-_OTHER_OPTION = re.compile(r"\(([A-Z])\)|(?<![\w\\])([A-Z])\)|(?<![\w\\(])([A-H])(?![\w)])(?!\s+[a-z])")
+# A capital next to braces or an operator is math, not an option ("D. \frac{A}{B}", "B. A+1").
+_OTHER_OPTION = re.compile(r"\(([A-Z])\)|(?<![\w\\])([A-Z])\)"
+                           r"|(?<![\w\\({^_])([A-H])(?![\w)}])(?!\s+[a-z])(?!\s*[=+\-*/^_<>])")
 
 
 def _canonical(s: str) -> str:
@@ -1016,9 +1018,15 @@ _SCORE_KEYS = ("overall", "accuracy", "format")
 
 
 def _number(value) -> bool:
-    """A real number: int, float, bool, numpy's; never a string (float("10") would pass)."""
-    import numbers
-    return isinstance(value, numbers.Real)
+    """A number: int, float, bool, numpy's or a one-element tensor - anything with __float__,
+    which a string has not (float("10") parses it; that is how "10" passed as (1, 0))."""
+    if not hasattr(value, "__float__"):
+        return False
+    try:
+        float(value)                             # a tensor of several elements cannot
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _checked(value, spec: str, where: str, form: str = "ours") -> dict[str, float]:

@@ -399,8 +399,9 @@ def test_the_letters_a_hedge_names_are_right_when_the_gold_is_that_set(pred, gol
     assert rewards.answers_match(pred, gold) is True
 
 
-@pytest.mark.parametrize("pred", ["B. A circle", "(B) A triangle", "B. 42"])
-def test_an_options_text_opening_with_a_capital_names_no_other_option(pred):
+@pytest.mark.parametrize("pred", ["B. A circle", "(B) A triangle", "B. 42", "B. \\frac{A}{C}",
+                                  "B. A+1"])
+def test_a_capital_in_an_options_text_that_is_a_word_or_math_names_no_other_option(pred):
     assert rewards.answers_match(pred, "B") is True
 
 

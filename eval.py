@@ -393,7 +393,10 @@ def recorded_reward(models: list[str], bad: list[str]) -> str:
     for name in models:
         info = Path(name).parent / "run.json"
         if info.is_file():
-            found[name] = json.loads(info.read_text()).get("reward") or ""
+            try:
+                found[name] = json.loads(info.read_text()).get("reward") or ""
+            except (OSError, ValueError, AttributeError) as err:
+                bad.append(f"--model {name}: cannot read its run's {info}: {err}")
     if len(set(found.values())) > 1:
         bad.append("the runs trained on different rewards (" + "; ".join(
             f"{m}: {r or 'the built-in math reward'}" for m, r in found.items())

@@ -212,3 +212,26 @@ def test_eval_uses_the_reward_recorded_in_the_runs_run_json(tmp_path):
     assert evaluation.recorded_reward([ckpt("c"), "Qwen/base"], bad) == "" and not bad
     evaluation.recorded_reward([ckpt("a"), ckpt("c")], bad)
     assert "trained on different rewards" in bad[0] and "give --reward" in bad[0]
+    (tmp_path / "c" / "run.json").write_text("{not json")
+    evaluation.recorded_reward([ckpt("c")], bad)
+    assert "cannot read its run's" in bad[1]
+
+
+def test_eval_py_checks_the_runs_recorded_reward_before_loading_the_model(spec, tmp_path,
+                                                                         monkeypatch):
+    """eval.py given a run's checkpoint takes the run's --reward from run.json and tries it on
+    the data before any model loads: a broken one is refused naming the row and the function."""
+    from PIL import Image
+    import model as qwen
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "a.png")
+    questions = data.write_jsonl([{"problem": "How many?", "answer": "3", "images": ["a.png"]}],
+                                 tmp_path / "q.jsonl")
+    checkpoint = tmp_path / "run" / "checkpoint-000001"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"reward": spec("raises")}))
+    monkeypatch.setattr(qwen, "model_source", lambda name: (name, None))
+    monkeypatch.setattr(qwen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=r"eval.py: checked before loading any model: --reward "
+                                         r".*raises failed on .*q.jsonl:1: ValueError"):
+        evaluation.main(["--model", str(checkpoint), "--data", str(questions),
+                         "--out", str(tmp_path / "e.json")])

@@ -179,10 +179,12 @@ class Config:
     reward: str = arg("", "Your own reward: FILE.py:function or module:function, called as "
                           "function(response, gold_answer, example) -> (accuracy, format), each "
                           "in [0, 1]; reward = 0.9 accuracy + 0.1 format. Empty: rewards.py "
-                          "(the official math reward). docs/rewards.md has an example.")
+                          "(the official math reward). EasyR1's reward functions (a dict "
+                          "with overall/accuracy/format, one at a time or in a batch) work as "
+                          "they are. docs/rewards.md has examples.")
     reward_time_limit: float = arg(10.0, "Seconds one call of --reward may take; it runs in a "
                                          "child process, and a call past the limit scores 0 "
-                                         "(reported).")
+                                         "(reported). At most 3600.")
 
     # --- parameter-efficient and partial training ---------------------------------------------
     lora_rank: int = arg(0, "LoRA (through PEFT, an optional install): the adapters' rank; 0 = "
@@ -481,7 +483,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
      "comma-separated names from " + ", ".join(REPORTERS)),
     ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
-    ("reward_time_limit", lambda v: 0 < v < math.inf, "> 0 (seconds)"),
+    ("reward_time_limit", lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
+     f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("lora_alpha", lambda v: 0 <= v < math.inf, ">= 0 (0 = 2 x --lora-rank)"),
     ("lora_targets", lambda v: all(t.strip().isidentifier() for t in v.split(",")),

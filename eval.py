@@ -137,9 +137,11 @@ def _score_batch(policy, processor, examples, start: int, *, samples, temperatur
         rollouts = qwen.generate_rollouts(policy, processor, prompts, num_samples=samples,
                                           max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, top_k=top_k)
-        details = [user_reward(t, ex) if user_reward is not None else
-                   rewards.reward_details(t, ex.answer, thinking_open)
-                   for t, ex in zip(rollouts.texts, asked)]
+        details = (user_reward.score(rollouts.texts, asked,
+                                     rollouts.completion_mask.sum(-1).int().tolist())
+                   if user_reward is not None else
+                   [rewards.reward_details(t, ex.answer, thinking_open)
+                    for t, ex in zip(rollouts.texts, asked)])
         out["correct"][ratio] = np.array([x["accuracy"] for x in details]).reshape(-1, samples)
         if ratio is not None:
             continue
@@ -382,6 +384,30 @@ def run_targets(run: Path) -> dict:
     return info
 
 
+def recorded_reward(models: list[str], bad: list[str]) -> str:
+    """The --reward that the runs of `models` trained with (their run.json, next to each
+    checkpoint), so that a run trained on its own reward is scored by it; "" for the built-in
+    math reward. Models outside a run (a hub id, a base model) do not count; runs that trained
+    on different rewards are a problem added to `bad` (give --reward to choose)."""
+    found = {}
+    for name in models:
+        info = Path(name).parent / "run.json"
+        if info.is_file():
+            try:
+                found[name] = json.loads(info.read_text()).get("reward") or ""
+            except (OSError, ValueError, AttributeError) as err:
+                bad.append(f"--model {name}: cannot read its run's {info}: {err}")
+    if len(set(found.values())) > 1:
+        bad.append("the runs trained on different rewards (" + "; ".join(
+            f"{m}: {r or 'the built-in math reward'}" for m, r in found.items())
+            + "); give --reward to score them alike")
+        return ""
+    reward = next(iter(found.values()), "")
+    if reward:
+        print(f"scoring with the run's own reward, --reward {reward} (from its run.json)")
+    return reward
+
+
 def column_names(models: list[str]) -> list[str]:
     """The shortest path tails that tell the models apart: runs/a/checkpoint-000150 and
     runs/b/checkpoint-000150 become a/checkpoint-000150 and b/checkpoint-000150."""
@@ -549,7 +575,11 @@ def main(argv=None) -> dict:
         ("min-pixels", min_pixels, 1 <= min_pixels <= max_pixels, ">= 1 and <= --max-pixels"),
         ("mask-ratios", mask_ratios, all(0 <= r <= 1 for r in mask_ratios), "each in [0, 1]"),
         ("kl-ratio", kl_ratio, kl_ratio <= 1, "<= 1 (negative: skip)"),
+        ("reward-time-limit", args.reward_time_limit,
+         0 < args.reward_time_limit <= rewards.MAX_REWARD_TIME_LIMIT,
+         f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ) if not ok]
+    reward = args.reward or recorded_reward(models, bad)
     out = Path(args.out)
     if out.is_dir():
         bad.append(f"--out {out}: is a folder; give a file name")
@@ -571,11 +601,12 @@ def main(argv=None) -> dict:
     except (data.DatasetError, ValueError) as err:   # every source is checked before any model
         raise SystemExit(f"eval.py: {err}") from None
 
-    try:
-        user_reward = (rewards.UserReward(args.reward, args.reward_time_limit) if args.reward
-                       else None)
+    try:        # a reward that raises or returns nonsense is refused before any model loads
+        user_reward = (rewards.UserReward(reward, args.reward_time_limit) if reward else None)
+        if user_reward is not None:
+            rewards.check_user_reward(user_reward, next(iter(loaded.values())))
     except rewards.RewardError as err:
-        p.error(str(err))
+        raise SystemExit(f"eval.py: {err}") from None
     # torchrun --nproc_per_node N eval.py ...: every rank loads each model and scores every N-th
     # batch of questions; rank 0 gathers the results (evaluate(split_over_ranks=True))
     device, main_rank = _processes()

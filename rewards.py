@@ -540,9 +540,31 @@ _UNITS = set(_BASE_UNITS) | {f"{u}{p}" for u in ("mm", "cm", "dm", "m", "km", "i
     "m/s", "km/h", "kmh", "mph", "ft/s", "m/s^2", "m/s^{2}", "m/s²", "km/s", "cm/s", "g/cm^3",
     "kg/m^3", "squareunits", "squnits", "cubicunits", "sqcm", "sqm"}
 _NUMBER_AND_UNIT = re.compile(r"(?P<number>.*?[\d})])\s*(?P<unit>[A-Za-z°][A-Za-z0-9/^{}²³° ]*)")
+_EMPTY_SET = re.compile(r"\\varnothing(?![A-Za-z])|∅|\\\{\s*\\\}")   # \varnothing, ∅, \{\}
+# The left side of an equation that names the quantity asked for: a segment or angle named by
+# capital letters (AB = 5, \angle ABC = 30), or a function applied (f(x) = 2x+1, g(2) = 5).
+_NAMED_QUANTITY = re.compile(r"(?:(?:\\angle\s*|\\overline\{)?[A-Z]{2,3}\}?"
+                             r"|[A-Za-z](?:_\{?\w+\}?)?\([^()=]*\))\s*=(?P<rhs>[^=<>]+)")
+# Inequalities in one variable, read as intervals when the other answer is one: 1<x<3, x \ge 2.
+_LESS, _MORE = r"(?:<=?|\\leq?|\\lt|≤)", r"(?:>=?|\\geq?|\\gt|≥)"
+_BOUND, _VAR = r"[^<>=≤≥]+?", r"\s*[A-Za-z]\s*"
+_UP = re.compile(rf"(?P<lo>{_BOUND})\s*(?P<o1>{_LESS}){_VAR}(?P<o2>{_LESS})\s*(?P<hi>{_BOUND})")
+_DOWN = re.compile(rf"(?P<hi>{_BOUND})\s*(?P<o2>{_MORE}){_VAR}(?P<o1>{_MORE})\s*(?P<lo>{_BOUND})")
+_ABOVE = re.compile(rf"{_VAR}(?P<o1>{_MORE})\s*(?P<lo>{_BOUND})")
+_BELOW = re.compile(rf"{_VAR}(?P<o2>{_LESS})\s*(?P<hi>{_BOUND})")
+_INTERVAL_SHAPE = re.compile(r"[(\[][^,]*,[^,]*[)\]]")
 _OPTION_GOLD = re.compile(r"[A-Z]|[A-H]{2,8}")     # "B", or several options "AC"
-_OPTION_WITH_TEXT = re.compile(r"\(?([A-Za-z])\)?\s*[.:)]\s+\S.*|\(([A-Za-z])\)\s+\S.*", re.DOTALL)
+# an option letter, then its text: "B. 42", "B: 42", "B) 42", "(B) 42" (group 3: the text)
+_OPTION_WITH_TEXT = re.compile(r"(?:\(?([A-Za-z])\)?\s*[.:)]|\(([A-Za-z])\))\s+(\S.*)", re.DOTALL)
 _OPTION_NOISE = re.compile(r"(?i)\b(?:and|or|options?|choices?|answer)\b|[\s,;&()\[\]:]")
+# "The answer is", "Answer:", "The correct option is", "Option" before the letter(s)
+_LEAD_IN = re.compile(r"(?i)(?:the\s+)?(?:final\s+|correct\s+|right\s+)?"
+                      r"(?:answer|option|choice)\s*(?:is\b|:)?\s*")
+# Another option named in an option's text: "(A)", "A)", or a capital A-H standing alone that
+# does not open a sentence ("B. or maybe A" names A; "C. A circle" does not).
+# A capital next to braces or an operator is math, not an option ("D. \frac{A}{B}", "B. A+1").
+_OTHER_OPTION = re.compile(r"\(([A-Z])\)|(?<![\w\\])([A-Z])\)"
+                           r"|(?<![\w\\({^_])([A-H])(?![\w)}])(?!\s+[a-z])(?!\s*[=+\-*/^_<>])")
 
 
 def _canonical(s: str) -> str:
@@ -553,7 +575,8 @@ def _canonical(s: str) -> str:
     # the degree mark is searched in the last 40 characters only: a search over the whole
     # string would rescan each run of spaces from each of its characters (quadratic)
     head, tail = s[:-40], s[-40:]
-    return (head + _DEGREES.sub("", tail)).strip()
+    s = (head + _DEGREES.sub("", tail)).strip()
+    return _EMPTY_SET.sub(lambda m: "\\emptyset", s)      # one spelling of the empty set
 
 
 def _split_unit(s: str) -> tuple[str, str] | None:
@@ -570,15 +593,61 @@ def _split_unit(s: str) -> tuple[str, str] | None:
 
 
 def _options(s: str) -> frozenset[str] | None:
-    """The option letters an answer names: '(B)', 'B)', 'B. 42', '\\text{(B)}', 'Option B' ->
-    {B}; 'A, C', 'CA', 'A and C' -> {A, C}; anything else None."""
+    """The option letters an answer names: '(B)', 'B)', 'B. 42', '\\text{(B)}', 'Option B',
+    'The answer is B' -> {B}; 'A, C', 'CA', 'A and C', '(A) and (C)' -> {A, C}; a hedge names
+    every letter it lists: '(B) or (A)', 'B. or maybe A', 'B) A) C) D)' -> {A, B, ...}; anything
+    else None.
+
+    Why every letter: scored by the first letter named, "(B) or (A)" would be right against B
+    and against A, and an RL policy learns to list them all."""
     s = _TEXT_WRAPPER.sub(lambda m: m.group(1), s).strip()
+    s = s[m.end():] if (m := _LEAD_IN.match(s)) and m.end() < len(s) else s
     if (m := _OPTION_WITH_TEXT.fullmatch(s)):
-        return frozenset((m.group(1) or m.group(2)).upper())
+        named = {(m.group(1) or m.group(2)).upper()}
+        named |= {next(g for g in o.groups() if g) for o in _OTHER_OPTION.finditer(m.group(3))}
+        return frozenset(named)
     letters = _OPTION_NOISE.sub("", s).removesuffix(".")
     if 1 <= len(letters) <= 8 and letters.isalpha() and letters.isascii() \
             and len(set(letters.upper())) == len(letters):
         return frozenset(letters.upper())
+    return None
+
+
+# A gold answer written as an option: "(C)", "C)", "Option C", "C. 42", "(C) 42" (the text, if
+# any, in group "text"); capital letters only, so that a gold answer "x: 5" stays math.
+_OPTION_GOLD_FORM = re.compile(r"(?:(?i:option|choice)\s+)?(?:\(([A-Z])\)|([A-Z])\))"
+                               r"|(?:(?i:option|choice)\s+)([A-Z])"
+                               r"|(?:\(?([A-Z])\)?\s*[.:)]|\(([A-Z])\))\s+(?P<text>\S.*)",
+                               re.DOTALL)
+
+
+def _gold_option(s: str) -> tuple[frozenset[str], str | None] | None:
+    """(letters, the option's text or None) when the gold answer names options, else None:
+    'AC' -> ({A, C}, None), 'C. 42' -> ({C}, '42'), 'Option C' -> ({C}, None)."""
+    if _OPTION_GOLD.fullmatch(s):
+        return frozenset(s), None
+    if (m := _OPTION_GOLD_FORM.fullmatch(s)):
+        letter = next(g for g in m.groups()[:5] if g)
+        text = m["text"]
+        usable = text is not None and _OPTION_GOLD_FORM.fullmatch(text) is None \
+            and not _OPTION_GOLD.fullmatch(text) and gold_answer_problem(text) is None
+        return frozenset(letter), text if usable else None
+    return None
+
+
+def _interval(s: str) -> str | None:
+    """An inequality in one variable as interval notation, else None: '1<x<3' -> '(1,3)',
+    '3 \\ge x > 1' -> '(1,3]', 'x \\ge 2' -> '[2,\\infty)'. Short answers only (the patterns
+    backtrack)."""
+    if len(s) > 200:
+        return None
+    for pattern in (_UP, _DOWN, _ABOVE, _BELOW):
+        if (m := pattern.fullmatch(s)):
+            parts = m.groupdict()
+            lo, hi = (parts.get("lo") or "-\\infty").strip(), (parts.get("hi") or "\\infty").strip()
+            closed = lambda op: op is not None and ("=" in op or op[-1] in "eq≤≥")
+            return (("[" if closed(parts.get("o1")) else "(") + f"{lo},{hi}"
+                    + ("]" if closed(parts.get("o2")) else ")"))
     return None
 
 
@@ -587,8 +656,8 @@ def _gold(answer: str) -> tuple[str, object]:
     """('options', letters), ('words', lowercased text) or ('math', parsed values); ValueError
     when unusable."""
     s = _canonical(_normalise(answer))
-    if _OPTION_GOLD.fullmatch(s):
-        return "options", frozenset(s)
+    if (option := _gold_option(s)) is not None:
+        return "options", option
     if _WORDS.fullmatch(s):
         return "words", s.lower()
     if (split := _split_unit(s)) is not None:     # the number part is what must parse
@@ -624,11 +693,20 @@ def answers_match(predicted: str, answer: str) -> bool:
     """
     kind, gold_value = _gold(answer)
     pred = _canonical(_normalise(predicted))
-    if kind == "options":
-        return _options(pred) == gold_value
+    if kind == "options":            # by the letters named, or else by the option's text
+        letters, text = gold_value
+        named = _options(pred)
+        return named == letters if named is not None else (
+            text is not None and answers_match(predicted, text))
     if kind == "words":
         return pred.lower() == gold_value
     gold = _canonical(_normalise(answer))
+    if "=" not in gold and len(pred) <= 200 and (m := _NAMED_QUANTITY.fullmatch(pred)):
+        pred = m["rhs"].strip()                  # AB = 5 is the answer 5 (EQUATIONS rule)
+    if _INTERVAL_SHAPE.fullmatch(gold) and (interval := _interval(pred)):
+        pred = interval                          # 1<x<3 against (1,3)
+    elif _INTERVAL_SHAPE.fullmatch(pred) and (interval := _interval(gold)):
+        gold = interval
     pred_unit, gold_unit = _split_unit(pred), _split_unit(gold)
     if pred_unit and gold_unit and pred_unit[1] != gold_unit[1]:
         return False                             # 5 m is not 5 cm
@@ -693,20 +771,33 @@ def reward(text: str, answer: str, thinking_open: bool = False) -> float:
 # =============================================================================================
 # Your own reward (--reward FILE.py:function or module:function)
 # =============================================================================================
-# A task other than math needs another reward. train.py and eval.py take any function
+# A task other than math needs another reward. train.py and eval.py take a function in one of
+# three forms (docs/rewards.md has worked examples):
 #
-#     def my_reward(response: str, gold: str, example: dict) -> tuple[float, float]:
-#         return accuracy, format                  # each in [0, 1]
+#   ours        f(response, gold, example) -> (accuracy, format), each a number in [0, 1];
+#               the run pays 0.9 * accuracy + 0.1 * format, as for the built-in reward.
+#   EasyR1, one f(reward_input: dict) -> {"overall": ..., "accuracy": ..., "format": ...}
+#   EasyR1, batch  f(reward_inputs: list[dict]) -> [{"overall": ..., ...}, ...]
 #
-# and pay 0.9 * accuracy + 0.1 * format, as for the built-in reward. `example` holds the row's
-# text fields (problem, answer, id, task, source). The function runs in a child process, like
-# math-verify above, so that one call that hangs cannot stall training: a call past
-# --reward-time-limit seconds scores 0 and is reported. What it returns is checked on every call;
-# anything but two finite numbers in [0, 1] stops the run with an error naming the function and
-# the row. docs/rewards.md has a worked example.
+# The EasyR1 forms (the official PAPO code's reward files) get {"response", "response_length"
+# (tokens), "ground_truth"} plus the row's text fields, and are told apart by the annotation of
+# their one parameter. Their "overall" is the reward paid; "accuracy" is the accuracy logged and
+# evaluated; "format" is optional (a reward without one logs format 0).
+#
+# The function runs in a child process, like math-verify above, so that one call that hangs
+# cannot stall training: a call past --reward-time-limit seconds (a batch: that many per
+# response) scores 0 and is reported. What it returns is checked on every call - anything but
+# the numbers above stops the run naming the function and the row - and before training (or
+# evaluation) loads any model, check_user_reward runs it on a few rows with made-up responses,
+# so that a reward that raises, exits or returns the wrong thing is refused in seconds, not
+# after a whole generation phase.
 
 class RewardError(ValueError):
     """A user reward that cannot be loaded, raised, or returned something unusable."""
+
+
+MAX_REWARD_TIME_LIMIT = 3600.0   # seconds; the process wait below overflows past ~24 days
+_BATCH_LIMIT = 86400.0           # one batch call's limit is capped at a day
 
 
 def load_reward(spec: str):
@@ -729,34 +820,101 @@ def load_reward(spec: str):
             module = importlib.import_module(where)
     except RewardError:
         raise
-    except Exception as err:                   # the user's module itself failed to import
+    except (Exception, SystemExit) as err:     # the user's module itself failed to import
         raise RewardError(f"--reward {spec}: importing {where} failed: "
                           f"{type(err).__name__}: {err}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise RewardError(f"--reward {spec}: {where} has no function {name!r}")
+    reward_form(function, spec)                 # refuse a signature we cannot call now
     return function
 
 
+def reward_form(function, spec: str) -> str:
+    """"ours", "one" or "batch" (the forms above), from the function's signature: one required
+    parameter is an EasyR1 reward, batch when that parameter is annotated as a list.
+
+    >>> def f(reward_inputs: "list[dict]"): ...
+    >>> reward_form(f, "x.py:f"), reward_form(lambda r, g, e: (1, 1), "x.py:g")
+    ('batch', 'ours')
+    """
+    import inspect
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):             # a builtin without a signature: call it as ours
+        return "ours"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) != 1:
+        if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise RewardError(f"--reward {spec}: takes {len(positional)} arguments; expected "
+                              "(response, gold, example), or EasyR1's one (reward_input)")
+        return "ours"
+    note = required[0].annotation
+    if note is required[0].empty:
+        raise RewardError(f"--reward {spec}: takes one argument, not annotated: annotate it as "
+                          "list[dict] (EasyR1's batch form) or dict (one response at a time)")
+    text = (note if isinstance(note, str) else getattr(note, "__name__", "") or repr(note))
+    text = text.strip("'\" ")                 # "'list[dict]'": a quoted annotation, postponed
+    is_list = re.match(r"(?:typing\.|collections\.abc\.)?(?:list|sequence)\b", text, re.I)
+    return "batch" if is_list else "one"
+
+
+def _reward_input(response: str, gold: str, fields: dict, length: int) -> dict:
+    """What an EasyR1 reward reads about one response (its keys), plus the row's text fields."""
+    return {"response": response, "response_length": length, "ground_truth": gold, **fields}
+
+
 def _serve_user_reward(conn, parent_end, spec: str) -> None:
-    """The reward process: load the user's function once, then answer each call with
+    """The reward process: load the user's function once, then answer each request with
     ("ok", result) or ("error", description)."""
+    # As _serve_math: a forked child inherits the trainer's flag-only SIGTERM handler, and at
+    # exit multiprocessing stops this daemon WITH SIGTERM and waits for it - forever, with that
+    # handler. The default handlers let it end.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     parent_end.close()
     try:
         function = load_reward(spec)
+        form = reward_form(function, spec)
     except RewardError as err:
         conn.send(("error", str(err)))
         return
     conn.send("ready")
     while True:
         try:
-            args = conn.recv()
+            items = conn.recv()                  # [(response, gold, fields, length), ...]
         except EOFError:
             return
         try:
-            conn.send(("ok", function(*args)))
+            if form == "ours":
+                result = function(*items[0][:3])
+            elif form == "one":
+                result = function(_reward_input(*items[0]))
+            else:
+                result = function([_reward_input(*item) for item in items])
+            reply = ("ok", result)
+        except SystemExit as stop:               # sys.exit() in the reward: reported, not obeyed
+            reply = ("error", f"it called sys.exit({stop.code!r})")
         except Exception as err:
-            conn.send(("error", f"{type(err).__name__}: {err}"))
+            reply = ("error", f"{type(err).__name__}: {err}")
+        try:
+            conn.send(reply)
+        except Exception as err:                 # a result pickle cannot carry (a generator)
+            conn.send(("error", f"it returned a {type(reply[1]).__name__}, which cannot be "
+                                f"sent back ({type(err).__name__}: {err})"))
+
+
+def user_reward_runner(spec: str, time_limit: float) -> "UserReward":
+    """One UserReward (and one child process) per (spec, time limit) for the whole process:
+    training's reward phase and its held-out evaluation share it."""
+    key = (spec, time_limit)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = UserReward(spec, time_limit)
+    return _RUNNERS[key]
+
+
+_RUNNERS: dict = {}
 
 
 class UserReward:
@@ -764,36 +922,66 @@ class UserReward:
     run in a child process (started on first use, restarted after a call that overran)."""
 
     def __init__(self, spec: str, time_limit: float = 10.0):
+        if not 0 < time_limit <= MAX_REWARD_TIME_LIMIT:
+            raise RewardError(f"--reward-time-limit {time_limit!r}: must be in (0, "
+                              f"{MAX_REWARD_TIME_LIMIT:g}] seconds")
         self.spec, self.time_limit = spec, time_limit
+        self.form = reward_form(load_reward(spec), spec)   # refuse a bad spec now, here
         self.process = self.conn = None
         self.stops = 0
-        load_reward(spec)                          # refuse a bad spec now, in this process
+        self.strict = False                       # check_user_reward: an overrun is an error
 
-    def __call__(self, response: str, example) -> dict[str, float]:
-        fields = {k: getattr(example, k, None)
-                  for k in ("problem", "answer", "id", "task", "source")}
-        where = fields["source"] or "a row"
-        reply = self._call((response, example.answer, fields))
-        if reply is None:                          # past the time limit: 0, reported
-            return {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
-        kind, value = reply
-        if kind == "error":
-            raise RewardError(f"--reward {self.spec} failed on {where}: {value}")
-        acc, fmt = _checked(value, self.spec, where)
-        return {"reward": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
+    def __call__(self, response: str, example, length: int | None = None) -> dict[str, float]:
+        return self.score([response], [example], [length])[0]
 
-    def _call(self, args):
+    def score(self, responses, examples, lengths=None) -> list[dict[str, float]]:
+        """reward_details' dict for each (response, example); lengths: the responses' token
+        counts (an EasyR1 reward's "response_length")."""
+        lengths = lengths if lengths is not None else [None] * len(responses)
+        items = [(r, ex.answer, {k: getattr(ex, k, None)
+                                 for k in ("problem", "answer", "id", "task", "source")}, n)
+                 for r, ex, n in zip(responses, examples, lengths)]
+        where = [ex.source or "a row" for ex in examples]
+        if self.form == "batch":
+            got = self._call(items, min(self.time_limit * len(items), _BATCH_LIMIT),
+                             where[0] if len(items) == 1 else f"{len(items)} rows from {where[0]}")
+            if got is not None and (not isinstance(got, (list, tuple)) or len(got) != len(items)):
+                raise RewardError(f"--reward {self.spec} returned a {type(got).__name__}"
+                                  f"{f' of {len(got)}' if isinstance(got, (list, tuple)) else ''}"
+                                  f" for a batch of {len(items)}: expected a list of "
+                                  f"{len(items)} dicts")
+            values = got if got is not None else [None] * len(items)
+        else:
+            values = [self._call([item], self.time_limit, w) for item, w in zip(items, where)]
+        return [_checked(v, self.spec, w, self.form) for v, w in zip(values, where)]
+
+    def _call(self, items, limit: float, where: str):
+        """The function's result for `items`, or None when it ran past `limit` (scored 0)."""
         if self.process is None or not self.process.is_alive():
             self._start()
-        self.conn.send(args)
-        if self.conn.poll(self.time_limit):
-            return self.conn.recv()
+        try:
+            self.conn.send(items)
+            reply = self.conn.recv() if self.conn.poll(limit) else None
+        except (EOFError, OSError):              # it died: os._exit, a crash, out of memory
+            self.process.join(1)
+            code = self.process.exitcode
+            self.stop()
+            raise RewardError(f"--reward {self.spec}: its process died on {where} (exit code "
+                              f"{code})") from None
+        if reply is not None:
+            kind, value = reply
+            if kind == "error":
+                raise RewardError(f"--reward {self.spec} failed on {where}: {value}")
+            return value
+        self.stop()
+        if self.strict:
+            raise RewardError(f"--reward {self.spec} ran past --reward-time-limit "
+                              f"{self.time_limit} s on {where}")
         self.stops += 1
         if self.stops == 1 or self.stops % 100 == 0:
             print(f"rewards: --reward {self.spec} ran past {self.time_limit} s and scored 0 "
                   f"({self.stops} so far); raise --reward-time-limit if that was a real answer",
                   file=sys.stderr)
-        self.stop()
         return None
 
     def _start(self) -> None:
@@ -803,7 +991,10 @@ class UserReward:
                                           args=(child_end, self.conn, self.spec), daemon=True)
         self.process.start()
         child_end.close()
-        ready = self.conn.poll(STARTUP_LIMIT) and self.conn.recv()
+        try:
+            ready = self.conn.poll(STARTUP_LIMIT) and self.conn.recv()
+        except (EOFError, OSError):
+            ready = None
         if ready != "ready":
             self.stop()
             raise RewardError(ready[1] if isinstance(ready, tuple) else
@@ -823,15 +1014,80 @@ class UserReward:
             pass
 
 
-def _checked(value, spec: str, where: str) -> tuple[float, float]:
-    """(accuracy, format) from what a user reward returned, or RewardError saying what is wrong."""
+_SCORE_KEYS = ("overall", "accuracy", "format")
+
+
+def _number(value) -> bool:
+    """A number: int, float, bool, numpy's or a one-element tensor - anything with __float__,
+    which a string has not (float("10") parses it; that is how "10" passed as (1, 0))."""
+    if not hasattr(value, "__float__"):
+        return False
     try:
-        acc, fmt = (float(v) for v in value)
+        float(value)                             # a tensor of several elements cannot
     except (TypeError, ValueError):
-        raise RewardError(f"--reward {spec} returned {value!r} on {where}: expected "
-                          "(accuracy, format), two numbers") from None
-    for what, v in (("accuracy", acc), ("format", fmt)):
-        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        return False
+    return True
+
+
+def _checked(value, spec: str, where: str, form: str = "ours") -> dict[str, float]:
+    """reward_details' dict from what a user reward returned, or RewardError saying what is
+    wrong. None (the call ran past its time limit) scores 0.
+
+    Ours: (accuracy, format), two numbers - a string such as "10" or a dict is refused, not read
+    as (1, 0). EasyR1's: a dict with "overall" and "accuracy" and optionally "format", nothing
+    else. Every number finite and in [0, 1]."""
+    if value is None:
+        return {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
+    if form == "ours":
+        if (isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list))
+                or len(value) != 2 or not all(_number(v) for v in value)):
+            raise RewardError(f"--reward {spec} returned {_describe(value)} on {where}: expected "
+                              "(accuracy, format), a tuple of two numbers")
+        parts = {"accuracy": value[0], "format": value[1]}
+    else:
+        keys = set(value) if isinstance(value, dict) else None
+        if (keys is None or not {"overall", "accuracy"} <= keys or keys - set(_SCORE_KEYS)
+                or not all(_number(value[k]) or (k == "format" and value[k] is None)
+                           for k in keys)):
+            raise RewardError(f"--reward {spec} returned {_describe(value)} on {where}: expected "
+                              "a dict of numbers with the keys 'overall' and 'accuracy', and "
+                              "optionally 'format' (no others)")
+        parts = {k: value.get(k) for k in _SCORE_KEYS}
+        parts["format"] = 0.0 if parts["format"] is None else parts["format"]
+    for what, v in parts.items():
+        if not (math.isfinite(float(v)) and 0.0 <= float(v) <= 1.0):
             raise RewardError(f"--reward {spec} returned {what} {v!r} on {where}: expected a "
                               "finite number in [0, 1]")
-    return acc, fmt
+    acc, fmt = float(parts["accuracy"]), float(parts["format"])
+    overall = float(parts["overall"]) if "overall" in parts else 0.9 * acc + 0.1 * fmt
+    return {"reward": overall, "accuracy": acc, "format": fmt}
+
+
+def _describe(value) -> str:
+    """'a str \\'10\\'', 'a dict with keys [\\'0\\', \\'1\\']', 'a tuple of 3' - for errors."""
+    kind = type(value).__name__
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(map(str, value))}"
+    if isinstance(value, (str, bytes)):
+        return f"a {kind} {value[:40]!r}"
+    if isinstance(value, (tuple, list)):
+        return f"a {kind} of {len(value)}: {value!r:.60}"
+    return f"a {kind}"
+
+
+def check_user_reward(runner: UserReward, rows, n_rows: int = 3) -> None:
+    """Run the user's reward on the first n_rows rows before any model loads, each row's gold
+    answer against made-up responses - the gold in the official format, the bare gold, an
+    empty response and garbage: a reward that raises, calls sys.exit, overruns its time limit
+    or returns anything unusable is refused now (RewardError naming the row and the function),
+    not after a generation phase. (response_length: the made-up response's word count.)"""
+    runner.strict = True
+    try:
+        for ex in list(rows)[:n_rows]:
+            made_up = [f"<think>checking the picture</think> \\boxed{{{ex.answer}}}",
+                       str(ex.answer), "", "#%& no answer here ]]"]
+            runner.score(made_up, [ex] * len(made_up), [len(r.split()) for r in made_up])
+    except RewardError as err:
+        raise RewardError(f"checked before loading any model: {err}") from None
+    finally:
+        runner.strict = False

@@ -47,6 +47,7 @@ import data
 import eval as evaluation
 import lora
 import model as qwen
+import rewards
 import toy
 from trackers import Trackers
 from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
@@ -278,6 +279,12 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
             toy.prepare_toy_data(cfg)
         barrier()
     train, heldout = load_datasets(cfg, d)
+    if cfg.reward:       # --reward tried on a few rows now: a broken one stops the run here
+        try:
+            rewards.check_user_reward(rewards.user_reward_runner(cfg.reward,
+                                                                 cfg.reward_time_limit), train)
+        except rewards.RewardError as err:
+            raise SystemExit(f"train.py: {err}") from None
     if not cfg.model and d.main:
         toy.warm_start(cfg, train)
     barrier()
@@ -314,7 +321,15 @@ def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
                    prompt_template=saved["prompt_template"] or None,
                    problem_key=cfg.problem_key, answer_key=cfg.answer_key,
                    image_key=cfg.image_key, image_dir=saved["image_dir"] or None,
-                   dropped_long_prompts=dropped)
+                   dropped_long_prompts=dropped, reward=absolute_reward(cfg.reward) or None,
+                   reward_time_limit=cfg.reward_time_limit)
+
+
+def absolute_reward(spec: str) -> str:
+    """--reward with its file made absolute ("FILE.py:function"), so that eval.py finds it from
+    any folder; "module:function" as it is."""
+    where, sep, name = spec.rpartition(":")
+    return f"{os.path.abspath(where)}:{name}" if where.endswith(".py") else spec
 
 
 # =============================================================================================
@@ -738,6 +753,12 @@ def eval_mask_ratios(cfg: Config) -> tuple[float, ...]:
 
 
 
+def user_reward(cfg: Config):
+    """--reward's runner (shared with the reward phase), None for the built-in math reward: the
+    held-out scores and the before/after table use the reward the run trains on."""
+    return rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit) if cfg.reward else None
+
+
 def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> dict | None:
     """Per held-out split: accuracy with the original picture and with it masked (eval_mask_ratios),
     format rate, and KL_prcp on the policy's own samples; rank 0 only (the other ranks wait).
@@ -757,6 +778,7 @@ def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> 
                                              mask_ratios=eval_mask_ratios(cfg),
                                              kl_ratio=cfg.mask_ratio, batch_size=64,
                                              decoys=toy.shortcut_decoys(examples),
+                                             user_reward=user_reward(cfg),
                                              **prompt_options(cfg))
             prefix = "" if name == "held-out" else f"{name}_"
             result.update({prefix + k: v for k, v in scores.items()})

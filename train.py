@@ -203,13 +203,15 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
                  thinking_open: bool = False, user_reward: rewards.UserReward | None = None):
     """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details, or the
-    user's --reward). Rollout b answers prompt b // G (group-major). thinking_open: the chat
+    user's --reward; an EasyR1-style one pays its own "overall"). Rollout b answers prompt b // G (group-major). thinking_open: the chat
     template opened <think> in the prompt (model.prompt_opens_thinking)."""
-    def score(text, example):
-        if user_reward is not None:
-            return user_reward(text, example)
-        return rewards.reward_details(text, example.answer, thinking_open)
-    details = [score(text, prompts[b // group_size]) for b, text in enumerate(rollouts.texts)]
+    asked = [prompts[b // group_size] for b in range(len(rollouts.texts))]
+    if user_reward is not None:            # one request for the whole phase (EasyR1's batch form)
+        details = user_reward.score(rollouts.texts, asked,
+                                    rollouts.completion_mask.sum(-1).int().tolist())
+    else:
+        details = [rewards.reward_details(text, example.answer, thinking_open)
+                   for text, example in zip(rollouts.texts, asked)]
     as_tensor = lambda key: torch.tensor([x[key] for x in details], dtype=torch.float32)
     return as_tensor("reward"), as_tensor("accuracy"), as_tensor("format")
 
@@ -282,13 +284,7 @@ def user_reward(cfg: Config) -> dict:
     one child process, per spec for the whole run."""
     if not cfg.reward:
         return {}
-    key = (cfg.reward, cfg.reward_time_limit)
-    if key not in _USER_REWARDS:
-        _USER_REWARDS[key] = rewards.UserReward(*key)
-    return {"user_reward": _USER_REWARDS[key]}
-
-
-_USER_REWARDS: dict[tuple, rewards.UserReward] = {}
+    return {"user_reward": rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit)}
 
 
 def leave_out_truncated(batch: Batch, truncated: torch.Tensor) -> Batch:

@@ -29,11 +29,13 @@ def boxed(content: str) -> str:
 
 @pytest.mark.parametrize("pred, expected", [
     ("4=3", 0.0), ("1+1=3", 0.0), ("0=3", 0.0),   # math-verify took the right side: 1.0
-    ("AB=3", 0.0), ("2x=6", 0.0), ("\\pi=3", 0.0), ("3=x", 0.0), ("f(x)=3", 0.0),
+    ("2x=6", 0.0), ("\\pi=3", 0.0), ("3=x", 0.0), ("AB+1=3", 0.0), ("f(x)+1=3", 0.0),
+    ("AB=4", 0.0), ("f(x)=4", 0.0),
+    ("AB=3", 1.0), ("f(x)=3", 1.0),               # a named quantity: a segment, a function
     ("x=3", 1.0), ("y = 3", 1.0), ("x_1=3", 1.0), ("x_{12} = 3", 1.0), ("\\theta=3", 1.0),
     ("x = 2+1", 1.0), ("x=4", 0.0),
 ])
-def test_an_equation_is_the_answer_only_with_a_lone_variable_on_the_left(pred, expected):
+def test_an_equation_is_the_answer_only_when_its_left_side_names_the_quantity(pred, expected):
     assert rewards.accuracy_reward(boxed(pred), "3") == expected
 
 
@@ -379,3 +381,69 @@ def test_grading_decides_as_a_careful_human_grader(pred, gold, expected):
 @pytest.mark.parametrize("gold", ["30°", "３", "3 m/s", "B", "AC", "1\\,000", "12 cm^2"])
 def test_those_gold_answers_are_usable(gold):
     assert rewards.gold_answer_problem(gold) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice: a hedge names every letter it lists (an RL policy learns to list them all)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred", ["(B) or (A)", "B. or maybe A", "B) A) C) D)", "B or A",
+                                  "(B) 42 or (C)", "B. 42, or C"])
+def test_a_hedged_multiple_choice_answer_is_wrong(pred):
+    assert rewards.answers_match(pred, "B") is False
+    assert rewards.accuracy_reward(boxed(pred), "B") == 0.0
+
+
+@pytest.mark.parametrize("pred,gold", [("(B) or (A)", "AB"), ("B) A) C) D)", "ABCD")])
+def test_the_letters_a_hedge_names_are_right_when_the_gold_is_that_set(pred, gold):
+    assert rewards.answers_match(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred", ["B. A circle", "(B) A triangle", "B. 42", "B. \\frac{A}{C}",
+                                  "B. A+1"])
+def test_a_capital_in_an_options_text_that_is_a_word_or_math_names_no_other_option(pred):
+    assert rewards.answers_match(pred, "B") is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Right answers that were scored wrong
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    # a lead-in before the letter
+    ("The answer is B", "B", True), ("Answer: B", "B", True), ("The answer is C", "B", False),
+    # a gold answer written as an option: the letter, or the option's text
+    ("C", "C. 42", True), ("(C)", "C. 42", True), ("42", "C. 42", True), ("B", "C. 42", False),
+    ("43", "C. 42", False), ("C", "Option C", True), ("B", "Option C", False),
+    ("C", "(C)", True), ("B", "(C)", False),
+    # several options, each in parentheses
+    ("(B) and (C)", "BC", True), ("(B) and (C)", "BCD", False),
+    # an inequality against an interval, either way round
+    ("1<x<3", "(1,3)", True), ("1 < x < 3", "(1, 3)", True), ("(1,3)", "1<x<3", True),
+    ("1\\le x<3", "[1,3)", True), ("3>x>1", "(1,3)", True), ("x\\ge 2", "[2,\\infty)", True),
+    ("1<x<3", "[1,3)", False), ("1<x<4", "(1,3)", False),
+    # the empty set, however it is spelled
+    ("\\emptyset", "\\varnothing", True), ("\\varnothing", "\\emptyset", True),
+    ("∅", "\\emptyset", True), ("\\{1\\}", "\\varnothing", False),
+    # a named quantity on the left: a segment, an angle, a function
+    ("AB = 5", "5", True), ("f(x)=2x+1", "2x+1", True), ("\\angle ABC = 30", "30", True),
+    ("AB = 6", "5", False), ("f(x)=2x+2", "2x+1", False), ("AB + 1 = 5", "4", False),
+    # what must stay as it was
+    ("5 m", "5 cm", False), ("4=3", "3", False), ("2x=6", "3", False),
+])
+def test_right_answers_are_scored_right(pred, gold, expected):
+    assert rewards.answers_match(pred, gold) is expected
+
+
+@pytest.mark.parametrize("gold", ["C. 42", "Option C", "(C)", "\\varnothing", "(1,3)"])
+def test_option_and_set_gold_answers_are_usable(gold):
+    assert rewards.gold_answer_problem(gold) is None
+
+
+@pytest.mark.parametrize("pred", ["1<" * 20_000 + "x", "AB=" * 20_000, "(B) " * 20_000,
+                                  "B. " + "or A " * 20_000])
+def test_the_new_rules_keep_long_answers_cheap(pred):
+    start = time.perf_counter()
+    for gold in ("(1,3)", "5", "B", "C. 42"):
+        rewards.answers_match(pred, gold)
+    assert time.perf_counter() - start < 2 * rewards.MATH_TIME_LIMIT + 1.0

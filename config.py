@@ -563,7 +563,7 @@ def check_config(cfg: Config, world_size: int) -> None:
                 ("--gamma-anneal-fraction", cfg.gamma_anneal_fraction,
                  Config.gamma_anneal_fraction)) if value != default]
     if idle and not cfg.gamma_anneal:
-        problems.append(f"{', '.join(idle)}: act only with KL_prcp annealing, which is off; "
+        problems.append(f"{', '.join(idle)}: settings of KL_prcp annealing, which is off; "
                         "add --gamma-anneal or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")

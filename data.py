@@ -997,7 +997,8 @@ def _open_table(source: str):
         raise DatasetError([f"{source}: no such file or folder (and not a hub id owner/name)"])
     if not all(f.lower().endswith(".parquet") for f in files):
         raise DatasetError([f"{spec}: matches files that are not .parquet: "
-                            + ", ".join(f for f in files if not f.lower().endswith(".parquet"))[:300]])
+                            + ", ".join(f for f in files
+                                        if not f.lower().endswith(".parquet"))[:300]])
     _check_parquet_files(files)
     try:
         table = datasets.load_dataset("parquet", data_files=files, split="train")

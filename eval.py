@@ -474,9 +474,12 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-template", default=None,
                    help="plain-text file with one {problem} (default: the official instruction); "
                         "ShareGPT rows are used verbatim")
-    p.add_argument("--problem-key", default="problem", help="table column or JSONL key of the question")
-    p.add_argument("--answer-key", default="answer", help="table column or JSONL key of the gold answer")
-    p.add_argument("--image-key", default="images", help="table column or JSONL key of the picture(s)")
+    p.add_argument("--problem-key", default="problem",
+                   help="table column or JSONL key of the question")
+    p.add_argument("--answer-key", default="answer",
+                   help="table column or JSONL key of the gold answer")
+    p.add_argument("--image-key", default="images",
+                   help="table column or JSONL key of the picture(s)")
     p.add_argument("--image-dir", default=None, help="folder for relative picture paths")
     p.add_argument("--max-image-pixels", type=int, default=50_000_000,
                    help="largest picture (width x height) a row may have")

@@ -288,8 +288,8 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
     bad = [p for ds in (train, *heldout.values())
            for p in data.budget_problems(ds.rows, cfg.min_pixels, cfg.max_pixels)]
     if bad:
-        raise SystemExit(f"train.py: {len(bad)} pictures cannot be processed in the pixel "
-                         "budget:\n  " + "\n  ".join(bad[:20])
+        raise SystemExit(f"train.py: pictures that the processor would refuse in the pixel "
+                         f"budget ({len(bad)}):\n  " + "\n  ".join(bad[:20])
                          + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     dropped = {}
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")

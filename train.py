@@ -467,10 +467,10 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
         skipped += not stepped
     if not grad_norms and d.main:
         # nothing was trained this step: say so now, not only when the watch stops the run
-        print(f"WARNING step {step}: every completion hit --max-new-tokens "
-              f"{cfg.max_new_tokens} and --mask-truncated left them all out of the loss: "
-              "nothing was trained. Raise --max-new-tokens or drop --mask-truncated.",
-              file=sys.stderr)
+        tqdm.write(f"WARNING step {step}: every completion hit --max-new-tokens "
+                   f"{cfg.max_new_tokens} and --mask-truncated left them all out of the loss: "
+                   "nothing was trained. Raise --max-new-tokens or drop --mask-truncated.",
+                   file=sys.stderr)
     out = weighted_means_over_ranks(sums, weights)
     if grad_norms:
         out["grad_norm"] = float(np.mean(grad_norms))
@@ -584,17 +584,18 @@ def guard_update(guard: dict | None, cfg: Config, step: int, stepped: bool, why:
     if n < MAX_SKIPPED_IN_A_ROW:
         return
     if why == "no tokens":
-        raise Diverged(f"step {step}: the last {n} updates had not one completion token to train on: every "
-                       f"completion hit --max-new-tokens {cfg.max_new_tokens} without an end "
-                       "token and --mask-truncated leaves such completions out of the loss. "
-                       "Raise --max-new-tokens or drop --mask-truncated")
+        raise Diverged(f"step {step}: the last {n} updates had not one completion token to "
+                       f"train on: every completion hit --max-new-tokens {cfg.max_new_tokens} "
+                       "without an end token and --mask-truncated leaves such completions out "
+                       "of the loss. Raise --max-new-tokens or drop --mask-truncated")
     weights = {flag: getattr(cfg, flag.removeprefix("--").replace("-", "_"))
                for flag in ("--gamma", "--beta", "--eta-orig", "--eta-mask", "--sft-coef")}
     large = [f"{flag} {v:g}" for flag, v in sorted(weights.items(), key=lambda kv: -kv[1])
              if v > 1] or [f"{flag} {v:g}" for flag, v in weights.items() if v]
-    raise Diverged(f"step {step}: the last {n} updates were skipped: the gradient was not finite (NaN or "
-                   "inf), so the policy cannot learn. The likely cause is a loss weight too "
-                   f"large for the loss to stay finite ({', '.join(large) or 'none set'}); "
+    named = ", ".join(large) or "none set"
+    raise Diverged(f"step {step}: the last {n} updates were skipped: the gradient was not "
+                   "finite (NaN or inf), so the policy cannot learn. The likely cause is a "
+                   f"loss weight too large for the loss to stay finite ({named}); "
                    f"otherwise --temperature {cfg.temperature:g} or --dtype {cfg.dtype}")
 
 

@@ -85,7 +85,8 @@ def test_a_truncated_jpeg_is_a_bad_row_at_check_time(tmp_path):
     cut = full.getvalue()[: len(full.getvalue()) * 2 // 3]
     (tmp_path / "cut.jpg").write_bytes(cut)
     Image.open(tmp_path / "cut.jpg").verify()              # what the check relied on alone
-    src = data.write_jsonl([{"problem": "q", "answer": "1", "images": [_picture(tmp_path / "a.png")]},
+    fine = {"problem": "q", "answer": "1", "images": [_picture(tmp_path / "a.png")]}
+    src = data.write_jsonl([fine,
                             {"problem": "q", "answer": "1", "images": ["cut.jpg"]}],
                            tmp_path / "d.jsonl")
     with pytest.raises(data.DatasetError) as info:
@@ -97,7 +98,8 @@ def test_a_truncated_jpeg_is_a_bad_row_at_check_time(tmp_path):
 def test_the_aspect_limit_is_checked_after_the_budget_resize(tmp_path):
     """1 x 199 px is under the processor's limit of 200; scaled up into the toy budget
     (3,136 to 12,544 pixels) it becomes 3 x 789 (int() rounds 3.97 down), over it."""
-    src = data.write_jsonl([{"problem": "q", "answer": "1", "images": [_picture(tmp_path / "a.png")]},
+    fine = {"problem": "q", "answer": "1", "images": [_picture(tmp_path / "a.png")]}
+    src = data.write_jsonl([fine,
                             {"problem": "q", "answer": "1",
                              "images": [_picture(tmp_path / "thin.png", (1, 199))]}],
                            tmp_path / "d.jsonl")
@@ -178,7 +180,8 @@ def test_an_update_with_every_completion_left_out_is_skipped_and_logs_no_loss(tm
         assert recorder.grads == []
         assert out["skipped_updates"] == 1
         assert not {"pg_loss", "entropy_orig", "grad_norm", "clip_high"} & set(out)
-        assert f"WARNING step {step}: every completion hit --max-new-tokens" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"WARNING step {step}: every completion hit --max-new-tokens" in err
     with pytest.raises(train.Diverged, match="--mask-truncated") as info:
         train.update_phase(nothing, policy, GradientRecorder(policy), cfg, d, step=3, guard=guard)
     assert "step 3: the last 3 updates had not one completion token" in str(info.value)

@@ -573,6 +573,12 @@ def main(argv=None) -> dict:
         loaded = {s: data.load_dataset(s, **keys)[: args.limit or None] for s in sources}
     except (data.DatasetError, ValueError) as err:   # every source is checked before any model
         raise SystemExit(f"eval.py: {err}") from None
+    # the processor's aspect limit applies to the pictures as the budget resizes them
+    too_thin = [p for rows in loaded.values()
+                for p in data.budget_problems(rows.rows, min_pixels, max_pixels)]
+    if too_thin:
+        raise SystemExit("eval.py: pictures that the processor would refuse in the pixel budget:"
+                         "\n  " + "\n  ".join(too_thin[:20]))
 
     try:
         user_reward = (rewards.UserReward(args.reward, args.reward_time_limit) if args.reward

@@ -276,3 +276,24 @@ def test_the_collapse_watch_skips_a_window_with_a_step_that_trained_nothing():
     assert runtime.collapse_warning(history) is None
     assert runtime.collapse_warning(history[:10] + [row(11, 0.1) | dict(entropy_orig=2.0,
                                                                          entropy_mask=2.0)])
+
+
+def test_eval_checks_the_aspect_after_its_own_budget(tmp_path):
+    """eval.py's budget (1,024 .. 589,824 pixels) scales 1 x 199 px up to 2 x 451: refused,
+    naming the row, before any question is scored."""
+    import eval as evaluation
+    import model as qwen
+    import toy
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
+    policy.save_pretrained(tmp_path / "ckpt")
+    qwen.save_processor(processor, tmp_path / "ckpt")
+    fine = {"problem": "q", "answer": "1", "images": [_picture(tmp_path / "a.png")]}
+    src = data.write_jsonl([fine, {"problem": "q", "answer": "1",
+                                   "images": [_picture(tmp_path / "thin.png", (1, 199))]}],
+                           tmp_path / "d.jsonl")
+    assert data.budget_size(1, 199, 1024, 589_824) == (2, 451)
+    with pytest.raises(SystemExit) as info:
+        evaluation.main(["--model", str(tmp_path / "ckpt"), "--data", str(src),
+                         "--out", str(tmp_path / "results.json")])
+    assert f"{src}:2: picture 1 of 1x199 px becomes 2x451 px" in str(info.value)
+    assert not (tmp_path / "results.json").exists()

@@ -50,10 +50,10 @@ class Config:
     eval_data: str = arg("", "Held-out data (same forms as --data) for the before/after table. "
                              "Empty: the toy held-out split when training on the toy task, else "
                              "no evaluation.")
-    problem_key: str = arg("problem", "Table column holding the question.")
-    answer_key: str = arg("answer", "Table column holding the gold answer.")
-    image_key: str = arg("images", "Table column holding the picture(s): Image features, "
-                                   "{bytes, path} dicts or paths.")
+    problem_key: str = arg("problem", "Table column (or JSONL key) holding the question.")
+    answer_key: str = arg("answer", "Table column (or JSONL key) holding the gold answer.")
+    image_key: str = arg("images", "Table column (or JSONL key) holding the picture(s): Image "
+                                   "features, {bytes, path} dicts or paths.")
     image_dir: str = arg("", "Folder that relative picture paths are relative to (default: the "
                              "data file's folder).")
     masked_image_key: str = arg("", "Pre-masked pictures (official switch; its column "
@@ -100,7 +100,8 @@ class Config:
 
     # --- optimisation ------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate (constant).")
-    weight_decay: float = arg(0.01, "AdamW weight decay.")
+    weight_decay: float = arg(0.01, "AdamW weight decay. A run whose weights' norm falls under "
+                                    "half its start stops.")
     grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
     updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
     micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
@@ -175,7 +176,8 @@ class Config:
     mask_truncated: bool = arg(False, "Leave completions that hit --max-new-tokens without an end "
                                       "token out of every loss term (their advantages still "
                                       "count in their group). truncated_frac is logged either "
-                                      "way.")
+                                      "way. An update left without a token is skipped (with a "
+                                      "warning); 3 in a row stop the run.")
     reward: str = arg("", "Your own reward: FILE.py:function or module:function, called as "
                           "function(response, gold_answer, example) -> (accuracy, format), each "
                           "in [0, 1]; reward = 0.9 accuracy + 0.1 format. Empty: rewards.py "
@@ -430,6 +432,12 @@ def _fits(value, type_name: str) -> bool:
     return isinstance(value, str)
 
 
+# The objective's weights (gamma, the etas, beta, the SFT term) are at most this. The paper's are
+# 0.01-0.03; a weight of 10 already lets its term drown the policy gradient, and one of 1e300
+# overflows the loss to inf and every gradient to NaN, so that every update is skipped.
+MAX_COEF = 10
+COEF_WHY = "the paper's weights are 0.01-0.03; huge ones overflow the loss"
+
 # Every flag's allowed range, checked before anything heavy. A value outside it does not fail
 # loudly by itself - it runs and trains wrongly (a negative --grad-clip turns descent into
 # ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
@@ -440,22 +448,25 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("prompts_per_step", lambda v: v >= 1, ">= 1"),
     ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
     ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("temperature", lambda v: 0 < v < math.inf, "> 0 (0 is greedy: a group's rollouts would "
-                                                "all be equal and carry no learning signal)"),
+    ("temperature", lambda v: 0.1 <= v <= 10, "in [0.1, 10] (below 0.1 sampling is all but "
+                                              "greedy: a group's rollouts come out identical "
+                                              "and carry no learning signal; above 10 it is "
+                                              "all but uniform noise)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("weight_decay", lambda v: 0 <= v <= 1, "in [0, 1] (AdamW multiplies every weight by "
+                                            "1 - lr x weight decay at each update)"),
     ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
     ("updates_per_step", lambda v: v >= 1, ">= 1"),
     ("micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("generation_batch", lambda v: v >= 0, ">= 0 (0 = all of a step's prompts in one call)"),
-    ("gamma", lambda v: 0 <= v < math.inf, ">= 0 (the sign is in the objective: KL_prcp is "
-                                            "maximised)"),
-    ("eta_orig", lambda v: 0 <= v < math.inf, ">= 0"),
-    ("eta_mask", lambda v: 0 <= v < math.inf, ">= 0"),
-    ("gamma_end", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("gamma", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (the sign is in the "
+                                             f"objective: KL_prcp is maximised; {COEF_WHY})"),
+    ("eta_orig", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
+    ("eta_mask", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
+    ("gamma_end", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
     ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
-    ("beta", lambda v: 0 <= v < math.inf, ">= 0"),
+    ("beta", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
     ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
     ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
@@ -463,7 +474,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
     ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
                                                            "KL_prcp a token contributes)"),
-    ("sft_coef", lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"),
+    ("sft_coef", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (0 = off; {COEF_WHY})"),
     ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
                                                       "rollout's tokens kept)"),
     ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
@@ -486,7 +497,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("reward_time_limit", lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
      f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("lora_alpha", lambda v: 0 <= v < math.inf, ">= 0 (0 = 2 x --lora-rank)"),
+    ("lora_alpha", lambda v: 0 <= v <= 4096, "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
+                                             "are scaled by alpha / rank, usually 1 or 2)"),
     ("lora_targets", lambda v: all(t.strip().isidentifier() for t in v.split(",")),
      "comma-separated layer names such as q_proj,v_proj"),
     ("eval_samples", lambda v: v >= 1, ">= 1"),
@@ -542,6 +554,20 @@ def check_config(cfg: Config, world_size: int) -> None:
     if shaping and cfg.gamma == 0:
         problems.append(f"{', '.join(shaping)} shape the KL_prcp term, which --gamma 0 turns "
                         "off (--preset grpo or dapo); set --gamma or drop them")
+    # Flags that act only on the masked branch, or only on KL_prcp annealing, are refused
+    # where that is off, like the ones above: silently ignored, they would make a GRPO run
+    # look like a PAPO ablation in its config.json.
+    if cfg.perception_grad and not uses_masked_branch(cfg):
+        problems.append("--perception-grad gives the masked branch a gradient, but this "
+                        "objective has no masked branch (--gamma 0 and --eta-mask 0: --preset "
+                        "grpo or dapo); set --gamma or drop it")
+    idle = [f"{flag} {value:g}" for flag, value, default in (
+                ("--gamma-end", cfg.gamma_end, Config.gamma_end),
+                ("--gamma-anneal-fraction", cfg.gamma_anneal_fraction,
+                 Config.gamma_anneal_fraction)) if value != default]
+    if idle and not cfg.gamma_anneal:
+        problems.append(f"{', '.join(idle)}: settings of KL_prcp annealing, which is off; "
+                        "add --gamma-anneal or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
     if cfg.prompt_template:

@@ -201,10 +201,14 @@ def budget_resize(image: Image.Image, min_pixels: int | None, max_pixels: int | 
 #               Relative paths are relative to the folder of the JSONL file (or --image-dir)
 #     solution  optional: a worked answer "<think>...</think> \boxed{...}" (supervised warm start)
 #     id, task  optional labels, kept for logging; every other key is ignored
+#     The first three keys are arguments (--problem-key, --answer-key, --image-key), as a
+#     table's column names are; under another picture key, one path or a list of them. The
+#     file's extension is read in any case (data.JSONL).
 #   a table - a parquet file, a glob of them, a folder of them, a folder written by
 #     Dataset.save_to_disk, or a Hugging Face hub dataset "owner/name[:split]" - with a problem,
 #     an answer and a picture column (the PAPO sets: problem, answer, images = a list of Image
-#     features holding the encoded picture bytes). Column names are arguments.
+#     features holding the encoded picture bytes). Column names are arguments. A number column of
+#     answers is read as text; a NaN (pandas' missing value) or infinite answer is a bad row.
 #   In both, an optional key / column named by masked_image_key (--masked-image-key; the
 #     official code's "images_aug") holds PRE-MASKED pictures, for masks that are not random
 #     patches (the semantic-aware masking ablation): one per picture, in the same order and of
@@ -217,9 +221,9 @@ def budget_resize(image: Image.Image, min_pixels: int | None, max_pixels: int | 
 #
 # A picture may be given as a path (relative to the file's folder, or to --image-dir), as a
 # {"bytes", "path"} dict (how `datasets` stores an Image feature), or as a PIL image. Pictures are
-# never decoded while loading: a row keeps its path or its encoded bytes (for tables, not even
-# those: they stay in the memory-mapped Arrow file until the row is drawn), so a 39K-row set
-# costs the memory of its text, not of its pictures.
+# not kept while loading: each is decoded once to check it, then let go; a row keeps its path or
+# its encoded bytes (for tables, not even those: they stay in the memory-mapped Arrow file until
+# the row is drawn), so a 39K-row set costs the memory of its text, not of its pictures.
 #
 # Every row is checked BEFORE training starts, and all problems are reported together in one
 # error, "source:row: reason". A bad row is a bug in the data, and a bug found after two hours
@@ -570,8 +574,9 @@ def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
     """((width, height), None) for a picture that load_images can use, else (None, reason).
 
     The size guard reads the header only. PIL's verify() then checks the file's structure
-    (headers, chunk checksums) without decoding every pixel, which keeps checking tens of
-    thousands of pictures to seconds; only a float picture is decoded, to read its range."""
+    (headers, chunk checksums), and the picture is decoded in full: a file cut short (a JPEG
+    whose last bytes are missing) passes verify(), and would otherwise fail only when a training
+    step draws it. Each file is decoded once (_PictureChecker), and the pixels let go at once."""
     if isinstance(ref, Image.Image):
         size = ref.size
         why = _size_problem(size, max_image_pixels) or picture_mode_problem(ref)
@@ -587,6 +592,12 @@ def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
             with _open_picture(ref, max_image_pixels) as im:
                 size = _shown_size(im)
                 why = picture_mode_problem(im) or _frames_problem(im)
+                if not why:
+                    # every pixel: raises on a truncated or damaged stream. A JPEG is decoded at
+                    # 1/8 scale (draft), which reads the whole stream at a fraction of the cost
+                    if im.format == "JPEG":
+                        im.draft(im.mode, (1, 1))
+                    im.load()
         except _PictureTooLarge as err:
             return None, str(err)
         except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
@@ -597,6 +608,24 @@ def _check_picture(ref, max_image_pixels: int = MAX_IMAGE_PIXELS,
         return None, (f"picture of {size[0]}x{size[1]} px: an aspect ratio over "
                       f"{MAX_ASPECT_RATIO}, which Qwen2.5-VL's processor refuses")
     return size, None
+
+
+def budget_problems(rows: list["Example"], min_pixels: int | None, max_pixels: int | None,
+                    ) -> list[str]:
+    """"source: reason" for each row with a picture whose size AFTER budget_resize is one the
+    processor refuses (an aspect ratio over MAX_ASPECT_RATIO). The budget's rounding can push
+    a picture over the limit that it was under: 1x199 px, scaled up to the toy budget's 3,136
+    pixels, becomes 3x789. From the sizes the rows' check recorded: nothing is decoded."""
+    problems = []
+    for ex in rows:
+        for i, (w, h) in enumerate(ex.sizes or ()):
+            bw, bh = budget_size(w, h, min_pixels, max_pixels)
+            if max(bw, bh) > MAX_ASPECT_RATIO * max(min(bw, bh), 1):
+                problems.append(f"{ex.source}: picture {i + 1} of {w}x{h} px becomes {bw}x{bh} "
+                                f"px in the pixel budget (--min-pixels {min_pixels}, "
+                                f"--max-pixels {max_pixels}): an aspect ratio over "
+                                f"{MAX_ASPECT_RATIO}, which Qwen2.5-VL's processor refuses")
+    return problems
 
 
 # EXIF orientations that turn a picture by 90 degrees (5-8): a viewer shows it with width and
@@ -686,8 +715,21 @@ def _check_example(ex: Example, check_pictures: _PictureChecker, refs: list) -> 
 
 # --- JSONL -------------------------------------------------------------------------------------
 
-def _check_image_field(row: dict) -> tuple[list[str] | None, str | None]:
-    """The row's image paths as given (not yet resolved), or a reason why there are none."""
+def _check_image_field(row: dict, key: str = "images") -> tuple[list[str] | None, str | None]:
+    """The row's image paths as given (not yet resolved), or a reason why there are none. Under
+    the default key "images" a list, or one path under "image"; under another key (--image-key)
+    a list or one path, as a table column may hold."""
+    if key != "images":
+        value = row.get(key)
+        if isinstance(value, str):
+            value = [value]
+        if key not in row:
+            return None, f'missing "{key}" (the pictures\' key, --image-key)'
+        if not isinstance(value, list) or not value:
+            return None, f'"{key}" must be a path or a non-empty list of paths, got {value!r:.40}'
+        if not all(isinstance(p, str) and p.strip() for p in value):
+            return None, f'"{key}" must contain only non-empty path strings'
+        return value, None
     if "images" in row and "image" in row:
         return None, 'both "images" and "image" are given; use one'
     if "image" in row:
@@ -723,9 +765,12 @@ def _check_masked_field(row: dict, key: str) -> tuple[list[str] | None, str | No
 
 def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *,
                max_image_pixels: int = MAX_IMAGE_PIXELS,
-               masked_image_key: str | None = None) -> list[Example]:
+               masked_image_key: str | None = None, problem_key: str = "problem",
+               answer_key: str = "answer", image_key: str = "images") -> list[Example]:
     """Read and check a JSONL dataset; raise one DatasetError that lists every bad row. A row
-    with a picture of more than `max_image_pixels` pixels is a bad row. With masked_image_key,
+    with a picture of more than `max_image_pixels` pixels is a bad row. The keys of the
+    question, the gold answer and the pictures are problem_key, answer_key and image_key
+    (--problem-key, --answer-key, --image-key), as for tables. With masked_image_key,
     every row must also list its pre-masked pictures under that key (paths, like "images"):
     as many as it has pictures, each of the same size.
 
@@ -761,13 +806,13 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *,
             continue
 
         reasons = []  # everything wrong with this row, reported together
-        problem, why_problem = _check_text_field(row, "problem")
-        answer, why_answer = _check_text_field(row, "answer")
+        problem, why_problem = _check_text_field(row, problem_key)
+        answer, why_answer = _check_text_field(row, answer_key)
         reasons += [w for w in (why_problem, why_answer) if w]
         solution = row.get("solution")
         if solution is not None and not isinstance(solution, str):
             reasons.append(f'"solution" must be a string, got {type(solution).__name__}')
-        given, why = _check_image_field(row)
+        given, why = _check_image_field(row, image_key)
         if why:
             reasons.append(why)
         if not reasons:
@@ -941,7 +986,7 @@ def _open_table(source: str):
         if not files:
             raise DatasetError([f"{path}: a folder with no .parquet files and not written by "
                                 "Dataset.save_to_disk"])
-    elif path.is_file() and path.suffix == ".parquet":
+    elif path.is_file() and path.suffix.lower() == ".parquet":
         files = [str(path)]
     elif any(c in spec for c in "*?["):
         files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -950,13 +995,14 @@ def _open_table(source: str):
     elif path.exists():
         return None
     elif (spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "~"))
-          and path.suffix not in (".parquet", ".arrow", ".json", ".jsonl", ".csv")):
+          and path.suffix.lower() not in (".parquet", ".arrow", ".json", ".jsonl", ".csv")):
         return _open_hub(spec, split, source), None, source
     else:
         raise DatasetError([f"{source}: no such file or folder (and not a hub id owner/name)"])
-    if not all(f.endswith(".parquet") for f in files):
+    if not all(f.lower().endswith(".parquet") for f in files):
         raise DatasetError([f"{spec}: matches files that are not .parquet: "
-                            + ", ".join(f for f in files if not f.endswith(".parquet"))[:300]])
+                            + ", ".join(f for f in files
+                                        if not f.lower().endswith(".parquet"))[:300]])
     _check_parquet_files(files)
     try:
         table = datasets.load_dataset("parquet", data_files=files, split="train")
@@ -1040,10 +1086,16 @@ def load_table(source: str, *, problem_key: str = "problem", answer_key: str = "
         for problem, answer, pictures, masked_cell in zip(*columns, masked_cells):
             where = f"{name}:{index}"
             index += 1
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+            not_finite = number and not math.isfinite(answer)
+            if number and not not_finite:
                 answer = str(answer)   # a typed number column: no "007" to lose, unlike JSON
             cells = {problem_key: problem, answer_key: answer}
             reasons = [w for k in (problem_key, answer_key) if (w := _check_text_field(cells, k)[1])]
+            if not_finite:
+                # NaN (pandas' missing value) or inf: no gold answer, not the string "nan"
+                reasons = [w for w in reasons if not w.startswith(f'"{answer_key}"')] + [
+                    f'"{answer_key}" is {answer} (a missing or infinite number), not a gold answer']
             refs, why = _picture_refs(pictures, folder)
             if why:
                 reasons.append(f'"{image_key}": {why}')
@@ -1071,18 +1123,22 @@ def load_dataset(source: str | Path, *, problem_key: str = "problem", answer_key
                  masked_image_key: str | None = None) -> Dataset:
     """Any supported source (see the top of this part) -> a checked Dataset of Examples.
 
-    .jsonl -> load_jsonl; .json -> load_sharegpt; anything else -> load_table (parquet file,
-    glob or folder, save_to_disk folder, hub id with optional ":split"). The column names apply
-    to tables; JSONL and ShareGPT files have fixed keys. A picture of more than
+    .jsonl -> load_jsonl; .json -> load_sharegpt (either in any case: .JSONL too); anything
+    else -> load_table (parquet file, glob or folder, save_to_disk folder, hub id with optional
+    ":split"). The column names apply to tables and JSONL files alike; ShareGPT files have a
+    fixed shape (conversations), which they do not apply to. A picture of more than
     `max_image_pixels` pixels (read from its header) makes its row a bad row, in every format.
     masked_image_key (a table column, or a JSONL key listing paths) adds each row's pre-masked
     pictures; ShareGPT files, the evaluation suite's format, have none."""
     source = str(source)
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()                       # data.JSONL is a JSONL file too
+    if suffix == ".jsonl":
         return Dataset(source, load_jsonl(path, image_dir, max_image_pixels=max_image_pixels,
-                                          masked_image_key=masked_image_key))
-    if path.suffix == ".json":
+                                          masked_image_key=masked_image_key,
+                                          problem_key=problem_key, answer_key=answer_key,
+                                          image_key=image_key))
+    if suffix == ".json":
         if masked_image_key:
             raise DatasetError([f"{path}: pre-masked pictures (--masked-image-key "
                                 f"{masked_image_key}) are read from JSONL files and tables, not "

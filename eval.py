@@ -500,9 +500,12 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-template", default=None,
                    help="plain-text file with one {problem} (default: the official instruction); "
                         "ShareGPT rows are used verbatim")
-    p.add_argument("--problem-key", default="problem", help="table column of the question")
-    p.add_argument("--answer-key", default="answer", help="table column of the gold answer")
-    p.add_argument("--image-key", default="images", help="table column of the picture(s)")
+    p.add_argument("--problem-key", default="problem",
+                   help="table column or JSONL key of the question")
+    p.add_argument("--answer-key", default="answer",
+                   help="table column or JSONL key of the gold answer")
+    p.add_argument("--image-key", default="images",
+                   help="table column or JSONL key of the picture(s)")
     p.add_argument("--image-dir", default=None, help="folder for relative picture paths")
     p.add_argument("--max-image-pixels", type=int, default=50_000_000,
                    help="largest picture (width x height) a row may have")
@@ -600,6 +603,12 @@ def main(argv=None) -> dict:
         loaded = {s: data.load_dataset(s, **keys)[: args.limit or None] for s in sources}
     except (data.DatasetError, ValueError) as err:   # every source is checked before any model
         raise SystemExit(f"eval.py: {err}") from None
+    # the processor's aspect limit applies to the pictures as the budget resizes them
+    too_thin = [p for rows in loaded.values()
+                for p in data.budget_problems(rows.rows, min_pixels, max_pixels)]
+    if too_thin:
+        raise SystemExit("eval.py: pictures that the processor would refuse in the pixel budget:"
+                         "\n  " + "\n  ".join(too_thin[:20]))
 
     try:        # a reward that raises or returns nonsense is refused before any model loads
         user_reward = (rewards.UserReward(reward, args.reward_time_limit) if reward else None)

@@ -291,6 +291,13 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
     init_path = cfg.model or str(toy.warm_start_path(cfg))
     processor = qwen.load_processor(init_path)
     cfg = fit_pixel_budget(cfg, processor, announce=d.main)
+    # the processor's aspect limit applies to the pictures as the budget resizes them
+    bad = [p for ds in (train, *heldout.values())
+           for p in data.budget_problems(ds.rows, cfg.min_pixels, cfg.max_pixels)]
+    if bad:
+        raise SystemExit(f"train.py: pictures that the processor would refuse in the pixel "
+                         f"budget ({len(bad)}):\n  " + "\n  ".join(bad[:20])
+                         + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     dropped = {}
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
     for name in heldout:
@@ -713,7 +720,9 @@ def collapse_warning(history: list[dict], window: int = 10) -> str | None:
     """The "KL_prcp hacking" signature (docs/paper.md section 8): KL_prcp jumps while the entropy
     of BOTH branches rises - the policy raises the divergence by emitting tokens that are unlikely
     under any image, not by looking more closely. Returns a warning or None."""
-    if len(history) <= window or "kl_prcp" not in history[-1]:
+    keys = ("kl_prcp", "entropy_orig", "entropy_mask")
+    # a step that trained nothing logs none of them (train.update_phase): no comparison then
+    if len(history) <= window or any(k not in h for h in history[-window - 1:] for k in keys):
         return None
     past, now = history[-window - 1:-1], history[-1]
     mean = lambda k: float(np.mean([h[k] for h in past]))

@@ -101,7 +101,7 @@ def rl_step(policy, ref, optimizer, processor, examples, cfg: Config, d: Dist, s
     score_phase(batch, policy, ref, cfg, d)                              # phase 6
     times["t_score"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = update_phase(batch, policy, optimizer, cfg, d, step)       # phase 7
+    metrics = update_phase(batch, policy, optimizer, cfg, d, step, guard=state)  # phase 7
     times["t_update"] = time.perf_counter() - t0
     return batch, {"step": step, **rollout_statistics(stats, d),
                    "kept_rollouts": len(batch.rollouts), **metrics, **times}
@@ -241,7 +241,7 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
     eos = qwen.eos_ids(policy)
     kept: list[Batch] = []
     stats = dict(reward=[], accuracy=[], format=[], length=[], truncated=[], zero_var_groups=0,
-                 groups=0)
+                 identical_groups=0, groups=0)
     for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
         prompts, cursor = draw_prompts(examples, cfg, d, cursor, size)             # 1
         seed = step_seed(cfg, step, d.rank, salt=draw)
@@ -324,6 +324,13 @@ def _tally(stats: dict, drawn: Batch, G: int, truncated: torch.Tensor) -> None:
     stats["length"].append(drawn.rollouts.completion_mask.sum(-1).float().cpu())
     stats["truncated"].append(truncated.float().cpu())
     stats["zero_var_groups"] += int(zero_var.sum()); stats["groups"] += len(zero_var)
+    # groups whose G completions are the very same tokens: sampling that is all but greedy
+    # (--temperature or --top-p near 0) gives nothing but these, and they teach nothing
+    mask = drawn.rollouts.completion_mask.long().cpu()                        # [B, T]
+    ids = (drawn.rollouts.completion_ids.cpu() * mask).view(len(zero_var), G, -1)  # [N, G, T]
+    mask = mask.view(len(zero_var), G, -1)                                    # [N, G, T]
+    same = ((ids == ids[:, :1]).all(dim=2) & (mask == mask[:, :1]).all(dim=2)).all(dim=1)  # [N]
+    stats["identical_groups"] += int(same.sum())
 
 
 def _first_rows(parts: list[Batch], n: int) -> Batch:
@@ -345,12 +352,13 @@ def rollout_statistics(stats: dict, d: Dist) -> dict:
     """The step's rollout statistics (every sampled rollout), averaged over ranks."""
     means = all_reduce(torch.stack([torch.cat(stats[k]).mean() for k in
                                     ("reward", "accuracy", "format", "length", "truncated")]))
-    counts = all_reduce(torch.tensor([stats["zero_var_groups"], stats["groups"]],
-                                     dtype=torch.float64))
+    counts = all_reduce(torch.tensor([stats["zero_var_groups"], stats["groups"],
+                                      stats["identical_groups"]], dtype=torch.float64))
     return dict(reward=float(means[0]) / d.world, accuracy=float(means[1]) / d.world,
                 format=float(means[2]) / d.world, response_length=float(means[3]) / d.world,
                 truncated_frac=float(means[4]) / d.world,
-                zero_var_frac=float(counts[0] / counts[1]), draws=stats["draws"])
+                zero_var_frac=float(counts[0] / counts[1]),
+                identical_frac=float(counts[2] / counts[1]), draws=stats["draws"])
 
 
 # --- phase 6: score ---------------------------------------------------------------------------
@@ -401,14 +409,20 @@ def score_phase(batch: Batch, policy, ref_model, cfg: Config, d: Dist) -> None:
 
 # --- phase 7: update --------------------------------------------------------------------------
 
-def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: int) -> dict:
+def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: int,
+                 guard: dict | None = None) -> dict:
     """Phase 7: --updates-per-step optimizer steps on disjoint mini-batches of whole groups,
     each accumulated over micro-batches -> the step's loss metrics.
 
     Each micro-batch's loss divides by the GLOBAL count of its mini-batch (tokens, rollouts, or
     micro-batches for micro-token-mean; summed over micro-batches AND ranks: minibatch_options),
     so the accumulated gradient is that of one big batch whatever the micro-batch size or the
-    number of GPUs. DDP averages gradients over ranks, hence the factor world size."""
+    number of GPUs. DDP averages gradients over ranks, hence the factor world size.
+
+    A mini-batch without a single completion token (every rollout left out by --mask-truncated)
+    is not an update: it is skipped, without a forward. `guard` (the run's state) carries what
+    the run's watches need across steps (guard_update): the weights' starting norm and the
+    number of updates skipped in a row. A metric no token measured is not logged."""
     gamma, eta_orig, eta_mask = loss_coefficients(cfg, step)
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
     correct = (batch.accuracy == 1) if cfg.sft_coef else None   # [B] the SFT term's rollouts
@@ -416,6 +430,10 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     weights: dict[str, float] = {}
     grad_norms, skipped = [], 0
     for mini in minibatches(batch, cfg, d, step):
+        if float(all_reduce(mask[mini].sum())) == 0:          # the same decision on every rank
+            skipped += 1
+            guard_update(guard, cfg, step, stepped=False, why="no tokens")
+            continue
         micros = mini.split(cfg.micro_batch_size)
         options = minibatch_options(mask, correct, mini, len(micros), cfg)
         for i, idx in enumerate(micros):
@@ -437,13 +455,22 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
                     sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
                     weights[k] = weights.get(k, 0.0) + own.get(k, w)
         try:
-            grad_norm, stepped = optimizer_step(policy, optimizer, cfg)
+            grad_norm, stepped = optimizer_step(policy, optimizer, cfg, guard)
         except Diverged as err:
             raise Diverged(f"step {step}: {err}") from None
+        guard_update(guard, cfg, step, stepped, why="not finite")
         grad_norms.append(grad_norm)
         skipped += not stepped
+    if not grad_norms and d.main:
+        # nothing was trained this step: say so now, not only when the watch stops the run
+        tqdm.write(f"WARNING step {step}: every completion hit --max-new-tokens "
+                   f"{cfg.max_new_tokens} and --mask-truncated left them all out of the loss: "
+                   "nothing was trained. Raise --max-new-tokens or drop --mask-truncated.",
+                   file=sys.stderr)
     out = weighted_means_over_ranks(sums, weights)
-    out.update(grad_norm=float(np.mean(grad_norms)), skipped_updates=skipped, gamma_t=gamma)
+    if grad_norms:
+        out["grad_norm"] = float(np.mean(grad_norms))
+    out.update(skipped_updates=skipped, gamma_t=gamma)
     if cfg.gamma_anneal:
         out.update(eta_orig_t=eta_orig, eta_mask_t=eta_mask)
     return out
@@ -529,15 +556,54 @@ def _masked_branch(batch: Batch, policy, idx, cfg: Config):
 
 
 class Diverged(RuntimeError):
-    """An update made the weights non-finite, or blew their norm up: the run cannot go on."""
+    """An update made the weights non-finite, blew their norm up or shrank it towards zero, or
+    every update of a while was skipped: the run cannot go on."""
 
 
-def optimizer_step(policy, optimizer, cfg: Config) -> tuple[float, bool]:
+# The run's watches on its updates (guard_update, optimizer_step). An update with a non-finite
+# gradient is skipped, which is right for a rare overflow; but when every update is skipped the
+# run learns nothing while it looks healthy, so a few in a row stop it. The weights' norm may
+# not fall under a fraction of its start either: weight decay that large (AdamW multiplies each
+# weight by 1 - lr x weight decay at every update) erases the policy.
+MAX_SKIPPED_IN_A_ROW = 3
+COLLAPSE_FRACTION = 0.5
+
+
+def guard_update(guard: dict | None, cfg: Config, step: int, stepped: bool, why: str) -> None:
+    """Count updates skipped in a row in guard["skipped_in_a_row"]; at MAX_SKIPPED_IN_A_ROW stop
+    the run (Diverged) naming the likely cause: `why` is "no tokens" (--mask-truncated left
+    nothing to train on) or "not finite" (the gradient was NaN or inf)."""
+    if guard is None:
+        return
+    guard["skipped_in_a_row"] = 0 if stepped else guard.get("skipped_in_a_row", 0) + 1
+    n = guard["skipped_in_a_row"]
+    if n < MAX_SKIPPED_IN_A_ROW:
+        return
+    if why == "no tokens":
+        raise Diverged(f"step {step}: the last {n} updates had not one completion token to "
+                       f"train on: every completion hit --max-new-tokens {cfg.max_new_tokens} "
+                       "without an end token and --mask-truncated leaves such completions out "
+                       "of the loss. Raise --max-new-tokens or drop --mask-truncated")
+    weights = {flag: getattr(cfg, flag.removeprefix("--").replace("-", "_"))
+               for flag in ("--gamma", "--beta", "--eta-orig", "--eta-mask", "--sft-coef")}
+    large = [f"{flag} {v:g}" for flag, v in sorted(weights.items(), key=lambda kv: -kv[1])
+             if v > 1] or [f"{flag} {v:g}" for flag, v in weights.items() if v]
+    named = ", ".join(large) or "none set"
+    raise Diverged(f"step {step}: the last {n} updates were skipped: the gradient was not "
+                   "finite (NaN or inf), so the policy cannot learn. The likely cause is a "
+                   f"loss weight too large for the loss to stay finite ({named}); "
+                   f"otherwise --temperature {cfg.temperature:g} or --dtype {cfg.dtype}")
+
+
+def optimizer_step(policy, optimizer, cfg: Config, guard: dict | None = None,
+                   ) -> tuple[float, bool]:
     """Clip the global gradient norm and step: (the norm, whether the step was taken). A
     non-finite norm skips the step (gradients are all-reduced, so every rank agrees). An update
     that leaves the weights non-finite, or more than doubles their norm (a learning rate far
     too large: AdamW moves every weight by about lr), stops the run (Diverged) before the broken
-    policy generates again."""
+    policy generates again; so does one that leaves the norm under COLLAPSE_FRACTION of its
+    start, guard["weight_norm_start"] (the norm before the run's first update; kept in
+    checkpoints, so a resumed run compares with the same start)."""
     # With FSDP the gradients are DTensor shards: clip_grad_norm_ computes each shard's part
     # and reduces the norm over the ranks itself, returning a DTensor (full_tensor: a value)
     grad_norm = _full(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
@@ -545,12 +611,22 @@ def optimizer_step(policy, optimizer, cfg: Config) -> tuple[float, bool]:
     if stepped:
         trained = [p for p in policy.parameters() if p.requires_grad]
         before = _full(torch.nn.utils.get_total_norm(trained))
+        if guard is not None:
+            guard.setdefault("weight_norm_start", float(before))
         optimizer.step()
         after = _full(torch.nn.utils.get_total_norm(trained))
         if not torch.isfinite(after) or after > 2 * before:
             raise Diverged(f"the update took the weights' norm from {float(before):.4g} to "
                            f"{float(after):.4g} (--lr {cfg.lr:g}): the policy diverged; resume "
                            "from the last checkpoint with a smaller --lr")
+        start = guard["weight_norm_start"] if guard is not None else None
+        if start is not None and after < COLLAPSE_FRACTION * start:
+            raise Diverged(f"the update took the weights' norm to {float(after):.4g}, under "
+                           f"{COLLAPSE_FRACTION:g} x its start {start:.4g} (--lr {cfg.lr:g}, "
+                           f"--weight-decay {cfg.weight_decay:g}: each update multiplies every "
+                           f"weight by 1 - lr x weight decay = {1 - cfg.lr * cfg.weight_decay:.4g}"
+                           "): the policy collapsed; resume from the last checkpoint with a "
+                           "smaller --weight-decay or --lr")
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm), stepped
 
@@ -564,7 +640,10 @@ def weighted_means_over_ranks(sums: dict, weights: dict) -> dict[str, float]:
     keys = sorted(sums)
     packed = all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys],
                                      dtype=torch.float64))
-    return {k: float(packed[j] / max(packed[len(keys) + j], 1.0)) for j, k in enumerate(keys)}
+    # a metric that no token (or no right rollout, for sft_nll) measured is left out: logged
+    # as 0.0 it would read as measured
+    return {k: float(packed[j] / packed[len(keys) + j]) for j, k in enumerate(keys)
+            if packed[len(keys) + j] > 0}
 
 
 # =============================================================================================
@@ -639,8 +718,15 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
     held, evaluated_at = None, None
+    warned_identical = False
     for step in bar:
         batch, row = rl_step(policy, ref, optimizer, processor, examples, cfg, d, step, state)
+        if row["identical_frac"] == 1 and d.main and not warned_identical:
+            warned_identical = True        # once: the column identical_frac tells the rest
+            tqdm.write(f"WARNING step {step}: in every group the {cfg.group_size} rollouts are "
+                       f"the same tokens, so every advantage is 0 and nothing is learned: "
+                       f"sampling is all but greedy (--temperature {cfg.temperature:g}, --top-p "
+                       f"{cfg.top_p:g}); raise them", file=sys.stderr)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and heldout:
             # the same questions and sampling seeds every time, so the curve moves only with the
             # policy; it does not disturb training (each step reseeds its own sampling)

@@ -903,6 +903,9 @@ def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metri
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["gamma_t"] for r in rows] == pytest.approx([0.02, 0.0125])   # 0.02 -> 0.005 in 2
     assert rows[1]["eta_orig_t"] == pytest.approx(0.03 * 0.0125 / 0.02)
-    for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped", "sft_nll"):
+    for key in ("kl_prcp", "kl_prcp_kept", "kl_prcp_clipped"):
         assert all(key in r and r[key] == r[key] for r in rows), key
+    # sft_nll is measured on the right rollouts: not logged for a step without one
+    assert all(("sft_nll" in r) == (r["accuracy"] > 0) for r in rows)
+    assert all(r["sft_nll"] == r["sft_nll"] for r in rows if "sft_nll" in r)
     assert config.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2

@@ -7,7 +7,8 @@ recipes as presets, every flag's allowed range, and the command line built from 
 Precedence: field defaults (the official Qwen2.5-VL-3B recipe) < the offline toy run's overrides
 (when --model is not given) < the preset < a --config file < a --preset given on the command
 line < the other flags given there. A resumed run starts from its own saved config.json
-instead, and flags given now still win.
+instead, and flags given now still win. The settings that act on the file system or on other
+processes (RUN_CONTROL: --out, --overwrite, --force-unlock, ...) come from the command line only.
 """
 
 from __future__ import annotations
@@ -265,6 +266,13 @@ TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tok
                      min_pixels=56 * 56, max_pixels=112 * 112)
 
 
+# Settings that act on the file system or on other processes: which folder is written, whether an
+# earlier run there is deleted, whether a live process's lock is taken over, whether a resumed
+# run may change. They are taken from the command line of THIS invocation only: never read back
+# from a --config file or from a resumed run's config.json (a run once started with --overwrite
+# would otherwise delete its folder again on every re-run of its configuration).
+RUN_CONTROL = ("out", "overwrite", "force_unlock", "allow_changes", "resume", "config")
+
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
                "image_dir", "config")
 
@@ -334,7 +342,8 @@ def parse_config(argv=None) -> Config:
         if unknown:
             print(f"note: {saved} has settings this version does not know, ignored: "
                   f"{', '.join(unknown)}")
-        values = {k: v for k, v in values.items() if k in known}
+        # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
+        values = {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
         if "preset" in given:          # a preset is its coefficients, not only its name
             given = {**PRESETS[given["preset"]], **given}
         changes = resume_changes(values, given)
@@ -350,6 +359,10 @@ def parse_config(argv=None) -> Config:
             print(f"--allow-changes: {k}: {old!r} -> {new!r}")
         return Config(**{**values, **given, "resume": given["resume"]})
     from_file = read_config_file(given["config"], parser) if given.get("config") else {}
+    if from_file.pop("out", None) and "out" not in given:
+        parser.error(f"--config {given['config']}: give --out for the new run. The file's own "
+                     "out (the run it was written for) is never reused: a run folder is only "
+                     "ever named on the command line")
     preset = given.get("preset", from_file.get("preset", Config.preset))
     if preset not in PRESETS:
         parser.error(f"--config {given['config']}: preset {preset!r}: choose one of "
@@ -389,8 +402,9 @@ def resume_changes(saved: dict, given: dict) -> dict[str, tuple]:
 
 def read_config_file(path: str, parser) -> dict:
     """The settings of a JSON file (a run's config.json) or a YAML file (.yaml / .yml), with
-    the keys of Config; an unknown key is an error naming it. A resumed run's `resume` entry is
-    dropped: a config file starts a new run (--resume continues one)."""
+    the keys of Config; an unknown key is an error naming it. The RUN_CONTROL entries are
+    dropped (with a note for those that would act): a config file starts a new run, in a folder
+    named on the command line (--resume continues one)."""
     try:
         text = Path(path).read_text()
         if path.endswith((".yaml", ".yml")):
@@ -407,8 +421,14 @@ def read_config_file(path: str, parser) -> dict:
     if unknown:
         parser.error(f"--config {path}: unknown settings {', '.join(unknown)} (the names are "
                      "python train.py --help's flags with _ for -)")
-    values.pop("resume", None)
-    values.pop("config", None)
+    # out, overwrite, force_unlock, ... (RUN_CONTROL) come from the command line only
+    ignored = {k: values.pop(k) for k in RUN_CONTROL if k in values}
+    acting = [k for k, v in ignored.items() if v and k not in ("out", "resume", "config")]
+    if acting:
+        print(f"note: --config {path}: {', '.join(acting)} ignored (settings that delete, take "
+              "over or change a run are taken from the command line only)")
+    if ignored.get("out"):
+        values["out"] = ignored["out"]       # only to say so in parse_config (then dropped)
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     wrong = [f"{k} = {v!r} (expected {types[k]})" for k, v in values.items()
              if not _fits(v, types[k])]

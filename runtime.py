@@ -49,7 +49,8 @@ import lora
 import model as qwen
 import toy
 from trackers import Trackers
-from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
+from config import (RUN_CONTROL, Config, absolute_path, fit_pixel_budget, prompt_options,
+                    saved_config)
 
 
 # =============================================================================================
@@ -301,7 +302,8 @@ def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
     earlier = run / "config.json"
     if earlier.is_file():             # a resumed run: what changed, kept, never overwritten
         before = json.loads(earlier.read_text())
-        changed = {k: [before.get(k), v] for k, v in saved.items() if before.get(k) != v}
+        changed = {k: [before.get(k), v] for k, v in saved.items()
+                   if before.get(k) != v and k not in RUN_CONTROL}
         if changed:
             with open(run / "config_history.jsonl", "a") as f:
                 f.write(json.dumps({"resumed_from": saved["resume"], "changed": changed}) + "\n")

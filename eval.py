@@ -382,6 +382,16 @@ def run_targets(run: Path) -> dict:
     return info
 
 
+def default_out(folder: Path = Path(".")) -> Path:
+    """eval_results.json, or the first eval_results-N.json that does not exist: the default
+    never meets an earlier evaluation's results (an explicit existing --out is refused)."""
+    out, n = folder / "eval_results.json", 1
+    while out.exists():
+        n += 1
+        out = folder / f"eval_results-{n}.json"
+    return out
+
+
 def column_names(models: list[str]) -> list[str]:
     """The shortest path tails that tell the models apart: runs/a/checkpoint-000150 and
     runs/b/checkpoint-000150 become a/checkpoint-000150 and b/checkpoint-000150."""
@@ -494,9 +504,12 @@ def main(argv=None) -> dict:
                         "--reward); default: the official math reward")
     p.add_argument("--reward-time-limit", type=float, default=10.0,
                    help="seconds one call of --reward may take (a call past it scores 0)")
-    p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON (default: eval_results.json, or the first free "
+                        "eval_results-N.json: a plain rerun never replaces earlier results)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file (without it, it is refused)")
+                   help="replace an existing --out file (without it, it is refused); never one "
+                        "of the evaluation's inputs")
     p.add_argument("--mean-of", nargs="+", metavar="FILE",
                    help="only print mean +- std over result files written by earlier runs "
                         "(one per seed, same models in the same order)")
@@ -550,8 +563,17 @@ def main(argv=None) -> dict:
         ("mask-ratios", mask_ratios, all(0 <= r <= 1 for r in mask_ratios), "each in [0, 1]"),
         ("kl-ratio", kl_ratio, kl_ratio <= 1, "<= 1 (negative: skip)"),
     ) if not ok]
-    out = Path(args.out)
-    if out.is_dir():
+    out = Path(args.out) if args.out else default_out()
+    clash = [f"--out {out}: is {flag} {value} or inside it, an input of this evaluation; give "
+             "another --out" for flag, value in (
+                 *(("--model", m) for m in models), *(("--data", d) for d in sources),
+                 ("--prompt-template", template_file),
+                 ("--reward", args.reward.rsplit(":", 1)[0] if ":" in args.reward else ""))
+             if value and Path(value).exists() and (Path(value).resolve() == out.resolve() or
+                                                    Path(value).resolve() in out.resolve().parents)]
+    if clash:                           # the results file must never replace what it evaluates
+        bad += clash
+    elif out.is_dir():
         bad.append(f"--out {out}: is a folder; give a file name")
     elif out.exists() and not args.overwrite:
         bad.append(f"--out {out}: exists (an earlier evaluation's results); pass --overwrite to "

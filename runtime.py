@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -404,9 +405,10 @@ def unsharded_copy(policy, full_state: dict):
 
 
 def checkpoint_step(folder: Path) -> int | None:
-    """checkpoint-000150 -> 150; None for any other name."""
-    digits = folder.name.removeprefix("checkpoint-")
-    return int(digits) if folder.name.startswith("checkpoint-") and digits.isdigit() else None
+    """checkpoint-000150 -> 150; None for any other name (checkpoint-best, checkpoint-1)."""
+    if not CHECKPOINT_NAME.fullmatch(folder.name) or folder.name.startswith("."):
+        return None
+    return int(folder.name.removeprefix("checkpoint-"))
 
 
 def prune_checkpoints(run: Path, keep_last: int, keep: Path) -> None:
@@ -437,8 +439,38 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl", "latest.txt", "latest.txt.tmp", "
              "final_table.txt", "curves.png", "tensorboard", "wandb", ".wandb_id")
 
 
+# ... and its checkpoints, by their exact names: checkpoint-000150 (six digits or more, the
+# step), never checkpoint-best/ or checkpoint-notes.txt, which a user made.
+CHECKPOINT_NAME = re.compile(r"(\.tmp-)?checkpoint-\d{6,}")
+
+
 def is_run_entry(name: str) -> bool:
-    return name in RUN_FILES or name.startswith(("checkpoint-", ".tmp-checkpoint-"))
+    return name in RUN_FILES or CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def run_inputs(cfg: Config) -> list[tuple[str, Path]]:
+    """(flag, local path) of everything this run reads: the starting model, the data, the
+    reward file, the prompt template, the picture folder. Hub ids and "" are left out; a glob
+    counts as the folder it starts in."""
+    paths = [("--model", cfg.model), ("--data", cfg.data), ("--eval-data", cfg.eval_data),
+             ("--prompt-template", cfg.prompt_template), ("--image-dir", cfg.image_dir),
+             ("--reward", cfg.reward.rsplit(":", 1)[0] if cfg.reward.count(":") else "")]
+    found = []
+    for flag, value in paths:
+        if not value:
+            continue
+        head = value.split("*")[0].split("?")[0].split("[")[0]   # a glob: where it starts
+        path = Path(head if head != value else value).expanduser()
+        if head != value or path.exists():
+            found.append((flag, path.resolve()))
+    return found
+
+
+def inputs_inside(cfg: Config, folder: Path) -> list[str]:
+    """The inputs of this run (run_inputs) that lie in `folder` or are it, as "--flag path"."""
+    folder = folder.resolve()
+    return [f"{flag} {path}" for flag, path in run_inputs(cfg)
+            if path == folder or folder in path.parents]
 
 
 def prepare_run_folder(cfg: Config, run: Path) -> None:
@@ -456,6 +488,11 @@ def prepare_run_folder(cfg: Config, run: Path) -> None:
         raise SystemExit(
             f"train.py: --out {run} is not empty ({listing}). Continue that run with --resume "
             f"{run}, start afresh with --overwrite, or pick another --out.")
+    inputs = inputs_inside(cfg, run)
+    if inputs:             # e.g. --model D/checkpoint-000002 --out D: it would delete its start
+        raise SystemExit(f"train.py: --overwrite refused for --out {run}: it holds an input of "
+                         f"this run ({'; '.join(inputs)}). Copy that out of the folder first, "
+                         "or pick another --out.")
     foreign = [n for n in earlier if not is_run_entry(n)]
     if foreign or not (run / "run.json").is_file():
         why = (f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "

@@ -72,3 +72,78 @@ def test_a_config_file_never_sets_the_run_control_settings(tmp_path, capsys):
     assert (cfg.steps, cfg.overwrite, cfg.force_unlock, cfg.allow_changes) == (3, False, False,
                                                                                 False)
     assert "overwrite, force_unlock, allow_changes ignored" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. --overwrite deletes exactly what a run wrote; an evaluation never replaces its inputs
+# ---------------------------------------------------------------------------------------------
+
+def test_overwrite_refuses_a_folder_holding_this_runs_own_starting_model(tmp_path):
+    """--model D/checkpoint-000002 --out D --overwrite deleted its own starting model, then
+    crashed loading it."""
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "2"))
+    (tmp_path / "d.jsonl").write_text("")
+    before = _tree(run)
+    with pytest.raises(SystemExit, match=r"--overwrite refused for --out .*run: it holds an "
+                                         r"input of this run \(--model .*checkpoint-000002\)"):
+        train.main(tiny_args(tmp_path, "--model", str(run / "checkpoint-000002"), "--data",
+                             str(tmp_path / "d.jsonl"), "--updates-per-step", "1", "--overwrite"))
+    assert _tree(run) == before
+
+
+def test_overwrite_deletes_checkpoints_by_their_exact_names_only(tmp_path):
+    """A user's checkpoint-best/ and checkpoint-notes.txt are not a run's checkpoints."""
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    (run / "checkpoint-best").mkdir()
+    (run / "checkpoint-best" / "model.safetensors").write_text("mine")
+    (run / "checkpoint-notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--overwrite refused.*checkpoint-best, "
+                                         "checkpoint-notes.txt, which no run"):
+        train.main(tiny_args(tmp_path, "--steps", "1", "--overwrite"))
+    assert (run / "checkpoint-best" / "model.safetensors").read_text() == "mine"
+    assert (run / "checkpoint-notes.txt").read_text() == "mine"
+    assert runtime.checkpoint_step(run / "checkpoint-000001") == 1
+    assert runtime.checkpoint_step(run / "checkpoint-1") is None
+
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    import data
+    import model as qwen
+    import toy
+    from PIL import Image
+    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
+    policy.save_pretrained(tmp_path / "ckpt")
+    qwen.save_processor(processor, tmp_path / "ckpt")
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "a.png")
+    data.write_jsonl([{"problem": "How many?", "answer": "3", "images": ["a.png"]}],
+                     tmp_path / "test.jsonl")
+    return tmp_path
+
+
+def test_eval_never_writes_its_results_over_an_input(model_and_data, capsys, monkeypatch):
+    import eval as evaluation
+    folder = model_and_data
+    monkeypatch.chdir(folder)
+    rows = (folder / "test.jsonl").read_text()
+    for out in ("test.jsonl", "ckpt/config.json"):
+        with pytest.raises(SystemExit):
+            evaluation.main(["--model", "ckpt", "--data", "test.jsonl", "--out", out,
+                             "--overwrite"])
+        assert f"--out {out}: is " in capsys.readouterr().err
+    assert (folder / "test.jsonl").read_text() == rows
+
+
+def test_a_plain_eval_rerun_writes_a_new_results_file(model_and_data, capsys, monkeypatch):
+    import eval as evaluation
+    monkeypatch.chdir(model_and_data)
+    args = ["--model", "ckpt", "--data", "test.jsonl", "--samples", "1", "--max-new-tokens",
+            "2", "--mask-ratios", "--kl-ratio", "-1"]
+    evaluation.main(args)
+    first = (model_and_data / "eval_results.json").read_text()
+    evaluation.main(args)
+    assert "wrote eval_results-2.json" in capsys.readouterr().out
+    assert (model_and_data / "eval_results.json").read_text() == first
+    assert (model_and_data / "eval_results-2.json").is_file()

@@ -347,6 +347,10 @@ def parse_config(argv=None) -> Config:
         if "preset" in given:          # a preset is its coefficients, not only its name
             given = {**PRESETS[given["preset"]], **given}
         changes = resume_changes(values, given)
+        cannot = unhonourable_changes(changes, values, Path(given["resume"]))
+        if cannot:      # refused even with --allow-changes: nothing of the run would load
+            parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
+                         "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
         if changes and not given.get("allow_changes"):
             parser.error(f"--resume {given['resume']}: these flags would change how the run "
                          "trains from here on:\n  " + "\n  ".join(
@@ -398,6 +402,68 @@ def resume_changes(saved: dict, given: dict) -> dict[str, tuple]:
         if new != saved[k]:
             changes[k] = (saved[k], new)
     return changes
+
+
+def unhonourable_changes(changes: dict[str, tuple], saved: dict, run: Path) -> list[str]:
+    """The changes of resume_changes that a resumed run could not load its checkpoint under -
+    each "--flag: old -> new: why". --allow-changes accepts changes of HOW the run trains on;
+    these change WHAT the checkpoint must hold (its adapters, its optimizer state's shape, its
+    architecture), so every checkpoint would fail to load. They are refused before anything is
+    written."""
+    why = {}
+    if "lora_rank" in changes:
+        old, new = changes["lora_rank"]
+        why["lora_rank"] = (f"its checkpoints hold LoRA adapters of rank {old}" if old else
+                            "it trained every weight: its checkpoints hold no adapters")
+    if "lora_targets" in changes and saved.get("lora_rank"):
+        why["lora_targets"] = "its checkpoints' adapters sit on the layers it names"
+    if "freeze_vision_tower" in changes:
+        why["freeze_vision_tower"] = ("its optimizer state covers "
+                                      + ("only the unfrozen weights" if saved.get(
+                                          "freeze_vision_tower") else "the vision tower too"))
+    if "fsdp" in changes:
+        why["fsdp"] = (f"its optimizer state was written {'with' if saved.get('fsdp') else 'without'}"
+                       " --fsdp (sharded and whole state are different forms)")
+    for name in ("tiny_family", "tiny_size"):
+        if name in changes and not saved.get("model"):
+            why[name] = "the run started from another offline model (its reference and processor)"
+    if "model" in changes:
+        checkpoint = resume_checkpoint(run)
+        new = changes["model"][1]
+        if checkpoint is not None and new and Path(new).is_dir():
+            have, want = _architecture(checkpoint), _architecture(Path(new))
+            if have != want:
+                why["model"] = (f"its checkpoints are {have}, --model {new} is {want} (another "
+                                "model family or size)")
+        elif checkpoint is not None and new == "":
+            why["model"] = "the offline tiny model is not the model the run trains"
+    return [f"--{k.replace('_', '-')}: {changes[k][0]!r} -> {changes[k][1]!r}: {reason}"
+            for k, reason in why.items()]
+
+
+def _architecture(folder: Path) -> str:
+    """A model folder's family and shape, "qwen2_5_vl (hidden 64, 2 layers, vocab 5000)", from
+    its config.json ("unreadable" where there is none)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"unreadable ({folder / 'config.json'})"
+    text = cfg.get("text_config") or cfg
+    return (f"{cfg.get('model_type')} (hidden {text.get('hidden_size')}, "
+            f"{text.get('num_hidden_layers')} layers, vocab {text.get('vocab_size')})")
+
+
+def resume_checkpoint(run: Path) -> Path | None:
+    """The checkpoint folder a --resume of `run` starts from: the one latest.txt names, else the
+    newest checkpoint-NNNNNN; None if there is none (check_config says so)."""
+    pointer = run / "latest.txt"
+    if pointer.is_file():
+        folder = run / pointer.read_text().strip()
+        return folder if folder.is_dir() else None
+    steps = sorted((int(p.name.removeprefix("checkpoint-")), p)
+                   for p in run.glob("checkpoint-*")
+                   if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit())
+    return steps[-1][1] if steps else None
 
 
 def read_config_file(path: str, parser) -> dict:

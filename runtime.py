@@ -266,9 +266,11 @@ def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: st
     return dataset.subset(keep), len(long)
 
 
-def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset, dict, str]:
-    """(cfg, training set, held-out sets, the starting model's folder or hub id), everything
-    checked, and config.json + run.json written (rank 0).
+def prepare_data(cfg: Config, d: Dist, run: Path
+                 ) -> tuple[Config, data.Dataset, dict, str, dict[str, int]]:
+    """(cfg, training set, held-out sets, the starting model's folder or hub id, the rows left
+    out as too long per split), everything checked. Nothing of the run is written here:
+    write_run_record follows once the starting model (or checkpoint) has loaded.
 
     Without --model: the toy splits are written once and the tiny model is warm-started on them
     (both cached, rank 0 while the others wait). Prompt lengths need only the tokenizer: checked
@@ -290,15 +292,14 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
     for name in heldout:
         heldout[name], dropped[name] = check_prompt_lengths(heldout[name], processor, cfg, name)
-    if d.main:
-        write_run_record(run, cfg, dropped)
-    return cfg, train, heldout, init_path
+    return cfg, train, heldout, init_path, dropped
 
 
 def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
     """config.json (every setting) and run.json (what eval.py needs to evaluate the run), written
-    once the data is known to be usable, so that a run refused for its data leaves an empty
-    folder behind, not one a fresh run would have to --overwrite."""
+    once the data is known to be usable and the model (or the checkpoint resumed) has loaded:
+    a run refused for its data leaves an empty folder behind, not one a fresh run would have
+    to --overwrite, and a refused resume leaves the run's config.json as it was."""
     saved = saved_config(cfg)
     earlier = run / "config.json"
     if earlier.is_file():             # a resumed run: what changed, kept, never overwritten

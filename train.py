@@ -621,8 +621,10 @@ def main(argv=None) -> dict:
 
 def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     """Everything after the run folder is safe to write: data, models, the RL loop, the table."""
-    cfg, examples, heldout, init_path = runtime.prepare_data(cfg, d, run)
+    cfg, examples, heldout, init_path, dropped = runtime.prepare_data(cfg, d, run)
     policy, processor, ref, optimizer, state = runtime.load_start(cfg, d, run, init_path)
+    if d.main:       # only now: a resume that does not load leaves config.json as it was
+        runtime.write_run_record(run, cfg, dropped)
     trackers = runtime.start_trackers(cfg, run, d)
     try:
         return train_loop(cfg, d, run, policy, processor, ref, optimizer, state, examples,

@@ -147,3 +147,71 @@ def test_a_plain_eval_rerun_writes_a_new_results_file(model_and_data, capsys, mo
     assert "wrote eval_results-2.json" in capsys.readouterr().out
     assert (model_and_data / "eval_results.json").read_text() == first
     assert (model_and_data / "eval_results-2.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A refused resume changes nothing
+# ---------------------------------------------------------------------------------------------
+
+def test_a_resume_change_the_checkpoint_cannot_take_is_refused_before_anything_is_written(
+        tmp_path, capsys):
+    """--allow-changes --lora-rank 4 (or --freeze-vision-tower) used to rewrite config.json,
+    then fail to load every checkpoint: the run then failed to resume for good."""
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    before = _tree(run)
+    saved = (run / "config.json").read_text()
+    for flags, reason in ((["--lora-rank", "4"], "it trained every weight: its checkpoints "
+                                                 "hold no adapters"),
+                          (["--freeze-vision-tower"], "its optimizer state covers the vision "
+                                                      "tower too"),
+                          (["--tiny-size", "small"], "the run started from another offline")):
+        with pytest.raises(SystemExit):
+            train.main(["--resume", str(run), "--steps", "2", "--allow-changes", *flags])
+        err = " ".join(capsys.readouterr().err.split())
+        assert "cannot be applied to the run's checkpoints" in err and reason in err, err
+        assert (run / "config.json").read_text() == saved and _tree(run) == before
+    train.main(["--resume", str(run), "--steps", "2"])              # the run goes on
+    assert last_checkpoint(run).name == "checkpoint-000002"
+
+
+def test_a_lora_runs_rank_cannot_change_on_resume(tmp_path, capsys):
+    pytest.importorskip("peft")
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1", "--lora-rank", "2"))
+    saved = (run / "config.json").read_text()
+    for rank in ("0", "4"):
+        with pytest.raises(SystemExit):
+            config.parse_config(["--resume", str(run), "--steps", "2", "--allow-changes",
+                                 "--lora-rank", rank])
+        assert "its checkpoints hold LoRA adapters of rank 2" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == saved
+
+
+def test_config_json_changes_only_after_the_resumed_checkpoint_loaded(tmp_path, monkeypatch):
+    """A resume that fails while loading (here: every checkpoint damaged) leaves config.json
+    and config_history.jsonl as they were."""
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    saved = (run / "config.json").read_text()
+    (last_checkpoint(run) / "trainer_state.pt").write_bytes(b"damaged")
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train.main(["--resume", str(run), "--steps", "2", "--allow-changes", "--lr", "2e-4"])
+    assert (run / "config.json").read_text() == saved
+    assert not (run / "config_history.jsonl").exists()
+
+
+def test_resuming_with_a_model_of_another_family_is_refused_up_front(tmp_path, capsys):
+    import model as qwen
+    import toy
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    other, processor = toy.build_tiny_model(seed=0, size="tiny", family="qwen3-vl")
+    other.save_pretrained(tmp_path / "qwen3")
+    qwen.save_processor(processor, tmp_path / "qwen3")
+    with pytest.raises(SystemExit):
+        config.parse_config(["--resume", str(run), "--steps", "2", "--allow-changes",
+                             "--model", str(tmp_path / "qwen3"), "--data", "x.jsonl"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--model: '' -> " in err and "its checkpoints are qwen2_5_vl" in err
+    assert "is qwen3_vl" in err

@@ -422,8 +422,9 @@ def unhonourable_changes(changes: dict[str, tuple], saved: dict, run: Path) -> l
                                       + ("only the unfrozen weights" if saved.get(
                                           "freeze_vision_tower") else "the vision tower too"))
     if "fsdp" in changes:
-        why["fsdp"] = (f"its optimizer state was written {'with' if saved.get('fsdp') else 'without'}"
-                       " --fsdp (sharded and whole state are different forms)")
+        how = "with" if saved.get("fsdp") else "without"
+        why["fsdp"] = (f"its optimizer state was written {how} --fsdp (sharded and whole state "
+                       "are different forms)")
     for name in ("tiny_family", "tiny_size"):
         if name in changes and not saved.get("model"):
             why[name] = "the run started from another offline model (its reference and processor)"

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 import data
 import eval as evaluation
+import integrity
 import lora
 import model as qwen
 import toy
@@ -361,6 +362,7 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
         torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
                     "rng": rng_states()}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        integrity.write_fingerprint(tmp, run_data_sources(cfg))     # verified by --resume
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = run / "latest.txt.tmp"
@@ -526,14 +528,18 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
     """(policy, processor, ref, optimizer, state) to start the loop from: fresh, or - with
     --resume - the newest checkpoint that loads. A checkpoint that fails to load (a truncated
     file, a disk error) is named and the previous intact one is used instead."""
-    candidates = [None]
+    candidates, data_changed = [None], {}
     if cfg.resume:
         named = latest_checkpoint(run)
         older = [f for f in reversed(checkpoint_folders(run)) if f.resolve() != named.resolve()]
         candidates = [named, *older]
+        data_changed = check_resume_data(named, cfg)
     for i, folder in enumerate(candidates):
         try:
+            if folder is not None:
+                verify_weights(folder)
             policy, processor, ref = build_policy(cfg, d, init_path, folder)
+            refuse_non_finite(policy, folder or init_path)
             # fused: one kernel over all parameters instead of a loop of small ops (0.4 ms
             # against 2 ms a step on the tiny model); the same update rule. With --fsdp the
             # parameters are DTensor shards: AdamW is elementwise, so each rank updates its own
@@ -565,10 +571,64 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
                 keep = [r for r in read_log(f) if r.get("step", 0) <= state["step"]]
                 f.write_text("".join(json.dumps(r) + "\n" for r in keep))
         print(f"resumed from {folder} at step {state['step']}")
+        if data_changed:              # accepted with --allow-changes: kept beside config.json
+            with open(run / "config_history.jsonl", "a") as f:
+                f.write(json.dumps({"resumed_from": str(run.absolute()),
+                                    "data_changed": data_changed}) + "\n")
     elif d.main:
         for name in ("metrics.jsonl", "samples.jsonl"):
             (run / name).unlink(missing_ok=True)
     return policy, processor, ref, optimizer, state
+
+
+def run_data_sources(cfg: Config) -> list[str]:
+    """Every data source of the run, training and held-out (what a checkpoint fingerprints)."""
+    train, heldout = data_sources(cfg)
+    return [train, *heldout.values()]
+
+
+def verify_weights(folder: Path) -> None:
+    """Refuse a checkpoint whose weight files are not the ones it was written with (its
+    fingerprint.json): a resume would silently continue another model. Not a damaged file to
+    fall back from - something changed it - so the run stops, naming the files."""
+    record = integrity.read_fingerprint(folder)
+    if record is None:
+        print(f"note: {folder} has no {integrity.FINGERPRINT} (an earlier version wrote it); "
+              "its weights are not verified")
+        return
+    problems = integrity.weight_mismatches(folder, record)
+    if problems:
+        raise SystemExit("train.py: cannot resume: the checkpoint's weights are not the ones "
+                         "the run saved:\n  " + "\n  ".join(problems) + "\nRestore them, or "
+                         "resume from a copy of the run without that checkpoint.")
+
+
+def check_resume_data(checkpoint: Path, cfg: Config) -> dict[str, str]:
+    """The data files the run trained on that changed since `checkpoint` was written: refused,
+    by name, unless --allow-changes (then returned, to be printed and recorded)."""
+    try:
+        record = integrity.read_fingerprint(checkpoint)
+    except ValueError:
+        return {}                      # verify_weights names the damaged fingerprint
+    changed = integrity.data_changes(record, run_data_sources(cfg)) if record else {}
+    if changed and not cfg.allow_changes:
+        raise SystemExit("train.py: --resume: data the run trained on changed since its last "
+                         "checkpoint:\n  " + "\n  ".join(f"{k}: {v}" for k, v in changed.items())
+                         + "\nPut it back to continue the run as it was, or pass --allow-changes "
+                         "to continue on the new data (recorded in config_history.jsonl).")
+    for path, what in changed.items():
+        print(f"--allow-changes: data {path}: {what}")
+    return changed
+
+
+def refuse_non_finite(policy, source) -> None:
+    """A model holding NaN or inf weights would train on garbage (every loss NaN from step 1);
+    it is refused here, naming where it came from and the first such tensor."""
+    for name, p in unwrap(policy).named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if not torch.isfinite(local.detach()).all():
+            bad = int((~torch.isfinite(local.detach())).sum())
+            raise ValueError(f"{source} holds non-finite weights ({bad} NaN/inf values in {name})")
 
 
 class RunLock:
@@ -722,7 +782,8 @@ def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
         # template comes from the live optimizer (get_optimizer_state_dict first creates its
         # AdamW state if no step was taken yet), dcp.load fills it in place.
         shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
-        dcp.load(shards, checkpoint_id=str(folder / "optimizer"))
+        dcp.load(shards, checkpoint_id=str(folder / "optimizer"),
+                 storage_reader=integrity.SafeCheckpointReader(folder / "optimizer"))
         set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])

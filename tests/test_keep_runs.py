@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import config
+import integrity
 import runtime
 import train
 from test_train import last_checkpoint, tiny_args
@@ -215,3 +216,140 @@ def test_resuming_with_a_model_of_another_family_is_refused_up_front(tmp_path, c
     err = " ".join(capsys.readouterr().err.split())
     assert "--model: '' -> " in err and "its checkpoints are qwen2_5_vl" in err
     assert "is qwen3_vl" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. No pickle from a run folder is unpickled with code: --fsdp's optimizer metadata
+# ---------------------------------------------------------------------------------------------
+
+def _sharded_state(folder: Path) -> dict:
+    """A small optimizer state written by torch.distributed.checkpoint (one process)."""
+    import warnings
+    import torch
+    import torch.distributed.checkpoint as dcp
+    state = {"optimizer": {"state": {"w": {"exp_avg": torch.arange(3.0), "step": torch.tensor(2.0)}},
+                           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["w"]}]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # "assuming the intent is to save in one process"
+        dcp.save(state, checkpoint_id=str(folder))
+    return state
+
+
+def test_sharded_optimizer_metadata_is_read_without_running_code(tmp_path):
+    import pickle
+    import warnings
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from test_safety import _payloads
+    folder = tmp_path / "optimizer"
+    state = _sharded_state(folder)
+    template = {"optimizer": {"state": {"w": {"exp_avg": torch.zeros(3), "step": torch.tensor(0.)}},
+                              "param_groups": [{"lr": 0.0, "betas": (0.0, 0.0), "params": ["w"]}]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(template, checkpoint_id=str(folder),
+                 storage_reader=integrity.SafeCheckpointReader(folder))
+    assert torch.equal(template["optimizer"]["state"]["w"]["exp_avg"],
+                       state["optimizer"]["state"]["w"]["exp_avg"])         # it still loads
+    for trick, payload in _payloads(tmp_path / "it-ran").items():
+        (folder / ".metadata").write_bytes(pickle.dumps(payload))
+        with pytest.raises(ValueError, match=r"\.metadata is not a checkpoint's metadata"):
+            integrity.SafeCheckpointReader(folder).read_metadata()
+        assert not (tmp_path / "it-ran").exists(), trick
+    # the stock reader would have run it (then failed on what it returned): the payload is real
+    with pytest.raises(AttributeError):
+        dcp.FileSystemReader(folder).read_metadata()
+    assert (tmp_path / "it-ran").exists()
+
+
+@pytest.mark.slow
+def test_resuming_an_fsdp_run_with_a_crafted_metadata_file_runs_nothing(tmp_path):
+    """Two gloo processes with --fsdp, then --resume after `.metadata` of the sharded optimizer
+    state was replaced by a pickle that creates a folder when unpickled."""
+    import pickle
+    import subprocess
+    import sys
+    from test_safety import _Payload
+    from test_train import REPO
+    marker = tmp_path / "it-ran"
+    run = tmp_path / "run"
+
+    def torchrun(port, args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                               "2", "--master_port", str(port), str(REPO / "train.py"), *args],
+                              cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+
+    assert torchrun(29581, tiny_args(tmp_path, "--steps", "1", "--fsdp")).returncode == 0
+    metadata = last_checkpoint(run) / "optimizer" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_Payload(os.makedirs, str(marker))))
+    done = torchrun(29582, ["--resume", str(run), "--steps", "2"])
+    assert done.returncode != 0
+    assert not marker.exists()
+    assert "is not a checkpoint's metadata" in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A checkpoint's weights and the run's data are verified on --resume
+# ---------------------------------------------------------------------------------------------
+
+def _edit_weights(checkpoint: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_resume_refuses_weights_changed_after_the_checkpoint_was_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    checkpoint = last_checkpoint(run)
+    original = (checkpoint / "model.safetensors").read_bytes()
+
+    def zero_one(tensors):                                     # zeroed in part
+        name = sorted(tensors)[0]
+        tensors[name][0].zero_()
+    _edit_weights(checkpoint, zero_one)
+    with pytest.raises(SystemExit, match=r"weights are not the ones the run saved:\n  .*"
+                                         r"model\.safetensors: its bytes changed"):
+        train.main(["--resume", str(run), "--steps", "2"])
+    # swapped for another model's (a run with another seed: same shapes)
+    other = tmp_path / "other"
+    train.main(tiny_args(tmp_path, "--steps", "1", "--seed", "1", "--out", str(other)))
+    (checkpoint / "model.safetensors").write_bytes(
+        (last_checkpoint(other) / "model.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match="model.safetensors: its bytes changed"):
+        train.main(["--resume", str(run), "--steps", "2"])
+    (checkpoint / "model.safetensors").write_bytes(original)       # restored: it resumes
+    train.main(["--resume", str(run), "--steps", "2"])
+    assert last_checkpoint(run).name == "checkpoint-000002"
+
+
+def test_resume_refuses_changed_training_data_unless_allowed_then_records_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    record = integrity.read_fingerprint(last_checkpoint(run))
+    train_file = next(p for p in record["data"] if "train" in p)
+    rows = Path(train_file).read_text().splitlines(keepends=True)
+    Path(train_file).write_text("".join(rows[1:] + rows[:1]))      # same rows, another order
+    with pytest.raises(SystemExit, match=r"data the run trained on changed since its last "
+                                         r"checkpoint:\n  .*train.*data\.jsonl: changed"):
+        train.main(["--resume", str(run), "--steps", "2"])
+    assert last_checkpoint(run).name == "checkpoint-000001"
+    train.main(["--resume", str(run), "--steps", "2", "--allow-changes"])
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    changed = [h["data_changed"] for h in history if "data_changed" in h]
+    assert len(changed) == 1 and list(changed[0]) == [train_file]
+    assert changed[0][train_file].startswith("changed since the run trained on it (sha256")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_it(tmp_path):
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    checkpoint = last_checkpoint(run)
+    _edit_weights(checkpoint, lambda t: t[sorted(t)[0]].view(-1)[:3].fill_(float("nan")))
+    (checkpoint / integrity.FINGERPRINT).unlink()          # as a checkpoint of an earlier version
+    with pytest.raises(SystemExit, match=r"checkpoint .*checkpoint-000001 does not load "
+                                         r"\(ValueError: .*holds non-finite weights \(3 NaN"):
+        train.main(["--resume", str(run), "--steps", "2"])

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -328,6 +329,12 @@ def parse_config(argv=None) -> Config:
                          "continues a run with its own: give one of them")
         # Continue with the run's own settings; flags given now (e.g. --steps) still win.
         saved = Path(given["resume"]) / "config.json"
+        folder = Path(given["resume"]).absolute()
+        if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
+                and (folder.parent / "config.json").is_file()):
+            parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
+                         f"{folder.parent}; give the run folder: --resume {folder.parent} "
+                         "(it continues from the run's latest checkpoint)")
         if not saved.is_file():
             parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
         if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
@@ -472,15 +479,15 @@ def read_config_file(path: str, parser) -> dict:
     the keys of Config; an unknown key is an error naming it. The RUN_CONTROL entries are
     dropped (with a note for those that would act): a config file starts a new run, in a folder
     named on the command line (--resume continues one)."""
+    import yaml                                  # pyyaml comes with transformers
     try:
         text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml                          # pyyaml comes with transformers
-            values = yaml.safe_load(text)
+        if path.lower().endswith((".yaml", ".yml")):
+            values = yaml.load(text, Loader=_yaml_loader())     # safe_load's, no duplicates
         else:
-            values = json.loads(text)
-    except (OSError, ValueError) as err:         # yaml's and json's errors are ValueErrors
-        parser.error(f"--config {path}: cannot read it ({err})")
+            values = json.loads(text, object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: cannot read it ({' '.join(str(err).split())})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: holds no settings (expected a mapping of flag names)")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -497,11 +504,45 @@ def read_config_file(path: str, parser) -> dict:
     if ignored.get("out"):
         values["out"] = ignored["out"]       # only to say so in parse_config (then dropped)
     types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for k, v in values.items():      # YAML 1.1 reads `lr: 1e-4` (no dot) as the string "1e-4"
+        if types[k] == "float" and isinstance(v, str) and NUMBER.fullmatch(v.strip()):
+            values[k] = float(v)
     wrong = [f"{k} = {v!r} (expected {types[k]})" for k, v in values.items()
              if not _fits(v, types[k])]
     if wrong:
         parser.error(f"--config {path}: wrong types: {'; '.join(wrong)}")
     return values
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """json's object hook: a key given twice is an error (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given more than once")
+    return dict(pairs)
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """yaml's safe loader, except that a key given twice is an error naming it and its
+        line (the plain loader keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key} given more than once", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeyLoader
 
 
 def _fits(value, type_name: str) -> bool:
@@ -636,13 +677,22 @@ def check_config(cfg: Config, world_size: int) -> None:
     # (data sources are checked when they are loaded: a hub id or a glob is not a file)
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
+    if not cfg.resume and not cfg.out.strip():
+        problems.append("--out '': give a run folder (an empty one would write the run into "
+                        "the current folder)")
     if cfg.resume:
         pointer = Path(cfg.resume) / "latest.txt"
-        names = ([pointer.read_text().strip()] if pointer.is_file() else
-                 [p.name for p in Path(cfg.resume).glob("checkpoint-*") if p.is_dir()])
+        found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
+                       if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
+        names = [pointer.read_text().strip()] if pointer.is_file() else found
         done = [int(n.removeprefix("checkpoint-")) for n in names
-                if n.removeprefix("checkpoint-").isdigit()]
-        if not done:
+                if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
+        if pointer.is_file() and not done:
+            problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
+                            "name of a checkpoint folder there"
+                            + (f" (the newest is {found[-1]}); write that name into it, or "
+                               "delete it to resume from the newest" if found else ""))
+        elif not done:
             problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
                             "checkpoint-* folder)")
         elif cfg.steps <= max(done):

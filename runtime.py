@@ -152,20 +152,31 @@ class Preempted(Exception):
         self.signum, self.step = signum, step
 
 
-_STOP_SIGNAL = {"signum": 0}
+_STOP_SIGNAL = {"signum": 0, "at_once": True}
 
 
 def catch_stop_signals() -> dict:
     """SIGTERM and SIGHUP set a flag the loop reads after each step, instead of killing the
-    process mid-write (the main thread only: signals are delivered there)."""
+    process mid-write (the main thread only: signals are delivered there). Before the first
+    step starts (the data check, the warm start, the evaluation before RL: minutes, with no
+    step to finish and nothing to checkpoint) they stop the run at once instead, through the
+    same exception, so the lock is released as after any stop. The files written until then
+    are written atomically or are rewritten by the next start."""
     def note(signum, frame):
         _STOP_SIGNAL["signum"] = signum
+        if _STOP_SIGNAL["at_once"]:
+            raise Preempted(signum, 0)
         print(f"\ntrain.py: received {signal.Signals(signum).name}; stopping after this step "
               "with a checkpoint", file=sys.stderr, flush=True)
     if threading.current_thread() is not threading.main_thread():
         return {}
-    _STOP_SIGNAL["signum"] = 0
+    _STOP_SIGNAL.update(signum=0, at_once=True)
     return {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def steps_begin() -> None:
+    """From here on a stop signal waits for the end of the current step (catch_stop_signals)."""
+    _STOP_SIGNAL["at_once"] = False
 
 
 def restore_signal_handlers(handlers: dict) -> None:

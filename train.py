@@ -608,8 +608,9 @@ def main(argv=None) -> dict:
                                                     else "")) from None
     except runtime.Preempted as stop:           # likewise (stop_requested)
         if d.main:
-            print(f"train.py: stopped by {signal.Signals(stop.signum).name} after step "
-                  f"{stop.step}. " + runtime.how_to_continue(run), file=sys.stderr)
+            when = f"after step {stop.step}" if stop.step else "before the first step"
+            print(f"train.py: stopped by {signal.Signals(stop.signum).name} {when}. "
+                  + runtime.how_to_continue(run), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     finally:
         runtime.restore_signal_handlers(handlers)
@@ -642,6 +643,7 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
         state["before"] = runtime.evaluate_heldout(policy, processor, heldout, cfg, d)
         if trackers is not None and state["before"]:
             trackers.log(runtime.eval_columns(state["before"]), 0)    # step 0: before RL
+    runtime.steps_begin()                 # a stop signal now waits for the step's checkpoint
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
     held, evaluated_at = None, None

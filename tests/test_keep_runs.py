@@ -353,3 +353,62 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_naming_it(tmp_path):
     with pytest.raises(SystemExit, match=r"checkpoint .*checkpoint-000001 does not load "
                                          r"\(ValueError: .*holds non-finite weights \(3 NaN"):
         train.main(["--resume", str(run), "--steps", "2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Late or unclear failures made early and named
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("phase", ["load_datasets", "evaluate_heldout"])
+def test_a_stop_signal_before_the_first_step_stops_the_run_at_once(tmp_path, monkeypatch,
+                                                                    capsys, phase):
+    """SIGTERM during the data check or the evaluation before RL used to wait for step 1 to
+    finish (minutes on a real model, past the scheduler's grace period)."""
+    import signal
+    real = getattr(runtime, phase)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runtime, phase, signalled)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tmp_path, "--steps", "3"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    run = tmp_path / "run"
+    assert not list(run.glob("checkpoint-*")) and not (run / "metrics.jsonl").exists()
+    assert not (run / ".lock").exists()
+    assert "stopped by SIGTERM before the first step" in capsys.readouterr().err
+
+
+def test_yaml_duplicate_keys_tags_and_numbers(tmp_path, capsys):
+    for text, message in (("steps: 3\nlr: 0.1\nsteps: 4\n", "steps given more than once"),
+                          ("steps: !!python/object/apply:os.system [echo]\n",
+                           "could not determine a constructor"),
+                          ("steps: [3\n", "while parsing a flow sequence")):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(SystemExit):
+            config.parse_config(["--config", str(tmp_path / "c.yaml")])
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--config {tmp_path / 'c.yaml'}: cannot read it" in err and message in err
+    (tmp_path / "c.json").write_text('{"steps": 3, "steps": 4}')
+    with pytest.raises(SystemExit):
+        config.parse_config(["--config", str(tmp_path / "c.json")])
+    assert "steps given more than once" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\ngamma: 2E-2\n")     # YAML 1.1: strings
+    cfg = config.parse_config(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.lr, cfg.gamma) == (1e-4, 0.02)
+
+
+def test_resume_given_a_checkpoint_or_a_broken_latest_txt_and_an_empty_out(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    with pytest.raises(SystemExit):
+        config.parse_config(["--resume", str(run / "checkpoint-000001"), "--steps", "2"])
+    assert f"give the run folder: --resume {run}" in " ".join(capsys.readouterr().err.split())
+    (run / "latest.txt").write_text("\x00garbage\n")
+    with pytest.raises(SystemExit, match=r"latest.txt holds '\\x00garbage', not the name of a "
+                                         r"checkpoint folder there \(the newest is "
+                                         r"checkpoint-000001\)"):
+        config.check_config(config.parse_config(["--resume", str(run), "--steps", "2"]), 1)
+    with pytest.raises(SystemExit, match="--out '': give a run folder"):
+        config.check_config(config.parse_config(["--out", ""]), 1)

@@ -27,6 +27,7 @@ from typing import Callable
 import torch.distributed as dist
 
 import data
+import integrity
 import model as qwen
 import papo
 import rewards
@@ -677,6 +678,8 @@ def check_config(cfg: Config, world_size: int) -> None:
     # (data sources are checked when they are loaded: a hub id or a glob is not a file)
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
+    if cfg.model and not cfg.resume:      # (a resume loads its checkpoint, verified there)
+        problems += [f"--model {p}" for p in integrity.weight_file_problems(Path(cfg.model))]
     if not cfg.resume and not cfg.out.strip():
         problems.append("--out '': give a run folder (an empty one would write the run into "
                         "the current folder)")

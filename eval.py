@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import data
+import integrity
 import model as qwen
 import papo
 import rewards
@@ -382,6 +383,22 @@ def run_targets(run: Path) -> dict:
     return info
 
 
+def run_checkpoint(name: str) -> str:
+    """--model given a run folder of train.py (it holds latest.txt, not a model): the checkpoint
+    its latest.txt names, with a note; any other name as it is."""
+    folder = Path(name)
+    if not (folder / "latest.txt").is_file() or (folder / "model.safetensors").is_file():
+        return name
+    latest = folder / (folder / "latest.txt").read_text().strip()
+    if not latest.is_dir() or latest.parent != folder:
+        found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+        raise SystemExit(f"eval.py: --model {name} is a run folder, and its latest.txt names no "
+                         f"checkpoint folder there; give one of its checkpoints: "
+                         f"{', '.join(found) or '(none)'}")
+    print(f"note: --model {name} is a run folder; evaluating its latest checkpoint, {latest}")
+    return str(latest)
+
+
 def default_out(folder: Path = Path(".")) -> Path:
     """eval_results.json, or the first eval_results-N.json that does not exist: the default
     never meets an earlier evaluation's results (an explicit existing --out is refused)."""
@@ -580,11 +597,13 @@ def main(argv=None) -> dict:
                    "replace it, or give another --out")
     elif not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         bad.append(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    models = [run_checkpoint(name) for name in models]       # a run folder: its latest
     for name in models:       # every model must be loadable before the first one is scored
         try:
             qwen.model_source(name)
         except (ValueError, FileNotFoundError) as err:
             bad.append(str(err))
+        bad += integrity.weight_file_problems(Path(name))     # pickles, truncated files
     if bad:
         p.error("\n  " + "\n  ".join(bad))
     try:

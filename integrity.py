@@ -175,3 +175,47 @@ def data_changes(record: dict, sources: list[str]) -> dict[str, str]:
                              f"{then['sha256'][:12]}... -> {now[path]['sha256'][:12]}..., "
                              f"{then['size']} -> {now[path]['size']} bytes)")
     return changes
+
+
+# =============================================================================================
+# 3. A model folder's weight files, checked before anything loads them
+# =============================================================================================
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_file_problems(folder: Path) -> list[str]:
+    """What stops a model folder's weights from loading, each naming its file, found before any
+    load: pickled weights without safetensors (transformers would unpickle them, which can run
+    code - refused, not loaded), and safetensors files shorter than their own header says (a
+    copy cut short), which otherwise fail deep inside the loader."""
+    if not folder.is_dir():
+        return []
+    tensors = sorted(folder.glob("*.safetensors"))
+    pickled = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLED_WEIGHTS)
+    if pickled and not tensors:
+        return [f"{pickled[0]}: pickled weights, which loading would unpickle (that can run "
+                "code); only safetensors weights are loaded - convert it with a tool you trust "
+                "(save_pretrained(..., safe_serialization=True))"]
+    return [problem for path in tensors if (problem := safetensors_problem(path))]
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (None if it is): its first 8 bytes give the length of
+    a JSON header, which gives every tensor's byte range; the file must end where the last
+    range does."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                raise ValueError("its header runs past the end of the file")
+            header = json.loads(f.read(header_length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        return f"{path}: not a complete safetensors file ({err})"
+    if size < 8 + header_length + end:
+        return (f"{path}: truncated ({size} of {8 + header_length + end} bytes; a copy or "
+                "download cut short?)")
+    return None

@@ -412,3 +412,40 @@ def test_resume_given_a_checkpoint_or_a_broken_latest_txt_and_an_empty_out(tmp_p
         config.check_config(config.parse_config(["--resume", str(run), "--steps", "2"]), 1)
     with pytest.raises(SystemExit, match="--out '': give a run folder"):
         config.check_config(config.parse_config(["--out", ""]), 1)
+
+
+def test_eval_refuses_pickled_or_truncated_weights_naming_the_file(model_and_data, capsys,
+                                                                   monkeypatch):
+    import eval as evaluation
+    import model as qwen
+    import torch
+    folder = model_and_data
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(qwen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    weights = (folder / "ckpt" / "model.safetensors").read_bytes()
+    (folder / "ckpt" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", "ckpt", "--data", "test.jsonl"])
+    assert f"ckpt/model.safetensors: truncated ({len(weights) // 2} of {len(weights)} bytes" \
+        in capsys.readouterr().err
+    (folder / "ckpt" / "model.safetensors").unlink()
+    torch.save({}, folder / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", "ckpt", "--data", "test.jsonl"])
+    assert "ckpt/pytorch_model.bin: pickled weights" in capsys.readouterr().err
+    # train.py refuses the same folder as --model before any work
+    with pytest.raises(SystemExit, match=r"--model ckpt/pytorch_model.bin: pickled weights"):
+        config.check_config(config.parse_config(["--model", "ckpt", "--data", "test.jsonl",
+                                                 "--out", "r"]), 1)
+
+
+def test_eval_given_a_run_folder_evaluates_its_latest_checkpoint(tmp_path, capsys, monkeypatch):
+    import eval as evaluation
+    run = tmp_path / "run"
+    train.main(tiny_args(tmp_path, "--steps", "1"))
+    info = json.loads((run / "run.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(["--model", str(run), "--data", info["eval_data"], "--samples", "1",
+                     "--max-new-tokens", "2", "--mask-ratios", "--kl-ratio", "-1", "--limit", "1"])
+    assert (f"is a run folder; evaluating its latest checkpoint, {run / 'checkpoint-000001'}"
+            in capsys.readouterr().out)

@@ -726,6 +726,9 @@ def optional_install_problems(cfg: Config) -> list[str]:
         if needs and importlib.util.find_spec(needs[0]) is None:
             problems.append(f"--report-to {name}: {needs[1]} is not installed; "
                             f"pip install {needs[1]}")
+    if "wandb" in cfg.report_to.split(",") and not wandb_credentials():
+        problems.append("--report-to wandb: no W&B API key (WANDB_API_KEY, or `wandb login`); "
+                        "set WANDB_MODE=offline to keep the run on the disk (wandb sync later)")
     if cfg.lora_rank:
         if importlib.util.find_spec("peft") is None:
             problems.append("--lora-rank: PEFT is not installed; pip install peft")
@@ -733,6 +736,24 @@ def optional_install_problems(cfg: Config) -> list[str]:
             problems.append("--lora-rank with --fsdp: not supported (LoRA's trainable state is "
                             "small enough for DDP: drop --fsdp)")
     return problems
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb can start without asking for a key: offline or disabled, a key in the
+    environment or an identity token file, or a .netrc entry for its host (what `wandb login`
+    writes). Checked up front: wandb.init without one fails after the run folder was written."""
+    import netrc
+    from urllib.parse import urlparse
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def uses_masked_branch(cfg: Config) -> bool:

@@ -449,3 +449,18 @@ def test_eval_given_a_run_folder_evaluates_its_latest_checkpoint(tmp_path, capsy
                      "--max-new-tokens", "2", "--mask-ratios", "--kl-ratio", "-1", "--limit", "1"])
     assert (f"is a run folder; evaluating its latest checkpoint, {run / 'checkpoint-000001'}"
             in capsys.readouterr().out)
+
+
+def test_wandb_without_a_key_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))                # no credentials there
+    with pytest.raises(SystemExit, match="--report-to wandb: no W&B API key"):
+        train.main(tiny_args(tmp_path, "--report-to", "wandb"))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    config.check_config(config.parse_config(tiny_args(tmp_path, "--report-to", "wandb")), 1)
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config.check_config(config.parse_config(tiny_args(tmp_path, "--report-to", "wandb")), 1)

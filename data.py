@@ -1079,10 +1079,10 @@ def load_dataset(source: str | Path, *, problem_key: str = "problem", answer_key
     pictures; ShareGPT files, the evaluation suite's format, have none."""
     source = str(source)
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":          # TEST.JSONL as well
         return Dataset(source, load_jsonl(path, image_dir, max_image_pixels=max_image_pixels,
                                           masked_image_key=masked_image_key))
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         if masked_image_key:
             raise DatasetError([f"{path}: pre-masked pictures (--masked-image-key "
                                 f"{masked_image_key}) are read from JSONL files and tables, not "

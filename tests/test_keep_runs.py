@@ -464,3 +464,10 @@ def test_wandb_without_a_key_is_refused_before_the_run_folder_is_made(tmp_path, 
     (tmp_path / "netrc").unlink()
     monkeypatch.setenv("WANDB_MODE", "offline")
     config.check_config(config.parse_config(tiny_args(tmp_path, "--report-to", "wandb")), 1)
+
+
+def test_a_jsonl_file_named_in_capitals_loads_as_jsonl(model_and_data):
+    import data
+    (model_and_data / "TEST.JSONL").write_text((model_and_data / "test.jsonl").read_text())
+    rows = data.load_dataset(model_and_data / "TEST.JSONL")
+    assert len(rows) == 1 and rows[0].answer == "3"

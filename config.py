@@ -484,7 +484,8 @@ def read_config_file(path: str, parser) -> dict:
     try:
         text = Path(path).read_text()
         if path.lower().endswith((".yaml", ".yml")):
-            values = yaml.load(text, Loader=_yaml_loader())     # safe_load's, no duplicates
+            with open(path) as stream:                # (its errors then name the file)
+                values = yaml.load(stream, Loader=_yaml_loader())  # safe_load's, no duplicates
         else:
             values = json.loads(text, object_pairs_hook=_unique_keys)
     except (OSError, ValueError, yaml.YAMLError) as err:

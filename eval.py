@@ -581,14 +581,18 @@ def main(argv=None) -> dict:
         ("kl-ratio", kl_ratio, kl_ratio <= 1, "<= 1 (negative: skip)"),
     ) if not ok]
     out = Path(args.out) if args.out else default_out()
-    clash = [f"--out {out}: is {flag} {value} or inside it, an input of this evaluation; give "
-             "another --out" for flag, value in (
-                 *(("--model", m) for m in models), *(("--data", d) for d in sources),
-                 ("--prompt-template", template_file),
-                 ("--reward", args.reward.rsplit(":", 1)[0] if ":" in args.reward else ""))
-             if value and Path(value).exists() and (Path(value).resolve() == out.resolve() or
-                                                    Path(value).resolve() in out.resolve().parents)]
-    if clash:                           # the results file must never replace what it evaluates
+    inputs = [("--model", m) for m in models] + [("--data", d) for d in sources] + [
+        ("--prompt-template", template_file),
+        ("--reward", args.reward.rsplit(":", 1)[0] if ":" in args.reward else "")]
+    clash = []                # the results file must never replace (or sit in) what it reads
+    for flag, value in inputs:
+        if not value or not Path(value).exists():
+            continue
+        where = Path(value).resolve()
+        if where == out.resolve() or where in out.resolve().parents:
+            clash.append(f"--out {out}: {'is' if where == out.resolve() else 'lies inside'} "
+                         f"{flag} {value}, an input of this evaluation; give another --out")
+    if clash:
         bad += clash
     elif out.is_dir():
         bad.append(f"--out {out}: is a folder; give a file name")

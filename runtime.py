@@ -1029,4 +1029,6 @@ def how_to_continue(run: Path) -> str:
     done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
     if done:
         return f"The last complete checkpoint is {done}; continue with:\n  python train.py --resume {run}"
+    if not run.is_dir() or not any(p.name != ".lock" for p in run.iterdir()):
+        return "Nothing was written into the run folder; start it again with the same command."
     return "No checkpoint was written yet; start again with --overwrite."

@@ -129,11 +129,12 @@ def test_eval_never_writes_its_results_over_an_input(model_and_data, capsys, mon
     folder = model_and_data
     monkeypatch.chdir(folder)
     rows = (folder / "test.jsonl").read_text()
-    for out in ("test.jsonl", "ckpt/config.json"):
+    for out, clash in (("test.jsonl", "is --data test.jsonl"),
+                       ("ckpt/config.json", "lies inside --model ckpt")):
         with pytest.raises(SystemExit):
             evaluation.main(["--model", "ckpt", "--data", "test.jsonl", "--out", out,
                              "--overwrite"])
-        assert f"--out {out}: is " in capsys.readouterr().err
+        assert f"--out {out}: {clash}, an input of this evaluation" in capsys.readouterr().err
     assert (folder / "test.jsonl").read_text() == rows
 
 
@@ -377,7 +378,10 @@ def test_a_stop_signal_before_the_first_step_stops_the_run_at_once(tmp_path, mon
     run = tmp_path / "run"
     assert not list(run.glob("checkpoint-*")) and not (run / "metrics.jsonl").exists()
     assert not (run / ".lock").exists()
-    assert "stopped by SIGTERM before the first step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM before the first step" in err
+    if phase == "load_datasets":           # nothing of the run was written yet
+        assert [p.name for p in run.iterdir()] == [] and "start it again with the same" in err
 
 
 def test_yaml_duplicate_keys_tags_and_numbers(tmp_path, capsys):
@@ -390,6 +394,7 @@ def test_yaml_duplicate_keys_tags_and_numbers(tmp_path, capsys):
             config.parse_config(["--config", str(tmp_path / "c.yaml")])
         err = " ".join(capsys.readouterr().err.split())
         assert f"--config {tmp_path / 'c.yaml'}: cannot read it" in err and message in err
+        assert f'in "{tmp_path / "c.yaml"}", line' in err           # where in the file
     (tmp_path / "c.json").write_text('{"steps": 3, "steps": 4}')
     with pytest.raises(SystemExit):
         config.parse_config(["--config", str(tmp_path / "c.json")])

@@ -727,7 +727,8 @@ def optional_install_problems(cfg: Config) -> list[str]:
         if needs and importlib.util.find_spec(needs[0]) is None:
             problems.append(f"--report-to {name}: {needs[1]} is not installed; "
                             f"pip install {needs[1]}")
-    if "wandb" in cfg.report_to.split(",") and not wandb_credentials():
+    if ("wandb" in cfg.report_to.split(",") and importlib.util.find_spec("wandb") is not None
+            and not wandb_credentials()):
         problems.append("--report-to wandb: no W&B API key (WANDB_API_KEY, or `wandb login`); "
                         "set WANDB_MODE=offline to keep the run on the disk (wandb sync later)")
     if cfg.lora_rank:

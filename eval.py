@@ -662,6 +662,9 @@ def _score_models(models, loaded, results, args, device, main_rank, out, user_re
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
+        problem = integrity.non_finite_weights(policy)
+        if problem:           # it would sample garbage, or fail deep inside generate
+            raise SystemExit(f"eval.py: --model {name} holds non-finite weights ({problem})")
         # as in training: a picture is never scaled up past the most pixels this processor
         # keeps, only for the processor to scale it straight back down (model.fit_min_pixels)
         low = qwen.fit_min_pixels(processor.image_processor, min_pixels)

@@ -144,7 +144,8 @@ def read_fingerprint(folder: Path) -> dict | None:
         assert isinstance(record.get("weights"), dict) and isinstance(record.get("data"), dict)
         return record
     except (ValueError, AssertionError, AttributeError) as err:
-        raise ValueError(f"{path} is not a checkpoint fingerprint ({err or 'wrong fields'})") from None
+        raise ValueError(f"{path} is not a checkpoint fingerprint "
+                         f"({err or 'wrong fields'})") from None
 
 
 def weight_mismatches(folder: Path, record: dict) -> list[str]:
@@ -218,4 +219,16 @@ def safetensors_problem(path: Path) -> str | None:
     if size < 8 + header_length + end:
         return (f"{path}: truncated ({size} of {8 + header_length + end} bytes; a copy or "
                 "download cut short?)")
+    return None
+
+
+def non_finite_weights(net) -> str | None:
+    """"N NaN/inf values in NAME" for the first parameter holding any (each rank's own shards
+    under FSDP), else None: such a model samples garbage or fails deep inside generate."""
+    from torch.distributed.tensor import DTensor
+    for name, p in net.named_parameters():
+        local = (p.to_local() if isinstance(p, DTensor) else p).detach()
+        bad = int((~torch.isfinite(local)).sum())
+        if bad:
+            return f"{bad} NaN/inf values in {name}"
     return None

@@ -635,11 +635,9 @@ def check_resume_data(checkpoint: Path, cfg: Config) -> dict[str, str]:
 def refuse_non_finite(policy, source) -> None:
     """A model holding NaN or inf weights would train on garbage (every loss NaN from step 1);
     it is refused here, naming where it came from and the first such tensor."""
-    for name, p in unwrap(policy).named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        if not torch.isfinite(local.detach()).all():
-            bad = int((~torch.isfinite(local.detach())).sum())
-            raise ValueError(f"{source} holds non-finite weights ({bad} NaN/inf values in {name})")
+    problem = integrity.non_finite_weights(unwrap(policy))
+    if problem:
+        raise ValueError(f"{source} holds non-finite weights ({problem})")
 
 
 class RunLock:

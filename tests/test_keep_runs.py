@@ -228,7 +228,8 @@ def _sharded_state(folder: Path) -> dict:
     import warnings
     import torch
     import torch.distributed.checkpoint as dcp
-    state = {"optimizer": {"state": {"w": {"exp_avg": torch.arange(3.0), "step": torch.tensor(2.0)}},
+    state = {"optimizer": {"state": {"w": {"exp_avg": torch.arange(3.0),
+                                           "step": torch.tensor(2.0)}},
                            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["w"]}]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # "assuming the intent is to save in one process"
@@ -476,3 +477,15 @@ def test_a_jsonl_file_named_in_capitals_loads_as_jsonl(model_and_data):
     (model_and_data / "TEST.JSONL").write_text((model_and_data / "test.jsonl").read_text())
     rows = data.load_dataset(model_and_data / "TEST.JSONL")
     assert len(rows) == 1 and rows[0].answer == "3"
+
+
+def test_eval_refuses_a_model_with_non_finite_weights_naming_it(model_and_data, monkeypatch):
+    import eval as evaluation
+    monkeypatch.chdir(model_and_data)
+    _edit_weights(model_and_data / "ckpt",
+                  lambda t: t[sorted(t)[0]].view(-1)[:2].fill_(float("inf")))
+    with pytest.raises(SystemExit, match=r"--model ckpt holds non-finite weights \(2 NaN/inf "
+                                         r"values in "):
+        evaluation.main(["--model", "ckpt", "--data", "test.jsonl", "--samples", "1",
+                         "--max-new-tokens", "2", "--mask-ratios", "--kl-ratio", "-1"])
+    assert not list(model_and_data.glob("eval_results*.json"))

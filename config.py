@@ -7,7 +7,8 @@ recipes as presets, every flag's allowed range, and the command line built from 
 Precedence: field defaults (the official Qwen2.5-VL-3B recipe) < the offline toy run's overrides
 (when --model is not given) < the preset < a --config file < a --preset given on the command
 line < the other flags given there. A resumed run starts from its own saved config.json
-instead, and flags given now still win.
+instead, and flags given now still win. The settings that act on the file system or on other
+processes (RUN_CONTROL: --out, --overwrite, --force-unlock, ...) come from the command line only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,7 @@ from typing import Callable
 import torch.distributed as dist
 
 import data
+import integrity
 import model as qwen
 import papo
 import rewards
@@ -269,6 +272,13 @@ TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tok
                      min_pixels=56 * 56, max_pixels=112 * 112)
 
 
+# Settings that act on the file system or on other processes: which folder is written, whether an
+# earlier run there is deleted, whether a live process's lock is taken over, whether a resumed
+# run may change. They are taken from the command line of THIS invocation only: never read back
+# from a --config file or from a resumed run's config.json (a run once started with --overwrite
+# would otherwise delete its folder again on every re-run of its configuration).
+RUN_CONTROL = ("out", "overwrite", "force_unlock", "allow_changes", "resume", "config")
+
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
                "image_dir", "config")
 
@@ -324,6 +334,12 @@ def parse_config(argv=None) -> Config:
                          "continues a run with its own: give one of them")
         # Continue with the run's own settings; flags given now (e.g. --steps) still win.
         saved = Path(given["resume"]) / "config.json"
+        folder = Path(given["resume"]).absolute()
+        if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
+                and (folder.parent / "config.json").is_file()):
+            parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
+                         f"{folder.parent}; give the run folder: --resume {folder.parent} "
+                         "(it continues from the run's latest checkpoint)")
         if not saved.is_file():
             parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
         if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
@@ -338,10 +354,15 @@ def parse_config(argv=None) -> Config:
         if unknown:
             print(f"note: {saved} has settings this version does not know, ignored: "
                   f"{', '.join(unknown)}")
-        values = {k: v for k, v in values.items() if k in known}
+        # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
+        values = {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
         if "preset" in given:          # a preset is its coefficients, not only its name
             given = {**PRESETS[given["preset"]], **given}
         changes = resume_changes(values, given)
+        cannot = unhonourable_changes(changes, values, Path(given["resume"]))
+        if cannot:      # refused even with --allow-changes: nothing of the run would load
+            parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
+                         "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
         if changes and not given.get("allow_changes"):
             parser.error(f"--resume {given['resume']}: these flags would change how the run "
                          "trains from here on:\n  " + "\n  ".join(
@@ -354,6 +375,10 @@ def parse_config(argv=None) -> Config:
             print(f"--allow-changes: {k}: {old!r} -> {new!r}")
         return Config(**{**values, **given, "resume": given["resume"]})
     from_file = read_config_file(given["config"], parser) if given.get("config") else {}
+    if from_file.pop("out", None) and "out" not in given:
+        parser.error(f"--config {given['config']}: give --out for the new run. The file's own "
+                     "out (the run it was written for) is never reused: a run folder is only "
+                     "ever named on the command line")
     preset = given.get("preset", from_file.get("preset", Config.preset))
     if preset not in PRESETS:
         parser.error(f"--config {given['config']}: preset {preset!r}: choose one of "
@@ -391,19 +416,84 @@ def resume_changes(saved: dict, given: dict) -> dict[str, tuple]:
     return changes
 
 
+def unhonourable_changes(changes: dict[str, tuple], saved: dict, run: Path) -> list[str]:
+    """The changes of resume_changes that a resumed run could not load its checkpoint under -
+    each "--flag: old -> new: why". --allow-changes accepts changes of HOW the run trains on;
+    these change WHAT the checkpoint must hold (its adapters, its optimizer state's shape, its
+    architecture), so every checkpoint would fail to load. They are refused before anything is
+    written."""
+    why = {}
+    if "lora_rank" in changes:
+        old, new = changes["lora_rank"]
+        why["lora_rank"] = (f"its checkpoints hold LoRA adapters of rank {old}" if old else
+                            "it trained every weight: its checkpoints hold no adapters")
+    if "lora_targets" in changes and saved.get("lora_rank"):
+        why["lora_targets"] = "its checkpoints' adapters sit on the layers it names"
+    if "freeze_vision_tower" in changes:
+        why["freeze_vision_tower"] = ("its optimizer state covers "
+                                      + ("only the unfrozen weights" if saved.get(
+                                          "freeze_vision_tower") else "the vision tower too"))
+    if "fsdp" in changes:
+        how = "with" if saved.get("fsdp") else "without"
+        why["fsdp"] = (f"its optimizer state was written {how} --fsdp (sharded and whole state "
+                       "are different forms)")
+    for name in ("tiny_family", "tiny_size"):
+        if name in changes and not saved.get("model"):
+            why[name] = "the run started from another offline model (its reference and processor)"
+    if "model" in changes:
+        checkpoint = resume_checkpoint(run)
+        new = changes["model"][1]
+        if checkpoint is not None and new and Path(new).is_dir():
+            have, want = _architecture(checkpoint), _architecture(Path(new))
+            if have != want:
+                why["model"] = (f"its checkpoints are {have}, --model {new} is {want} (another "
+                                "model family or size)")
+        elif checkpoint is not None and new == "":
+            why["model"] = "the offline tiny model is not the model the run trains"
+    return [f"--{k.replace('_', '-')}: {changes[k][0]!r} -> {changes[k][1]!r}: {reason}"
+            for k, reason in why.items()]
+
+
+def _architecture(folder: Path) -> str:
+    """A model folder's family and shape, "qwen2_5_vl (hidden 64, 2 layers, vocab 5000)", from
+    its config.json ("unreadable" where there is none)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"unreadable ({folder / 'config.json'})"
+    text = cfg.get("text_config") or cfg
+    return (f"{cfg.get('model_type')} (hidden {text.get('hidden_size')}, "
+            f"{text.get('num_hidden_layers')} layers, vocab {text.get('vocab_size')})")
+
+
+def resume_checkpoint(run: Path) -> Path | None:
+    """The checkpoint folder a --resume of `run` starts from: the one latest.txt names, else the
+    newest checkpoint-NNNNNN; None if there is none (check_config says so)."""
+    pointer = run / "latest.txt"
+    if pointer.is_file():
+        folder = run / pointer.read_text().strip()
+        return folder if folder.is_dir() else None
+    steps = sorted((int(p.name.removeprefix("checkpoint-")), p)
+                   for p in run.glob("checkpoint-*")
+                   if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit())
+    return steps[-1][1] if steps else None
+
+
 def read_config_file(path: str, parser) -> dict:
     """The settings of a JSON file (a run's config.json) or a YAML file (.yaml / .yml), with
-    the keys of Config; an unknown key is an error naming it. A resumed run's `resume` entry is
-    dropped: a config file starts a new run (--resume continues one)."""
+    the keys of Config; an unknown key is an error naming it. The RUN_CONTROL entries are
+    dropped (with a note for those that would act): a config file starts a new run, in a folder
+    named on the command line (--resume continues one)."""
+    import yaml                                  # pyyaml comes with transformers
     try:
         text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml                          # pyyaml comes with transformers
-            values = yaml.safe_load(text)
+        if path.lower().endswith((".yaml", ".yml")):
+            with open(path) as stream:                # (its errors then name the file)
+                values = yaml.load(stream, Loader=_yaml_loader())  # safe_load's, no duplicates
         else:
-            values = json.loads(text)
-    except (OSError, ValueError) as err:         # yaml's and json's errors are ValueErrors
-        parser.error(f"--config {path}: cannot read it ({err})")
+            values = json.loads(text, object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: cannot read it ({' '.join(str(err).split())})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: holds no settings (expected a mapping of flag names)")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -411,14 +501,54 @@ def read_config_file(path: str, parser) -> dict:
     if unknown:
         parser.error(f"--config {path}: unknown settings {', '.join(unknown)} (the names are "
                      "python train.py --help's flags with _ for -)")
-    values.pop("resume", None)
-    values.pop("config", None)
+    # out, overwrite, force_unlock, ... (RUN_CONTROL) come from the command line only
+    ignored = {k: values.pop(k) for k in RUN_CONTROL if k in values}
+    acting = [k for k, v in ignored.items() if v and k not in ("out", "resume", "config")]
+    if acting:
+        print(f"note: --config {path}: {', '.join(acting)} ignored (settings that delete, take "
+              "over or change a run are taken from the command line only)")
+    if ignored.get("out"):
+        values["out"] = ignored["out"]       # only to say so in parse_config (then dropped)
     types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for k, v in values.items():      # YAML 1.1 reads `lr: 1e-4` (no dot) as the string "1e-4"
+        if types[k] == "float" and isinstance(v, str) and NUMBER.fullmatch(v.strip()):
+            values[k] = float(v)
     wrong = [f"{k} = {v!r} (expected {types[k]})" for k, v in values.items()
              if not _fits(v, types[k])]
     if wrong:
         parser.error(f"--config {path}: wrong types: {'; '.join(wrong)}")
     return values
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """json's object hook: a key given twice is an error (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given more than once")
+    return dict(pairs)
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """yaml's safe loader, except that a key given twice is an error naming it and its
+        line (the plain loader keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key} given more than once", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeyLoader
 
 
 def _fits(value, type_name: str) -> bool:
@@ -578,13 +708,24 @@ def check_config(cfg: Config, world_size: int) -> None:
     # (data sources are checked when they are loaded: a hub id or a glob is not a file)
     if cfg.model and not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         problems.append(f"--model {cfg.model}: no such folder, and not a hub id (owner/name)")
+    if cfg.model and not cfg.resume:      # (a resume loads its checkpoint, verified there)
+        problems += [f"--model {p}" for p in integrity.weight_file_problems(Path(cfg.model))]
+    if not cfg.resume and not cfg.out.strip():
+        problems.append("--out '': give a run folder (an empty one would write the run into "
+                        "the current folder)")
     if cfg.resume:
         pointer = Path(cfg.resume) / "latest.txt"
-        names = ([pointer.read_text().strip()] if pointer.is_file() else
-                 [p.name for p in Path(cfg.resume).glob("checkpoint-*") if p.is_dir()])
+        found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
+                       if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
+        names = [pointer.read_text().strip()] if pointer.is_file() else found
         done = [int(n.removeprefix("checkpoint-")) for n in names
-                if n.removeprefix("checkpoint-").isdigit()]
-        if not done:
+                if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
+        if pointer.is_file() and not done:
+            problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
+                            "name of a checkpoint folder there"
+                            + (f" (the newest is {found[-1]}); write that name into it, or "
+                               "delete it to resume from the newest" if found else ""))
+        elif not done:
             problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
                             "checkpoint-* folder)")
         elif cfg.steps <= max(done):
@@ -615,6 +756,10 @@ def optional_install_problems(cfg: Config) -> list[str]:
         if needs and importlib.util.find_spec(needs[0]) is None:
             problems.append(f"--report-to {name}: {needs[1]} is not installed; "
                             f"pip install {needs[1]}")
+    if ("wandb" in cfg.report_to.split(",") and importlib.util.find_spec("wandb") is not None
+            and not wandb_credentials()):
+        problems.append("--report-to wandb: no W&B API key (WANDB_API_KEY, or `wandb login`); "
+                        "set WANDB_MODE=offline to keep the run on the disk (wandb sync later)")
     if cfg.lora_rank:
         if importlib.util.find_spec("peft") is None:
             problems.append("--lora-rank: PEFT is not installed; pip install peft")
@@ -622,6 +767,24 @@ def optional_install_problems(cfg: Config) -> list[str]:
             problems.append("--lora-rank with --fsdp: not supported (LoRA's trainable state is "
                             "small enough for DDP: drop --fsdp)")
     return problems
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb can start without asking for a key: offline or disabled, a key in the
+    environment or an identity token file, or a .netrc entry for its host (what `wandb login`
+    writes). Checked up front: wandb.init without one fails after the run folder was written."""
+    import netrc
+    from urllib.parse import urlparse
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def uses_masked_branch(cfg: Config) -> bool:

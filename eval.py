@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import data
+import integrity
 import model as qwen
 import papo
 import rewards
@@ -408,6 +409,32 @@ def recorded_reward(models: list[str], bad: list[str]) -> str:
     return reward
 
 
+def run_checkpoint(name: str) -> str:
+    """--model given a run folder of train.py (it holds latest.txt, not a model): the checkpoint
+    its latest.txt names, with a note; any other name as it is."""
+    folder = Path(name)
+    if not (folder / "latest.txt").is_file() or (folder / "model.safetensors").is_file():
+        return name
+    latest = folder / (folder / "latest.txt").read_text().strip()
+    if not latest.is_dir() or latest.parent != folder:
+        found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+        raise SystemExit(f"eval.py: --model {name} is a run folder, and its latest.txt names no "
+                         f"checkpoint folder there; give one of its checkpoints: "
+                         f"{', '.join(found) or '(none)'}")
+    print(f"note: --model {name} is a run folder; evaluating its latest checkpoint, {latest}")
+    return str(latest)
+
+
+def default_out(folder: Path = Path(".")) -> Path:
+    """eval_results.json, or the first eval_results-N.json that does not exist: the default
+    never meets an earlier evaluation's results (an explicit existing --out is refused)."""
+    out, n = folder / "eval_results.json", 1
+    while out.exists():
+        n += 1
+        out = folder / f"eval_results-{n}.json"
+    return out
+
+
 def column_names(models: list[str]) -> list[str]:
     """The shortest path tails that tell the models apart: runs/a/checkpoint-000150 and
     runs/b/checkpoint-000150 become a/checkpoint-000150 and b/checkpoint-000150."""
@@ -523,9 +550,12 @@ def main(argv=None) -> dict:
                         "--reward); default: the official math reward")
     p.add_argument("--reward-time-limit", type=float, default=10.0,
                    help="seconds one call of --reward may take (a call past it scores 0)")
-    p.add_argument("--out", default="eval_results.json", help="where to write the JSON")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON (default: eval_results.json, or the first free "
+                        "eval_results-N.json: a plain rerun never replaces earlier results)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file (without it, it is refused)")
+                   help="replace an existing --out file (without it, it is refused); never one "
+                        "of the evaluation's inputs")
     p.add_argument("--mean-of", nargs="+", metavar="FILE",
                    help="only print mean +- std over result files written by earlier runs "
                         "(one per seed, same models in the same order)")
@@ -582,9 +612,23 @@ def main(argv=None) -> dict:
          0 < args.reward_time_limit <= rewards.MAX_REWARD_TIME_LIMIT,
          f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ) if not ok]
+    models = [run_checkpoint(name) for name in models]       # a run folder: its latest
     reward = args.reward or recorded_reward(models, bad)
-    out = Path(args.out)
-    if out.is_dir():
+    out = Path(args.out) if args.out else default_out()
+    inputs = [("--model", m) for m in models] + [("--data", d) for d in sources] + [
+        ("--prompt-template", template_file),
+        ("--reward", reward.rsplit(":", 1)[0] if ":" in reward else "")]
+    clash = []                # the results file must never replace (or sit in) what it reads
+    for flag, value in inputs:
+        if not value or not Path(value).exists():
+            continue
+        where = Path(value).resolve()
+        if where == out.resolve() or where in out.resolve().parents:
+            clash.append(f"--out {out}: {'is' if where == out.resolve() else 'lies inside'} "
+                         f"{flag} {value}, an input of this evaluation; give another --out")
+    if clash:
+        bad += clash
+    elif out.is_dir():
         bad.append(f"--out {out}: is a folder; give a file name")
     elif out.exists() and not args.overwrite:
         bad.append(f"--out {out}: exists (an earlier evaluation's results); pass --overwrite to "
@@ -596,6 +640,7 @@ def main(argv=None) -> dict:
             qwen.model_source(name)
         except (ValueError, FileNotFoundError) as err:
             bad.append(str(err))
+        bad += integrity.weight_file_problems(Path(name))     # pickles, truncated files
     if bad:
         p.error("\n  " + "\n  ".join(bad))
     try:
@@ -657,6 +702,9 @@ def _score_models(models, loaded, results, args, device, main_rank, out, user_re
     for name in models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
+        problem = integrity.non_finite_weights(policy)
+        if problem:           # it would sample garbage, or fail deep inside generate
+            raise SystemExit(f"eval.py: --model {name} holds non-finite weights ({problem})")
         # as in training: a picture is never scaled up past the most pixels this processor
         # keeps, only for the processor to scale it straight back down (model.fit_min_pixels)
         low = qwen.fit_min_pixels(processor.image_processor, min_pixels)

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -45,12 +46,14 @@ from tqdm.auto import tqdm
 
 import data
 import eval as evaluation
+import integrity
 import lora
 import model as qwen
 import rewards
 import toy
 from trackers import Trackers
-from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
+from config import (RUN_CONTROL, Config, absolute_path, fit_pixel_budget, prompt_options,
+                    saved_config)
 
 
 # =============================================================================================
@@ -150,20 +153,31 @@ class Preempted(Exception):
         self.signum, self.step = signum, step
 
 
-_STOP_SIGNAL = {"signum": 0}
+_STOP_SIGNAL = {"signum": 0, "at_once": True}
 
 
 def catch_stop_signals() -> dict:
     """SIGTERM and SIGHUP set a flag the loop reads after each step, instead of killing the
-    process mid-write (the main thread only: signals are delivered there)."""
+    process mid-write (the main thread only: signals are delivered there). Before the first
+    step starts (the data check, the warm start, the evaluation before RL: minutes, with no
+    step to finish and nothing to checkpoint) they stop the run at once instead, through the
+    same exception, so the lock is released as after any stop. The files written until then
+    are written atomically or are rewritten by the next start."""
     def note(signum, frame):
         _STOP_SIGNAL["signum"] = signum
+        if _STOP_SIGNAL["at_once"]:
+            raise Preempted(signum, 0)
         print(f"\ntrain.py: received {signal.Signals(signum).name}; stopping after this step "
               "with a checkpoint", file=sys.stderr, flush=True)
     if threading.current_thread() is not threading.main_thread():
         return {}
-    _STOP_SIGNAL["signum"] = 0
+    _STOP_SIGNAL.update(signum=0, at_once=True)
     return {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def steps_begin() -> None:
+    """From here on a stop signal waits for the end of the current step (catch_stop_signals)."""
+    _STOP_SIGNAL["at_once"] = False
 
 
 def restore_signal_handlers(handlers: dict) -> None:
@@ -265,9 +279,11 @@ def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: st
     return dataset.subset(keep), len(long)
 
 
-def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset, dict, str]:
-    """(cfg, training set, held-out sets, the starting model's folder or hub id), everything
-    checked, and config.json + run.json written (rank 0).
+def prepare_data(cfg: Config, d: Dist, run: Path
+                 ) -> tuple[Config, data.Dataset, dict, str, dict[str, int]]:
+    """(cfg, training set, held-out sets, the starting model's folder or hub id, the rows left
+    out as too long per split), everything checked. Nothing of the run is written here:
+    write_run_record follows once the starting model (or checkpoint) has loaded.
 
     Without --model: the toy splits are written once and the tiny model is warm-started on them
     (both cached, rank 0 while the others wait). Prompt lengths need only the tokenizer: checked
@@ -302,20 +318,20 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
     train, dropped["training"] = check_prompt_lengths(train, processor, cfg, "training")
     for name in heldout:
         heldout[name], dropped[name] = check_prompt_lengths(heldout[name], processor, cfg, name)
-    if d.main:
-        write_run_record(run, cfg, dropped)
-    return cfg, train, heldout, init_path
+    return cfg, train, heldout, init_path, dropped
 
 
 def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
     """config.json (every setting) and run.json (what eval.py needs to evaluate the run), written
-    once the data is known to be usable, so that a run refused for its data leaves an empty
-    folder behind, not one a fresh run would have to --overwrite."""
+    once the data is known to be usable and the model (or the checkpoint resumed) has loaded:
+    a run refused for its data leaves an empty folder behind, not one a fresh run would have
+    to --overwrite, and a refused resume leaves the run's config.json as it was."""
     saved = saved_config(cfg)
     earlier = run / "config.json"
     if earlier.is_file():             # a resumed run: what changed, kept, never overwritten
         before = json.loads(earlier.read_text())
-        changed = {k: [before.get(k), v] for k, v in saved.items() if before.get(k) != v}
+        changed = {k: [before.get(k), v] for k, v in saved.items()
+                   if before.get(k) != v and k not in RUN_CONTROL}
         if changed:
             with open(run / "config_history.jsonl", "a") as f:
                 f.write(json.dumps({"resumed_from": saved["resume"], "changed": changed}) + "\n")
@@ -379,6 +395,7 @@ def save_checkpoint(run: Path, step: int, policy, processor, optimizer, state: d
         torch.save({"optimizer": None if cfg.fsdp else optimizer.state_dict(), "state": state,
                     "rng": rng_states()}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        integrity.write_fingerprint(tmp, run_data_sources(cfg))     # verified by --resume
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = run / "latest.txt.tmp"
@@ -424,9 +441,10 @@ def unsharded_copy(policy, full_state: dict):
 
 
 def checkpoint_step(folder: Path) -> int | None:
-    """checkpoint-000150 -> 150; None for any other name."""
-    digits = folder.name.removeprefix("checkpoint-")
-    return int(digits) if folder.name.startswith("checkpoint-") and digits.isdigit() else None
+    """checkpoint-000150 -> 150; None for any other name (checkpoint-best, checkpoint-1)."""
+    if not CHECKPOINT_NAME.fullmatch(folder.name) or folder.name.startswith("."):
+        return None
+    return int(folder.name.removeprefix("checkpoint-"))
 
 
 def prune_checkpoints(run: Path, keep_last: int, keep: Path) -> None:
@@ -457,8 +475,38 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl", "latest.txt", "latest.txt.tmp", "
              "final_table.txt", "curves.png", "tensorboard", "wandb", ".wandb_id")
 
 
+# ... and its checkpoints, by their exact names: checkpoint-000150 (six digits or more, the
+# step), never checkpoint-best/ or checkpoint-notes.txt, which a user made.
+CHECKPOINT_NAME = re.compile(r"(\.tmp-)?checkpoint-\d{6,}")
+
+
 def is_run_entry(name: str) -> bool:
-    return name in RUN_FILES or name.startswith(("checkpoint-", ".tmp-checkpoint-"))
+    return name in RUN_FILES or CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def run_inputs(cfg: Config) -> list[tuple[str, Path]]:
+    """(flag, local path) of everything this run reads: the starting model, the data, the
+    reward file, the prompt template, the picture folder. Hub ids and "" are left out; a glob
+    counts as the folder it starts in."""
+    paths = [("--model", cfg.model), ("--data", cfg.data), ("--eval-data", cfg.eval_data),
+             ("--prompt-template", cfg.prompt_template), ("--image-dir", cfg.image_dir),
+             ("--reward", cfg.reward.rsplit(":", 1)[0] if cfg.reward.count(":") else "")]
+    found = []
+    for flag, value in paths:
+        if not value:
+            continue
+        head = value.split("*")[0].split("?")[0].split("[")[0]   # a glob: where it starts
+        path = Path(head if head != value else value).expanduser()
+        if head != value or path.exists():
+            found.append((flag, path.resolve()))
+    return found
+
+
+def inputs_inside(cfg: Config, folder: Path) -> list[str]:
+    """The inputs of this run (run_inputs) that lie in `folder` or are it, as "--flag path"."""
+    folder = folder.resolve()
+    return [f"{flag} {path}" for flag, path in run_inputs(cfg)
+            if path == folder or folder in path.parents]
 
 
 def prepare_run_folder(cfg: Config, run: Path) -> None:
@@ -476,6 +524,11 @@ def prepare_run_folder(cfg: Config, run: Path) -> None:
         raise SystemExit(
             f"train.py: --out {run} is not empty ({listing}). Continue that run with --resume "
             f"{run}, start afresh with --overwrite, or pick another --out.")
+    inputs = inputs_inside(cfg, run)
+    if inputs:             # e.g. --model D/checkpoint-000002 --out D: it would delete its start
+        raise SystemExit(f"train.py: --overwrite refused for --out {run}: it holds an input of "
+                         f"this run ({'; '.join(inputs)}). Copy that out of the folder first, "
+                         "or pick another --out.")
     foreign = [n for n in earlier if not is_run_entry(n)]
     if foreign or not (run / "run.json").is_file():
         why = (f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "
@@ -508,14 +561,18 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
     """(policy, processor, ref, optimizer, state) to start the loop from: fresh, or - with
     --resume - the newest checkpoint that loads. A checkpoint that fails to load (a truncated
     file, a disk error) is named and the previous intact one is used instead."""
-    candidates = [None]
+    candidates, data_changed = [None], {}
     if cfg.resume:
         named = latest_checkpoint(run)
         older = [f for f in reversed(checkpoint_folders(run)) if f.resolve() != named.resolve()]
         candidates = [named, *older]
+        data_changed = check_resume_data(named, cfg)
     for i, folder in enumerate(candidates):
         try:
+            if folder is not None:
+                verify_weights(folder)
             policy, processor, ref = build_policy(cfg, d, init_path, folder)
+            refuse_non_finite(policy, folder or init_path)
             # fused: one kernel over all parameters instead of a loop of small ops (0.4 ms
             # against 2 ms a step on the tiny model); the same update rule. With --fsdp the
             # parameters are DTensor shards: AdamW is elementwise, so each rank updates its own
@@ -547,10 +604,62 @@ def load_start(cfg: Config, d: Dist, run: Path, init_path: str):
                 keep = [r for r in read_log(f) if r.get("step", 0) <= state["step"]]
                 f.write_text("".join(json.dumps(r) + "\n" for r in keep))
         print(f"resumed from {folder} at step {state['step']}")
+        if data_changed:              # accepted with --allow-changes: kept beside config.json
+            with open(run / "config_history.jsonl", "a") as f:
+                f.write(json.dumps({"resumed_from": str(run.absolute()),
+                                    "data_changed": data_changed}) + "\n")
     elif d.main:
         for name in ("metrics.jsonl", "samples.jsonl"):
             (run / name).unlink(missing_ok=True)
     return policy, processor, ref, optimizer, state
+
+
+def run_data_sources(cfg: Config) -> list[str]:
+    """Every data source of the run, training and held-out (what a checkpoint fingerprints)."""
+    train, heldout = data_sources(cfg)
+    return [train, *heldout.values()]
+
+
+def verify_weights(folder: Path) -> None:
+    """Refuse a checkpoint whose weight files are not the ones it was written with (its
+    fingerprint.json): a resume would silently continue another model. Not a damaged file to
+    fall back from - something changed it - so the run stops, naming the files."""
+    record = integrity.read_fingerprint(folder)
+    if record is None:
+        print(f"note: {folder} has no {integrity.FINGERPRINT} (an earlier version wrote it); "
+              "its weights are not verified")
+        return
+    problems = integrity.weight_mismatches(folder, record)
+    if problems:
+        raise SystemExit("train.py: cannot resume: the checkpoint's weights are not the ones "
+                         "the run saved:\n  " + "\n  ".join(problems) + "\nRestore them, or "
+                         "resume from a copy of the run without that checkpoint.")
+
+
+def check_resume_data(checkpoint: Path, cfg: Config) -> dict[str, str]:
+    """The data files the run trained on that changed since `checkpoint` was written: refused,
+    by name, unless --allow-changes (then returned, to be printed and recorded)."""
+    try:
+        record = integrity.read_fingerprint(checkpoint)
+    except ValueError:
+        return {}                      # verify_weights names the damaged fingerprint
+    changed = integrity.data_changes(record, run_data_sources(cfg)) if record else {}
+    if changed and not cfg.allow_changes:
+        raise SystemExit("train.py: --resume: data the run trained on changed since its last "
+                         "checkpoint:\n  " + "\n  ".join(f"{k}: {v}" for k, v in changed.items())
+                         + "\nPut it back to continue the run as it was, or pass --allow-changes "
+                         "to continue on the new data (recorded in config_history.jsonl).")
+    for path, what in changed.items():
+        print(f"--allow-changes: data {path}: {what}")
+    return changed
+
+
+def refuse_non_finite(policy, source) -> None:
+    """A model holding NaN or inf weights would train on garbage (every loss NaN from step 1);
+    it is refused here, naming where it came from and the first such tensor."""
+    problem = integrity.non_finite_weights(unwrap(policy))
+    if problem:
+        raise ValueError(f"{source} holds non-finite weights ({problem})")
 
 
 class RunLock:
@@ -704,7 +813,8 @@ def load_trainer_state(folder: Path, policy, optimizer, cfg: Config) -> dict:
         # template comes from the live optimizer (get_optimizer_state_dict first creates its
         # AdamW state if no step was taken yet), dcp.load fills it in place.
         shards = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
-        dcp.load(shards, checkpoint_id=str(folder / "optimizer"))
+        dcp.load(shards, checkpoint_id=str(folder / "optimizer"),
+                 storage_reader=integrity.SafeCheckpointReader(folder / "optimizer"))
         set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
     else:
         optimizer.load_state_dict(blob["optimizer"])
@@ -948,4 +1058,6 @@ def how_to_continue(run: Path) -> str:
     done = latest_checkpoint(run) if (run / "latest.txt").is_file() else None
     if done:
         return f"The last complete checkpoint is {done}; continue with:\n  python train.py --resume {run}"
+    if not run.is_dir() or not any(p.name != ".lock" for p in run.iterdir()):
+        return "Nothing was written into the run folder; start it again with the same command."
     return "No checkpoint was written yet; start again with --overwrite."

@@ -683,8 +683,9 @@ def main(argv=None) -> dict:
                                                     else "")) from None
     except runtime.Preempted as stop:           # likewise (stop_requested)
         if d.main:
-            print(f"train.py: stopped by {signal.Signals(stop.signum).name} after step "
-                  f"{stop.step}. " + runtime.how_to_continue(run), file=sys.stderr)
+            when = f"after step {stop.step}" if stop.step else "before the first step"
+            print(f"train.py: stopped by {signal.Signals(stop.signum).name} {when}. "
+                  + runtime.how_to_continue(run), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     finally:
         runtime.restore_signal_handlers(handlers)
@@ -696,8 +697,10 @@ def main(argv=None) -> dict:
 
 def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     """Everything after the run folder is safe to write: data, models, the RL loop, the table."""
-    cfg, examples, heldout, init_path = runtime.prepare_data(cfg, d, run)
+    cfg, examples, heldout, init_path, dropped = runtime.prepare_data(cfg, d, run)
     policy, processor, ref, optimizer, state = runtime.load_start(cfg, d, run, init_path)
+    if d.main:       # only now: a resume that does not load leaves config.json as it was
+        runtime.write_run_record(run, cfg, dropped)
     trackers = runtime.start_trackers(cfg, run, d)
     try:
         return train_loop(cfg, d, run, policy, processor, ref, optimizer, state, examples,
@@ -715,6 +718,7 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
         state["before"] = runtime.evaluate_heldout(policy, processor, heldout, cfg, d)
         if trackers is not None and state["before"]:
             trackers.log(runtime.eval_columns(state["before"]), 0)    # step 0: before RL
+    runtime.steps_begin()                 # a stop signal now waits for the step's checkpoint
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
     held, evaluated_at = None, None

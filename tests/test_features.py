@@ -111,15 +111,16 @@ def test_a_runs_config_json_restarts_that_run_and_flags_override_it(tmp_path):
     a YAML file of a few keys on top of the defaults; flags on the command line win."""
     train.main(tiny_args(tmp_path, "--preset", "papo-d", "--gamma", "0.05", "--steps", "1"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    cfg = config.parse_config(["--config", str(tmp_path / "run" / "config.json")])
-    assert {k: v for k, v in config.saved_config(cfg).items() if k != "config"} == \
-        {k: v for k, v in saved.items() if k != "config"}
+    cfg = config.parse_config(["--config", str(tmp_path / "run" / "config.json"),
+                               "--out", str(tmp_path / "again")])
+    assert {k: v for k, v in config.saved_config(cfg).items() if k not in config.RUN_CONTROL} == \
+        {k: v for k, v in saved.items() if k not in config.RUN_CONTROL}
     assert (cfg.preset, cfg.gamma, cfg.eta_orig, cfg.dynamic_sampling) == ("papo-d", 0.05, 0.03, True)
     assert config.parse_config(["--config", str(tmp_path / "run" / "config.json"),
-                                "--steps", "9"]).steps == 9
+                                "--out", str(tmp_path / "again"), "--steps", "9"]).steps == 9
     # a command-line preset replaces the file's coefficients, its other flags still win
     cfg = config.parse_config(["--config", str(tmp_path / "run" / "config.json"), "--preset",
-                               "grpo", "--beta", "0.02"])
+                               "grpo", "--beta", "0.02", "--out", str(tmp_path / "again")])
     assert (cfg.gamma, cfg.eta_orig, cfg.beta, cfg.dynamic_sampling) == (0.0, 0.0, 0.02, False)
     (tmp_path / "small.yaml").write_text("preset: grpo\nlr: 0.0003\nmask_truncated: true\n")
     cfg = config.parse_config(["--config", str(tmp_path / "small.yaml")])

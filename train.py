@@ -15,8 +15,9 @@ One RL step (rl_step), as in the algorithm box of the paper; each phase is a fun
                                     by the prompt's G rollouts; new every step
     3. generate    generate_phase   G rollouts per prompt with HF `generate`
     4. reward      reward_phase     rule-based: 0.9 * accuracy + 0.1 * format
-    5. advantages  collect_batch    group-normalised rewards; DAPO keeps the groups with a signal
-                                    and draws more prompts until the step is full
+    5. advantages  group_advantages group-normalised rewards (papo.py)
+       (DAPO)      refill           keeps the groups with a signal and repeats phases 1-5 on
+                                    more prompts until the step is full
     6. score       score_phase      old / reference / masked-image log-probs, no gradient
     7. update      update_phase     mini-batches of micro-batches: papo.papo_loss, normalised by
                                     the GLOBAL token count, then AdamW
@@ -90,21 +91,54 @@ class Batch:
 
 def rl_step(policy, ref, optimizer, processor, examples, cfg: Config, d: Dist, step: int,
             state: dict) -> tuple[Batch, dict]:
-    """Phases 1-7 of step `step`: (the trained batch, the step's metrics and phase times)."""
+    """One RL step, as the paper's algorithm box draws it -> (the trained batch, the step's
+    metrics and phase times). Phases 1-5 make one draw of rollouts; DAPO's refill repeats them
+    until the step holds enough groups with a signal (without dynamic sampling: one draw).
+
+    optimizer None stops after phase 5 (collect_batch: the rollouts alone, for tests)."""
+    need_masked = state.get("need_masked", uses_masked_branch(cfg))
+    keep_pictures = state.get("keep_pictures", runtime.reports_samples(cfg, step))
+    thinking_open = qwen.prompt_opens_thinking(processor)     # the template opened <think>
+
+    def phases_1_to_5(draw: int, size: int) -> Batch:
+        """One draw: `size` prompts (global count) -> their rollouts, rewards and advantages."""
+        prompts, state["cursor"] = draw_prompts(examples, cfg, d, state["cursor"], size)  # 1
+        seed = step_seed(cfg, step, d.rank, salt=draw)
+        pictures, masked_pictures = load_pictures(prompts, cfg, seed, need_masked)      # 2
+        with autocast(cfg, d.device):
+            rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed,     # 3
+                                              need_masked, (pictures, masked_pictures))
+        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size,              # 4
+                                         thinking_open, **user_reward(cfg))
+        advantages = papo.group_advantages(rewards, cfg.group_size,                      # 5
+                                           scale_by_std=cfg.scale_rewards == "group")
+        kept = list(zip(pictures, masked_pictures or [None] * len(prompts)))
+        return Batch(rollouts, masked, rewards, acc, fmt, advantages,
+                     pictures=kept if keep_pictures else None)
+
     times = {}
     t0 = time.perf_counter()
-    batch, state["cursor"], stats = collect_batch(
-        policy, processor, examples, cfg, d, step, state["cursor"], uses_masked_branch(cfg),
-        keep_pictures=runtime.reports_samples(cfg, step))
-    times["t_rollout"] = time.perf_counter() - t0                        # phases 1-5
+    batch, stats = refill(phases_1_to_5, policy, cfg, d, step)          # 1-5, DAPO: repeated
+    times["t_rollout"] = time.perf_counter() - t0
+    if optimizer is None:
+        return batch, stats
     t0 = time.perf_counter()
-    score_phase(batch, policy, ref, cfg, d)                              # phase 6
+    score_phase(batch, policy, ref, cfg, d)                              # 6
     times["t_score"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = update_phase(batch, policy, optimizer, cfg, d, step, guard=state)  # phase 7
+    metrics = update_phase(batch, policy, optimizer, cfg, d, step, guard=state)  # 7
     times["t_update"] = time.perf_counter() - t0
     return batch, {"step": step, **rollout_statistics(stats, d),
                    "kept_rollouts": len(batch.rollouts), **metrics, **times}
+
+
+def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, cursor: int,
+                  need_masked: bool, keep_pictures: bool = False) -> tuple[Batch, int, dict]:
+    """Phases 1-5 of rl_step alone, from `cursor` -> (batch, the new cursor, statistics): the
+    rollout batch as the update would receive it, for tests and bench.py to inspect."""
+    state = {"cursor": cursor, "need_masked": need_masked, "keep_pictures": keep_pictures}
+    batch, stats = rl_step(policy, None, None, processor, examples, cfg, d, step, state)
+    return batch, state["cursor"], stats
 
 
 # --- phase 1: draw ----------------------------------------------------------------------------
@@ -222,9 +256,9 @@ class DynamicSamplingExhausted(RuntimeError):
     """DAPO's dynamic sampling made --max-draws draws without filling the step."""
 
 
-def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, cursor: int,
-                  need_masked: bool, keep_pictures: bool = False) -> tuple[Batch, int, dict]:
-    """Phases 1-5: draw, mask, generate, reward, advantages -> (batch, cursor, statistics).
+def refill(phases_1_to_5, policy, cfg: Config, d: Dist, step: int) -> tuple[Batch, dict]:
+    """The step's rollout batch from draws of phases 1-5 -> (batch, statistics of every sampled
+    rollout). phases_1_to_5(draw, size) rolls out one draw of `size` prompts (global count).
 
     Without dynamic sampling this is one draw of --prompts-per-step prompts. With it, the
     official refill: draws of --draw-size prompts, each filtered (groups_to_keep), until the
@@ -237,30 +271,17 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
     it can take a draw more than one process would."""
     per_rank = cfg.prompts_per_step // d.world
     size = cfg.draw_size if cfg.dynamic_sampling else cfg.prompts_per_step
-    thinking_open = qwen.prompt_opens_thinking(processor)
     eos = qwen.eos_ids(policy)
     kept: list[Batch] = []
     stats = dict(reward=[], accuracy=[], format=[], length=[], truncated=[], zero_var_groups=0,
                  identical_groups=0, groups=0)
     for draw in range(cfg.max_draws if cfg.dynamic_sampling else 1):
-        prompts, cursor = draw_prompts(examples, cfg, d, cursor, size)             # 1
-        seed = step_seed(cfg, step, d.rank, salt=draw)
-        pictures = load_pictures(prompts, cfg, seed, need_masked)                  # 2
-        with autocast(cfg, d.device):
-            rollouts, masked = generate_phase(policy, processor, prompts, cfg, seed,
-                                              need_masked, pictures=pictures)       # 3
-        rewards, acc, fmt = reward_phase(rollouts, prompts, cfg.group_size, thinking_open,
-                                         **user_reward(cfg))                        # 4
-        advantages = papo.group_advantages(rewards, cfg.group_size,
-                                           scale_by_std=cfg.scale_rewards == "group")  # 5
-        drawn = Batch(rollouts, masked, rewards, acc, fmt, advantages,
-                      pictures=list(zip(pictures[0], pictures[1] or [None] * len(prompts)))
-                      if keep_pictures else None)
-        truncated = qwen.truncated_rows(rollouts, cfg.max_new_tokens, eos)       # [B]
+        drawn = phases_1_to_5(draw, size)
+        truncated = qwen.truncated_rows(drawn.rollouts, cfg.max_new_tokens, eos)   # [B]
         _tally(stats, drawn, cfg.group_size, truncated)
         if cfg.mask_truncated:
             drawn = leave_out_truncated(drawn, truncated)
-        kept.append(drawn.select(groups_to_keep(acc, cfg)))
+        kept.append(drawn.select(groups_to_keep(drawn.accuracy, cfg)))
         n_kept = sum(len(k.rollouts) for k in kept) // cfg.group_size
         # every rank must agree on when to stop drawing (they run collective ops in lockstep)
         if int(all_reduce(torch.tensor(n_kept), op=dist.ReduceOp.MIN)) >= per_rank:
@@ -276,7 +297,7 @@ def collect_batch(policy, processor, examples, cfg: Config, d: Dist, step: int, 
                 f"--max-draws or --draw-size, lower --prompts-per-step, or check the data: "
                 f"questions the policy always or never gets right leave no signal.")
     stats["draws"] = draw + 1
-    return _first_rows(kept, per_rank * cfg.group_size), cursor, stats
+    return _first_rows(kept, per_rank * cfg.group_size), stats
 
 
 def user_reward(cfg: Config) -> dict:

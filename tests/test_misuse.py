@@ -296,13 +296,13 @@ def test_config_paths_are_absolute_so_resume_works_from_anywhere(tmp_path, monke
 
 def test_ctrl_c_leaves_the_last_checkpoint_intact_and_says_how_to_resume(tmp_path, monkeypatch,
                                                                          capsys):
-    real = train.collect_batch
+    real = train.refill
 
-    def interrupted(*args, **kwargs):
-        if kwargs.get("step", args[5] if len(args) > 5 else None) == 2:
+    def interrupted(phases, policy, cfg, d, step):          # Ctrl-C while step 2 rolls out
+        if step == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train, "collect_batch", interrupted)
+        return real(phases, policy, cfg, d, step)
+    monkeypatch.setattr(train, "refill", interrupted)
     with pytest.raises(SystemExit) as info:
         train.main(tiny_args(tmp_path, "--steps", "3"))
     assert info.value.code == 130
@@ -311,7 +311,7 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact_and_says_how_to_resume(tmp_pat
     assert f"python train.py --resume {run}" in err and "checkpoint-000001" in err
     assert not (run / ".lock").exists()
     assert runtime.latest_checkpoint(run).name == "checkpoint-000001"
-    monkeypatch.setattr(train, "collect_batch", real)
+    monkeypatch.setattr(train, "refill", real)
     train.main(["--resume", str(run), "--steps", "3"])
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]

@@ -18,6 +18,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen_modeling
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_modeling
 
 import data
+import papo
 import toy
 import model as qwen
 import speedups
@@ -163,6 +164,26 @@ def test_chunked_equals_naive_values_and_gradients(tiny, prompts, chunk_size):
     assert fast[2].keys() == slow[2].keys() and len(fast[2]) == len(list(model.parameters()))
     for name in slow[2]:
         torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunk_entropy_is_papos_exact_entropy_banned_tokens_included():
+    """The chunked scorer's entropy is papo.entropy_from_logits itself (one implementation):
+    bit for bit on the same logits, and finite where a token's logit is -inf (a banned token,
+    p = 0, contributes nothing): the oracle -sum p log p over the tokens with p > 0."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = (torch.randn(4, 3, dtype=torch.float64, generator=g),
+                      torch.randn(6, 3, dtype=torch.float64, generator=g))
+    bias = torch.zeros(6, dtype=torch.float64)
+    bias[[1, 4]] = -torch.inf
+    targets = torch.tensor([0, 2, 3, 5])
+    logp, ent = qwen._chunk_logp_entropy(hidden, weight, bias, targets, 0.7, True)
+    z = torch.nn.functional.linear(hidden, weight, bias) / 0.7                # [4, 6]
+    p = torch.softmax(z, -1)
+    oracle = -(p * p.log()).nan_to_num(0.0).sum(-1)           # 0 * log 0 = 0 for banned tokens
+    assert torch.isfinite(ent).all()
+    torch.testing.assert_close(ent, oracle, rtol=0, atol=1e-12)
+    assert torch.equal(ent, papo.entropy_from_logits(z))
+    torch.testing.assert_close(logp, p.log().gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-12)
 
 
 def test_logprobs_without_grad_and_with_grad_agree(tiny, prompts):

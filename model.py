@@ -630,7 +630,8 @@ def _generate_plain(net, once: dict, num_samples: int, config) -> torch.Tensor:
                         generation_config=config,
                         # sharded: every rank runs the same number of decode steps (each
                         # gathers layers collectively), as in the fast path
-                        synced_gpus=speedups.sharded(net) and torch.distributed.get_world_size() > 1)
+                        synced_gpus=(speedups.sharded(net)
+                                     and torch.distributed.get_world_size() > 1))
 
 
 @torch.no_grad()

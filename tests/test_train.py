@@ -914,7 +914,8 @@ def test_batch_select_keeps_every_field_row_for_row():
     B, P, T, G = 6, 3, 4, 2
     ids = torch.arange(B * T).reshape(B, T)
     rollouts = qwen.Rollouts(
-        prompt_ids=torch.ones(B, P, dtype=torch.long), prompt_mask=torch.ones(B, P, dtype=torch.long),
+        prompt_ids=torch.ones(B, P, dtype=torch.long),
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
         mm_token_type_ids=torch.zeros(B, P, dtype=torch.long), pixel_values=None,
         image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
         images_per_prompt=torch.zeros(B // G, dtype=torch.long),

@@ -417,17 +417,20 @@ def bench_objectives(s: Setup, args):
 # 5. Target 3: generation keeps the KV cache with gradient checkpointing on
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def kv_cache_forced_off():
     """The control: generation without any KV cache. generate_rollouts' shared prefill is a
-    cache too, so it goes as well: one plain generate over the B rows, use_cache=False."""
-    def plain(net, once, num_samples, config):
-        enc, config = qwen._repeat_encoded(once, num_samples), copy.deepcopy(config)
+    cache too, so it goes as well: model.py's plain path (model.FAST_PATHS off: one generate
+    over the B rows), with use_cache=False in its generation config."""
+    plain = qwen._generate_plain
+
+    def without_cache(net, once, num_samples, config):
+        config = copy.deepcopy(config)
         config.use_cache = False
-        return net.generate(input_ids=enc["prompt_ids"], attention_mask=enc["prompt_mask"],
-                            mm_token_type_ids=enc["mm_token_type_ids"],
-                            pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                            generation_config=config)
-    return mock.patch.object(speedups, "generate_from_shared_prompts", plain)
+        return plain(net, once, num_samples, config)
+    with (mock.patch.object(qwen, "FAST_PATHS", False),
+          mock.patch.object(qwen, "_generate_plain", without_cache)):
+        yield
 
 
 VARIANTS = {"checkpointing on": (True, True), "checkpointing off": (False, True),

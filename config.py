@@ -166,8 +166,9 @@ class Config:
     mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
     sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
                                "times the token mean of -log pi over the tokens of the rollouts "
-                               "whose accuracy is 1, normalised by their number in the whole "
-                               "mini-batch (all micro-batches and ranks; per micro-batch with "
+                               "whose accuracy is above 0.1 (official), normalised by their "
+                               "number in the whole mini-batch (all micro-batches and ranks; "
+                               "per micro-batch with "
                                "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
                                "start's --sft-* settings.")
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "

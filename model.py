@@ -17,9 +17,11 @@ only place that has to know the models' quirks. Read it top to bottom:
                  distributions for analysis.
   6. Targets     rollouts_from_texts: given answers as Rollouts (supervised warm start).
 
-What makes it fast - each prompt and picture read once per group, FSDP's root gathering, CPU
-kernels - is in speedups.py, called from here where it applies and tied to the plain path by the
-float64 equivalence tests.
+FAST_PATHS, just below, is the one switch between two ways of doing 4 and 5. Off, this module
+does the plain thing: `generate` over the N x G repeated prompts, and one forward over prompt +
+completion per row, every row with its own copy of its pictures. On (the default), the same
+numbers with less work: each prompt and picture read once per group (speedups.py). The float64
+equivalence tests of tests/test_model.py compare the two through this switch.
 
 The offline tiny model (the same classes, random weights, a tokenizer trained locally) is built
 in toy.py, next to the toy task it learns.
@@ -45,12 +47,20 @@ from transformers import AutoConfig, GenerationConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (Qwen2VLImageProcessorPil,
                                                                        smart_resize)
 
+import papo
 import speedups
 # the families' classes and special tokens, used here and re-exported (model.family_of, ...)
 from families import (ENDOFTEXT, FAMILIES, IM_END, IM_START, IMAGE_PAD,  # noqa: F401
                       SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN, VIDEO_PAD, VISION_END, VISION_START, Family,
                       Qwen3VLImageTextProcessor, QwenVLImageTextProcessor, family_of,
                       prompt_opens_thinking, save_processor)
+
+# True: generation and scoring read each prompt and picture once per group (speedups.py:
+# generate_from_shared_prompts, states_prompt_once, encode_each_picture_once). False: the plain
+# paths, Hugging Face's own calls on every row (_generate_plain, _states_one_pass) - for a model
+# whose quirks the fast paths do not know yet, or to check them. Same tokens, log-probs and
+# gradients either way (to float64 rounding); read at each call.
+FAST_PATHS = True
 
 # ---------------------------------------------------------------------------------------------
 # 1. Loading Qwen2.5-VL and Qwen3-VL
@@ -608,6 +618,22 @@ def truncated_rows(rollouts: "Rollouts", max_new_tokens: int, eos: list[int]) ->
     return (lengths >= max_new_tokens) & ~ends
 
 
+def _generate_plain(net, once: dict, num_samples: int, config) -> torch.Tensor:
+    """The plain path of generation (FAST_PATHS off): Hugging Face `generate` over the N prompts
+    repeated G times, group-major, each row with its own copy of its pictures - the first
+    forward reads every prompt and picture G times. -> [B, P + T] prompt and sampled ids."""
+    rows = _repeat_encoded(once, num_samples)                              # N * G rows
+    pictures = {} if rows["pixel_values"] is None else dict(
+        pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"])
+    return net.generate(input_ids=rows["prompt_ids"], attention_mask=rows["prompt_mask"],
+                        mm_token_type_ids=rows["mm_token_type_ids"], **pictures,
+                        generation_config=config,
+                        # sharded: every rank runs the same number of decode steps (each
+                        # gathers layers collectively), as in the fast path
+                        synced_gpus=(speedups.sharded(net)
+                                     and torch.distributed.get_world_size() > 1))
+
+
 @torch.no_grad()
 def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int,
                       max_new_tokens: int, temperature: float = 1.0,
@@ -670,8 +696,9 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
         # frees it again (the root's parameters stay gathered throughout, root_gathered) - no
         # full copy of the model is ever held.
         no_autograd = torch.no_grad() if speedups.sharded(net) else torch.inference_mode()
+        generate = speedups.generate_from_shared_prompts if FAST_PATHS else _generate_plain
         with no_autograd, speedups.root_gathered(net):
-            sequences = speedups.generate_from_shared_prompts(net, once, num_samples, config)
+            sequences = generate(net, once, num_samples, config)
         sequences = sequences.clone()                                      # [B, P + T]
     finally:
         for m, mode in modes.items():
@@ -716,7 +743,7 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
 #   (d) with gradients, each chunk runs under torch.utils.checkpoint: its logits are freed
 #       after the forward and recomputed in the backward, so the graph holds only the hidden
 #       states and the [B, T] results.
-# The fast paths (speedups.py), selected where they apply:
+# The fast paths (speedups.py), with FAST_PATHS on (the default), where they apply:
 #   (e) the vision tower runs once per DISTINCT picture, not once per row: the G rollouts of a
 #       group show the same picture (stored once, Rollouts.prompt_of), and a plain forward would
 #       encode it G times (speedups.encode_each_picture_once).
@@ -724,8 +751,9 @@ def generate_rollouts(model, processor, prompts: list[dict], *, num_samples: int
 #       prompts fills a KV cache, each row attends to its prompt's entry, and a second forward
 #       reads only the completions (speedups.states_prompt_once). With the official prompt
 #       (~100 text tokens + 256-1,280 image tokens) and G = 5, most tokens of a batch are prompt
-#       tokens. Gradient checkpointing drops caches, so with it the update takes the plain
-#       one-pass forward (_states_one_pass), pictures still encoded once.
+#       tokens. Gradient checkpointing drops caches, so with it the update takes the one-pass
+#       forward (_states_one_pass), pictures still encoded once.
+# With FAST_PATHS off, every batch takes the plain one-pass forward, pictures in per row.
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -737,15 +765,14 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 def _chunk_logp_entropy(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
     """Log-prob of `targets` and entropy under softmax(lm_head(hidden) / temperature).
 
-    hidden [n, H], targets [n] -> logp [n] (fp32), entropy [n] (fp32; zeros if not asked)."""
+    hidden [n, H], targets [n] -> logp [n] (fp32), entropy [n] (fp32; zeros if not asked). The
+    entropy is papo.entropy_from_logits, the objective's own exact entropy."""
     z = _at_least_fp32(F.linear(hidden, weight, bias)) / temperature  # [n, V] fp32
     lse = torch.logsumexp(z, dim=-1)                                  # [n]
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse           # [n]
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    # -sum p log p = -sum p (z - lse) = lse - sum p z   (no [n, V] log-softmax tensor needed)
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)            # [n]
-    return logp, entropy
+    return logp, papo.entropy_from_logits(z)                          # [n], [n]
 
 
 def _scoring_inputs(rollouts: Rollouts, pixel_values, with_pixels: bool = True) -> dict:
@@ -785,10 +812,12 @@ def _final_states(net, keep):
 def _states_one_pass(model, r: Rollouts, pixels) -> torch.Tensor:
     """Final hidden states predicting the completion tokens, [B, T, H], from ONE forward over
     prompt + completion per row: position P-1+t (the last prompt token, then each completion
-    token) predicts token t. Pictures are still encoded once each (e)."""
+    token) predicts token t. The plain path; with FAST_PATHS on, pictures are still encoded
+    once each (e)."""
     net = unwrap(model)
     T = r.completion_ids.shape[1]
-    shared = pixels is not None and len(r.image_grid_thw) > 0 and not speedups.sharded(net)
+    shared = (FAST_PATHS and pixels is not None and len(r.image_grid_thw) > 0
+              and not speedups.sharded(net))
     inputs = _scoring_inputs(r, pixels, with_pixels=not shared)
     # Not for a sharded (--fsdp) model: there the features would be an input of the root unit's
     # forward that requires grad, and FSDP runs a unit's post-backward (reduce-scatter its
@@ -856,9 +885,11 @@ def completion_logprobs(model, rollouts: Rollouts, *, pixel_values=None, tempera
 def _completion_logprobs(model, net, r: Rollouts, pixels, temperature: float,
                          with_entropy: bool, chunk_size: int, device):
     B, T = r.completion_ids.shape
-    # (a, b, e, f) the final hidden states that predict the completion tokens
-    first, prompt_of = speedups.distinct_prompts(r)
-    if len(first) < B and not (torch.is_grad_enabled() and _checkpointing(net)):
+    # (a, b, e, f) the final hidden states that predict the completion tokens: (f) where rows
+    # share a prompt and the layers keep a cache, else one forward per row
+    prompt_once = FAST_PATHS and not (torch.is_grad_enabled() and _checkpointing(net))
+    first, prompt_of = speedups.distinct_prompts(r) if prompt_once else (range(B), None)
+    if len(first) < B:
         hidden = speedups.states_prompt_once(model, net, r, pixels, first, prompt_of,
                                              _final_states)                    # [B, T, H]
     else:

@@ -37,9 +37,10 @@ Map of this module, in reading order:
     perception_token_mask   the tokens of each rollout with the largest KL_prcp (official switch)
     clipped_policy_loss     L_clip per token, with the clip fractions
     entropy_from_logits     exact per-position entropy, an alternative to the sample estimate
+                            (model.completion_logprobs computes it with with_entropy=True)
     aggregate               agg: the modes of the field as a table (AGGREGATIONS), with a
                             global normaliser, and the official per-micro-batch token mean
-    Options                 the official switches and the batch-wide normalisers
+    Options                 the official switches a run sets
     perception_term         KL_prcp as the objective aggregates it (token mask, clip)
     papo_loss               the whole objective and its logged metrics
     annealed_coefficients   gamma_t and the etas at a step of KL_prcp annealing (official switch)
@@ -388,31 +389,23 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
 
 @dataclass(frozen=True)
 class Options:
-    """The official switches (all off by default), exact entropies and the batch-wide
-    normalisers of papo_loss - everything beyond the paper's knobs. Checked once, when built.
+    """The official switches of the objective, all off by default: what a RUN sets, beyond the
+    paper's knobs. Checked once, when built. The tensors a call brings (exact entropies, the
+    right rollouts) and the counts a mini-batch computes (normalizer, sft_normalizer) are
+    papo_loss's own arguments.
 
     kl_prcp_clip            c: each token's KL_prcp clamped to [0, c] (official value 0.2)
     kl_prcp_token_fraction  p: per rollout, tokens below its (1 - p) KL_prcp quantile zeroed
                             (official value 0.2); perception_term says how
-    sft_coef, sft_rows      + sft_coef x token mean of -l over the rollouts sft_rows [B] marks
-                            as right (official value 1e-3); sft_rows alone logs "sft_nll"
-    entropy                 "sample" (official: H = -l, -a) or "exact" (-sum_v p log p, given
-                            precomputed as entropy_orig / entropy_mask [B, T])
-    normalizer              the global count that every term's aggregate divides by (tokens,
-                            rollouts, or micro-batches K, by agg_mode; see aggregate); None: local
-    sft_normalizer          the SFT term's global count: tokens of right rollouts in the batch
-    max_len                 L of "seq-mean-token-sum-norm"
+    sft_coef                + sft_coef x token mean of -l over the rollouts papo_loss's sft_rows
+                            marks as right (official value 1e-3)
+    entropy                 "sample" (official: H = -l, -a) or "exact" (-sum_v p log p,
+                            entropy_from_logits, given to papo_loss as entropy_orig / entropy_mask)
     """
     kl_prcp_clip: Optional[float] = None
     kl_prcp_token_fraction: Optional[float] = None
     sft_coef: float = 0.0
-    sft_rows: Optional[torch.Tensor] = None
     entropy: str = "sample"
-    entropy_orig: Optional[torch.Tensor] = None
-    entropy_mask: Optional[torch.Tensor] = None
-    normalizer: Optional[Number] = None
-    sft_normalizer: Optional[Number] = None
-    max_len: Optional[int] = None
 
     def __post_init__(self):
         problems = []
@@ -423,8 +416,6 @@ class Options:
                             f"got {self.kl_prcp_token_fraction}")
         if not 0 <= self.sft_coef < math.inf:
             problems.append(f"sft_coef must be >= 0, got {self.sft_coef}")
-        if self.sft_coef and self.sft_rows is None:
-            problems.append("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
         if self.entropy not in ENTROPY_KINDS:
             problems.append(f"unknown entropy {self.entropy!r}; choose one of {ENTROPY_KINDS}")
         if problems:
@@ -464,22 +455,34 @@ def perception_term(logp: torch.Tensor, masked_logp: torch.Tensor, mask: torch.T
 
 def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, masked_logp: Optional[torch.Tensor] = None,
-              ref_logp: Optional[torch.Tensor] = None, gamma: float = 0.0, eta_orig: float = 0.0,
-              eta_mask: float = 0.0, beta: float = 0.0, clip_low: float = 0.2,
-              clip_high: float = 0.2, dual_clip: Optional[float] = 3.0,
-              agg_mode: str = "token-mean", kl_kind: str = "k3",
-              options: Optional[Options] = None, **switches) -> tuple[torch.Tensor, dict]:
+              ref_logp: Optional[torch.Tensor] = None,
+              entropy_orig: Optional[torch.Tensor] = None,
+              entropy_mask: Optional[torch.Tensor] = None,
+              sft_rows: Optional[torch.Tensor] = None,
+              gamma: float = 0.0, eta_orig: float = 0.0, eta_mask: float = 0.0, beta: float = 0.0,
+              clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = 3.0,
+              agg_mode: str = "token-mean", kl_kind: str = "k3", max_len: Optional[int] = None,
+              options: Optional[Options] = None, normalizer: Optional[Number] = None,
+              sft_normalizer: Optional[Number] = None) -> tuple[torch.Tensor, dict]:
     """L = agg(L_clip) + beta agg(KL_ref) - gamma agg(KL_prcp) + eta_orig H_orig + eta_mask H_mask
            (+ sft_coef agg_sft(-l) over the right rollouts, when that switch is on)
 
-    logp (l), old_logp, mask, masked_logp (a), ref_logp: [B, T]; advantages: [B] or [B, T].
-    GRPO: gamma = eta = 0; PAPO-G adds gamma; PAPO-D is DAPO (beta 0) plus gamma and both etas.
-    H_orig = -l and H_mask = -a per token (the official sample estimates) unless
-    options.entropy == "exact". agg = aggregate(., mask, agg_mode, options.normalizer, ...).
-    options: the official switches and normalisers (Options); `switches` are its fields given
-    as keywords instead (papo_loss(..., kl_prcp_clip=0.2) is papo_loss(..., options=
-    Options(kl_prcp_clip=0.2))). A term is added only when its coefficient is non-zero, so GRPO's
-    loss is exactly agg(L_clip) (+ the beta term).
+    The rows of this call (a micro-batch):
+        logp (l), old_logp, mask, masked_logp (a), ref_logp: [B, T]; advantages: [B] or [B, T];
+        entropy_orig, entropy_mask: [B, T] exact entropies, read with options.entropy "exact"
+        (else H_orig = -l and H_mask = -a per token, the official sample estimates);
+        sft_rows: [B], the right rollouts of the SFT term (without sft_coef: logs "sft_nll").
+    What the run sets:
+        the coefficients (GRPO: gamma = eta = 0; PAPO-G adds gamma; PAPO-D is DAPO (beta 0)
+        plus gamma and both etas), the clips, kl_kind, agg_mode, max_len (L of
+        "seq-mean-token-sum-norm") and options, the official switches (Options).
+    What the mini-batch computes:
+        normalizer: the GLOBAL count that every agg divides by instead of this call's own
+        (tokens, rollouts, or micro-batches K, by agg_mode; see aggregate), so that the calls'
+        losses and gradients add up to the whole mini-batch's; None: this call's own count.
+        sft_normalizer: the same for the SFT term, the tokens of the right rollouts.
+    agg = aggregate(., mask, agg_mode, normalizer, max_len). A term is added only when its
+    coefficient is non-zero, so GRPO's loss is exactly agg(L_clip) (+ the beta term).
 
     Returns the loss (0-dim, differentiable) and metrics as Python floats: "loss", and token means
     over this call of pg_loss, clip_low / clip_high / clip_dual, kl_ref, kl_prcp (+ kl_prcp_kept,
@@ -494,10 +497,10 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     >>> round(loss.item(), 4), round(torch.autograd.grad(loss, l)[0].item(), 4)
     (-0.1931, -0.5)
     """
-    o = options if options is not None else Options(**switches)
-    _check_inputs(o, switches, options, masked_logp, ref_logp, gamma, eta_orig, eta_mask, beta,
-                  kl_kind, agg_mode)
-    agg = lambda v: aggregate(v, mask, agg_mode, o.normalizer, o.max_len)    # [B, T] -> 0-dim
+    o = options if options is not None else Options()
+    _check_inputs(o, masked_logp, ref_logp, entropy_orig, entropy_mask, sft_rows, gamma,
+                  eta_orig, eta_mask, beta, kl_kind, agg_mode, normalizer, sft_normalizer)
+    agg = lambda v: aggregate(v, mask, agg_mode, normalizer, max_len)        # [B, T] -> 0-dim
 
     # the per-token terms, each computed whenever its inputs are given (for the metrics)
     pg, metrics = clipped_policy_loss(logp, old_logp, advantages, clip_low, clip_high,
@@ -508,7 +511,7 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         kl_prcp, more = perception_term(logp, masked_logp, mask, kl_kind,
                                         o.kl_prcp_token_fraction, o.kl_prcp_clip)   # [B, T]
         metrics.update(more)
-    h_orig, h_mask = _entropies(logp, masked_logp, o)                         # [B, T] each
+    h_orig, h_mask = _entropies(logp, masked_logp, entropy_orig, entropy_mask, o)  # [B, T] each
 
     # the objective, term by term as in the equation above
     loss = agg(pg)
@@ -520,20 +523,19 @@ def papo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         loss = loss + eta_orig * agg(h_orig)          # added: both entropies pushed down
     if eta_mask:
         loss = loss + eta_mask * agg(h_mask)
-    if o.sft_coef:
-        loss = loss + o.sft_coef * _sft_mean(-logp, mask, o, agg_mode)   # l up on right answers
+    if o.sft_coef:                                    # l up on right answers
+        loss = loss + o.sft_coef * _sft_mean(-logp, mask, sft_rows, agg_mode, normalizer,
+                                             sft_normalizer)
 
-    metrics.update(_monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, o))
+    metrics.update(_monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, sft_rows))
     metrics["loss"] = loss.detach()
     return loss, _as_floats(metrics)
 
 
-def _check_inputs(o: Options, switches, options, masked_logp, ref_logp, gamma, eta_orig,
-                  eta_mask, beta, kl_kind, agg_mode) -> None:
+def _check_inputs(o: Options, masked_logp, ref_logp, entropy_orig, entropy_mask, sft_rows,
+                  gamma, eta_orig, eta_mask, beta, kl_kind, agg_mode, normalizer,
+                  sft_normalizer) -> None:
     """The cross-argument checks of papo_loss (Options checks its own fields)."""
-    if switches and options is not None:
-        raise TypeError(f"papo_loss: give the switches as options= OR as keywords, not both "
-                        f"({', '.join(switches)})")
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown kl_kind {kl_kind!r}; choose one of {KL_KINDS}")
     if gamma != 0 and masked_logp is None:
@@ -542,38 +544,42 @@ def _check_inputs(o: Options, switches, options, masked_logp, ref_logp, gamma, e
         raise ValueError("beta != 0 (reference KL) needs ref_logp")
     if eta_mask != 0 and o.entropy == "sample" and masked_logp is None:
         raise ValueError("eta_mask != 0 with entropy='sample' needs masked_logp")
-    for eta, given, name in ((eta_orig, o.entropy_orig, "entropy_orig"),
-                             (eta_mask, o.entropy_mask, "entropy_mask")):
+    for eta, given, name in ((eta_orig, entropy_orig, "entropy_orig"),
+                             (eta_mask, entropy_mask, "entropy_mask")):
         if eta != 0 and o.entropy == "exact" and given is None:
             raise ValueError(f"{name.replace('entropy', 'eta')} != 0 with entropy='exact' "
-                             f"needs options.{name}")
-    if (o.sft_coef and o.normalizer is not None and o.sft_normalizer is None
+                             f"needs {name}")
+    if o.sft_coef and sft_rows is None:
+        raise ValueError("sft_coef != 0 (SFT loss on correct rollouts) needs sft_rows")
+    if (o.sft_coef and normalizer is not None and sft_normalizer is None
             and agg_mode != MICRO_TOKEN_MEAN):
         raise ValueError("sft_coef with a global normalizer needs sft_normalizer, the global "
                          "number of tokens of correct rollouts")
 
 
-def _entropies(logp, masked_logp, o: Options):
-    """(H_orig, H_mask) per token: the sample estimates -l and -a (official), or the exact
-    entropies the caller computed (entropy_from_logits); None where not available."""
+def _entropies(logp, masked_logp, entropy_orig, entropy_mask, o: Options):
+    """(H_orig, H_mask) per token: the sample estimates -l and -a (official), or with
+    options.entropy "exact" the exact entropies the caller passed (entropy_from_logits of each
+    position's distribution, as model.completion_logprobs(with_entropy=True) computes them);
+    None where not available."""
     if o.entropy == "exact":
-        return o.entropy_orig, o.entropy_mask
+        return entropy_orig, entropy_mask
     return -logp, (-masked_logp if masked_logp is not None else None)
 
 
-def _sft_mean(nll, mask, o: Options, agg_mode: str) -> torch.Tensor:
+def _sft_mean(nll, mask, sft_rows, agg_mode: str, normalizer, sft_normalizer) -> torch.Tensor:
     """The SFT term: a TOKEN mean of -l over the right rollouts' tokens in every mode, divided
     by their global count (sft_normalizer), or - with "micro-token-mean" - this call's own token
     mean over K, like every term there. A batch with no right rollout adds 0."""
-    right = mask.bool() & o.sft_rows.bool().reshape(-1, 1)                    # [B, T]
+    right = mask.bool() & sft_rows.bool().reshape(-1, 1)                      # [B, T]
     if agg_mode == MICRO_TOKEN_MEAN:
-        k = o.sft_normalizer if o.sft_normalizer is not None else o.normalizer
+        k = sft_normalizer if sft_normalizer is not None else normalizer
         return aggregate(nll, right, MICRO_TOKEN_MEAN, k)
-    return aggregate(nll, right, "token-mean", o.sft_normalizer)
+    return aggregate(nll, right, "token-mean", sft_normalizer)
 
 
 @torch.no_grad()
-def _monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, o: Options) -> dict:
+def _monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, sft_rows) -> dict:
     """What papo_loss logs beside the loss: token means over this call's tokens."""
     mean = lambda v: aggregate(v.detach(), mask)
     dtype = _compute_dtype(logp, old_logp)
@@ -583,8 +589,8 @@ def _monitored(logp, old_logp, mask, pg, kl_ref, h_orig, h_mask, o: Options) -> 
     for name, values in (("kl_ref", kl_ref), ("entropy_orig", h_orig), ("entropy_mask", h_mask)):
         if values is not None:
             out[name] = mean(values)
-    if o.sft_rows is not None:
-        right = mask.bool() & o.sft_rows.bool().reshape(-1, 1)                # [B, T]
+    if sft_rows is not None:
+        right = mask.bool() & sft_rows.bool().reshape(-1, 1)                  # [B, T]
         out["sft_nll"] = aggregate(-logp.detach(), right)
     return out
 

@@ -1,10 +1,10 @@
 """The optimisations of model.py: the same numbers as its plain path, with less work.
 
-model.py reads first in its plain form - one forward over prompt + completion per row, the
-chunked log-softmax gather, transformers' own `generate` - and calls these where they apply (by
-default). Each is tied to the plain path by a float64 equivalence test in tests/test_model.py
-(sampled tokens and logits, log-probs, entropies and every gradient to 1e-10), and
-docs/performance.md gives what each saves.
+model.py holds the plain paths - transformers' own `generate` over the repeated prompts, one
+forward over prompt + completion per row - and calls these instead where they apply while its
+one switch, model.FAST_PATHS, is on (the default). The float64 equivalence tests of
+tests/test_model.py compare the two through that switch (sampled tokens and logits, log-probs,
+entropies and every gradient to 1e-10), and docs/performance.md gives what each saves.
 
     generate_from_shared_prompts   generation reads each prompt and picture once for its G
                                    samples (a cache filled once, repeated G times)

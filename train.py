@@ -77,15 +77,19 @@ class Batch:
                                               # only on steps that report samples to trackers
 
     def select(self, rows: torch.Tensor) -> "Batch":
-        """The batch of these rows (whole groups); itself when that is every row (no copy)."""
+        """The batch of these rows (whole groups), every field kept; itself when that is every
+        row (no copy)."""
         if len(rows) == len(self.rollouts):
             return self
-        take = lambda r: None if r is None else r.select(rows)
+        take = lambda r: None if r is None else r.select(rows)             # Rollouts
+        row = lambda t: None if t is None else t[rows.to(t.device)]         # [B, ...] tensors
         G = self.rollouts.num_samples
         pictures = None if self.pictures is None else [self.pictures[int(r) // G]
                                                        for r in rows[::G]]
-        return Batch(take(self.rollouts), take(self.masked), self.rewards[rows],
-                     self.accuracy[rows], self.fmt[rows], self.advantages[rows],
+        return Batch(take(self.rollouts), take(self.masked), row(self.rewards),
+                     row(self.accuracy), row(self.fmt), row(self.advantages),
+                     old_logp=row(self.old_logp), ref_logp=row(self.ref_logp),
+                     masked_logp=row(self.masked_logp), masked_entropy=row(self.masked_entropy),
                      pictures=pictures)
 
 
@@ -435,18 +439,18 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
     """Phase 7: --updates-per-step optimizer steps on disjoint mini-batches of whole groups,
     each accumulated over micro-batches -> the step's loss metrics.
 
-    Each micro-batch's loss divides by the GLOBAL count of its mini-batch (tokens, rollouts, or
-    micro-batches for micro-token-mean; summed over micro-batches AND ranks: minibatch_options),
-    so the accumulated gradient is that of one big batch whatever the micro-batch size or the
-    number of GPUs. DDP averages gradients over ranks, hence the factor world size.
+    Every micro-batch's loss divides by what its mini-batch computes once (loss_normalizers:
+    the GLOBAL count over all micro-batches and ranks), so the accumulated gradient is that of
+    one big batch whatever the micro-batch size or the number of GPUs.
 
     A mini-batch without a single completion token (every rollout left out by --mask-truncated)
     is not an update: it is skipped, without a forward. `guard` (the run's state) carries what
     the run's watches need across steps (guard_update): the weights' starting norm and the
     number of updates skipped in a row. A metric no token measured is not logged."""
     gamma, eta_orig, eta_mask = loss_coefficients(cfg, step)
+    options = loss_options(cfg)                                  # the run's switches
     mask = batch.rollouts.completion_mask.float()                            # [B, T]
-    correct = (batch.accuracy == 1) if cfg.sft_coef else None   # [B] the SFT term's rollouts
+    correct = right_rollouts(batch, cfg)                                     # [B] or None
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     grad_norms, skipped = [], 0
@@ -456,7 +460,7 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
             guard_update(guard, cfg, step, stepped=False, why="no tokens")
             continue
         micros = mini.split(cfg.micro_batch_size)
-        options = minibatch_options(mask, correct, mini, len(micros), cfg)
+        normalizers = loss_normalizers(mask, correct, mini, len(micros), cfg, d)
         for i, idx in enumerate(micros):
             # DDP: only the last micro-batch all-reduces gradients; the others accumulate
             # locally. FSDP always reduce-scatters (no no_sync there): accumulating unreduced
@@ -464,17 +468,11 @@ def update_phase(batch: Batch, policy, optimizer, cfg: Config, d: Dist, step: in
             sync = i == len(micros) - 1 or not isinstance(policy, DDP)
             with (contextlib.nullcontext() if sync else policy.no_sync()):
                 loss, metrics = micro_batch_loss(batch, idx, policy, cfg, d, options,
-                                                 gamma=gamma, eta_orig=eta_orig,
+                                                 normalizers, gamma=gamma, eta_orig=eta_orig,
                                                  eta_mask=eta_mask)
-                (loss * d.world).backward()
-            # token-weighted average of per-micro metrics; sft_nll is a mean over the correct
-            # rollouts' tokens only, so those are its weights
-            w = float(mask[idx].sum())
-            own = {} if correct is None else {"sft_nll": float((mask[idx] * correct[idx, None]).sum())}
-            for k, v in metrics.items():
-                if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
-                    weights[k] = weights.get(k, 0.0) + own.get(k, w)
+                loss.backward()
+            add_weighted(sums, weights, metrics, mask[idx],
+                         None if correct is None else correct[idx])
         try:
             grad_norm, stepped = optimizer_step(policy, optimizer, cfg, guard)
         except Diverged as err:
@@ -507,8 +505,10 @@ def loss_coefficients(cfg: Config, step: int) -> tuple[float, float, float]:
 
 def minibatches(batch: Batch, cfg: Config, d: Dist, step: int) -> list[torch.Tensor]:
     """The rows of each mini-batch: random GROUPS, their G rollouts kept together and adjacent.
-    A micro-batch then holds whole groups, and completion_logprobs reads each group's prompt and
-    picture once for its G rollouts (random rows would split groups over micro-batches)."""
+    A micro-batch (consecutive rows of its mini-batch) then holds whole groups when
+    --micro-batch-size is a multiple of G; otherwise a group can straddle two micro-batches (the
+    defaults, 8 and G = 5), and each reads the group's prompt and picture once for its rows
+    (completion_logprobs finds shared prompts from the rows, not from G)."""
     B, G = len(batch.rollouts), cfg.group_size
     order = torch.randperm(B // G, generator=torch.Generator().manual_seed(
         step_seed(cfg, step, d.rank, 3)))                                     # [B / G] groups
@@ -516,10 +516,21 @@ def minibatches(batch: Batch, cfg: Config, d: Dist, step: int) -> list[torch.Ten
             for groups in order.chunk(cfg.updates_per_step)]
 
 
-def minibatch_options(mask, correct, mini, n_micro: int, cfg: Config) -> papo.Options:
-    """The official switches and this mini-batch's GLOBAL normalisers, summed over all ranks:
-    its tokens (token-mean), its rollouts (the seq-* modes) or its micro-batches K
-    (micro-token-mean); and for the SFT term the tokens of its right rollouts."""
+def loss_options(cfg: Config) -> papo.Options:
+    """The official switches of the objective, as the run's flags set them (0 = off)."""
+    return papo.Options(kl_prcp_clip=cfg.kl_prcp_clip or None,
+                        kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
+                        sft_coef=cfg.sft_coef, entropy=cfg.entropy)
+
+
+def loss_normalizers(mask, correct, mini, n_micro: int, cfg: Config, d: Dist) -> dict:
+    """What every micro-batch loss of the mini-batch `mini` divides by, as papo_loss's keywords:
+    normalizer, its count by --agg-mode - tokens (token-mean), rollouts (the seq-* modes) or
+    micro-batches K (micro-token-mean) - and sft_normalizer, the tokens of its right rollouts
+    (the SFT term). Each is the GLOBAL count, summed over all ranks, divided by the world size:
+    DDP (and FSDP) AVERAGE the ranks' gradients, so a rank whose loss is its rows' sum / (global
+    count / world) contributes, once averaged, exactly its share of the gradient of (sum over
+    all ranks' rows) / (global count) - one big batch's."""
     if cfg.agg_mode == "token-mean":
         count = mask[mini].sum()
     elif cfg.agg_mode == papo.MICRO_TOKEN_MEAN:
@@ -529,16 +540,19 @@ def minibatch_options(mask, correct, mini, n_micro: int, cfg: Config) -> papo.Op
     sft_count = None
     if correct is not None and cfg.agg_mode != papo.MICRO_TOKEN_MEAN:
         # with no right rollout anywhere the term is 0, and 1 keeps the division defined
-        sft_count = all_reduce((mask[mini] * correct[mini, None]).sum()).clamp(min=1.0)
-    return papo.Options(kl_prcp_clip=cfg.kl_prcp_clip or None,
-                        kl_prcp_token_fraction=cfg.kl_prcp_token_fraction or None,
-                        sft_coef=cfg.sft_coef, sft_rows=correct, entropy=cfg.entropy,
-                        normalizer=all_reduce(count), sft_normalizer=sft_count,
-                        max_len=cfg.max_new_tokens)
+        sft_count = all_reduce((mask[mini] * correct[mini, None]).sum()).clamp(min=1.0) / d.world
+    return dict(normalizer=all_reduce(count) / d.world, sft_normalizer=sft_count)
+
+
+def right_rollouts(batch: Batch, cfg: Config) -> torch.Tensor | None:
+    """[B] bool: the rollouts the SFT term trains on; None without --sft-coef. The official
+    threshold, accuracy above 0.1: the built-in accuracy is 0 or 1, so that is "right"; a
+    reward of your own with partial credit counts 0.2 as right too (docs/paper.md)."""
+    return (batch.accuracy > 0.1) if cfg.sft_coef else None
 
 
 def micro_batch_loss(batch: Batch, idx, policy, cfg: Config, d: Dist, options: papo.Options,
-                     **coefficients) -> tuple[torch.Tensor, dict]:
+                     normalizers: dict, **coefficients) -> tuple[torch.Tensor, dict]:
     """papo.papo_loss of the rows idx: the policy's log-probs now (with gradient, at the
     sampling temperature) against the constants of phase 6."""
     micro = batch.rollouts.select(idx)
@@ -548,16 +562,29 @@ def micro_batch_loss(batch: Batch, idx, policy, cfg: Config, d: Dist, options: p
         logp, entropy = out if cfg.entropy == "exact" else (out, None)         # [b, T]
         masked_logp, masked_entropy = _masked_branch(batch, policy, idx, cfg)  # [b, T]
     old = batch.old_logp[idx] if batch.old_logp is not None else logp.detach()
-    options = dataclasses.replace(
-        options, entropy_orig=entropy, entropy_mask=masked_entropy,
-        sft_rows=options.sft_rows[idx] if options.sft_rows is not None else None)
+    correct = right_rollouts(batch, cfg)
     return papo.papo_loss(
         logp, old, batch.advantages[idx], micro.completion_mask.float(),
         masked_logp=masked_logp,
         ref_logp=batch.ref_logp[idx] if batch.ref_logp is not None else None,
+        entropy_orig=entropy, entropy_mask=masked_entropy,
+        sft_rows=correct[idx] if correct is not None else None,
         beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         dual_clip=cfg.dual_clip or None, agg_mode=cfg.agg_mode, kl_kind=cfg.kl_kind,
-        options=options, **coefficients)
+        max_len=cfg.max_new_tokens, options=options, **normalizers, **coefficients)
+
+
+def add_weighted(sums: dict, weights: dict, metrics: dict, mask, correct) -> None:
+    """Add one micro-batch's metrics to the step's running sums, weighted by its tokens (mask
+    [b, T]): the step logs token-weighted means over every micro-batch and rank
+    (weighted_means_over_ranks). sft_nll is a mean over the right rollouts' tokens only
+    (correct [b], or None without the SFT term), so those are its weights."""
+    w = float(mask.sum())
+    own = {} if correct is None else {"sft_nll": float((mask * correct[:, None]).sum())}
+    for k, v in metrics.items():
+        if k != "loss":
+            sums[k] = sums.get(k, 0.0) + v * own.get(k, w)
+            weights[k] = weights.get(k, 0.0) + own.get(k, w)
 
 
 def _masked_branch(batch: Batch, policy, idx, cfg: Config):

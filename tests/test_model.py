@@ -18,6 +18,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen_modeling
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_modeling
 
 import data
+import papo
 import toy
 import model as qwen
 import speedups
@@ -163,6 +164,26 @@ def test_chunked_equals_naive_values_and_gradients(tiny, prompts, chunk_size):
     assert fast[2].keys() == slow[2].keys() and len(fast[2]) == len(list(model.parameters()))
     for name in slow[2]:
         torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunk_entropy_is_papos_exact_entropy_banned_tokens_included():
+    """The chunked scorer's entropy is papo.entropy_from_logits itself (one implementation):
+    bit for bit on the same logits, and finite where a token's logit is -inf (a banned token,
+    p = 0, contributes nothing): the oracle -sum p log p over the tokens with p > 0."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = (torch.randn(4, 3, dtype=torch.float64, generator=g),
+                      torch.randn(6, 3, dtype=torch.float64, generator=g))
+    bias = torch.zeros(6, dtype=torch.float64)
+    bias[[1, 4]] = -torch.inf
+    targets = torch.tensor([0, 2, 3, 5])
+    logp, ent = qwen._chunk_logp_entropy(hidden, weight, bias, targets, 0.7, True)
+    z = torch.nn.functional.linear(hidden, weight, bias) / 0.7                # [4, 6]
+    p = torch.softmax(z, -1)
+    oracle = -(p * p.log()).nan_to_num(0.0).sum(-1)           # 0 * log 0 = 0 for banned tokens
+    assert torch.isfinite(ent).all()
+    torch.testing.assert_close(ent, oracle, rtol=0, atol=1e-12)
+    assert torch.equal(ent, papo.entropy_from_logits(z))
+    torch.testing.assert_close(logp, p.log().gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-12)
 
 
 def test_logprobs_without_grad_and_with_grad_agree(tiny, prompts):
@@ -567,14 +588,43 @@ def test_scoring_each_picture_and_prompt_once_same_gradients_as_per_row(
         torch.testing.assert_close(shared[name], per_row[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
-def _plain_generate(net, once, num_samples, config):
-    """The oracle for generation: one plain `generate` over all N * G rows (every row's prompt
-    and pictures read in the first forward)."""
-    enc = qwen._repeat_encoded(once, num_samples)
-    return net.generate(input_ids=enc["prompt_ids"], attention_mask=enc["prompt_mask"],
-                        mm_token_type_ids=enc["mm_token_type_ids"],
-                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                        generation_config=config)
+@pytest.mark.parametrize("branch", ["original", "masked"])
+def test_plain_paths_switch_reads_every_row_and_gives_the_same_numbers(
+        shared_batch, branch, monkeypatch, float64_norms):
+    """model.FAST_PATHS off selects the plain scoring path: one forward over prompt + completion
+    per row with every row's own pictures (the vision tower sees them all, G per group). Its
+    log-probs, entropies and every gradient equal the default fast path's to 1e-10 on cut and
+    interleaved groups (float64)."""
+    model = shared_batch[0]
+    part, pixels = _part(shared_batch, SHARING_ROWS["interleaved"] + [5, 6], branch)
+    weights = torch.randn(part.completion_ids.shape, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(qwen, "FAST_PATHS", fast)
+        model.zero_grad(set_to_none=True)
+        patches, vision_hook = _patch_rows_seen(model)
+        calls, lm_hook = _language_model_rows(model)
+        try:
+            logp, ent = qwen.completion_logprobs(model, part, pixel_values=pixels,
+                                                 temperature=0.8, with_entropy=True)
+            ((logp * weights).sum() + (ent * weights.flip(1)).sum()).backward()
+        finally:
+            vision_hook.remove()
+            lm_hook.remove()
+        runs[fast] = logp.detach(), ent.detach(), grads(model), patches, calls
+    model.zero_grad(set_to_none=True)
+    (logp, ent, fast_grads, patches, calls), plain = runs[True], runs[False]
+    B, P, T = len(part), part.prompt_ids.shape[1], part.completion_ids.shape[1]
+    every_row = int(part.row_pictures()[1].prod(-1).sum())
+    assert plain[3] == [every_row] and plain[4] == [(B, P + T)]          # the plain forward
+    assert patches[0] < every_row and calls[0][0] < B                      # the fast one shares
+    torch.testing.assert_close(plain[0], logp, rtol=0, atol=1e-10)
+    torch.testing.assert_close(plain[1], ent, rtol=0, atol=1e-10)
+    assert plain[2].keys() == fast_grads.keys() and len(fast_grads) == len(list(model.parameters()))
+    for name in fast_grads:
+        torch.testing.assert_close(plain[2][name], fast_grads[name], rtol=1e-9, atol=1e-10,
+                                   msg=name)
 
 
 def _language_model_rows(model):
@@ -589,15 +639,14 @@ def _language_model_rows(model):
 def test_generation_reads_each_prompt_once_same_samples_and_logits(shared_batch, prompts,
                                                                   temperature, monkeypatch):
     """Sampling G answers from a cache filled once per prompt gives what the plain generate over
-    N * G rows gives: the same tokens from the same seed and the same logits at every step
-    (float64, 1e-10), with left-padded prompts and a two-picture prompt. Work: the prompt pass
-    and the vision tower see N rows, not N * G."""
+    N * G rows (model.FAST_PATHS off) gives: the same tokens from the same seed and the same
+    logits at every step (float64, 1e-10), with left-padded prompts and a two-picture prompt.
+    Work: the prompt pass and the vision tower see N rows, not N * G."""
     model = shared_batch[0]
     processor = shared_batch[3]
     runs = {}
     for name in ("shared", "plain"):
-        if name == "plain":
-            monkeypatch.setattr(speedups, "generate_from_shared_prompts", _plain_generate)
+        monkeypatch.setattr(qwen, "FAST_PATHS", name == "shared")
         rows, hook = _language_model_rows(model)
         patches, vision_hook = _patch_rows_seen(model)
         try:

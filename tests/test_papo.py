@@ -1,6 +1,7 @@
 """Tests of papo.py that fail when the math is wrong: closed forms, hand-computed tables, oracle
 comparisons, gradient signs and exactness, invariances. Closed-form checks run in float64."""
 
+import dataclasses
 import doctest
 import math
 
@@ -542,37 +543,45 @@ def test_each_coefficient_adds_exactly_its_term(mode):
     assert everything - base == pytest.approx(sum(terms.values()), abs=1e-12)
 
 
-def test_exact_entropies_add_exactly_their_terms_and_options_equal_keywords():
+def test_exact_entropies_add_exactly_their_terms():
     b = make_batch()
     h, hm = papo.entropy_from_logits(b["logits"]), papo.entropy_from_logits(b["masked_logits"])
     kw = dict(masked_logp=b["masked_logp"], gamma=0.02, eta_orig=0.05, eta_mask=0.03)
-    precomputed, m1 = call(b, entropy="exact", entropy_orig=h, entropy_mask=hm, **kw)
-    as_options, m2 = call(b, options=papo.Options(entropy="exact", entropy_orig=h,
-                                                  entropy_mask=hm), **kw)
-    assert torch.equal(as_options, precomputed) and m1 == m2
+    precomputed, m1 = call(b, options=papo.Options(entropy="exact"), entropy_orig=h,
+                           entropy_mask=hm, **kw)
     base = call(b, masked_logp=b["masked_logp"], gamma=0.02)[0]
     expected = 0.05 * papo.aggregate(h, b["mask"]) + 0.03 * papo.aggregate(hm, b["mask"])
     assert (precomputed - base).item() == pytest.approx(expected.item(), abs=1e-12)
     assert m1["entropy_orig"] == pytest.approx(papo.aggregate(h.detach(), b["mask"]).item())
-    with pytest.raises(TypeError, match="not both"):
-        call(b, options=papo.Options(), kl_prcp_clip=0.2, **kw)
+
+
+def test_switches_come_one_way_options_a_run_sets():
+    """The official switches are given as papo.Options only, not as keywords of papo_loss too;
+    Options holds what a run sets, no tensor of a call and no count of a mini-batch."""
+    b = make_batch()
+    for switch in (dict(kl_prcp_clip=0.2), dict(entropy="exact"), dict(sft_coef=0.5)):
+        with pytest.raises(TypeError, match=next(iter(switch))):
+            call(b, masked_logp=b["masked_logp"], **switch)
+    assert [f.name for f in dataclasses.fields(papo.Options)] == [
+        "kl_prcp_clip", "kl_prcp_token_fraction", "sft_coef", "entropy"]
 
 
 def test_missing_inputs_are_named():
     b = make_batch()
     cases = [
-        (dict(gamma=0.02), "masked_logp"),
-        (dict(eta_mask=0.03), "masked_logp"),
-        (dict(beta=0.01), "ref_logp"),
-        (dict(eta_orig=0.05, entropy="exact"), "entropy_orig"),
-        (dict(eta_mask=0.05, entropy="exact"), "entropy_mask"),
-        (dict(entropy="guess"), "entropy"),
-        (dict(kl_kind="k5"), "k5"),
-        (dict(agg_mode="mean"), "token-mean"),
+        (dict(gamma=0.02), {}, "masked_logp"),
+        (dict(eta_mask=0.03), {}, "masked_logp"),
+        (dict(beta=0.01), {}, "ref_logp"),
+        (dict(eta_orig=0.05), dict(entropy="exact"), "entropy_orig"),
+        (dict(eta_mask=0.05), dict(entropy="exact"), "entropy_mask"),
+        ({}, dict(entropy="guess"), "entropy"),
+        ({}, dict(sft_coef=0.5), "sft_rows"),
+        (dict(kl_kind="k5"), {}, "k5"),
+        (dict(agg_mode="mean"), {}, "token-mean"),
     ]
-    for kwargs, name in cases:
+    for kwargs, switches, name in cases:
         with pytest.raises(ValueError, match=name):
-            call(b, **kwargs)
+            call(b, options=papo.Options(**switches), **kwargs)
 
 
 def test_metrics_are_finite_python_floats():
@@ -649,7 +658,7 @@ def _perception_only(x, **kw):
 
 def test_kl_prcp_clip_clamps_each_token_to_0_c_before_the_mean():
     d = [1 - LN2, LN2 - 0.5, math.e - 2, 0.0]
-    loss, grad, metrics = _perception_only(X4, gamma=0.1, kl_prcp_clip=0.2)
+    loss, grad, metrics = _perception_only(X4, gamma=0.1, options=papo.Options(kl_prcp_clip=0.2))
     # closed form: -gamma * mean(min(D, 0.2)) = -0.1 * (0.2 + 0.1931 + 0.2 + 0) / 4
     assert loss == pytest.approx(-0.1 * (0.2 + (LN2 - 0.5) + 0.2 + 0.0) / 4, abs=1e-12)
     # gradient -gamma * (1 - exp(x)) / N where the clamp does not bind, exactly 0 where it does
@@ -657,20 +666,21 @@ def test_kl_prcp_clip_clamps_each_token_to_0_c_before_the_mean():
     assert metrics["kl_prcp"] == pytest.approx(sum(d) / 4, abs=1e-12)      # logged unclipped
     assert metrics["kl_prcp_clipped"] == 0.5                               # 2 of 4 tokens
     # a clip above every value changes nothing; off (None) logs no clip fraction
-    same, _, _ = _perception_only(X4, gamma=0.1, kl_prcp_clip=1.0)
+    same, _, _ = _perception_only(X4, gamma=0.1, options=papo.Options(kl_prcp_clip=1.0))
     assert same == pytest.approx(-0.1 * sum(d) / 4, abs=1e-12)
     assert "kl_prcp_clipped" not in _perception_only(X4, gamma=0.1)[2]
 
 
 def test_kl_prcp_clip_lifts_negative_k1_values_to_zero():
     # k1 = l - a = -x: [-ln 2, ln 2, -1, 0] -> clamped [0, 0.2, 0, 0]
-    loss, grad, metrics = _perception_only(X4, gamma=1.0, kl_prcp_clip=0.2, kl_kind="k1")
+    loss, grad, metrics = _perception_only(X4, gamma=1.0, kl_kind="k1",
+                                           options=papo.Options(kl_prcp_clip=0.2))
     assert loss == pytest.approx(-0.2 / 4, abs=1e-12)
     # the three changed tokens have no gradient; x = 0 sits ON the bound, unchanged: d(-k1)/dl = -1
     assert grad.tolist()[0] == [0.0, 0.0, 0.0, -1.0 / 4]
     assert metrics["kl_prcp_clipped"] == 0.75            # -ln 2, ln 2 and -1 were changed
     with pytest.raises(ValueError, match="kl_prcp_clip"):
-        _perception_only(X4, gamma=1.0, kl_prcp_clip=0.0)
+        _perception_only(X4, gamma=1.0, options=papo.Options(kl_prcp_clip=0.0))
 
 
 def _keep(rows, valid, fraction):
@@ -719,7 +729,7 @@ def test_token_mask_zeroes_dropped_tokens_and_divides_by_all_valid_tokens():
     computed here by hand (not a mean over the kept tokens, which is 7/2 = 3.5 times larger)."""
     # kept at p = 0.2: row 0 {0.9}; row 1 (0.4, 0.6: q = 0.56) {0.6}; 7 valid tokens in all
     loss, grad, metrics = _perception_only(-D2, mask=M2, gamma=0.1, kl_kind="k1",
-                                           kl_prcp_token_fraction=0.2)
+                                           options=papo.Options(kl_prcp_token_fraction=0.2))
     assert loss == pytest.approx(-0.1 * (0.9 + 0.6) / 7, abs=1e-12)
     expected = torch.zeros_like(D2)
     expected[0, 2] = expected[1, 1] = -0.1 / 7            # d(-gamma * D)/dl = -gamma, / 7 valid
@@ -737,8 +747,8 @@ def test_token_mask_zeroes_dropped_tokens_and_divides_by_all_valid_tokens():
 def test_token_mask_keeps_every_modes_own_normaliser(mode, expected):
     """In every aggregation mode the dropped tokens count as zeros under the mode's own
     normaliser (the official code aggregates the zeroed values over the response mask)."""
-    loss, _, _ = _perception_only(-D2, mask=M2, gamma=1.0, kl_kind="k1",
-                                  kl_prcp_token_fraction=0.2, agg_mode=mode)
+    loss, _, _ = _perception_only(-D2, mask=M2, gamma=1.0, kl_kind="k1", agg_mode=mode,
+                                  options=papo.Options(kl_prcp_token_fraction=0.2))
     assert loss == pytest.approx(-expected, abs=1e-12)
 
 
@@ -746,8 +756,9 @@ def test_token_mask_selects_before_clipping():
     """Select on the raw values, then clamp: 0.5 alone is over q(0.8) = 0.3. Clamping first
     would tie 0.5, 0.25 and 0.22 at 0.2 and keep all three (a sum of 0.6, not 0.2)."""
     d = torch.tensor([[0.5, 0.25, 0.22, 0.1, 0.05]], dtype=F64)
-    loss, _, metrics = _perception_only(-d, gamma=1.0, kl_kind="k1", kl_prcp_token_fraction=0.2,
-                                        kl_prcp_clip=0.2, agg_mode="seq-mean-token-sum")
+    loss, _, metrics = _perception_only(-d, gamma=1.0, kl_kind="k1", agg_mode="seq-mean-token-sum",
+                                        options=papo.Options(kl_prcp_token_fraction=0.2,
+                                                             kl_prcp_clip=0.2))
     assert loss == pytest.approx(-0.2, abs=1e-12)
     assert metrics["kl_prcp_kept"] == metrics["kl_prcp_clipped"] == pytest.approx(0.2)
 
@@ -757,7 +768,8 @@ def test_token_mask_micro_batches_with_the_global_token_count_sum_to_the_full_ba
     the full batch's loss and gradient: the selection is per rollout, so cutting the batch
     does not change which tokens are kept."""
     logp = torch.zeros_like(D2, requires_grad=True)
-    kw = dict(masked_logp=-D2, gamma=0.1, kl_kind="k1", kl_prcp_token_fraction=0.2)
+    kw = dict(masked_logp=-D2, gamma=0.1, kl_kind="k1",
+              options=papo.Options(kl_prcp_token_fraction=0.2))
     zeros = lambda n: torch.zeros(n, dtype=F64)
     full, _ = papo.papo_loss(logp, logp.detach(), zeros(2), M2, **kw)
     (full_grad,) = torch.autograd.grad(full, logp)
@@ -770,11 +782,14 @@ def test_token_mask_micro_batches_with_the_global_token_count_sum_to_the_full_ba
     torch.testing.assert_close(grad, full_grad, atol=1e-15, rtol=0)
 
 
+SFT = papo.Options(sft_coef=0.5)
+
+
 def test_sft_term_is_the_token_mean_nll_of_correct_rollouts():
     b = make_batch()
     rows = torch.tensor([True, False, True])           # rollouts 0 and 2: 5 + 1 tokens
     base, _ = call(b)
-    loss, metrics = call(b, sft_coef=0.5, sft_rows=rows)
+    loss, metrics = call(b, options=SFT, sft_rows=rows)
     nll = -(b["logp"][0].sum() + b["logp"][2, 0])
     assert (loss - base).item() == pytest.approx(0.5 * nll.item() / 6, abs=1e-12)
     assert metrics["sft_nll"] == pytest.approx(nll.item() / 6, abs=1e-12)
@@ -784,10 +799,10 @@ def test_sft_term_is_the_token_mean_nll_of_correct_rollouts():
     expected[0, :] = expected[2, 0] = -0.5 / 6           # -l pushed down: l pushed up
     torch.testing.assert_close(g_on - g_off, expected, atol=1e-15, rtol=0)
     # no correct rollout: nothing added, the metric is 0
-    none, metrics = call(b, sft_coef=0.5, sft_rows=torch.zeros(3, dtype=torch.bool))
+    none, metrics = call(b, options=SFT, sft_rows=torch.zeros(3, dtype=torch.bool))
     assert none.item() == base.item() and metrics["sft_nll"] == 0.0
     with pytest.raises(ValueError, match="sft_rows"):
-        call(b, sft_coef=0.5)
+        call(b, options=SFT)
 
 
 def test_sft_term_micro_batched_with_the_global_count_equals_the_full_batch():
@@ -796,14 +811,14 @@ def test_sft_term_micro_batched_with_the_global_count_equals_the_full_batch():
     each call's own mean / K is used instead."""
     b = make_batch()
     rows = torch.tensor([1.0, 0.0, 1.0], dtype=F64)       # accuracies as 0/1 floats work too
-    full, _ = call(b, sft_coef=0.5, sft_rows=rows)
+    full, _ = call(b, options=SFT, sft_rows=rows)
     (full_grad,) = torch.autograd.grad(full, b["logp"])
     count = (b["mask"] * rows[:, None]).sum()
     n = b["mask"].sum()
 
     def part(i, **kw):
         return papo.papo_loss(b["logp"][i:i + 1], b["old_logp"][i:i + 1], b["advantages"][i:i + 1],
-                              b["mask"][i:i + 1], sft_coef=0.5, sft_rows=rows[i:i + 1], **kw)[0]
+                              b["mask"][i:i + 1], options=SFT, sft_rows=rows[i:i + 1], **kw)[0]
     total = sum(part(i, normalizer=n, sft_normalizer=count) for i in range(3))
     (grad,) = torch.autograd.grad(total, b["logp"])
     assert total.item() == pytest.approx(full.item(), abs=1e-12)

@@ -909,3 +909,45 @@ def test_smoke_every_official_switch_on_saves_its_settings_and_logs_finite_metri
     assert all(("sft_nll" in r) == (r["accuracy"] > 0) for r in rows)
     assert all(r["sft_nll"] == r["sft_nll"] for r in rows if "sft_nll" in r)
     assert config.parse_config(["--resume", str(run)]).kl_prcp_token_fraction == 0.2
+
+
+def test_batch_select_keeps_every_field_row_for_row():
+    """Batch.select (DAPO's kept groups) takes its rows of EVERY field, the phase-6 log-probs
+    and the masked branch's exact entropies included - none is dropped to None on the way."""
+    B, P, T, G = 6, 3, 4, 2
+    ids = torch.arange(B * T).reshape(B, T)
+    rollouts = qwen.Rollouts(
+        prompt_ids=torch.ones(B, P, dtype=torch.long),
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
+        mm_token_type_ids=torch.zeros(B, P, dtype=torch.long), pixel_values=None,
+        image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
+        images_per_prompt=torch.zeros(B // G, dtype=torch.long),
+        prompt_of=torch.arange(B) // G, completion_ids=ids, completion_mask=torch.ones(B, T),
+        texts=[str(b) for b in range(B)], num_samples=G)
+    per_token = lambda k: torch.arange(B * T, dtype=torch.float32).reshape(B, T) + 100 * k
+    per_row = lambda k: torch.arange(B, dtype=torch.float32) + 10 * k
+    batch = train.Batch(rollouts, rollouts, per_row(0), per_row(1), per_row(2), per_row(3),
+                        old_logp=per_token(1), ref_logp=per_token(2), masked_logp=per_token(3),
+                        masked_entropy=per_token(4), pictures=[("p", "m")] * (B // G))
+    rows = torch.tensor([2, 3, 4, 5])                                    # groups 1 and 2
+    part = batch.select(rows)
+    for field in dataclasses.fields(train.Batch):
+        whole, kept = getattr(batch, field.name), getattr(part, field.name)
+        if torch.is_tensor(whole):
+            assert torch.equal(kept, whole[rows]), field.name
+        elif isinstance(whole, qwen.Rollouts):
+            assert torch.equal(kept.completion_ids, ids[rows]), field.name
+        else:
+            assert kept == whole[:2], field.name
+
+
+def test_the_sft_term_counts_a_rollout_right_above_the_official_accuracy_threshold():
+    """The official trainer marks a rollout for the SFT term when its accuracy is above 0.1
+    (ray_trainer's correctness mask): 0 and 0.05 are not right, 0.2 (partial credit from a
+    reward of your own) and 1 are; without --sft-coef there is no such set."""
+    from types import SimpleNamespace
+    acc = torch.tensor([0.0, 0.05, 0.1, 0.2, 1.0])
+    batch = SimpleNamespace(accuracy=acc)
+    on = SimpleNamespace(sft_coef=1e-3)
+    assert train.right_rollouts(batch, on).tolist() == [False, False, False, True, True]
+    assert train.right_rollouts(batch, SimpleNamespace(sft_coef=0.0)) is None

@@ -95,9 +95,8 @@ def record_update(monkeypatch, batch):
 
 
 def normalizer_of(call) -> float:
-    """The global normaliser a recorded papo_loss call was given (a keyword, or papo.Options)."""
-    kwargs = call.kwargs
-    return float(kwargs["normalizer"] if "normalizer" in kwargs else kwargs["options"].normalizer)
+    """The global normaliser a recorded papo_loss call was given (its normalizer keyword)."""
+    return float(call.kwargs["normalizer"])
 
 
 class StepRecorder(GradientRecorder):

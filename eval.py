@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import data
+import imaging
 import model as qwen
 import papo
 import rewards
@@ -120,7 +121,7 @@ def _score_batch(policy, processor, examples, start: int, *, samples, temperatur
     thinking_open = qwen.prompt_opens_thinking(processor)   # a Thinking model's format check
     # As in training: the masked variants black out squares of the RAW picture, then every
     # variant is resized into the pixel budget on its own (train.load_pictures says why).
-    fit = lambda pictures: [data.budget_resize(p, min_pixels, max_pixels) for p in pictures]
+    fit = lambda pictures: [imaging.budget_resize(p, min_pixels, max_pixels) for p in pictures]
     raw = [ex.load_images() for ex in chunk]
     items = [ex.to_prompt(template, pictures=fit(pictures)) for ex, pictures in zip(chunk, raw)]
     asked = [ex for ex in chunk for _ in range(samples)]

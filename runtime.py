@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 import data
 import eval as evaluation
+import imaging
 import lora
 import model as qwen
 import rewards
@@ -244,7 +245,7 @@ def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: st
     for start in range(0, len(rows), 1024):    # batches: the tokenizer is fastest on lists
         lengths += qwen.prompt_lengths(processor, [
             (data.chat_messages(ex.prompt_text(opts["template"]), len(ex.sizes)),
-             [data.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
+             [imaging.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
             for ex in rows[start:start + 1024]])
     long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
     if not long:

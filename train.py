@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 import data
+import imaging
 import lora
 import model as qwen
 import papo
@@ -139,7 +140,7 @@ def load_pictures(prompts: list[data.Example], cfg: Config, seed: int, need_mask
     original (a masked square becomes 14 f pixels wide, f the budget's scale factor; both get
     the same size, hence the same image-token grid). With --masked-image-key the masked copies
     are the dataset's pre-masked pictures, resized alike."""
-    fit = lambda pictures: [data.budget_resize(p, cfg.min_pixels, cfg.max_pixels)
+    fit = lambda pictures: [imaging.budget_resize(p, cfg.min_pixels, cfg.max_pixels)
                             for p in pictures]
     masked = None
     # Decoding and resizing are PIL work, which releases the GIL: one thread per core (torch is

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import data
+import imaging
 import toy
 import rewards
 
@@ -565,6 +566,7 @@ def test_text_only_accuracy_of_a_split_is_near_chance(tmp_path, capsys):
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(data).failed == 0
+    assert doctest.testmod(imaging).failed == 0
     assert doctest.testmod(rewards).failed == 0
     assert doctest.testmod(toy).failed == 0
 

@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch.distributed as dist
 
+import custom_reward
 import data
 import model as qwen
 import papo
-import rewards
 import toy
 
 DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
@@ -494,8 +494,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
      "comma-separated names from " + ", ".join(REPORTERS)),
     ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
-    ("reward_time_limit", lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
-     f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
+    ("reward_time_limit", lambda v: 0 < v <= custom_reward.MAX_REWARD_TIME_LIMIT,
+     f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("lora_alpha", lambda v: 0 <= v <= 4096, "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
                                              "are scaled by alpha / rank, usually 1 or 2)"),
@@ -599,8 +599,8 @@ def check_config(cfg: Config, world_size: int) -> None:
     problems += optional_install_problems(cfg)
     if cfg.reward:
         try:
-            rewards.load_reward(cfg.reward)
-        except rewards.RewardError as err:
+            custom_reward.load_reward(cfg.reward)
+        except custom_reward.RewardError as err:
             problems.append(str(err))
     if problems:
         raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))

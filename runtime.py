@@ -43,12 +43,12 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+import custom_reward
 import data
 import eval as evaluation
 import imaging
 import lora
 import model as qwen
-import rewards
 import toy
 from trackers import Trackers
 from config import Config, absolute_path, fit_pixel_budget, prompt_options, saved_config
@@ -282,9 +282,9 @@ def prepare_data(cfg: Config, d: Dist, run: Path) -> tuple[Config, data.Dataset,
     train, heldout = load_datasets(cfg, d)
     if cfg.reward:       # --reward tried on a few rows now: a broken one stops the run here
         try:
-            rewards.check_user_reward(rewards.user_reward_runner(cfg.reward,
-                                                                 cfg.reward_time_limit), train)
-        except rewards.RewardError as err:
+            custom_reward.check_user_reward(
+                custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit), train)
+        except custom_reward.RewardError as err:
             raise SystemExit(f"train.py: {err}") from None
     if not cfg.model and d.main:
         toy.warm_start(cfg, train)
@@ -766,7 +766,8 @@ def eval_mask_ratios(cfg: Config) -> tuple[float, ...]:
 def user_reward(cfg: Config):
     """--reward's runner (shared with the reward phase), None for the built-in math reward: the
     held-out scores and the before/after table use the reward the run trains on."""
-    return rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit) if cfg.reward else None
+    return (custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit) if cfg.reward
+            else None)
 
 
 def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> dict | None:

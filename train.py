@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+import custom_reward
 import data
 import imaging
 import lora
@@ -202,7 +203,7 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 # --- phase 4: reward --------------------------------------------------------------------------
 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
-                 thinking_open: bool = False, user_reward: rewards.UserReward | None = None):
+                 thinking_open: bool = False, user_reward: custom_reward.UserReward | None = None):
     """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details, or the
     user's --reward; an EasyR1-style one pays its own "overall"). Rollout b answers prompt b // G (group-major). thinking_open: the chat
     template opened <think> in the prompt (model.prompt_opens_thinking)."""
@@ -285,7 +286,7 @@ def user_reward(cfg: Config) -> dict:
     one child process, per spec for the whole run."""
     if not cfg.reward:
         return {}
-    return {"user_reward": rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit)}
+    return {"user_reward": custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit)}
 
 
 def leave_out_truncated(batch: Batch, truncated: torch.Tensor) -> Batch:

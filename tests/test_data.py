@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import custom_reward
 import data
 import imaging
 import toy
@@ -568,6 +569,7 @@ def test_docstring_examples():
     assert doctest.testmod(data).failed == 0
     assert doctest.testmod(imaging).failed == 0
     assert doctest.testmod(rewards).failed == 0
+    assert doctest.testmod(custom_reward).failed == 0
     assert doctest.testmod(toy).failed == 0
 
 

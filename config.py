@@ -67,10 +67,12 @@ class Config:
     prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
                                    "official one (the trimmed question, a blank line, the "
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
-    min_pixels: int = arg(200_704, "Pixel budget: every raw picture is scaled up to at least this "
-                                   "area BEFORE masking and processing (official: 256 image tokens).")
-    max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
-                                     "area before masking and processing (official: 1,280 tokens).")
+    min_pixels: int = arg(200_704, "Pixel budget: every picture, and its copy masked at raw size, "
+                                   "is scaled up to at least this area before processing "
+                                   "(official: 256 image tokens).")
+    max_pixels: int = arg(1_003_520, "Pixel budget: every picture, and its copy masked at raw "
+                                     "size, is scaled down to at most this area before processing "
+                                     "(official: 1,280 tokens).")
     max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
                                             "header) a row may have; a larger one is a bad row.")
     max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "

@@ -296,15 +296,16 @@ def budget_resize(image: Image.Image, min_pixels: int | None, max_pixels: int | 
                   ) -> Image.Image:
     """Scale a RAW picture, keeping its aspect ratio, so that its area lies in the pixel budget.
 
-    The official recipe does this to every picture before anything else - before the patch mask
-    and before the processor's own resize - so both branches of PAPO (original and masked) see
-    the same picture size and therefore the same image-token grid, and a large picture cannot
-    blow up the prompt (Qwen2.5-VL's processor alone allows 12.8M pixels: 16,384 tokens). With
-    area A > max_pixels, the factor is f = sqrt(max_pixels / A) and the new size (int(W f),
-    int(H f)); then, with area < min_pixels, the same with min_pixels (upscaling). int() rounds
-    down, so the result can fall a few pixels short of min_pixels, as in the official code.
-    Resampling: bicubic (PIL's default for Image.resize). None disables that side of the budget;
-    a picture already inside the budget is returned as it is.
+    The official recipe masks the raw picture first (14 x 14-pixel squares of it blacked out),
+    then does this to the original and to its masked copy alike, before the processor's own
+    resize: so both branches of PAPO (original and masked) see the same picture size and
+    therefore the same image-token grid, and a large picture cannot blow up the prompt
+    (Qwen2.5-VL's processor alone allows 12.8M pixels: 16,384 tokens). With area A >
+    max_pixels, the factor is f = sqrt(max_pixels / A) and the new size (int(W f), int(H f));
+    then, with area < min_pixels, the same with min_pixels (upscaling). int() rounds down, so
+    the result can fall a few pixels short of min_pixels, as in the official code. Resampling:
+    bicubic (PIL's default for Image.resize). None disables that side of the budget; a picture
+    already inside the budget is returned as it is.
     """
     size = budget_size(image.width, image.height, min_pixels, max_pixels)
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)

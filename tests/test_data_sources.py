@@ -15,7 +15,7 @@ oracles:
     2. laziness: a table-backed Dataset keeps no picture bytes in its rows
     3. ShareGPT JSON, both spellings, user turn verbatim, --image-dir
     4. the prompt, token for token, with the official instruction written out literally
-    5. the pixel budget (hand-computed sizes), applied BEFORE the patch mask
+    5. the pixel budget (hand-computed sizes), applied AFTER the patch mask on the raw picture
     6. model.prompt_lengths == the length the processor really produces
     7. bad rows: every one reported, with its source and row, in ONE DatasetError
     8. hub ids, offline: a fast, named error when not cached; rows when the cache has them
@@ -410,7 +410,7 @@ def test_custom_template_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The pixel budget, and its place before the patch mask
+# 5. The pixel budget, and its place after the patch mask
 # ---------------------------------------------------------------------------------------------
 
 MIN_PIXELS, MAX_PIXELS = 200_704, 1_003_520      # the official budget: 256..1,280 image tokens

@@ -26,11 +26,11 @@ from typing import Callable
 
 import torch.distributed as dist
 
+import custom_reward
 import data
 import integrity
 import model as qwen
 import papo
-import rewards
 import toy
 
 DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
@@ -70,10 +70,12 @@ class Config:
     prompt_template: str = arg("", "Plain-text file with one {problem}: the user prompt. Empty: the "
                                    "official one (the trimmed question, a blank line, the "
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
-    min_pixels: int = arg(200_704, "Pixel budget: every raw picture is scaled up to at least this "
-                                   "area BEFORE masking and processing (official: 256 image tokens).")
-    max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
-                                     "area before masking and processing (official: 1,280 tokens).")
+    min_pixels: int = arg(200_704, "Pixel budget: every picture, and its copy masked at raw size, "
+                                   "is scaled up to at least this area before processing "
+                                   "(official: 256 image tokens).")
+    max_pixels: int = arg(1_003_520, "Pixel budget: every picture, and its copy masked at raw "
+                                     "size, is scaled down to at most this area before processing "
+                                     "(official: 1,280 tokens).")
     max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
                                             "header) a row may have; a larger one is a bad row.")
     max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
@@ -625,8 +627,8 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
      "comma-separated names from " + ", ".join(REPORTERS)),
     ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
-    ("reward_time_limit", lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
-     f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
+    ("reward_time_limit", lambda v: 0 < v <= custom_reward.MAX_REWARD_TIME_LIMIT,
+     f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("lora_alpha", lambda v: 0 <= v <= 4096, "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
                                              "are scaled by alpha / rank, usually 1 or 2)"),
@@ -741,8 +743,8 @@ def check_config(cfg: Config, world_size: int) -> None:
     problems += optional_install_problems(cfg)
     if cfg.reward:
         try:
-            rewards.load_reward(cfg.reward)
-        except rewards.RewardError as err:
+            custom_reward.load_reward(cfg.reward)
+        except custom_reward.RewardError as err:
             problems.append(str(err))
     if problems:
         raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))

@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import custom_reward
 import data
+import imaging
 import integrity
 import model as qwen
 import papo
@@ -69,7 +71,7 @@ def evaluate(policy, processor, examples, *, samples: int = 8, temperature: floa
     masks are applied to the raw pictures and the pixel budget after them, as in training.
     decoys: per example, a WRONG answer a shortcut would give (or None); reports "decoy_rate",
     the share of samples with the original picture that give it, over the examples that have one.
-    user_reward: a rewards.UserReward (--reward) instead of the built-in math reward.
+    user_reward: a custom_reward.UserReward (--reward) instead of the built-in math reward.
     split_over_ranks: under torchrun, each rank scores every world-th batch of questions and the
     ranks gather their results: the same numbers as one process (each batch keeps its own
     sampling seeds, and the parts are added up in batch order), in 1/world of the time."""
@@ -121,7 +123,7 @@ def _score_batch(policy, processor, examples, start: int, *, samples, temperatur
     thinking_open = qwen.prompt_opens_thinking(processor)   # a Thinking model's format check
     # As in training: the masked variants black out squares of the RAW picture, then every
     # variant is resized into the pixel budget on its own (train.load_pictures says why).
-    fit = lambda pictures: [data.budget_resize(p, min_pixels, max_pixels) for p in pictures]
+    fit = lambda pictures: [imaging.budget_resize(p, min_pixels, max_pixels) for p in pictures]
     raw = [ex.load_images() for ex in chunk]
     items = [ex.to_prompt(template, pictures=fit(pictures)) for ex, pictures in zip(chunk, raw)]
     asked = [ex for ex in chunk for _ in range(samples)]
@@ -609,8 +611,8 @@ def main(argv=None) -> dict:
         ("mask-ratios", mask_ratios, all(0 <= r <= 1 for r in mask_ratios), "each in [0, 1]"),
         ("kl-ratio", kl_ratio, kl_ratio <= 1, "<= 1 (negative: skip)"),
         ("reward-time-limit", args.reward_time_limit,
-         0 < args.reward_time_limit <= rewards.MAX_REWARD_TIME_LIMIT,
-         f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
+         0 < args.reward_time_limit <= custom_reward.MAX_REWARD_TIME_LIMIT,
+         f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ) if not ok]
     models = [run_checkpoint(name) for name in models]       # a run folder: its latest
     reward = args.reward or recorded_reward(models, bad)
@@ -656,10 +658,10 @@ def main(argv=None) -> dict:
                          "\n  " + "\n  ".join(too_thin[:20]))
 
     try:        # a reward that raises or returns nonsense is refused before any model loads
-        user_reward = (rewards.UserReward(reward, args.reward_time_limit) if reward else None)
+        user_reward = (custom_reward.UserReward(reward, args.reward_time_limit) if reward else None)
         if user_reward is not None:
-            rewards.check_user_reward(user_reward, next(iter(loaded.values())))
-    except rewards.RewardError as err:
+            custom_reward.check_user_reward(user_reward, next(iter(loaded.values())))
+    except custom_reward.RewardError as err:
         raise SystemExit(f"eval.py: {err}") from None
     # torchrun --nproc_per_node N eval.py ...: every rank loads each model and scores every N-th
     # batch of questions; rank 0 gathers the results (evaluate(split_over_ranks=True))

@@ -44,12 +44,13 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+import custom_reward
 import data
 import eval as evaluation
+import imaging
 import integrity
 import lora
 import model as qwen
-import rewards
 import toy
 from trackers import Trackers
 from config import (RUN_CONTROL, Config, absolute_path, fit_pixel_budget, prompt_options,
@@ -258,7 +259,7 @@ def check_prompt_lengths(dataset: data.Dataset, processor, cfg: Config, what: st
     for start in range(0, len(rows), 1024):    # batches: the tokenizer is fastest on lists
         lengths += qwen.prompt_lengths(processor, [
             (data.chat_messages(ex.prompt_text(opts["template"]), len(ex.sizes)),
-             [data.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
+             [imaging.budget_size(w, h, cfg.min_pixels, cfg.max_pixels) for w, h in ex.sizes])
             for ex in rows[start:start + 1024]])
     long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
     if not long:
@@ -297,9 +298,9 @@ def prepare_data(cfg: Config, d: Dist, run: Path
     train, heldout = load_datasets(cfg, d)
     if cfg.reward:       # --reward tried on a few rows now: a broken one stops the run here
         try:
-            rewards.check_user_reward(rewards.user_reward_runner(cfg.reward,
-                                                                 cfg.reward_time_limit), train)
-        except rewards.RewardError as err:
+            custom_reward.check_user_reward(
+                custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit), train)
+        except custom_reward.RewardError as err:
             raise SystemExit(f"train.py: {err}") from None
     if not cfg.model and d.main:
         toy.warm_start(cfg, train)
@@ -875,7 +876,8 @@ def eval_mask_ratios(cfg: Config) -> tuple[float, ...]:
 def user_reward(cfg: Config):
     """--reward's runner (shared with the reward phase), None for the built-in math reward: the
     held-out scores and the before/after table use the reward the run trains on."""
-    return rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit) if cfg.reward else None
+    return (custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit) if cfg.reward
+            else None)
 
 
 def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> dict | None:

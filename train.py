@@ -46,7 +46,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+import custom_reward
 import data
+import imaging
 import lora
 import model as qwen
 import papo
@@ -177,7 +179,7 @@ def load_pictures(prompts: list[data.Example], cfg: Config, seed: int, need_mask
     original (a masked square becomes 14 f pixels wide, f the budget's scale factor; both get
     the same size, hence the same image-token grid). With --masked-image-key the masked copies
     are the dataset's pre-masked pictures, resized alike."""
-    fit = lambda pictures: [data.budget_resize(p, cfg.min_pixels, cfg.max_pixels)
+    fit = lambda pictures: [imaging.budget_resize(p, cfg.min_pixels, cfg.max_pixels)
                             for p in pictures]
     masked = None
     # Decoding and resizing are PIL work, which releases the GIL: one thread per core (torch is
@@ -239,7 +241,7 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 # --- phase 4: reward --------------------------------------------------------------------------
 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
-                 thinking_open: bool = False, user_reward: rewards.UserReward | None = None):
+                 thinking_open: bool = False, user_reward: custom_reward.UserReward | None = None):
     """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details, or the
     user's --reward; an EasyR1-style one pays its own "overall"). Rollout b answers prompt b // G (group-major). thinking_open: the chat
     template opened <think> in the prompt (model.prompt_opens_thinking)."""
@@ -309,7 +311,7 @@ def user_reward(cfg: Config) -> dict:
     one child process, per spec for the whole run."""
     if not cfg.reward:
         return {}
-    return {"user_reward": rewards.user_reward_runner(cfg.reward, cfg.reward_time_limit)}
+    return {"user_reward": custom_reward.user_reward_runner(cfg.reward, cfg.reward_time_limit)}
 
 
 def leave_out_truncated(batch: Batch, truncated: torch.Tensor) -> Batch:

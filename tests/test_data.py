@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import custom_reward
 import data
+import imaging
 import toy
 import rewards
 
@@ -565,7 +567,9 @@ def test_text_only_accuracy_of_a_split_is_near_chance(tmp_path, capsys):
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(data).failed == 0
+    assert doctest.testmod(imaging).failed == 0
     assert doctest.testmod(rewards).failed == 0
+    assert doctest.testmod(custom_reward).failed == 0
     assert doctest.testmod(toy).failed == 0
 
 

@@ -15,7 +15,7 @@ oracles:
     2. laziness: a table-backed Dataset keeps no picture bytes in its rows
     3. ShareGPT JSON, both spellings, user turn verbatim, --image-dir
     4. the prompt, token for token, with the official instruction written out literally
-    5. the pixel budget (hand-computed sizes), applied BEFORE the patch mask
+    5. the pixel budget (hand-computed sizes), applied AFTER the patch mask on the raw picture
     6. model.prompt_lengths == the length the processor really produces
     7. bad rows: every one reported, with its source and row, in ONE DatasetError
     8. hub ids, offline: a fast, named error when not cached; rows when the cache has them
@@ -38,6 +38,7 @@ import pytest
 from PIL import Image
 
 import data
+import imaging
 import model
 import toy
 import papo
@@ -409,7 +410,7 @@ def test_custom_template_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The pixel budget, and its place before the patch mask
+# 5. The pixel budget, and its place after the patch mask
 # ---------------------------------------------------------------------------------------------
 
 MIN_PIXELS, MAX_PIXELS = 200_704, 1_003_520      # the official budget: 256..1,280 image tokens
@@ -419,19 +420,19 @@ def test_budget_size_matches_the_hand_computation():
     # Too large: scale by f = sqrt(max / area), round each side down.
     f = math.sqrt(MAX_PIXELS / (2000 * 1000))
     assert (int(2000 * f), int(1000 * f)) == (1416, 708)
-    assert data.budget_size(2000, 1000, MIN_PIXELS, MAX_PIXELS) == (1416, 708)
+    assert imaging.budget_size(2000, 1000, MIN_PIXELS, MAX_PIXELS) == (1416, 708)
     # Too small: scale up by f = sqrt(min / area) = sqrt(200704 / 12544) = 4 exactly.
-    assert data.budget_size(112, 112, MIN_PIXELS, MAX_PIXELS) == (448, 448)
+    assert imaging.budget_size(112, 112, MIN_PIXELS, MAX_PIXELS) == (448, 448)
     # Inside, or no budget: unchanged.
-    assert data.budget_size(640, 480, MIN_PIXELS, MAX_PIXELS) == (640, 480)
-    assert data.budget_size(2000, 1000, None, None) == (2000, 1000)
+    assert imaging.budget_size(640, 480, MIN_PIXELS, MAX_PIXELS) == (640, 480)
+    assert imaging.budget_size(2000, 1000, None, None) == (2000, 1000)
 
     big = Image.new("RGB", (2000, 1000))
-    assert data.budget_resize(big, MIN_PIXELS, MAX_PIXELS).size == (1416, 708)
+    assert imaging.budget_resize(big, MIN_PIXELS, MAX_PIXELS).size == (1416, 708)
     small = Image.fromarray(noise(112, 112, 0))
-    assert data.budget_resize(small, MIN_PIXELS, MAX_PIXELS).size == (448, 448)
+    assert imaging.budget_resize(small, MIN_PIXELS, MAX_PIXELS).size == (448, 448)
     inside = Image.new("RGB", (640, 480))
-    assert data.budget_resize(inside, MIN_PIXELS, MAX_PIXELS) is inside   # no copy, no resample
+    assert imaging.budget_resize(inside, MIN_PIXELS, MAX_PIXELS) is inside   # no copy, no resample
 
 
 def test_to_prompt_resizes_into_the_budget(tmp_path):
@@ -444,7 +445,7 @@ def test_to_prompt_resizes_into_the_budget(tmp_path):
                                                 (int(40 * f2), int(16 * f2))] == [(45, 68), (88, 35)]
     # The same pixels budget_resize gives the decoded original (bicubic, no other processing).
     for picture, pixels in zip(item["images"], ROWS[1]["pictures"]):
-        expected = data.budget_resize(Image.fromarray(pixels), 56 * 56, 112 * 112)
+        expected = imaging.budget_resize(Image.fromarray(pixels), 56 * 56, 112 * 112)
         np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
 
 
@@ -457,7 +458,7 @@ def test_the_patch_mask_comes_before_the_budget_resize(processor):
     image tokens line up with the masked patches."""
     pixels = noise(300, 150, 7)
     raw = Image.fromarray(pixels)
-    fit = lambda im: data.budget_resize(im, 56 * 56, 112 * 112)
+    fit = lambda im: imaging.budget_resize(im, 56 * 56, 112 * 112)
     f = math.sqrt(112 * 112 / (300 * 150))
     original = fit(raw)
     masked = fit(papo.mask_image(raw, rng=0))
@@ -752,8 +753,8 @@ def test_pre_masked_pictures_go_through_the_same_pixel_budget(tmp_path):
     budget = dict(min_pixels=56 * 56, max_pixels=112 * 112)
     originals, pre_masked = ex.load_images(**budget), ex.load_masked_images(**budget)
     assert [im.size for im in pre_masked] == [im.size for im in originals] == [
-        data.budget_size(w, h, **budget) for w, h in ex.sizes]
-    expected = data.budget_resize(Image.fromarray(masked[1][0]), **budget)
+        imaging.budget_size(w, h, **budget) for w, h in ex.sizes]
+    expected = imaging.budget_resize(Image.fromarray(masked[1][0]), **budget)
     np.testing.assert_array_equal(np.asarray(pre_masked[0]), np.asarray(expected))
 
 

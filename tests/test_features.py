@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import config
+import custom_reward
 import data
 import lora
 import model as qwen
-import rewards
 import runtime
 import toy
 import train
@@ -332,13 +332,13 @@ def test_a_user_reward_that_misbehaves_stops_the_run_naming_function_and_row(
         reward_file, tmp_path, name, message):
     cfg, d, examples, policy, processor = _tiny_batch(
         tmp_path, "--preset", "grpo", "--reward", f"{reward_file}:{name}")
-    with pytest.raises(rewards.RewardError, match=message):
+    with pytest.raises(custom_reward.RewardError, match=message):
         train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
                             need_masked=False)
 
 
 def test_a_user_reward_past_its_time_limit_scores_0_and_is_reported(reward_file, capsys):
-    scorer = rewards.UserReward(f"{reward_file}:slow", time_limit=0.5)
+    scorer = custom_reward.UserReward(f"{reward_file}:slow", time_limit=0.5)
     example = data.Example(problem="p", answer="1", images=[], source="x:1")
     assert scorer("anything", example) == {"reward": 0.0, "accuracy": 0.0, "format": 0.0}
     assert "ran past 0.5 s and scored 0" in capsys.readouterr().err

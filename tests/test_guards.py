@@ -21,6 +21,7 @@ from PIL import Image
 
 import config
 import data
+import imaging
 import runtime
 import train
 from test_train import GradientRecorder, _tiny_batch, tiny_args
@@ -104,7 +105,7 @@ def test_the_aspect_limit_is_checked_after_the_budget_resize(tmp_path):
                              "images": [_picture(tmp_path / "thin.png", (1, 199))]}],
                            tmp_path / "d.jsonl")
     rows = data.load_dataset(src).rows                     # the raw sizes pass
-    assert data.budget_size(1, 199, 3136, 12544) == (3, 789)
+    assert imaging.budget_size(1, 199, 3136, 12544) == (3, 789)
     problems = data.budget_problems(rows, 3136, 12544)
     assert problems == [f"{src}:2: picture 1 of 1x199 px becomes 3x789 px in the pixel budget "
                         "(--min-pixels 3136, --max-pixels 12544): an aspect ratio over 200, "
@@ -291,7 +292,7 @@ def test_eval_checks_the_aspect_after_its_own_budget(tmp_path):
     src = data.write_jsonl([fine, {"problem": "q", "answer": "1",
                                    "images": [_picture(tmp_path / "thin.png", (1, 199))]}],
                            tmp_path / "d.jsonl")
-    assert data.budget_size(1, 199, 1024, 589_824) == (2, 451)
+    assert imaging.budget_size(1, 199, 1024, 589_824) == (2, 451)
     with pytest.raises(SystemExit) as info:
         evaluation.main(["--model", str(tmp_path / "ckpt"), "--data", str(src),
                          "--out", str(tmp_path / "results.json")])

@@ -34,8 +34,9 @@ import PIL
 from PIL import Image
 
 import data
+import imaging
 
-# PIL's DecompressionBombWarning is an error in every test here: data.py must never let it fire
+# PIL's DecompressionBombWarning is an error in every test here: imaging.py must never let it fire
 # (our own reason comes first, from the header).
 pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 
@@ -127,10 +128,10 @@ def test_mode_i_from_a_png_file_is_16bit_grey_as_older_pillow_opens_it(tmp_path)
     with Image.open(tmp_path / "a.png") as im:
         as_old_pillow = im.convert("I")
     as_old_pillow.format = "PNG"
-    assert data.picture_mode_problem(as_old_pillow) is None
-    np.testing.assert_array_equal(np.asarray(data.to_rgb(as_old_pillow)), grey([128, 255, 0]))
+    assert imaging.picture_mode_problem(as_old_pillow) is None
+    np.testing.assert_array_equal(np.asarray(imaging.to_rgb(as_old_pillow)), grey([128, 255, 0]))
     as_old_pillow.format = None
-    assert "mode I" in data.picture_mode_problem(as_old_pillow)
+    assert "mode I" in imaging.picture_mode_problem(as_old_pillow)
 
 
 def test_float_picture_in_unit_range_is_scaled_by_255(tmp_path):
@@ -250,7 +251,7 @@ def test_transparency_rule_is_the_one_of_qwens_processor(tmp_path):
     palette.putpalette(rng.integers(0, 256, 12).tolist())
     palette.info["transparency"] = 2
     for picture in (rgba, la, palette):
-        ours = np.asarray(data.to_rgb(picture))
+        ours = np.asarray(imaging.to_rgb(picture))
         theirs = convert_to_rgb(picture, return_numpy=True)
         np.testing.assert_array_equal(ours, theirs, err_msg=picture.mode)
 
@@ -378,7 +379,7 @@ def test_pils_global_limit_is_neither_in_our_way_nor_changed(tmp_path, monkeypat
     # PIL's limit set (here by the test, elsewhere perhaps by a user) to 100 pixels: a 60x60
     # picture (3,600 > 2 x 100) would make Image.open raise. Our guard (5,000) rules instead,
     # at validation and at load time, and PIL's setting is what it was afterwards, so code
-    # outside data.py keeps PIL's protection.
+    # outside imaging.py keeps PIL's protection.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     Image.new("RGB", (60, 60), (1, 2, 3)).save(tmp_path / "a.png")
     jsonl = write_rows(tmp_path, [{"problem": "Q?", "answer": "1", "images": ["a.png"]}])
@@ -393,7 +394,7 @@ def test_a_guard_above_pils_limit_is_usable_at_load_time(tmp_path, monkeypatch):
     # Validated under --max-image-pixels 5,000: load_images must not apply a smaller limit
     # (neither PIL's, here 1,000, nor our default, here lowered to 1,000) to that picture.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(imaging, "MAX_IMAGE_PIXELS", 1000)
     Image.new("L", (60, 60), 9).save(tmp_path / "a.png")
     [ex] = data.load_jsonl(write_rows(tmp_path, [{"problem": "Q?", "answer": "1",
                                                   "images": ["a.png"]}]), max_image_pixels=5000)

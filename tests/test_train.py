@@ -15,6 +15,7 @@ import runtime
 import train
 import model as qwen
 import data
+import imaging
 import toy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -517,7 +518,7 @@ def test_a_min_pixels_above_what_the_processor_keeps_is_lowered_to_it(capsys):
     # What the model receives: with the lowered budget, the raw picture's own pixels; through
     # the round trip, blurred ones (which is what the lowering saves, besides the time).
     raw = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), np.uint8))
-    pixels = lambda cfg: qwen.encode_images(tiny, [[data.budget_resize(
+    pixels = lambda cfg: qwen.encode_images(tiny, [[imaging.budget_resize(
         raw, cfg.min_pixels, cfg.max_pixels)]])["pixel_values"]
     direct = qwen.encode_images(tiny, [[raw]])["pixel_values"]
     assert torch.equal(pixels(fitted), direct)
@@ -807,7 +808,7 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     prompts = [examples[0], examples[1]]
     rollouts, masked = train.generate_phase(policy, processor, prompts, cfg, seed=3,
                                             need_masked=True)
-    budget = lambda name: data.budget_resize(Image.open(tmp_path / name).convert("RGB"),
+    budget = lambda name: imaging.budget_resize(Image.open(tmp_path / name).convert("RGB"),
                                              cfg.min_pixels, cfg.max_pixels)
     assert budget("p0_masked.png").size == (56, 56)
     expected = qwen.encode_images(processor, [[budget("p0_masked.png")], [budget("p1_masked.png")]])
@@ -844,7 +845,7 @@ def test_the_patch_mask_is_applied_to_the_raw_picture_then_resized_into_the_budg
     raws, rows = _raw_pictures_outside_the_budget()
     rollouts, masked = train.generate_phase(policy, processor, rows, cfg, seed=5,
                                             need_masked=True)
-    fit = lambda im: data.budget_resize(im, cfg.min_pixels, cfg.max_pixels)
+    fit = lambda im: imaging.budget_resize(im, cfg.min_pixels, cfg.max_pixels)
     assert [fit(raw).size for raw in raws] == [(130, 95), (46, 67)]       # both really resized
     rng = train.np.random.default_rng(5)
     by_hand = [[fit(m) for m in train.papo.mask_image([raw], patch_size=14, ratio=cfg.mask_ratio,
@@ -875,7 +876,7 @@ def test_eval_masks_the_raw_picture_then_resizes_it_like_training(tmp_path, monk
     budget = dict(min_pixels=3136, max_pixels=12544)
     evaluation.evaluate(policy, processor, rows, samples=1, max_new_tokens=4, mask_ratios=(0.6,),
                         kl_ratio=None, seed=7, **budget)
-    fit = lambda im: data.budget_resize(im, budget["min_pixels"], budget["max_pixels"])
+    fit = lambda im: imaging.budget_resize(im, budget["min_pixels"], budget["max_pixels"])
     rng = train.np.random.default_rng([7, 0])
     by_hand = [[fit(m) for m in train.papo.mask_image([raw], ratio=0.6, rng=rng)] for raw in raws]
     original, masked_variant = seen

@@ -1,4 +1,4 @@
-"""--reward, the user's own reward (rewards.UserReward): a run with it ends; a broken one is
+"""--reward, the user's own reward (custom_reward.UserReward): a run with it ends; a broken one is
 refused before any model loads, naming the row and the function; only numbers are accepted
 (never a string or a dict read as a tuple); EasyR1's dict and batch forms work unchanged; and
 the held-out evaluation, run.json and eval.py score with it."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import config
+import custom_reward
 import data
 import eval as evaluation
-import rewards
 from test_train import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,9 +87,9 @@ def test_an_interpreter_with_the_trainers_stop_handler_exits_after_a_user_reward
     """The reward's child process is forked from the trainer, whose SIGTERM handler only sets a
     flag; at exit multiprocessing stops the child with SIGTERM and waits. Kept, that handler
     made every run with --reward hang after its last step."""
-    script = ("import runtime, rewards, data\n"
+    script = ("import runtime, custom_reward, data\n"
               "runtime.catch_stop_signals()\n"
-              f"scorer = rewards.UserReward({spec('last_line')!r})\n"
+              f"scorer = custom_reward.UserReward({spec('last_line')!r})\n"
               "ex = data.Example(problem='p', answer='3', images=[], source='x:1')\n"
               "print(scorer('so\\n3', ex)['accuracy'])\n")
     try:
@@ -131,21 +131,22 @@ def test_a_training_run_with_a_user_reward_ends_and_evaluates_with_it(spec, tmp_
     ("easyr1_extra_key", r"returned a dict with keys \['accuracy', 'acuracy', 'overall'\]"),
 ])
 def test_a_broken_reward_is_refused_by_the_check_naming_row_and_function(spec, name, message):
-    with pytest.raises(rewards.RewardError, match="checked before loading any model: .*" + message):
-        rewards.check_user_reward(rewards.UserReward(spec(name), 5.0), rows())
+    with pytest.raises(custom_reward.RewardError,
+                       match="checked before loading any model: .*" + message):
+        custom_reward.check_user_reward(custom_reward.UserReward(spec(name), 5.0), rows())
 
 
 def test_a_string_or_a_mapping_is_never_read_as_accuracy_and_format(spec):
     """float("1"), float("0") made "10" a perfect (1.0, 0.0); iterating {"1": 0, "0": 1} its
     keys did the same."""
     for name in ("as_string", "as_dict"):
-        with pytest.raises(rewards.RewardError, match=f"{name} returned a (str|dict)"):
-            rewards.UserReward(spec(name))("x", rows(1)[0])
+        with pytest.raises(custom_reward.RewardError, match=f"{name} returned a (str|dict)"):
+            custom_reward.UserReward(spec(name))("x", rows(1)[0])
 
 
 def test_a_one_argument_reward_must_say_which_easyr1_form_it_is(spec):
-    with pytest.raises(rewards.RewardError, match="annotate it as list\\[dict\\]"):
-        rewards.UserReward(spec("one_arg"))
+    with pytest.raises(custom_reward.RewardError, match="annotate it as list\\[dict\\]"):
+        custom_reward.UserReward(spec("one_arg"))
 
 
 def test_train_py_refuses_a_broken_reward_before_any_model_loads(spec, tmp_path):
@@ -179,18 +180,18 @@ def test_a_reward_time_limit_out_of_range_is_refused(spec, tmp_path, value, caps
 # ---------------------------------------------------------------------------------------------
 
 def test_an_easyr1_batch_reward_scores_every_response_in_one_call(spec):
-    scorer = rewards.UserReward(spec("easyr1_batch"))
+    scorer = custom_reward.UserReward(spec("easyr1_batch"))
     got = scorer.score(["<think>so</think> 3", "<think>so</think> 4", "3"], rows(), [5, 5, 1])
     assert got == [{"reward": 1.0, "accuracy": 1.0, "format": 1.0},
                    {"reward": pytest.approx(0.1), "accuracy": 0.0, "format": 1.0},
                    {"reward": pytest.approx(0.9), "accuracy": 1.0, "format": 0.0}]
-    rewards.check_user_reward(scorer, rows())                   # passes the check too
+    custom_reward.check_user_reward(scorer, rows())             # passes the check too
     scorer.stop()
 
 
 def test_an_easyr1_one_response_reward_gets_the_token_count_and_pays_its_overall(spec):
     """"overall" is the reward paid (not 0.9 acc + 0.1 format); no "format": logged 0."""
-    scorer = rewards.UserReward(spec("easyr1_one"))
+    scorer = custom_reward.UserReward(spec("easyr1_one"))
     got = scorer.score(["3", "3", "4"], rows(), [2, 7, 2])
     assert got == [{"reward": 1.0, "accuracy": 1.0, "format": 0.0},
                    {"reward": 0.5, "accuracy": 1.0, "format": 0.0},

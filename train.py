@@ -707,6 +707,7 @@ def main(argv=None) -> dict:
     check_config(cfg, d.world)
     run = Path(cfg.resume or cfg.out)
     lock = None
+    created = d.main and not run.exists()       # a refused new run leaves no empty folder
     handlers = runtime.catch_stop_signals()
     try:
         if d.main:
@@ -741,6 +742,8 @@ def main(argv=None) -> dict:
         runtime.restore_signal_handlers(handlers)
         if lock:
             lock.release()
+        if created and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()                 # refused before writing anything: as if never started
         if dist.is_initialized():
             dist.destroy_process_group()
 

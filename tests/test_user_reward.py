@@ -159,6 +159,7 @@ def test_train_py_refuses_a_broken_reward_before_any_model_loads(spec, tmp_path)
                      r".*data.jsonl:\d+: ValueError", done.stderr), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not list((tmp_path / "cache").glob("warmstart-*"))   # no model was trained or loaded
+    assert not (tmp_path / "run").exists()       # a refused new run leaves no (empty) folder
     assert time.perf_counter() - started < 120
 
 

@@ -411,7 +411,7 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
         return times
     extra = [mem_score.extra, mem_update.extra]
     return {"peak_mib": None if None in extra else max(map(sum, zip(held, extra))) / MIB,
-            "work": work}
+            "work": work, "seconds": times}
 
 
 def bench_objectives(s: Setup, args):
@@ -427,11 +427,29 @@ def bench_objectives(s: Setup, args):
             if r >= args.warmup:
                 runs[name].append({**times, "step": sum(times.values())})
         log(f"{s.name}: repeat {r + 1}/{args.warmup + args.repeats}")
+    if args.single_pass:
+        return single_pass(s, args)
     measured = {name: [] for name in args.objectives}
     for _, order in rotations(list(args.objectives),
                               1 if s.d.device.type == "cuda" else args.repeats):
         for name in order:
             measured[name].append(run_step(s, name, measure=True))
+    return runs, measured
+
+
+def single_pass(s: Setup, args):
+    """--single-pass: one generation, then ONE measuring pass per objective whose clocks are
+    also the times (and the masking timed apart) - for a model too large to step twice, as the
+    full 3B on a CPU. The times then include what measuring costs (handing freed memory back to
+    the kernel between phases): no medians, no warm-up."""
+    _, generate_s = time_generate(s)
+    runs, measured = {}, {}
+    for name in args.objectives:
+        m = run_step(s, name, measure=True)
+        mask_s = time_mask(s, s.cfgs[name]) if config.uses_masked_branch(s.cfgs[name]) else 0.0
+        times = {**m["seconds"], "generate": generate_s, "mask": mask_s}
+        runs[name], measured[name] = [{**times, "step": sum(times.values())}], [m]
+        log(f"{s.name}: {name} stepped once")
     return runs, measured
 
 
@@ -601,8 +619,6 @@ def collect_targets(models: dict, lp: dict) -> list[dict]:
                    note=f"max |logp difference| {lp['max_abs_diff']:.1e} (limit 1e-5); "
                         "one rollout, one pass")]
     for name, m in models.items():
-        on, off = (m["generation"][f"checkpointing {v}"] for v in ("on", "off"))
-        control = m["generation"]["checkpointing on, use_cache off"]
         if m["papo_g_extra_s"] is not None:           # --objectives kept GRPO and PAPO-G
             rows += [
                 target("1. (PAPO-G step - GRPO step) / masked forward", name,
@@ -614,13 +630,16 @@ def collect_targets(models: dict, lp: dict) -> list[dict]:
                        m["mask_share_of_step"], 0.05),
                 target("1. peak memory PAPO-G / GRPO", name,
                        m["ratios_to_grpo"]["papo-g"]["memory"], 1.10)]
-        rows += [
-            target("3. generate tokens/s, checkpointing on / off", name,
-                   on["tokens_per_s"] / off["tokens_per_s"], 0.8, higher=True,
-                   passed=on["tokens_per_s"] >= 0.8 * off["tokens_per_s"] and on["kv_cache_used"],
-                   note=f"KV cache used with checkpointing on: {on['kv_cache_used']}; positions "
-                        f"per new token {on['positions_per_token']:.2f} (use_cache off: "
-                        f"{control['positions_per_token']:.2f})")]
+        if "generation" in m:                         # unless --no-generation-variants
+            on, off = (m["generation"][f"checkpointing {v}"] for v in ("on", "off"))
+            control = m["generation"]["checkpointing on, use_cache off"]
+            rows.append(target(
+                "3. generate tokens/s, checkpointing on / off", name,
+                on["tokens_per_s"] / off["tokens_per_s"], 0.8, higher=True,
+                passed=on["tokens_per_s"] >= 0.8 * off["tokens_per_s"] and on["kv_cache_used"],
+                note=f"KV cache used with checkpointing on: {on['kv_cache_used']}; positions "
+                     f"per new token {on['positions_per_token']:.2f} (use_cache off: "
+                     f"{control['positions_per_token']:.2f})"))
         vision = m["vision_rows_ratio"]
         for what, phases in (("generate, scoring", ("generate", "old", "ref", "masked")),
                              ("update", ("update",))):
@@ -682,9 +701,10 @@ def format_report(report: dict) -> str:
             base = m["per_rollout_pass"]["generate" if p == "generate" else "scoring"]
             lines.append(f"  {LABELS[p]:28s}" + "".join(
                 f"{v:>9,d} |{t:>9,d}" for v, t in cells) + f"    {base[0]:>9,d} |{base[1]:>9,d}")
-        lines.append(f"{'generate, same prompts':34s}tokens/s  positions per new token  "
-                     "language-model calls [rows, positions, repeats]")
-        for variant, g in m["generation"].items():
+        if "generation" in m:
+            lines.append(f"{'generate, same prompts':34s}tokens/s  positions per new token  "
+                         "language-model calls [rows, positions, repeats]")
+        for variant, g in m.get("generation", {}).items():
             c = g["lm_calls"]     # the control's calls all differ: first two and last
             lines.append(f"  {variant:32s}{g['tokens_per_s']:8.0f}  "
                          f"{g['positions_per_token']:23.2f}  " +
@@ -760,6 +780,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction)
     p.add_argument("--freeze-vision-tower", action="store_true",
                    help="the vision tower gets no gradient and no optimizer state (train.py's)")
+    p.add_argument("--generation-variants", action=argparse.BooleanOptionalAction, default=True,
+                   help="target 3: generation with and without checkpointing / KV cache")
+    p.add_argument("--single-pass", action="store_true",
+                   help="one pass per objective, timed and measured at once (no repeats): for "
+                        "a model too large to step twice, as the full 3B on a CPU")
     p.add_argument("--objectives", default=",".join(OBJECTIVES),
                    help=f"which of {', '.join(OBJECTIVES)} to run (target 1 needs grpo and papo-g)")
     p.add_argument("--out", default="", help="also write the report as JSON to this file")
@@ -848,8 +873,9 @@ def run_bench(args, device: torch.device) -> dict:
         log(f"{name}: building the model and generating the shared rollouts")
         s = prepare(name, args, device)
         report["models"][name] = summarise(s, *bench_objectives(s, args))
-        log(f"{name}: generation with and without checkpointing / KV cache")
-        report["models"][name]["generation"] = bench_generation(s, args)
+        if args.generation_variants:
+            log(f"{name}: generation with and without checkpointing / KV cache")
+            report["models"][name]["generation"] = bench_generation(s, args)
         del s
         gc.collect()
         if device.type == "cuda":

@@ -127,6 +127,23 @@ def test_smoke_bench_tiny_reports_every_field_and_its_work_in_closed_form(tmp_pa
     assert "papo-g+grad" in printed and "peak memory" in printed and "one per-rollout" in printed
 
 
+def test_single_pass_with_chosen_objectives_reports_what_it_ran():
+    """--single-pass --objectives papo-g --no-generation-variants (how the full 3B runs on a
+    CPU): one pass, timed and measured; no GRPO, so target 1 and the ratios are left out, and no
+    target 3 without the generation variants; the work is what the full run counts."""
+    report = bench.main(["--sizes", "tiny", *QUICK, "--objectives", "papo-g", "--single-pass",
+                         "--no-generation-variants"])
+    m = report["models"]["tiny"]
+    assert list(m["phases_s"]) == list(m["peak_mib"]) == ["papo-g"]
+    assert m["phases_s"]["papo-g"]["masked"] > 0 and m["peak_mib"]["papo-g"] > 0
+    assert m["ratios_to_grpo"]["papo-g"] == {"step": None, "update": None, "memory": None}
+    assert "generation" not in m and m["extra_over_forward"] is None
+    assert [t["target"][0] for t in report["targets"]] == list("244")
+    assert m["generated_tokens_per_s"] > 0 and m["computed_state_mib"] > 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--objectives", "grpo,ppo"])
+
+
 def test_target_1_pairs_each_phase_before_summing():
     # Three repeats. The masking (0.005 s) and the masked forward (0.08 s) are PAPO-G's own; its
     # old log-probs and update jitter around GRPO's (+0.03, 0, -0.01 s and 0, +0.02, 0 s). Per
@@ -176,16 +193,17 @@ def test_work_of_one_micro_batch_in_closed_form(checkpointing):
 @pytest.mark.slow
 @pytest.mark.parametrize("shape, grid", [("3b", [1, 32, 32]), ("qwen3-2b", [1, 28, 28])])
 def test_shapes_gpu_code_path_runs_on_cpu_at_reduced_depth(shape, grid):
-    """--shape 3b / qwen3-2b, the GPU check's code, on a CPU at one decoder layer and two vision
-    blocks, every width real (the 151,936-token vocabulary too; DeepStack on Qwen3-VL): the
-    picture reaches the model at the recipe's budget (448 x 448 px = 200,704, its minimum: 256
-    tokens of 28 px, 196 of 32 px), and the work formulas hold - generation keeps its cache with
-    checkpointing on; the update reads one pass per row, each picture once."""
-    args = bench.parse_args(["--shape", shape, "--device", "cpu", "--dtype", "bfloat16",
-                             "--text-layers", "1", "--vision-blocks", "2", "--prompts", "1",
-                             "--group-size", "2", "--max-new-tokens", "2",
-                             "--updates-per-step", "1", "--micro-batch-size", "2"])
-    assert args.gradient_checkpointing and args.device == "cpu"
+    """--shape 3b / qwen3-2b, the GPU check's code (float32 master weights, gradient
+    checkpointing), on a CPU at one decoder layer and two vision blocks, every width real (the
+    151,936-token vocabulary too; DeepStack on Qwen3-VL): the picture reaches the model at the
+    recipe's budget (448 x 448 px = 200,704, its minimum: 256 tokens of 28 px, 196 of 32 px),
+    and the work formulas hold - generation keeps its cache with checkpointing on; scoring reads
+    the prompt once; the checkpointed update one pass per row, each picture once."""
+    args = bench.parse_args(["--shape", shape, "--device", "cpu", "--text-layers", "1",
+                             "--vision-blocks", "2", "--prompts", "1", "--group-size", "2",
+                             "--max-new-tokens", "2", "--updates-per-step", "1",
+                             "--micro-batch-size", "2"])
+    assert args.gradient_checkpointing and args.dtype == "float32"
     s = bench.prepare(shape, args, torch.device("cpu"))
     text = s.policy.config.text_config
     assert (text.hidden_size, text.vocab_size, text.num_hidden_layers) == (2048, 151_936, 1)
@@ -193,13 +211,13 @@ def test_shapes_gpu_code_path_runs_on_cpu_at_reduced_depth(shape, grid):
     assert r.image_grid_thw.tolist() == [grid]
     P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
     rows = int(r.row_pictures()[1].prod(-1).sum())                 # a plain forward's copies
-    measured = bench.run_step(s, "papo-g+grad", measure=True)
+    measured = bench.run_step(s, "papo-g", measure=True)
     assert measured["peak_mib"] > 0
     work = measured["work"]
     assert work["generate"]["lm_calls"] == calls([1, P - 1, 1], [2, 1, T])
-    assert work["ref"]["lm_calls"] == calls([1, P, 1], [2, T, 1])      # no gradient: prompt once
-    assert work["update"]["lm_calls"] == calls([2, P + T, 2])
-    assert work["update"]["vision_rows"] == 2 * (rows // 2)   # G = 2: each picture once, twice
+    assert work["ref"]["lm_calls"] == work["masked"]["lm_calls"] == calls([1, P, 1], [2, T, 1])
+    assert work["update"]["lm_calls"] == calls([2, P + T, 1])
+    assert work["update"]["vision_rows"] == rows // 2           # G = 2: each picture once
 
 
 def test_shapes_default_to_the_recipes_per_gpu_work_and_name_their_errors(capsys):

@@ -399,12 +399,16 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
             work[part] = w.counts(passes=int(expected[part]))
             if expected[part]:
                 times[part] = seconds
+                if seconds > 10:        # a large model: say where it is
+                    log(f"{s.name}: {objective}: {part} log-probs {seconds:.1f} s")
                 for f in (field, "masked_entropy", "masked") if part == "masked" else (field,):
                     setattr(batch, f, getattr(part_batch, f))
     held.append(tensor_bytes(s.policy, s.ref, batch))
     with watching() as mem_update, Work(*s.nets) as w:
         _, times["update"] = clock(lambda: train.update_phase(batch, s.policy, optimizer, cfg,
                                                               s.d, STEP), s.d.device)
+    if times["update"] > 10:
+        log(f"{s.name}: {objective}: update {times['update']:.1f} s")
     # --perception-grad reads the batch twice per update: original and masked pictures
     work["update"] = w.counts(passes=2 if uses_mask and cfg.perception_grad else 1)
     if not measure:
@@ -419,6 +423,8 @@ def bench_objectives(s: Setup, args):
     repeat], objective -> [run_step(measure=True), per pass]). A CPU's resident size varies by
     a few MiB between identical steps (the allocator), hence --repeats passes there and their
     median; a GPU's allocator counts tensors exactly: one pass."""
+    if args.single_pass:
+        return single_pass(s, args)
     runs = {name: [] for name in args.objectives}
     for r, order in rotations(list(args.objectives), args.warmup + args.repeats):
         _, generate_s = time_generate(s)        # shared: one generation serves every objective
@@ -427,8 +433,6 @@ def bench_objectives(s: Setup, args):
             if r >= args.warmup:
                 runs[name].append({**times, "step": sum(times.values())})
         log(f"{s.name}: repeat {r + 1}/{args.warmup + args.repeats}")
-    if args.single_pass:
-        return single_pass(s, args)
     measured = {name: [] for name in args.objectives}
     for _, order in rotations(list(args.objectives),
                               1 if s.d.device.type == "cuda" else args.repeats):
@@ -443,6 +447,7 @@ def single_pass(s: Setup, args):
     full 3B on a CPU. The times then include what measuring costs (handing freed memory back to
     the kernel between phases): no medians, no warm-up."""
     _, generate_s = time_generate(s)
+    log(f"{s.name}: generate {generate_s:.1f} s")
     runs, measured = {}, {}
     for name in args.objectives:
         m = run_step(s, name, measure=True)

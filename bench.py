@@ -278,6 +278,7 @@ class Setup:
     batch: train.Batch         # the shared rollouts, masked images included
     seed: int                  # the step's sampling seed
     generate_work: dict        # Work.counts() of generating them
+    collect_s: float           # seconds of that train.collect_batch (generation and masking)
 
     @property
     def nets(self) -> list:
@@ -318,13 +319,13 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     examples = [toy.toy_example(rng, image_size=sides[i % len(sides)])
                 for i in range(args.prompts)]
     with Work(policy) as work:
-        batch, _, _ = train.collect_batch(policy, processor, examples, cfgs["papo-g"], d, STEP,
-                                          0, need_masked=True)
+        (batch, _, _), collect_s = clock(lambda: train.collect_batch(
+            policy, processor, examples, cfgs["papo-g"], d, STEP, 0, need_masked=True), device)
     prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, args.prompts)  # its draw
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
                  {k: v.detach().to("cpu", copy=True) for k, v in policy.named_parameters()
                   if v.requires_grad},
-                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
+                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts(), collect_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,12 +443,13 @@ def bench_objectives(s: Setup, args):
 
 
 def single_pass(s: Setup, args):
-    """--single-pass: one generation, then ONE measuring pass per objective whose clocks are
-    also the times (and the masking timed apart) - for a model too large to step twice, as the
-    full 3B on a CPU. The times then include what measuring costs (handing freed memory back to
-    the kernel between phases): no medians, no warm-up."""
-    _, generate_s = time_generate(s)
-    log(f"{s.name}: generate {generate_s:.1f} s")
+    """--single-pass: ONE measuring pass per objective whose clocks are also the times (and the
+    masking timed apart) - for a model too large to step twice, as the full 3B on a CPU. The
+    generation is prepare's own (its collect_batch: generation, and masking of a few pictures),
+    not repeated. The times include what measuring costs (handing freed memory back to the
+    kernel between phases): no medians, no warm-up."""
+    generate_s = s.collect_s
+    log(f"{s.name}: generated the rollouts in {generate_s:.1f} s")
     runs, measured = {}, {}
     for name in args.objectives:
         m = run_step(s, name, measure=True)
@@ -616,8 +618,8 @@ def target(name, model, value, limit, higher=False, passed=None, note="") -> dic
             "comparison": ">=" if higher else "<=", "pass": passed, "note": note}
 
 
-def collect_targets(models: dict, lp: dict) -> list[dict]:
-    rows = [target("2. completion_logprobs / naive peak memory",
+def collect_targets(models: dict, lp: dict | None) -> list[dict]:
+    rows = [] if lp is None else [target("2. completion_logprobs / naive peak memory",
                    f"vocab {lp['vocab']}, {lp['completion_tokens']} tokens", lp["ratio"], 0.25,
                    passed=None if lp["ratio"] is None
                    else lp["ratio"] <= 0.25 and lp["max_abs_diff"] <= 1e-5,
@@ -717,10 +719,12 @@ def format_report(report: dict) -> str:
         lines.append("")
     lp = report["logprob_memory"]
     mib = lambda v: "n/a" if v is None else f"{v:.1f} MiB"
-    lines += [f"log-probs of one rollout, {lp['completion_tokens']} completion tokens, vocabulary "
-              f"{lp['vocab']}, no gradient: naive {mib(lp['naive_mib'])}, completion_logprobs "
-              f"{mib(lp['chunked_mib'])}, max |difference| {lp['max_abs_diff']:.1e}",
-              f"memory: {report['memory_method']}; a 64 MiB probe measures "
+    if lp:
+        lines.append(f"log-probs of one rollout, {lp['completion_tokens']} completion tokens, "
+                     f"vocabulary {lp['vocab']}, no gradient: naive {mib(lp['naive_mib'])}, "
+                     f"completion_logprobs {mib(lp['chunked_mib'])}, max |difference| "
+                     f"{lp['max_abs_diff']:.1e}")
+    lines += [f"memory: {report['memory_method']}; a 64 MiB probe measures "
               f"{mib(report['memory_probe_mib'])}", "", "targets"]
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -772,7 +776,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        # other work OpenMP's threads wait at every barrier (a short run on a
                        # shared 2-core machine: 40 s with 2 threads, 2 s with 1)
                        ("threads", "torch CPU threads (default: 1 on a CPU; 0: torch's choice)"),
-                       ("logprob-tokens", "completion tokens of target 2 (default 1024)"),
+                       ("logprob-tokens", "completion tokens of target 2 (default 1024; 0: skip it)"),
                        ("text-layers", "--shape at this many decoder layers (default: all)"),
                        ("vision-blocks", "--shape at this many vision blocks (default: all; "
                                          "the last always attends over the whole picture)"),
@@ -885,8 +889,10 @@ def run_bench(args, device: torch.device) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    log("log-prob memory: naive vs completion_logprobs")
-    report["logprob_memory"] = bench_logprob_memory(args, device)
+    report["logprob_memory"] = None
+    if args.logprob_tokens:
+        log("log-prob memory: naive vs completion_logprobs")
+        report["logprob_memory"] = bench_logprob_memory(args, device)
     report["targets"] = collect_targets(report["models"], report["logprob_memory"])
     report["load_average"] = [load_start, os.getloadavg()[0]]
     print(format_report(report))

@@ -681,8 +681,9 @@ def format_report(report: dict) -> str:
             f"({m['prompts']} prompts x G={m['group_size']}), prompt {m['prompt_tokens']} tokens "
             f"({m['image_tokens_per_rollout']} image), {m['new_tokens']} new tokens (mean "
             f"response {m['mean_response_tokens']:.1f}), {s['dtype']}, checkpointing "
-            f"{'on' if s['gradient_checkpointing'] else 'off'}; medians of {s['repeats']} "
-            f"repeats after {s['warmup']} warm-up")
+            f"{'on' if s['gradient_checkpointing'] else 'off'}; " +
+            ("one pass, timed and measured (--single-pass)" if s["single_pass"] else
+             f"medians of {s['repeats']} repeats after {s['warmup']} warm-up"))
         table("seconds", lambda k: f"{k:>14s}")
         for p, label in LABELS.items():
             table(f"  {label}", lambda k: f"{m['phases_s'][k][p]:14.4f}" if m["phases_s"][k][p]
@@ -695,7 +696,7 @@ def format_report(report: dict) -> str:
                      "trainable parameters, + the reference: docs/performance.md's table)")
         lines.append(f"generated tokens/s: {m['generated_tokens_per_s']:.1f} (generate phase, "
                      f"{m['rollouts']} rows)")
-        if name in SHAPES:
+        if name in SHAPES and dev["type"] == "cuda":
             scale = PROMPTS_PER_GPU / m["prompts"]
             lines.append(f"the 3B recipe's step on one of its 2 GPUs ({PROMPTS_PER_GPU} prompts, "
                          f"x {scale:g}, scaled): " + ", ".join(

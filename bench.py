@@ -73,7 +73,7 @@ MIB = 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The models: toy.py's offline sizes, and the Qwen2.5-VL-3B / Qwen3-VL-2B shapes, random
+# 1. The models: toy.py's offline sizes, and the released architectures (architectures.py)
 # ---------------------------------------------------------------------------------------------
 
 # --shape: a released architecture (architectures.py: every width, depth and index of its
@@ -82,8 +82,8 @@ MIB = 2 ** 20
 # --vision-blocks reduce its depth, every width kept: the same code on a CPU (tests).
 SHAPES = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "qwen3-2b": "qwen3-vl-2b"}
 # The shapes' raw pictures, in turn: 448, 672 and 896 px square, 256, 576 and 1,024 image tokens
-# in Qwen2.5-VL's 28-px tokens (196, 441, 784 in Qwen3-VL's 32-px ones): ~620 on average, about
-# what the training set's pictures give (docs/performance.md), many 112-px windows each.
+# in Qwen2.5-VL's 28-px tokens (196, 441, 784 in Qwen3-VL's 32-px ones): ~620 on average, near
+# the ~600 that docs/performance.md's memory estimates assume; many 112-px windows each.
 PICTURE_SIDES = (448, 672, 896)
 # Target 2: tiny widths and Qwen's vocabulary, so that logits dominate memory as in the real
 # model (1,024 positions x 151,936 x 4 bytes = 594 MiB per copy).

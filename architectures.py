@@ -6,7 +6,7 @@
                               blocks and every width kept, so a CPU can run the REAL widths
     build(arch, ...)          a randomly initialised model of the real class and a processor
     OFFICIAL_MIN_PIXELS, ...  the training recipe's pixel budget (256 .. 1,280 image tokens)
-    state_bytes(...)          what the training state of a model takes before activations
+    parameter_count(arch)     its parameters, counted without memory (the meta device)
 
 Why random weights: what code does at scale - shapes, memory, the windows of the vision tower,
 the M-RoPE sections, the shared-prefix and picture-once paths, LoRA's module names, FSDP's
@@ -206,14 +206,3 @@ def parameter_count(arch: Architecture | str, vocab: int | None = None) -> int:
     net, _ = build(arch, dtype=torch.bfloat16, device="meta", vocab=vocab)
     return sum(p.numel() for p in net.parameters())
 
-
-def state_bytes(parameters: int, *, trainable: int | None = None, weight_bytes: int = 4,
-                reference_bytes: int = 0) -> int:
-    """Bytes of a training state before activations (docs/performance.md's computed table):
-    every weight at `weight_bytes`, and per TRAINABLE parameter a gradient of the same size and
-    AdamW's two float32-or-weight-sized moments (2 x weight_bytes), plus a frozen reference copy
-    at `reference_bytes` a parameter (0: none). 3B in fp32 with a bf16 reference:
-    3.75e9 x (4 + 4 + 8 + 2) = 67.6 GB."""
-    trainable = parameters if trainable is None else trainable
-    return (parameters * (weight_bytes + reference_bytes)
-            + trainable * (weight_bytes + 2 * weight_bytes))

@@ -777,7 +777,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        # other work OpenMP's threads wait at every barrier (a short run on a
                        # shared 2-core machine: 40 s with 2 threads, 2 s with 1)
                        ("threads", "torch CPU threads (default: 1 on a CPU; 0: torch's choice)"),
-                       ("logprob-tokens", "completion tokens of target 2 (default 1024; 0: skip it)"),
+                       ("logprob-tokens", "completion tokens of target 2 (default 1024; "
+                                          "0: skip it)"),
                        ("text-layers", "--shape at this many decoder layers (default: all)"),
                        ("vision-blocks", "--shape at this many vision blocks (default: all; "
                                          "the last always attends over the whole picture)"),

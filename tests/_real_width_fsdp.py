@@ -8,7 +8,8 @@ full-attention vision block; the offline tokenizer's vocabulary), turns gradient
 on and shards it as train.py does (runtime.shard_model), then runs train.py's phases on its own
 prompt, one picture at the recipe's minimum budget: collect_batch (generate with
 synced_gpus, mask, re-process), score_phase (the masked log-probs) and update_phase with AdamW.
-It saves whether each trainable tensor moved and the step's gradient norm to OUT_FOLDER/rank{r}.pt."""
+It saves how many trainable tensors moved and the step's gradient norm to
+OUT_FOLDER/rank{r}.pt."""
 
 import sys
 from pathlib import Path
@@ -48,16 +49,18 @@ def main() -> None:
         examples = [toy.toy_example(rng, image_size=448) for _ in range(2)]
         batch, _, _ = train.collect_batch(policy, processor, examples, cfg, d, step=1, cursor=0,
                                           need_masked=True)
-        assert batch.rollouts.image_grid_thw.tolist() == [[1, 32, 32]], batch.rollouts.image_grid_thw
+        grid = batch.rollouts.image_grid_thw.tolist()
+        assert grid == [[1, 32, 32]], grid              # 448 x 448 px: the budget's minimum
         # a random model earns no reward: advantages of its own, so the clipped term acts too
         batch.advantages = torch.tensor([1.0, -1.0])
         train.score_phase(batch, policy, None, cfg, d)
         assert batch.masked_logp is not None
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr)
+        # no weight decay: a tensor moves only if a gradient reached it
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, weight_decay=0.0)
         metrics = train.update_phase(batch, policy, optimizer, cfg, d, step=1)
         moved = sum(not torch.equal(p.full_tensor(), before[n]) for n, p in trainable.items())
-        torch.save({"grad_norm": metrics["grad_norm"], "kl_prcp": metrics.get("kl_prcp"), "moved": moved, "trainable": len(trainable)},
-                   out / f"rank{d.rank}.pt")
+        torch.save({"grad_norm": metrics["grad_norm"], "moved": moved,
+                    "trainable": len(trainable)}, out / f"rank{d.rank}.pt")
         runtime.barrier()
     finally:
         dist.destroy_process_group()

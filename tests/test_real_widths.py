@@ -280,7 +280,8 @@ def test_two_process_fsdp_step_at_real_widths(tmp_path):
     """torchrun, 2 gloo processes: the real-width model sharded with FSDP2 (each decoder layer
     and vision block a unit), gradient checkpointing on, one PAPO-G step (generate, mask, masked
     log-probs, update) on a picture at the budget's minimum per rank: the global gradient norm
-    is finite, positive and the same on both ranks, and every trainable tensor moves."""
+    is finite, positive and the same on both ranks, and every trainable tensor moves (AdamW
+    without weight decay: each got a gradient)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29571", str(REPO / "tests" / "_real_width_fsdp.py"), str(tmp_path)]

@@ -2,9 +2,11 @@
 
     python bench.py                      # CPU: the tiny and small offline models (1-3 min)
     python bench.py --out bench.json     # the same, and every number as JSON
-    python bench.py --shape 3b           # GPU: a Qwen2.5-VL-3B-shaped model, random weights
-    python bench.py --shape 3b-mini      # the 3B code path with tiny widths, on a CPU
-    python bench.py --shape qwen3-2b     # GPU: a Qwen3-VL-2B-shaped model (qwen3-2b-mini: CPU)
+    python bench.py --shape 3b           # GPU: Qwen2.5-VL-3B's architecture, random weights, at
+                                         # the 3B recipe's per-GPU shapes (G = 5, 2,048 tokens)
+    python bench.py --shape qwen3-2b     # GPU: Qwen3-VL-2B's (7b: Qwen2.5-VL-7B's, bf16)
+    python bench.py --shape 3b --device cpu --text-layers 2 --vision-blocks 2 --prompts 1 \
+        --group-size 2 --max-new-tokens 4   # the same code on a CPU, real widths, shallower
 
 Three objectives train on the SAME rollouts from the SAME initial weights: grpo; papo-g (+ the
 Implicit Perception Loss, masked branch detached as officially: one more no-gradient forward, on
@@ -58,6 +60,8 @@ import numpy as np
 import torch
 import transformers
 
+import architectures
+import lora
 import model as qwen
 import speedups
 import toy
@@ -69,39 +73,29 @@ MIB = 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The models: toy.py's offline sizes, and the Qwen2.5-VL-3B / Qwen3-VL-2B shapes, random
+# 1. The models: toy.py's offline sizes, and the released architectures (architectures.py)
 # ---------------------------------------------------------------------------------------------
 
-# Qwen2.5-VL-3B-Instruct in toy.SIZES' shorthand (toy.py derives head_dim and the mrope split,
-# [16, 24, 24] here). Random weights: a forward's work does not depend on what they know. Toy
-# pictures of 448 px stay unscaled: 32 x 32 patches, 256 image tokens.
-QWEN_3B = dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vocab=151_936,
-               vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420,
-               fullatt_blocks=[7, 15, 23, 31], patch=14, merge=2, temporal_patch=2,
-               tie_embeddings=True, image_size=448)
-# Qwen3-VL-2B (Instruct and Thinking share it): head_dim 128, the interleaved mrope split
-# [24, 20, 20]; 16-px patches, so 448-px pictures are 28 x 28 patches, 196 image tokens; DeepStack
-# from vision blocks 5, 11, 17; a learned 48 x 48 position table.
-QWEN3_2B = dict(family="qwen3-vl", hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144,
-                vocab=151_936, vision_hidden=1024, vision_depth=24, vision_heads=16,
-                vision_intermediate=4096, patch=16, merge=2, temporal_patch=2,
-                position_grid=2304, deepstack=[5, 11, 17], tie_embeddings=True, image_size=448)
-MINI = dict(hidden=128, heads=8, intermediate=512, vision_hidden=128, vision_heads=8,
-            vision_intermediate=256)
-SHAPES = {"3b": QWEN_3B,   # -mini: the same structure, tiny widths (the big shape's code on a CPU)
-          "3b-mini": dict(QWEN_3B, **MINI, kv_heads=1, image_size=112),
-          "qwen3-2b": QWEN3_2B,
-          "qwen3-2b-mini": dict(QWEN3_2B, **MINI, kv_heads=4, image_size=128)}
+# --shape: a released architecture (architectures.py: every width, depth and index of its
+# published config.json, random weights - a forward's work does not depend on what they know -
+# and the real vocabulary), at the official recipe's pixel budget. --text-layers and
+# --vision-blocks reduce its depth, every width kept: the same code on a CPU (tests).
+SHAPES = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "qwen3-2b": "qwen3-vl-2b"}
+# The shapes' raw pictures, in turn: 448, 672 and 896 px square, 256, 576 and 1,024 image tokens
+# in Qwen2.5-VL's 28-px tokens (196, 441, 784 in Qwen3-VL's 32-px ones): ~620 on average, near
+# the ~600 that docs/performance.md's memory estimates assume; many 112-px windows each.
+PICTURE_SIDES = (448, 672, 896)
 # Target 2: tiny widths and Qwen's vocabulary, so that logits dominate memory as in the real
 # model (1,024 positions x 151,936 x 4 bytes = 594 MiB per copy).
-LOGPROB_SHAPE = {**QWEN_3B, **toy.SIZES["tiny"], "vocab": 151_936, "fullatt_blocks": [1],
-                 "image_size": 112}
+LOGPROB_SHAPE = {**toy.SIZES["tiny"], "vocab": 151_936, "fullatt_blocks": [1], "image_size": 112}
+# The official 3B recipe's work on one of its 2 GPUs: 384 prompts a step over 2 ranks
+PROMPTS_PER_GPU = 192
 
 
 def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: torch.device):
-    """A random Qwen2.5-VL or Qwen3-VL of `shape` and a processor: the tiny tokenizer (the ids
-    above its 400 that a random model samples decode to nothing) and an image processor that
-    keeps pictures of up to shape["image_size"] px square unscaled."""
+    """A random Qwen2.5-VL of toy.SIZES-style knobs `shape` (target 2's) and a processor: the
+    tiny tokenizer and an image processor that keeps pictures of up to shape["image_size"] px
+    square unscaled."""
     name = shape.get("family", "qwen2.5-vl")
     tokenizer = toy.build_tokenizer(toy.SIZES["tiny"]["vocab"])
     config = toy.model_config(shape, tokenizer, name, vocab_size=shape["vocab"], rms_norm_eps=1e-6,
@@ -118,14 +112,20 @@ def build_shaped_model(shape: dict, *, seed: int, dtype: torch.dtype, device: to
         tokenizer=tokenizer, chat_template=template)
 
 
-def build_model(name: str, *, seed: int, dtype: torch.dtype, device: torch.device):
-    """(model, processor, picture side in px): pictures as large as the processor keeps."""
+def shape_architecture(name: str, args) -> architectures.Architecture:
+    """--shape's architecture at --text-layers / --vision-blocks (None: the real depth)."""
+    return architectures.reduced(SHAPES[name], args.text_layers, args.vision_blocks)
+
+
+def build_model(name: str, args, *, dtype: torch.dtype, device: torch.device):
+    """(model, processor, raw picture sides in px, taken in turn): the toy sizes' pictures as
+    large as their processor keeps; the shapes' at the recipe's budget (PICTURE_SIDES)."""
     if name in SHAPES:
-        return (*build_shaped_model(SHAPES[name], seed=seed, dtype=dtype, device=device),
-                SHAPES[name]["image_size"])
-    model, processor = toy.build_tiny_model(seed=seed, size=name)
+        return (*architectures.build(shape_architecture(name, args), seed=args.seed, dtype=dtype,
+                                     device=device), PICTURE_SIDES)
+    model, processor = toy.build_tiny_model(seed=args.seed, size=name)
     return (model.to(device=device, dtype=dtype), processor,
-            int(toy.SIZES[name]["max_pixels"] ** 0.5))
+            (int(toy.SIZES[name]["max_pixels"] ** 0.5),))
 
 
 def set_checkpointing(net, on: bool) -> None:
@@ -267,43 +267,65 @@ STEP = 1   # the step handed to train.py: it seeds sampling and the update's row
 class Setup:
     name: str
     policy: torch.nn.Module
-    ref: torch.nn.Module       # frozen copy (beta > 0 in both presets, as runtime.build_policy)
+    ref: torch.nn.Module | None   # frozen copy (beta > 0 in both presets, as
+                                  # runtime.build_policy); None with LoRA: the adapters off
     processor: object
     prompts: list              # the step's data.Examples, in collect_batch's order
     cfgs: dict                 # objective -> config.Config
     d: runtime.Dist
-    initial: dict              # the policy's initial weights, on the CPU: not in GPU memory
+    initial: dict              # the policy's initial TRAINABLE weights, on the CPU (the frozen
+                               # ones never change): not in GPU memory
     batch: train.Batch         # the shared rollouts, masked images included
     seed: int                  # the step's sampling seed
     generate_work: dict        # Work.counts() of generating them
+    collect_s: float           # seconds of that train.collect_batch (generation and masking)
+
+    @property
+    def nets(self) -> list:
+        return [net for net in (self.policy, self.ref) if net is not None]
 
 
 def prepare(name: str, args, device: torch.device) -> Setup:
     """Build the model and generate the step's rollouts ONCE, masked images included, with
     train.collect_batch itself; every objective is then scored and updated on them."""
-    policy, processor, side = build_model(name, seed=args.seed, dtype=getattr(torch, args.dtype),
-                                          device=device)
+    policy, processor, sides = build_model(name, args, dtype=getattr(torch, args.dtype),
+                                           device=device)
     set_checkpointing(policy, args.gradient_checkpointing)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    if args.lora_rank:      # as runtime.build_policy: adapters on, every other weight frozen
+        lora.add_adapters(policy, args.lora_rank, 0.0, config.Config().lora_targets.split(","))
+    if args.freeze_vision_tower:
+        policy.model.visual.requires_grad_(False)
+    ref = None
+    if not args.lora_rank:
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+        if device.type == "cuda":         # as runtime.build_policy: a bf16 reference on a GPU
+            ref.to(torch.bfloat16)
     policy.train()
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("group_size", "max_new_tokens", "updates_per_step", "micro_batch_size", "seed")]
     common += [f"--prompts-per-step={args.prompts}",
                # train.py's "auto": float32 master weights, bf16 autocast on a GPU
                f"--dtype={'bfloat16' if args.dtype == 'bfloat16' else 'auto'}",
-               f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"]
+               f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing",
+               f"--lora-rank={args.lora_rank}",
+               f"--{'' if args.freeze_vision_tower else 'no-'}freeze-vision-tower"]
+    if name in SHAPES:      # the recipe's budget (without --model, parse_config takes the toy's)
+        common += [f"--min-pixels={architectures.OFFICIAL_MIN_PIXELS}",
+                   f"--max-pixels={architectures.OFFICIAL_MAX_PIXELS}"]
     cfgs = {k: config.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
     for cfg in cfgs.values():
         config.check_config(cfg, world_size=1)
     rng, d = np.random.default_rng(args.seed), runtime.Dist(device=device)
-    examples = [toy.toy_example(rng, image_size=side) for _ in range(args.prompts)]
+    examples = [toy.toy_example(rng, image_size=sides[i % len(sides)])
+                for i in range(args.prompts)]
     with Work(policy) as work:
-        batch, _, _ = train.collect_batch(policy, processor, examples, cfgs["papo-g"], d, STEP,
-                                          0, need_masked=True)
+        (batch, _, _), collect_s = clock(lambda: train.collect_batch(
+            policy, processor, examples, cfgs["papo-g"], d, STEP, 0, need_masked=True), device)
     prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, args.prompts)  # its draw
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
-                 {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()},
-                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
+                 {k: v.detach().to("cpu", copy=True) for k, v in policy.named_parameters()
+                  if v.requires_grad},
+                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts(), collect_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +374,7 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
     times, work = dict.fromkeys(PHASES, 0.0), {"generate": s.generate_work}
     if uses_mask and not measure:
         times["mask"] = time_mask(s, cfg)
-    s.policy.load_state_dict(s.initial)
+    s.policy.load_state_dict(s.initial, strict=False)     # the trainable weights
     # a fresh optimizer, as in train.main: its state is allocated in the first update (counted)
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -367,7 +389,7 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
             part_batch = dataclasses.replace(   # without log-probs: what the call made shows
                 batch, old_logp=None, ref_logp=None, masked_logp=None, masked_entropy=None,
                 masked=batch.masked if part == "masked" else None)
-            with Work(s.policy, s.ref) as w:   # its hooks only append to a list: always on
+            with Work(*s.nets) as w:   # its hooks only append to a list: always on
                 _, seconds = clock(lambda: train.score_phase(
                     part_batch, s.policy, s.ref, dataclasses.replace(cfg, **ONLY[part]), s.d),
                     s.d.device)
@@ -378,19 +400,23 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
             work[part] = w.counts(passes=int(expected[part]))
             if expected[part]:
                 times[part] = seconds
+                if seconds > 10:        # a large model: say where it is
+                    log(f"{s.name}: {objective}: {part} log-probs {seconds:.1f} s")
                 for f in (field, "masked_entropy", "masked") if part == "masked" else (field,):
                     setattr(batch, f, getattr(part_batch, f))
     held.append(tensor_bytes(s.policy, s.ref, batch))
-    with watching() as mem_update, Work(s.policy, s.ref) as w:
+    with watching() as mem_update, Work(*s.nets) as w:
         _, times["update"] = clock(lambda: train.update_phase(batch, s.policy, optimizer, cfg,
                                                               s.d, STEP), s.d.device)
+    if times["update"] > 10:
+        log(f"{s.name}: {objective}: update {times['update']:.1f} s")
     # --perception-grad reads the batch twice per update: original and masked pictures
     work["update"] = w.counts(passes=2 if uses_mask and cfg.perception_grad else 1)
     if not measure:
         return times
     extra = [mem_score.extra, mem_update.extra]
     return {"peak_mib": None if None in extra else max(map(sum, zip(held, extra))) / MIB,
-            "work": work}
+            "work": work, "seconds": times}
 
 
 def bench_objectives(s: Setup, args):
@@ -398,18 +424,39 @@ def bench_objectives(s: Setup, args):
     repeat], objective -> [run_step(measure=True), per pass]). A CPU's resident size varies by
     a few MiB between identical steps (the allocator), hence --repeats passes there and their
     median; a GPU's allocator counts tensors exactly: one pass."""
-    runs = {name: [] for name in OBJECTIVES}
-    for r, order in rotations(list(OBJECTIVES), args.warmup + args.repeats):
+    if args.single_pass:
+        return single_pass(s, args)
+    runs = {name: [] for name in args.objectives}
+    for r, order in rotations(list(args.objectives), args.warmup + args.repeats):
         _, generate_s = time_generate(s)        # shared: one generation serves every objective
         for name in order:
             times = {**run_step(s, name), "generate": generate_s}
             if r >= args.warmup:
                 runs[name].append({**times, "step": sum(times.values())})
         log(f"{s.name}: repeat {r + 1}/{args.warmup + args.repeats}")
-    measured = {name: [] for name in OBJECTIVES}
-    for _, order in rotations(list(OBJECTIVES), 1 if s.d.device.type == "cuda" else args.repeats):
+    measured = {name: [] for name in args.objectives}
+    for _, order in rotations(list(args.objectives),
+                              1 if s.d.device.type == "cuda" else args.repeats):
         for name in order:
             measured[name].append(run_step(s, name, measure=True))
+    return runs, measured
+
+
+def single_pass(s: Setup, args):
+    """--single-pass: ONE measuring pass per objective whose clocks are also the times (and the
+    masking timed apart) - for a model too large to step twice, as the full 3B on a CPU. The
+    generation is prepare's own (its collect_batch: generation, and masking of a few pictures),
+    not repeated. The times include what measuring costs (handing freed memory back to the
+    kernel between phases): no medians, no warm-up."""
+    generate_s = s.collect_s
+    log(f"{s.name}: generated the rollouts in {generate_s:.1f} s")
+    runs, measured = {}, {}
+    for name in args.objectives:
+        m = run_step(s, name, measure=True)
+        mask_s = time_mask(s, s.cfgs[name]) if config.uses_masked_branch(s.cfgs[name]) else 0.0
+        times = {**m["seconds"], "generate": generate_s, "mask": mask_s}
+        runs[name], measured[name] = [{**times, "step": sum(times.values())}], [m]
+        log(f"{s.name}: {name} stepped once")
     return runs, measured
 
 
@@ -529,19 +576,30 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     r = s.batch.rollouts
     B, P, T, G = len(r), r.prompt_ids.shape[1], r.completion_ids.shape[1], r.num_samples
     rows = int(r.row_pictures()[1].prod(-1).sum())     # patch rows of a plain forward: B copies
-    extra = paired_extra(runs["papo-g"], runs["grpo"])                 # target 1
-    forward = phases["papo-g"]["masked"]
+    # target 1 compares PAPO-G with GRPO; --objectives may leave either out (then n/a)
+    both = "grpo" in runs and "papo-g" in runs
+    extra = paired_extra(runs["papo-g"], runs["grpo"]) if both else None
+    forward = phases["papo-g"]["masked"] if "papo-g" in runs else 0.0
+    ratio = lambda a, b: a / b if b else None
+    # docs/performance.md's computed table, from the tensors themselves: every weight, and per
+    # trainable one a gradient and AdamW's two moments of its size, plus the reference copy
+    trainable = sum(p.numel() * p.element_size() for p in s.policy.parameters() if p.requires_grad)
+    computed = tensor_bytes(s.policy) + 3 * trainable + (tensor_bytes(s.ref) if s.ref else 0)
     return {
         "parameters": sum(p.numel() for p in s.policy.parameters()), "rollouts": B,
         "prompts": len(s.prompts), "group_size": G, "prompt_tokens": P, "new_tokens": T,
         "image_tokens_per_rollout": int(r.mm_token_type_ids[0].sum()),
         "rollouts_patch_rows": rows,
         "mean_response_tokens": float(r.completion_mask.sum(1).mean()),
+        "trainable_parameters": sum(p.numel() for p in s.policy.parameters() if p.requires_grad),
+        "generated_tokens_per_s": float(r.completion_mask.sum()) / median(
+            [t["generate"] for ts in runs.values() for t in ts]),
+        "computed_state_mib": computed / MIB,
         "phases_s": phases, "peak_mib": peak,
-        "ratios_to_grpo": {k: {"step": phases[k]["step"] / phases["grpo"]["step"],
-                               "update": phases[k]["update"] / phases["grpo"]["update"],
-                               "memory": peak[k] / peak["grpo"] if peak["grpo"] else None}
-                           for k in OBJECTIVES},
+        "ratios_to_grpo": {k: {"step": ratio(phases[k]["step"], grpo and grpo["step"]),
+                               "update": ratio(phases[k]["update"], grpo and grpo["update"]),
+                               "memory": ratio(peak[k], peak.get("grpo"))}
+                           for k in runs for grpo in [phases.get("grpo")]},
         "work": work,
         # [vision rows, LM tokens] of one plain forward per rollout, per pass (generation: a
         # plain generate, B x P positions then B x 1 per new token but the last)
@@ -550,8 +608,9 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
         "vision_rows_ratio": {k: {p: w["vision_rows"] / w["passes"] * G / rows
                                   for p, w in work[k].items() if w["passes"]} for k in work},
         "papo_g_extra_s": extra, "masked_forward_s": forward,
-        "extra_over_forward": extra / forward if forward > 0 else None,
-        "mask_share_of_step": phases["papo-g"]["mask"] / phases["papo-g"]["step"]}
+        "extra_over_forward": extra / forward if both and forward > 0 else None,
+        "mask_share_of_step": (phases["papo-g"]["mask"] / phases["papo-g"]["step"]
+                               if "papo-g" in runs else None)}
 
 
 def target(name, model, value, limit, higher=False, passed=None, note="") -> dict:
@@ -562,31 +621,35 @@ def target(name, model, value, limit, higher=False, passed=None, note="") -> dic
             "comparison": ">=" if higher else "<=", "pass": passed, "note": note}
 
 
-def collect_targets(models: dict, lp: dict) -> list[dict]:
-    rows = [target("2. completion_logprobs / naive peak memory",
+def collect_targets(models: dict, lp: dict | None) -> list[dict]:
+    rows = [] if lp is None else [target("2. completion_logprobs / naive peak memory",
                    f"vocab {lp['vocab']}, {lp['completion_tokens']} tokens", lp["ratio"], 0.25,
                    passed=None if lp["ratio"] is None
                    else lp["ratio"] <= 0.25 and lp["max_abs_diff"] <= 1e-5,
                    note=f"max |logp difference| {lp['max_abs_diff']:.1e} (limit 1e-5); "
                         "one rollout, one pass")]
     for name, m in models.items():
-        on, off = (m["generation"][f"checkpointing {v}"] for v in ("on", "off"))
-        control = m["generation"]["checkpointing on, use_cache off"]
-        rows += [
-            target("1. (PAPO-G step - GRPO step) / masked forward", name,
-                   m["extra_over_forward"], 1.1,
-                   note=f"{m['papo_g_extra_s']:.4f} s extra vs a {m['masked_forward_s']:.4f} s "
-                        "no-gradient forward on the masked images"),
-            target("1. masking + re-processing share of a PAPO-G step", name,
-                   m["mask_share_of_step"], 0.05),
-            target("1. peak memory PAPO-G / GRPO", name,
-                   m["ratios_to_grpo"]["papo-g"]["memory"], 1.10),
-            target("3. generate tokens/s, checkpointing on / off", name,
-                   on["tokens_per_s"] / off["tokens_per_s"], 0.8, higher=True,
-                   passed=on["tokens_per_s"] >= 0.8 * off["tokens_per_s"] and on["kv_cache_used"],
-                   note=f"KV cache used with checkpointing on: {on['kv_cache_used']}; positions "
-                        f"per new token {on['positions_per_token']:.2f} (use_cache off: "
-                        f"{control['positions_per_token']:.2f})")]
+        if m["papo_g_extra_s"] is not None:           # --objectives kept GRPO and PAPO-G
+            rows += [
+                target("1. (PAPO-G step - GRPO step) / masked forward", name,
+                       m["extra_over_forward"], 1.1,
+                       note=f"{m['papo_g_extra_s']:.4f} s extra vs a "
+                            f"{m['masked_forward_s']:.4f} s no-gradient forward on the masked "
+                            "images"),
+                target("1. masking + re-processing share of a PAPO-G step", name,
+                       m["mask_share_of_step"], 0.05),
+                target("1. peak memory PAPO-G / GRPO", name,
+                       m["ratios_to_grpo"]["papo-g"]["memory"], 1.10)]
+        if "generation" in m:                         # unless --no-generation-variants
+            on, off = (m["generation"][f"checkpointing {v}"] for v in ("on", "off"))
+            control = m["generation"]["checkpointing on, use_cache off"]
+            rows.append(target(
+                "3. generate tokens/s, checkpointing on / off", name,
+                on["tokens_per_s"] / off["tokens_per_s"], 0.8, higher=True,
+                passed=on["tokens_per_s"] >= 0.8 * off["tokens_per_s"] and on["kv_cache_used"],
+                note=f"KV cache used with checkpointing on: {on['kv_cache_used']}; positions "
+                     f"per new token {on['positions_per_token']:.2f} (use_cache off: "
+                     f"{control['positions_per_token']:.2f})"))
         vision = m["vision_rows_ratio"]
         for what, phases in (("generate, scoring", ("generate", "old", "ref", "masked")),
                              ("update", ("update",))):
@@ -614,14 +677,16 @@ def format_report(report: dict) -> str:
              f"{report['load_average'][0]:.1f} -> {report['load_average'][1]:.1f} on "
              f"{dev['cpus']} CPUs", ""]
     for name, m in report["models"].items():
-        table = lambda label, cell: lines.append(f"{label:30s}" + "".join(map(cell, OBJECTIVES)))
+        objectives = list(m["phases_s"])
+        table = lambda label, cell: lines.append(f"{label:30s}" + "".join(map(cell, objectives)))
         lines.append(
             f"== {name}: {m['parameters'] / 1e6:.2f}M parameters, {m['rollouts']} rollouts "
             f"({m['prompts']} prompts x G={m['group_size']}), prompt {m['prompt_tokens']} tokens "
             f"({m['image_tokens_per_rollout']} image), {m['new_tokens']} new tokens (mean "
             f"response {m['mean_response_tokens']:.1f}), {s['dtype']}, checkpointing "
-            f"{'on' if s['gradient_checkpointing'] else 'off'}; medians of {s['repeats']} "
-            f"repeats after {s['warmup']} warm-up")
+            f"{'on' if s['gradient_checkpointing'] else 'off'}; " +
+            ("one pass, timed and measured (--single-pass)" if s["single_pass"] else
+             f"medians of {s['repeats']} repeats after {s['warmup']} warm-up"))
         table("seconds", lambda k: f"{k:>14s}")
         for p, label in LABELS.items():
             table(f"  {label}", lambda k: f"{m['phases_s'][k][p]:14.4f}" if m["phases_s"][k][p]
@@ -629,17 +694,28 @@ def format_report(report: dict) -> str:
         for key in ("step", "update", "memory"):
             table(f"  ratio to grpo: {key}", lambda k: num(m["ratios_to_grpo"][k][key], "14.3f"))
         table("peak memory (MiB)", lambda k: num(m["peak_mib"][k], "14.1f"))
+        lines.append(f"{'  computed, before activations':30s}{m['computed_state_mib']:14.1f}   "
+                     f"(weights, and gradients + AdamW for {m['trainable_parameters']:,d} "
+                     "trainable parameters, + the reference: docs/performance.md's table)")
+        lines.append(f"generated tokens/s: {m['generated_tokens_per_s']:.1f} (generate phase, "
+                     f"{m['rollouts']} rows)")
+        if name in SHAPES and dev["type"] == "cuda":
+            scale = PROMPTS_PER_GPU / m["prompts"]
+            lines.append(f"the 3B recipe's step on one of its 2 GPUs ({PROMPTS_PER_GPU} prompts, "
+                         f"x {scale:g}, scaled): " + ", ".join(
+                             f"{k} ~{m['phases_s'][k]['step'] * scale:.0f} s" for k in objectives))
         lines.append(f"{'work: vision rows | LM tokens':30s}" + "".join(
-            f"{k:>20s}" for k in OBJECTIVES) + f"{'one per-rollout pass':>24s}")
+            f"{k:>20s}" for k in objectives) + f"{'one per-rollout pass':>24s}")
         for p in ("generate", "old", "ref", "masked", "update"):
             cells = [(m["work"][k][p]["vision_rows"], m["work"][k][p]["lm_tokens"])
-                     for k in OBJECTIVES]
+                     for k in objectives]
             base = m["per_rollout_pass"]["generate" if p == "generate" else "scoring"]
             lines.append(f"  {LABELS[p]:28s}" + "".join(
                 f"{v:>9,d} |{t:>9,d}" for v, t in cells) + f"    {base[0]:>9,d} |{base[1]:>9,d}")
-        lines.append(f"{'generate, same prompts':34s}tokens/s  positions per new token  "
-                     "language-model calls [rows, positions, repeats]")
-        for variant, g in m["generation"].items():
+        if "generation" in m:
+            lines.append(f"{'generate, same prompts':34s}tokens/s  positions per new token  "
+                         "language-model calls [rows, positions, repeats]")
+        for variant, g in m.get("generation", {}).items():
             c = g["lm_calls"]     # the control's calls all differ: first two and last
             lines.append(f"  {variant:32s}{g['tokens_per_s']:8.0f}  "
                          f"{g['positions_per_token']:23.2f}  " +
@@ -647,10 +723,12 @@ def format_report(report: dict) -> str:
         lines.append("")
     lp = report["logprob_memory"]
     mib = lambda v: "n/a" if v is None else f"{v:.1f} MiB"
-    lines += [f"log-probs of one rollout, {lp['completion_tokens']} completion tokens, vocabulary "
-              f"{lp['vocab']}, no gradient: naive {mib(lp['naive_mib'])}, completion_logprobs "
-              f"{mib(lp['chunked_mib'])}, max |difference| {lp['max_abs_diff']:.1e}",
-              f"memory: {report['memory_method']}; a 64 MiB probe measures "
+    if lp:
+        lines.append(f"log-probs of one rollout, {lp['completion_tokens']} completion tokens, "
+                     f"vocabulary {lp['vocab']}, no gradient: naive {mib(lp['naive_mib'])}, "
+                     f"completion_logprobs {mib(lp['chunked_mib'])}, max |difference| "
+                     f"{lp['max_abs_diff']:.1e}")
+    lines += [f"memory: {report['memory_method']}; a 64 MiB probe measures "
               f"{mib(report['memory_probe_mib'])}", "", "targets"]
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -666,30 +744,32 @@ def format_report(report: dict) -> str:
 
 # Defaults per kind of run. CPU sizes: tiny + small take 2-3 minutes on 2 cores; 15 repeats,
 # because target 1 is a difference of medians (9 gave 0.95-1.21 for one code, 25 gave 1.065).
-# 3b: the issue's G = 5, 8 prompts, 512 new tokens, bf16 weights (float32 master weights,
-# gradients, AdamW's moments and a float32 reference of ~3.75B parameters need ~75 GB).
-# Micro-batches of a multiple of G rows: score_phase cuts the batch into consecutive
-# micro-batches, and only whole groups let each read every picture once (target 4).
+# The shapes, on a GPU: the official 3B recipe's work per GPU in its own shapes - G = 5, up to
+# 2,048 new tokens, float32 master weights with bf16 autocast and a bf16 reference (train.py on a
+# GPU: docs/performance.md's computed table), gradient checkpointing - for 16 prompts, one
+# --generation-batch (80 rollouts), a twelfth of a GPU's 192 prompts a step; the report scales
+# the step to those 192. Micro-batches of 10 rows, two whole groups: score_phase cuts the batch
+# into consecutive micro-batches, and only whole groups let each read every picture once
+# (target 4). One timed repeat after one warm-up: a repeat generates 80 x 2,048 tokens.
+# 7b: bf16 weights (8.29B x 10 bytes: one 141 GB GPU); the recipe shards it over 4 GPUs with
+# --fsdp, which bench.py does not run.
+GPU_SHAPE = dict(prompts=16, group_size=5, max_new_tokens=2048, repeats=1, warmup=1,
+                 updates_per_step=2, micro_batch_size=10, device="cuda", dtype="float32",
+                 gradient_checkpointing=True)
 DEFAULTS = {
     "sizes": dict(prompts=8, group_size=4, max_new_tokens=64, repeats=15, warmup=2,
                   updates_per_step=2, micro_batch_size=8, device="cpu", dtype="float32",
                   gradient_checkpointing=False),
-    "3b": dict(prompts=8, group_size=5, max_new_tokens=512, repeats=3, warmup=1,
-               updates_per_step=2, micro_batch_size=5, device="cuda", dtype="bfloat16",
-               gradient_checkpointing=True),
-    "3b-mini": dict(prompts=2, group_size=5, max_new_tokens=16, repeats=3, warmup=1,
-                    updates_per_step=2, micro_batch_size=5, device="cpu", dtype="bfloat16",
-                    gradient_checkpointing=True)}
-DEFAULTS["qwen3-2b"], DEFAULTS["qwen3-2b-mini"] = DEFAULTS["3b"], DEFAULTS["3b-mini"]
+    "3b": GPU_SHAPE, "qwen3-2b": GPU_SHAPE, "7b": dict(GPU_SHAPE, dtype="bfloat16")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="defaults: " +
                                 "; ".join(f"{k}: {v}" for k, v in DEFAULTS.items()))
     p.add_argument("--sizes", default="tiny,small", help="offline sizes (toy.SIZES): a,b")
-    p.add_argument("--shape", choices=list(SHAPES), help="instead of --sizes: 3b = Qwen2.5-VL-"
-                   "3B's architecture, qwen3-2b = Qwen3-VL-2B's (a GPU); -mini = the same with "
-                   "tiny widths (a CPU)")
+    p.add_argument("--shape", choices=list(SHAPES), help="instead of --sizes: the architecture of "
+                   "Qwen2.5-VL-3B (3b), -7B (7b) or Qwen3-VL-2B (qwen3-2b), random weights, at "
+                   "the 3B recipe's per-GPU shapes (a GPU; on a CPU with --device cpu)")
     for flag, what in (("prompts", "prompts per step"), ("group-size", "G, rollouts per prompt"),
                        ("max-new-tokens", "longest response"),
                        ("repeats", "timed repeats (medians are reported)"),
@@ -700,30 +780,52 @@ def parse_args(argv=None) -> argparse.Namespace:
                        # other work OpenMP's threads wait at every barrier (a short run on a
                        # shared 2-core machine: 40 s with 2 threads, 2 s with 1)
                        ("threads", "torch CPU threads (default: 1 on a CPU; 0: torch's choice)"),
-                       ("logprob-tokens", "completion tokens of target 2 (default 1024)"),
+                       ("logprob-tokens", "completion tokens of target 2 (default 1024; "
+                                          "0: skip it)"),
+                       ("text-layers", "--shape at this many decoder layers (default: all)"),
+                       ("vision-blocks", "--shape at this many vision blocks (default: all; "
+                                         "the last always attends over the whole picture)"),
+                       ("lora-rank", "LoRA adapters of this rank, as train.py (default 0: off)"),
                        ("seed", "weights, pictures, sampling (default 0)")):
         p.add_argument(f"--{flag}", type=int, help=what)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="weights: float32 (bf16 autocast on a GPU, as train.py) or bfloat16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction)
+    p.add_argument("--freeze-vision-tower", action="store_true",
+                   help="the vision tower gets no gradient and no optimizer state (train.py's)")
+    p.add_argument("--generation-variants", action=argparse.BooleanOptionalAction, default=True,
+                   help="target 3: generation with and without checkpointing / KV cache")
+    p.add_argument("--single-pass", action="store_true",
+                   help="one pass per objective, timed and measured at once (no repeats): for "
+                        "a model too large to step twice, as the full 3B on a CPU")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES),
+                   help=f"which of {', '.join(OBJECTIVES)} to run (target 1 needs grpo and papo-g)")
     p.add_argument("--out", default="", help="also write the report as JSON to this file")
     args = p.parse_args(argv)
-    for key, value in {"logprob_tokens": 1024, "seed": 0,
+    for key, value in {"logprob_tokens": 1024, "seed": 0, "lora_rank": 0,
                        **DEFAULTS[args.shape or "sizes"]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
     args.models = [args.shape] if args.shape else [m for m in args.sizes.split(",") if m]
+    given = [k for k in args.objectives.split(",") if k]
+    if not given or [k for k in given if k not in OBJECTIVES]:
+        p.error(f"--objectives {args.objectives!r}: a comma-separated choice of {list(OBJECTIVES)}")
+    args.objectives = [k for k in OBJECTIVES if k in given]
     if unknown := [m for m in args.models if m not in {*toy.SIZES, *SHAPES}]:
         p.error(f"--sizes: unknown {unknown}; choose from {list(toy.SIZES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (--shape 3b-mini runs the 3B code "
-                "path on a CPU)")
-    if args.shape in ("3b", "qwen3-2b") and not args.device.startswith("cuda"):
-        p.error(f"--shape {args.shape} needs a GPU; --shape {args.shape}-mini runs the same code "
-                "on a CPU")
+        p.error(f"--device {args.device}: no CUDA device here (--device cpu runs the same code "
+                "on a CPU; with --shape, --text-layers and --vision-blocks make it shallower)")
+    if (args.text_layers or args.vision_blocks) and not args.shape:
+        p.error("--text-layers and --vision-blocks reduce a --shape")
+    if args.shape:
+        try:
+            shape_architecture(args.shape, args)
+        except ValueError as err:
+            p.error(f"--text-layers / --vision-blocks: {err}")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -778,17 +880,24 @@ def run_bench(args, device: torch.device) -> dict:
                          "median of --repeats passes",
         "memory_probe_mib": probe, "models": {}}
     for name in args.models:
+        if name in SHAPES and device.type == "cpu":
+            arch = shape_architecture(name, args)
+            log(f"{name}: {arch.name} on a CPU - at every layer, minutes per phase (a PAPO-G step "
+                "of the full 3B with LoRA: docs/performance.md)")
         log(f"{name}: building the model and generating the shared rollouts")
         s = prepare(name, args, device)
         report["models"][name] = summarise(s, *bench_objectives(s, args))
-        log(f"{name}: generation with and without checkpointing / KV cache")
-        report["models"][name]["generation"] = bench_generation(s, args)
+        if args.generation_variants:
+            log(f"{name}: generation with and without checkpointing / KV cache")
+            report["models"][name]["generation"] = bench_generation(s, args)
         del s
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    log("log-prob memory: naive vs completion_logprobs")
-    report["logprob_memory"] = bench_logprob_memory(args, device)
+    report["logprob_memory"] = None
+    if args.logprob_tokens:
+        log("log-prob memory: naive vs completion_logprobs")
+        report["logprob_memory"] = bench_logprob_memory(args, device)
     report["targets"] = collect_targets(report["models"], report["logprob_memory"])
     report["load_average"] = [load_start, os.getloadavg()[0]]
     print(format_report(report))

@@ -62,7 +62,7 @@ import model as qwen
 import speedups
 import toy
 import config
-import runtime
+import processes
 import train
 
 MIB = 2 ** 20
@@ -271,7 +271,7 @@ class Setup:
     processor: object
     prompts: list              # the step's data.Examples, in collect_batch's order
     cfgs: dict                 # objective -> config.Config
-    d: runtime.Dist
+    d: processes.Dist
     initial: dict              # the policy's initial weights, on the CPU: not in GPU memory
     batch: train.Batch         # the shared rollouts, masked images included
     seed: int                  # the step's sampling seed
@@ -295,7 +295,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     cfgs = {k: config.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
     for cfg in cfgs.values():
         config.check_config(cfg, world_size=1)
-    rng, d = np.random.default_rng(args.seed), runtime.Dist(device=device)
+    rng, d = np.random.default_rng(args.seed), processes.Dist(device=device)
     examples = [toy.toy_example(rng, image_size=side) for _ in range(args.prompts)]
     with Work(policy) as work:
         batch, _, _ = train.collect_batch(policy, processor, examples, cfgs["papo-g"], d, STEP,
@@ -303,7 +303,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, args.prompts)  # its draw
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
                  {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()},
-                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
+                 batch, processes.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts())
 
 
 # ---------------------------------------------------------------------------------------------

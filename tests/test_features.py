@@ -25,7 +25,7 @@ import data
 import lora
 import model as qwen
 import rewards
-import runtime
+import checkpoints
 import toy
 import train
 from test_train import (MIXED_A, MIXED_B, GradientRecorder, _scripted_accuracies,
@@ -156,7 +156,7 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
 # (the LoRA and tracker tests skip where requirements-extras.txt is not installed; CI installs it)
 
 def _trainer_state(run: Path) -> dict:
-    return runtime.read_trainer_state(last_checkpoint(run) / "trainer_state.pt")
+    return checkpoints.read_trainer_state(last_checkpoint(run) / "trainer_state.pt")
 
 
 def test_a_frozen_vision_tower_never_changes_and_has_no_optimizer_state(tmp_path):
@@ -213,7 +213,7 @@ def test_lora_reference_is_the_base_model_and_the_merged_folder_scores_like_the_
     assert (with_adapters - base_logp).abs().max() > 1e-3      # the adapters do change it
     assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
     # the merged plain-transformers folder scores like the adapter model
-    runtime.unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp_path / "m")
+    checkpoints.unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp_path / "m")
     qwen.save_processor(processor, tmp_path / "m")
     from transformers import Qwen2_5_VLForConditionalGeneration
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "m")

@@ -87,8 +87,8 @@ def test_an_interpreter_with_the_trainers_stop_handler_exits_after_a_user_reward
     """The reward's child process is forked from the trainer, whose SIGTERM handler only sets a
     flag; at exit multiprocessing stops the child with SIGTERM and waits. Kept, that handler
     made every run with --reward hang after its last step."""
-    script = ("import runtime, rewards, data\n"
-              "runtime.catch_stop_signals()\n"
+    script = ("import processes, rewards, data\n"
+              "processes.catch_stop_signals()\n"
               f"scorer = rewards.UserReward({spec('last_line')!r})\n"
               "ex = data.Example(problem='p', answer='3', images=[], source='x:1')\n"
               "print(scorer('so\\n3', ex)['accuracy'])\n")

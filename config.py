@@ -169,7 +169,7 @@ class Config:
                                "whose accuracy is 1, normalised by their number in the whole "
                                "mini-batch (all micro-batches and ranks; per micro-batch with "
                                "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
-                               "start's --sft-* settings.")
+                               "start (--warm-start-*).")
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
@@ -240,13 +240,15 @@ class Config:
                              "the world's own.")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
-    sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
-                               "(it stops earlier, at --sft-target-acc).")
-    sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
-    sft_batch: int = arg(32, "Batch size of the warm start.")
-    sft_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 training "
-                                      "prompts it never trained on reaches this: RL needs a model "
-                                      "mid-way through learning the task.")
+    warm_start_steps: int = arg(3000, "Most steps of the supervised warm start on the toy "
+                                      "solutions (it stops earlier, at "
+                                      "--warm-start-target-acc).")
+    warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.")
+    warm_start_batch: int = arg(32, "Batch size of the warm start.")
+    warm_start_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 "
+                                             "training prompts it never trained on reaches "
+                                             "this: RL needs a model mid-way through learning "
+                                             "the task.")
     cache: str = arg("cache", "Folder for the toy datasets and warm-start checkpoints.")
 
 
@@ -278,6 +280,18 @@ TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tok
 # from a --config file or from a resumed run's config.json (a run once started with --overwrite
 # would otherwise delete its folder again on every re-run of its configuration).
 RUN_CONTROL = ("out", "overwrite", "force_unlock", "allow_changes", "resume", "config")
+
+# Settings renamed since earlier versions, old name -> new: the warm start's were --sft-*, which
+# read as the SFT term's (--sft-coef). The old flags still parse (hidden from --help), and a
+# saved config.json or a --config file that uses an old name still reads, so earlier runs resume.
+RENAMED = {"sft_steps": "warm_start_steps", "sft_lr": "warm_start_lr",
+           "sft_batch": "warm_start_batch", "sft_target_acc": "warm_start_target_acc"}
+
+
+def current_names(values: dict) -> dict:
+    """Saved settings with the RENAMED ones under their current names."""
+    return {RENAMED.get(k, k): v for k, v in values.items()}
+
 
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
                "image_dir", "config")
@@ -325,6 +339,9 @@ def parse_config(argv=None) -> Config:
             typ = {"int": int, "float": float, "str": str}[str(f.type)]
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
                                 help=help_ + f" (default: {f.default})")
+        for old in (old for old, new in RENAMED.items() if new == f.name):
+            parser.add_argument("--" + old.replace("_", "-"), dest=f.name, type=typ,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
     if given.get("preset", Config.preset) not in PRESETS:
         parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
@@ -346,7 +363,7 @@ def parse_config(argv=None) -> Config:
             parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
                          "continues in its own folder; drop --out (or copy the run folder first)")
         try:
-            values = json.loads(saved.read_text())
+            values = current_names(json.loads(saved.read_text()))
         except (OSError, json.JSONDecodeError) as err:
             parser.error(f"--resume: {saved} is not readable JSON ({err})")
         known = {f.name for f in dataclasses.fields(Config)}
@@ -496,6 +513,7 @@ def read_config_file(path: str, parser) -> dict:
         parser.error(f"--config {path}: cannot read it ({' '.join(str(err).split())})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: holds no settings (expected a mapping of flag names)")
+    values = current_names(values)
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -641,10 +659,10 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
     ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
     ("toy_eval_size", lambda v: v >= 1, ">= 1"),
-    ("sft_steps", lambda v: v >= 1, ">= 1"),
-    ("sft_lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("sft_batch", lambda v: v >= 1, ">= 1"),
-    ("sft_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("warm_start_steps", lambda v: v >= 1, ">= 1"),
+    ("warm_start_lr", lambda v: 0 < v < math.inf, "> 0"),
+    ("warm_start_batch", lambda v: v >= 1, ">= 1"),
+    ("warm_start_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
 

@@ -149,6 +149,45 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
     assert "give one of them" in capsys.readouterr().err
 
 
+def test_the_warm_starts_old_sft_flags_still_parse_hidden_from_help(tmp_path, capsys):
+    """--sft-steps & co. were renamed --warm-start-* (they read as the SFT term's --sft-coef);
+    the old spellings still work, and --help shows only the new ones."""
+    old = config.parse_config(["--sft-steps", "7", "--sft-lr", "0.002", "--sft-batch", "5",
+                               "--sft-target-acc", "0.3"])
+    new = config.parse_config(["--warm-start-steps", "7", "--warm-start-lr", "0.002",
+                               "--warm-start-batch", "5", "--warm-start-target-acc", "0.3"])
+    assert old == new
+    assert (new.warm_start_steps, new.warm_start_lr, new.warm_start_batch,
+            new.warm_start_target_acc) == (7, 0.002, 5, 0.3)
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    shown = capsys.readouterr().out
+    assert "--warm-start-target-acc" in shown and "--sft-steps" not in shown
+    # the warm start's cache folder keeps its name: caches made before the rename stay valid
+    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-target0\.3-prompt"
+                        r"[0-9a-f]{8}", toy.warm_start_path(new).name)
+
+
+def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):
+    """A config.json (or --config file) of an earlier version names the warm start's settings
+    sft_*: it still reads, under the new names, and a resume records no change."""
+    train.main(tiny_args(tmp_path))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    old = {("sft" + k.removeprefix("warm_start") if k.startswith("warm_start_") else k): v
+           for k, v in saved.items()}
+    assert "sft_steps" in old and "warm_start_steps" not in old
+    (run / "config.json").write_text(json.dumps(old, indent=2))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cfg = config.parse_config(["--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "b")])
+    assert cfg.warm_start_steps == 2
+    train.main(["--resume", str(run), "--steps", "2"])
+    assert checkpoints.checkpoint_step(last_checkpoint(run)) == 2
+    assert json.loads((run / "config.json").read_text())["warm_start_steps"] == 2
+    history = json.loads((run / "config_history.jsonl").read_text())   # only --steps changed
+    assert list(history["changed"]) == ["steps"]
+
+
 # ---------------------------------------------------------------------------------------------
 # --freeze-vision-tower and LoRA
 # ---------------------------------------------------------------------------------------------

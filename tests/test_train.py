@@ -26,7 +26,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     """A configuration small enough for a unit test: tiny model, 64 toy rows, 2-step warm start."""
     return ["--tiny-size", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
             "--toy-train-size", "64", "--toy-eval-size", "4", "--eval-samples", "1",
-            "--sft-steps", "2", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
+            "--warm-start-steps", "2", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
             "--max-new-tokens", "8", "--micro-batch-size", "8", "--sample-every", "1",
             "--save-every", "1", *extra]
 

@@ -36,9 +36,39 @@ import toy
 DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
 
 
-def arg(default, help: str):
-    """A dataclass field that carries its own documentation (shown by `--help`)."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, check: tuple[Callable, str] | None = None):
+    """A dataclass field that carries its own documentation (shown by `--help`) and, with
+    `check`, its allowed range: (a predicate on the value, the range in words for the error
+    message). check_config refuses a value outside it (FLAG_RULES)."""
+    metadata = {"help": help} if check is None else {"help": help, "check": check}
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: int, why: str = "") -> tuple[Callable, str]:
+    """The check of a flag that must be at least `low` (arg's check)."""
+    return (lambda v: v >= low), f">= {low}" + (f" ({why})" if why else "")
+
+
+def one_of(choices) -> tuple[Callable, str]:
+    """The check of a flag that names one of `choices` (arg's check)."""
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+# The objective's weights (gamma, the etas, beta, the SFT term) are at most this. The paper's are
+# 0.01-0.03; a weight of 10 already lets its term drown the policy gradient, and one of 1e300
+# overflows the loss to inf and every gradient to NaN, so that every update is skipped.
+MAX_COEF = 10
+COEF_WHY = "the paper's weights are 0.01-0.03; huge ones overflow the loss"
+
+
+def a_weight(note: str = "") -> tuple[Callable, str]:
+    """The check of one of the objective's weights: in [0, MAX_COEF]."""
+    return (lambda v: 0 <= v <= MAX_COEF), f"in [0, {MAX_COEF}] ({note}{COEF_WHY})"
+
+# --report-to's choices: the trackers (an optional install each; the import that tells
+# whether it is there, and the pip package).
+REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboard"),
+             "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
 
 
 @dataclass
@@ -71,13 +101,17 @@ class Config:
                                    "official one (the trimmed question, a blank line, the "
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
     min_pixels: int = arg(200_704, "Pixel budget: every raw picture is scaled up to at least this "
-                                   "area BEFORE masking and processing (official: 256 image tokens).")
+                                   "area BEFORE masking and processing (official: 256 image tokens).",
+                          check=at_least(1))
     max_pixels: int = arg(1_003_520, "Pixel budget: every raw picture is scaled down to at most this "
-                                     "area before masking and processing (official: 1,280 tokens).")
+                                     "area before masking and processing (official: 1,280 tokens).",
+                          check=at_least(1))
     max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
-                                            "header) a row may have; a larger one is a bad row.")
+                                            "header) a row may have; a larger one is a bad row.",
+                                check=at_least(1))
     max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
-                                       "stop the run before training unless --drop-long-prompts.")
+                                       "stop the run before training unless --drop-long-prompts.",
+                                 check=at_least(1))
     drop_long_prompts: bool = arg(False, "Drop (and count, print and log) rows longer than "
                                          "--max-prompt-length instead of stopping.")
     out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
@@ -91,33 +125,57 @@ class Config:
                                     "left behind.")
     overwrite: bool = arg(False, "Start afresh in an --out folder that holds an earlier run, "
                                  "deleting that run's files (without it such a folder is refused).")
-    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
-    steps: int = arg(200, "Number of RL steps (rollout batches).")
+    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.",
+                    check=(lambda v: 0 <= v < 2 ** 31,
+                           "in [0, 2^31) (numpy's and torch's generators)"))
+    steps: int = arg(200, "Number of RL steps (rollout batches).",
+                     check=at_least(1))
 
     # --- rollouts ----------------------------------------------------------------------------
-    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.")
-    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).")
-    max_new_tokens: int = arg(2048, "Longest response, in tokens.")
-    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).")
-    top_p: float = arg(0.99, "Nucleus sampling of rollouts.")
+    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.",
+                                check=at_least(1))
+    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).",
+                          check=at_least(2, "advantages compare a rollout with its group"))
+    max_new_tokens: int = arg(2048, "Longest response, in tokens.",
+                              check=at_least(1))
+    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).",
+                             check=(lambda v: 0.1 <= v <= 10,
+                                    "in [0.1, 10] (below 0.1 sampling is all but "
+                                    "greedy: a group's rollouts come out identical "
+                                    "and carry no learning signal; above 10 it is "
+                                    "all but uniform noise)"))
+    top_p: float = arg(0.99, "Nucleus sampling of rollouts.",
+                       check=(lambda v: 0 < v <= 1, "in (0, 1]"))
 
     # --- optimisation ------------------------------------------------------------------------
-    lr: float = arg(1e-6, "AdamW learning rate (constant).")
+    lr: float = arg(1e-6, "AdamW learning rate (constant).",
+                    check=(lambda v: 0 < v < math.inf, "> 0"))
     weight_decay: float = arg(0.01, "AdamW weight decay. A run whose weights' norm falls under "
-                                    "half its start stops.")
-    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
-    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
-    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
+                                    "half its start stops.",
+                              check=(lambda v: 0 <= v <= 1,
+                                     "in [0, 1] (AdamW multiplies every weight by "
+                                     "1 - lr x weight decay at each update)"))
+    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.",
+                           check=(lambda v: 0 < v < math.inf,
+                                  "> 0 (the largest gradient norm allowed)"))
+    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).",
+                                check=at_least(1))
+    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.",
+                                check=at_least(1))
     generation_batch: int = arg(16, "Prompts per `generate` call on one rank (each with its G "
                                     "rollouts); a step's prompts are generated in such chunks, "
                                     "so that the KV cache of one call fits (3B: 80 rows x 3,072 "
                                     "tokens ~ 9 GB in bf16; all 192 prompts of a rank at once "
-                                    "~ 109 GB). 0 = all at once.")
+                                    "~ 109 GB). 0 = all at once.",
+                                check=at_least(0, "0 = all of a step's prompts in one call"))
 
     # --- the objective (set by --preset; see papo.py and docs/paper.md section 5) ------------
-    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
-    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
-    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).",
+                       check=a_weight("the sign is in the objective: KL_prcp is maximised; "))
+    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.",
+                          check=a_weight())
+    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.",
+                          check=a_weight())
     gamma_anneal: bool = arg(False, "KL_prcp annealing (official switch): gamma goes linearly "
                                     "from --gamma to --gamma-end over the first "
                                     "--gamma-anneal-fraction of --steps, then stays there; "
@@ -125,57 +183,80 @@ class Config:
                                     "Steps count from 1: step 1 uses --gamma, step 1 + "
                                     "int(fraction x steps) and later ones --gamma-end. The schedule follows "
                                     "--steps, also when a resume changes it. Logged: gamma_t.")
-    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
+    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.",
+                           check=a_weight())
     gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
-                                            "gamma moves to --gamma-end.")
-    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
-    clip_low: float = arg(0.2, "PPO clip range below 1.")
-    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
-    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
+                                            "gamma moves to --gamma-end.",
+                                       check=(lambda v: 0 < v <= 1,
+                                              "in (0, 1] (a share of --steps)"))
+    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).",
+                      check=a_weight())
+    clip_low: float = arg(0.2, "PPO clip range below 1.",
+                          check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).",
+                           check=(lambda v: 0 <= v < math.inf, ">= 0"))
+    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).",
+                           check=(lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"))
     agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
                                       "seq-mean-token-sum | seq-mean-token-sum-norm (each "
                                       "normalised over the whole mini-batch, all ranks: the "
                                       "gradient does not depend on --micro-batch-size) | "
                                       "micro-token-mean (the official code exactly: the mean of "
                                       "per-micro-batch token means, which DOES depend on "
-                                      "--micro-batch-size and on the number of processes).")
-    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+                                      "--micro-batch-size and on the number of processes).",
+                        check=one_of(papo.ALL_AGG_MODES))
+    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.",
+                       check=one_of(papo.KL_KINDS))
     kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
                                    "so no token can raise the term past C (official switch, C = "
-                                   "0.2). 0 = off.")
+                                   "0.2). 0 = off.",
+                              check=(lambda v: v == 0 or 0 < v < math.inf,
+                                     "0 (off) or > 0 (the largest "
+                                     "KL_prcp a token contributes)"))
     kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, the "
                                              "tokens whose KL_prcp is below the (1 - P) quantile "
                                              "of its tokens are zeroed (selected before "
                                              "--kl-prcp-clip; official switch, P = 0.2). The "
                                              "term keeps the normaliser of every term, the count "
                                              "of ALL valid tokens, as in the official code. "
-                                             "0 = off.")
+                                             "0 = off.",
+                                        check=(lambda v: 0 <= v <= 1,
+                                               "in [0, 1] (0 = off; the share of each "
+                                               "rollout's tokens kept)"))
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
-                                 "or exact (-sum p log p from the logits).")
+                                 "or exact (-sum p log p from the logits).",
+                       check=one_of(papo.ENTROPY_KINDS))
     dynamic_sampling: bool = arg(False, "DAPO: keep only groups whose mean accuracy is strictly "
                                         "between 0.01 and 0.99 and draw further prompts until the "
                                         "step has --prompts-per-step kept groups (the extra ones "
                                         "are trimmed). A draw in which no group passes keeps all "
                                         "its groups (as the official code does).")
     draw_size: int = arg(128, "Dynamic sampling: prompts per draw, summed over all ranks "
-                              "(official: 128, a third of the step).")
+                              "(official: 128, a third of the step).",
+                         check=at_least(1))
     max_draws: int = arg(20, "Dynamic sampling: most draws for one step; if the step is still "
-                             "not full after them, the run stops with an error (official: 20).")
-    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
-    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
-    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+                             "not full after them, the run stops with an error (official: 20).",
+                         check=at_least(1))
+    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).",
+                            check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.",
+                          check=at_least(1, "pixels"))
+    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.",
+                         check=one_of(papo.MASK_MODES))
     sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
                                "times the token mean of -log pi over the tokens of the rollouts "
                                "whose accuracy is 1, normalised by their number in the whole "
                                "mini-batch (all micro-batches and ranks; per micro-batch with "
                                "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
-                               "start (--warm-start-*).")
+                               "start (--warm-start-*).",
+                          check=a_weight("0 = off; "))
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
     scale_rewards: str = arg("group", "group (the paper's GRPO: each group's advantages divided "
                                       "by its rewards' std) | none (Dr. GRPO: the group mean "
-                                      "subtracted only).")
+                                      "subtracted only).",
+                             check=(lambda v: v in ("group", "none"), "group or none"))
     mask_truncated: bool = arg(False, "Leave completions that hit --max-new-tokens without an end "
                                       "token out of every loss term (their advantages still "
                                       "count in their group). truncated_frac is logged either "
@@ -189,66 +270,95 @@ class Config:
                           "they are. docs/rewards.md has examples.")
     reward_time_limit: float = arg(10.0, "Seconds one call of --reward may take; it runs in a "
                                          "child process, and a call past the limit scores 0 "
-                                         "(reported). At most 3600.")
+                                         "(reported). At most 3600.",
+                                   check=(lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
+                                          f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"))
 
     # --- parameter-efficient and partial training ---------------------------------------------
     lora_rank: int = arg(0, "LoRA (through PEFT, an optional install): the adapters' rank; 0 = "
                             "train every weight. The reference log-probs come from the same "
-                            "model with its adapters switched off (no second copy).")
-    lora_alpha: float = arg(0.0, "LoRA scale numerator (0 = 2 x --lora-rank).")
+                            "model with its adapters switched off (no second copy).",
+                         check=at_least(0, "0 = off"))
+    lora_alpha: float = arg(0.0, "LoRA scale numerator (0 = 2 x --lora-rank).",
+                            check=(lambda v: 0 <= v <= 4096,
+                                   "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
+                                   "are scaled by alpha / rank, usually 1 or 2)"))
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "Comma-separated names of the language model's linear layers that "
-                            "get adapters (the vision tower never does).")
+                            "get adapters (the vision tower never does).",
+                            check=(lambda v: all(t.strip().isidentifier() for t in v.split(",")),
+                                   "comma-separated layer names such as q_proj,v_proj"))
     freeze_vision_tower: bool = arg(False, "Never change the vision tower: its weights get no "
                                            "gradient and no optimizer state.")
 
     # --- infrastructure ----------------------------------------------------------------------
-    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
+    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.",
+                     check=(lambda v: v in ("auto", "float32", "bfloat16"),
+                            "auto, float32 or bfloat16"))
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (non-reentrant).")
     fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and AdamW state over the "
                             "processes with FSDP2 (fully_shard per decoder layer and vision "
                             "block) instead of replicating them with DDP. For models whose "
                             "replicas do not fit (7B on 80 GB GPUs, docs/performance.md).")
-    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
-    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
+    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).",
+                          check=at_least(1))
+    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.",
+                                check=at_least(1, "the newest checkpoint is always kept"))
     sample_every: int = arg(25, "Log a few sample completions every N steps (samples.jsonl, and "
-                                "with pictures to the trackers of --report-to).")
+                                "with pictures to the trackers of --report-to).",
+                            check=at_least(0, "0 = never"))
     report_to: str = arg("none", "Where to send the metrics besides metrics.jsonl, "
                                  "comma-separated: none | tensorboard | wandb | trackio (each "
                                  "an optional install; wandb works offline with "
-                                 "WANDB_MODE=offline).")
+                                 "WANDB_MODE=offline).",
+                         check=(lambda v: all(t in REPORTERS for t in v.split(",")),
+                                "comma-separated names from " + ", ".join(REPORTERS)))
     project: str = arg("papo", "Project name for wandb / trackio.")
     config: str = arg("", "A JSON file (a run's config.json) or YAML file of settings to start "
                           "from; flags given on the command line override it.")
-    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
-    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
+    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.",
+                            check=at_least(1))
+    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).",
+                         check=at_least(0, "0 = all"))
     eval_every: int = arg(0, "Also score the held-out set(s) every N steps and at the last step "
                              "(0 = only before and after) and log eval_* columns and its time "
                              "t_eval in metrics.jsonl, so the curves show WHEN accuracy with and "
-                             "without the picture moves. The last step's is the final evaluation.")
+                             "without the picture moves. The last step's is the final evaluation.",
+                          check=at_least(0, "0 = off"))
 
     # --- the offline default (used only when --model is empty) -------------------------------
-    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).")
+    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).",
+                         check=one_of(toy.SIZES))
     tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (toy.TINY_FAMILIES): "
                                          "qwen2.5-vl, qwen3-vl, or qwen3-vl-thinking (Qwen3-VL "
                                          "with the Thinking models' chat template, whose prompt "
-                                         "opens <think>).")
+                                         "opens <think>).",
+                           check=one_of(toy.TINY_FAMILIES))
     toy_world: str = arg("plain", "The toy world (toy.TOY_WORLDS): plain, or shortcut - the "
                                   "wording of some questions usually gives the answer away, and "
-                                  "a 'conflict' split, where it never does, is scored as well.")
+                                  "a 'conflict' split, where it never does, is scored as well.",
+                         check=one_of(toy.TOY_WORLDS))
     toy_tasks: str = arg("", "Comma-separated toy tasks (toy.TOY_TASKS) to train on instead of "
-                             "the world's own.")
-    toy_train_size: int = arg(8192, "Toy training split size.")
-    toy_eval_size: int = arg(256, "Toy held-out split size.")
+                             "the world's own.",
+                         check=(lambda v: not v or all(t in toy.TOY_TASKS for t in v.split(",")),
+                                "comma-separated names from " + ", ".join(toy.TOY_TASKS)))
+    toy_train_size: int = arg(8192, "Toy training split size.",
+                              check=at_least(4, "the warm start keeps a quarter apart"))
+    toy_eval_size: int = arg(256, "Toy held-out split size.",
+                             check=at_least(1))
     warm_start_steps: int = arg(3000, "Most steps of the supervised warm start on the toy "
                                       "solutions (it stops earlier, at "
-                                      "--warm-start-target-acc).")
-    warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.")
-    warm_start_batch: int = arg(32, "Batch size of the warm start.")
+                                      "--warm-start-target-acc).",
+                                check=at_least(1))
+    warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
+                               check=(lambda v: 0 < v < math.inf, "> 0"))
+    warm_start_batch: int = arg(32, "Batch size of the warm start.",
+                                check=at_least(1))
     warm_start_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 "
                                              "training prompts it never trained on reaches "
                                              "this: RL needs a model mid-way through learning "
-                                             "the task.")
+                                             "the task.",
+                                       check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
     cache: str = arg("cache", "Folder for the toy datasets and warm-start checkpoints.")
 
 
@@ -295,12 +405,6 @@ def current_names(values: dict) -> dict:
 
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
                "image_dir", "config")
-
-# --report-to's choices: the trackers (an optional install each; the import that tells
-# whether it is there, and the pip package).
-REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboard"),
-             "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
-
 
 def saved_config(cfg: Config) -> dict:
     """The config as config.json stores it: every local path absolute, so that --resume from
@@ -580,90 +684,13 @@ def _fits(value, type_name: str) -> bool:
     return isinstance(value, str)
 
 
-# The objective's weights (gamma, the etas, beta, the SFT term) are at most this. The paper's are
-# 0.01-0.03; a weight of 10 already lets its term drown the policy gradient, and one of 1e300
-# overflows the loss to inf and every gradient to NaN, so that every update is skipped.
-MAX_COEF = 10
-COEF_WHY = "the paper's weights are 0.01-0.03; huge ones overflow the loss"
-
 # Every flag's allowed range, checked before anything heavy. A value outside it does not fail
 # loudly by itself - it runs and trains wrongly (a negative --grad-clip turns descent into
 # ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
-# crashes much later with an unrelated error - so each is named here with its range.
+# crashes much later with an unrelated error - so each field names its range beside it
+# (arg's check), and this list gathers them in the fields' order.
 FLAG_RULES: list[tuple[str, Callable, str]] = [
-    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31) (numpy's and torch's generators)"),
-    ("steps", lambda v: v >= 1, ">= 1"),
-    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
-    ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
-    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("temperature", lambda v: 0.1 <= v <= 10, "in [0.1, 10] (below 0.1 sampling is all but "
-                                              "greedy: a group's rollouts come out identical "
-                                              "and carry no learning signal; above 10 it is "
-                                              "all but uniform noise)"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("weight_decay", lambda v: 0 <= v <= 1, "in [0, 1] (AdamW multiplies every weight by "
-                                            "1 - lr x weight decay at each update)"),
-    ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
-    ("updates_per_step", lambda v: v >= 1, ">= 1"),
-    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
-    ("generation_batch", lambda v: v >= 0, ">= 0 (0 = all of a step's prompts in one call)"),
-    ("gamma", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (the sign is in the "
-                                             f"objective: KL_prcp is maximised; {COEF_WHY})"),
-    ("eta_orig", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("eta_mask", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("gamma_end", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
-    ("beta", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
-    ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
-    ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
-    ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
-    ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
-                                                           "KL_prcp a token contributes)"),
-    ("sft_coef", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (0 = off; {COEF_WHY})"),
-    ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
-                                                      "rollout's tokens kept)"),
-    ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
-    ("draw_size", lambda v: v >= 1, ">= 1"),
-    ("max_draws", lambda v: v >= 1, ">= 1"),
-    ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("mask_patch", lambda v: v >= 1, ">= 1 (pixels)"),
-    ("mask_mode", lambda v: v in papo.MASK_MODES, "one of " + ", ".join(papo.MASK_MODES)),
-    ("min_pixels", lambda v: v >= 1, ">= 1"),
-    ("max_pixels", lambda v: v >= 1, ">= 1"),
-    ("max_prompt_length", lambda v: v >= 1, ">= 1"),
-    ("max_image_pixels", lambda v: v >= 1, ">= 1"),
-    ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
-    ("save_every", lambda v: v >= 1, ">= 1"),
-    ("keep_checkpoints", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
-    ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
-    ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
-     "comma-separated names from " + ", ".join(REPORTERS)),
-    ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
-    ("reward_time_limit", lambda v: 0 < v <= rewards.MAX_REWARD_TIME_LIMIT,
-     f"in (0, {rewards.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
-    ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("lora_alpha", lambda v: 0 <= v <= 4096, "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
-                                             "are scaled by alpha / rank, usually 1 or 2)"),
-    ("lora_targets", lambda v: all(t.strip().isidentifier() for t in v.split(",")),
-     "comma-separated layer names such as q_proj,v_proj"),
-    ("eval_samples", lambda v: v >= 1, ">= 1"),
-    ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("tiny_size", lambda v: v in toy.SIZES, "one of " + ", ".join(toy.SIZES)),
-    ("tiny_family", lambda v: v in toy.TINY_FAMILIES, "one of " + ", ".join(toy.TINY_FAMILIES)),
-    ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
-    ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
-     "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
-    ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
-    ("toy_eval_size", lambda v: v >= 1, ">= 1"),
-    ("warm_start_steps", lambda v: v >= 1, ">= 1"),
-    ("warm_start_lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("warm_start_batch", lambda v: v >= 1, ">= 1"),
-    ("warm_start_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
-]
+    (f.name, *f.metadata["check"]) for f in dataclasses.fields(Config) if "check" in f.metadata]
 
 
 def check_config(cfg: Config, world_size: int) -> None:

@@ -427,6 +427,18 @@ def absolute_path(value: str, always: bool = False) -> str:
 
 def parse_config(argv=None) -> Config:
     """Build the command line from the dataclass, then apply the precedence described above."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))      # only the flags given: each defaults to SUPPRESS
+    if given.get("preset", Config.preset) not in PRESETS:
+        parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("resume"):
+        return resumed_config(given, parser)
+    return new_run_config(given, parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field (--flag / --no-flag for a switch), with the field's help; the
+    RENAMED fields' old flags as hidden aliases."""
     epilog = ("Defaults shown are the official Qwen2.5-VL-3B recipe. Without --model the offline "
               "toy run overrides: " + ", ".join(f"{k}={v}" for k, v in TOY_OVERRIDES.items())
               + ". Presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
@@ -446,55 +458,70 @@ def parse_config(argv=None) -> Config:
         for old in (old for old, new in RENAMED.items() if new == f.name):
             parser.add_argument("--" + old.replace("_", "-"), dest=f.name, type=typ,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    given = vars(parser.parse_args(argv))
-    if given.get("preset", Config.preset) not in PRESETS:
-        parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
-    if given.get("resume"):
-        if given.get("config"):
-            parser.error("--config starts a new run from a file of settings and --resume "
-                         "continues a run with its own: give one of them")
-        # Continue with the run's own settings; flags given now (e.g. --steps) still win.
-        saved = Path(given["resume"]) / "config.json"
-        folder = Path(given["resume"]).absolute()
-        if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
-                and (folder.parent / "config.json").is_file()):
-            parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
-                         f"{folder.parent}; give the run folder: --resume {folder.parent} "
-                         "(it continues from the run's latest checkpoint)")
-        if not saved.is_file():
-            parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
-        if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
-            parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
-                         "continues in its own folder; drop --out (or copy the run folder first)")
-        try:
-            values = current_names(json.loads(saved.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            parser.error(f"--resume: {saved} is not readable JSON ({err})")
-        known = {f.name for f in dataclasses.fields(Config)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            print(f"note: {saved} has settings this version does not know, ignored: "
-                  f"{', '.join(unknown)}")
-        # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
-        values = {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
-        if "preset" in given:          # a preset is its coefficients, not only its name
-            given = {**PRESETS[given["preset"]], **given}
-        changes = resume_changes(values, given)
-        cannot = unhonourable_changes(changes, values, Path(given["resume"]))
-        if cannot:      # refused even with --allow-changes: nothing of the run would load
-            parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
-                         "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
-        if changes and not given.get("allow_changes"):
-            parser.error(f"--resume {given['resume']}: these flags would change how the run "
-                         "trains from here on:\n  " + "\n  ".join(
-                             f"--{k.replace('_', '-')}: {old!r} -> {new!r}"
-                             for k, (old, new) in changes.items())
-                         + "\nDrop them to continue the run as it was, or pass --allow-changes to "
-                         "continue with them (each change is printed and recorded in "
-                         "config_history.jsonl).")
-        for k, (old, new) in changes.items():
-            print(f"--allow-changes: {k}: {old!r} -> {new!r}")
-        return Config(**{**values, **given, "resume": given["resume"]})
+    return parser
+
+
+def resumed_config(given: dict, parser) -> Config:
+    """--resume: the run's own config.json, the flags given now on top - refused where they
+    would change how the run trains (unless --allow-changes) or cannot apply to its
+    checkpoints at all."""
+    values = read_run_config(given, parser)
+    if "preset" in given:          # a preset is its coefficients, not only its name
+        given = {**PRESETS[given["preset"]], **given}
+    changes = resume_changes(values, given)
+    cannot = unhonourable_changes(changes, values, Path(given["resume"]))
+    if cannot:      # refused even with --allow-changes: nothing of the run would load
+        parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
+                     "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
+    if changes and not given.get("allow_changes"):
+        parser.error(f"--resume {given['resume']}: these flags would change how the run "
+                     "trains from here on:\n  " + "\n  ".join(
+                         f"--{k.replace('_', '-')}: {old!r} -> {new!r}"
+                         for k, (old, new) in changes.items())
+                     + "\nDrop them to continue the run as it was, or pass --allow-changes to "
+                     "continue with them (each change is printed and recorded in "
+                     "config_history.jsonl).")
+    for k, (old, new) in changes.items():
+        print(f"--allow-changes: {k}: {old!r} -> {new!r}")
+    return Config(**{**values, **given, "resume": given["resume"]})
+
+
+def read_run_config(given: dict, parser) -> dict:
+    """The settings in --resume's config.json, once the folder is known to be a run's (not one
+    of its checkpoints, not with another --out or a --config): RENAMED keys under their new
+    names, unknown ones dropped with a note, RUN_CONTROL's never read back."""
+    if given.get("config"):
+        parser.error("--config starts a new run from a file of settings and --resume "
+                     "continues a run with its own: give one of them")
+    # Continue with the run's own settings; flags given now (e.g. --steps) still win.
+    saved = Path(given["resume"]) / "config.json"
+    folder = Path(given["resume"]).absolute()
+    if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
+            and (folder.parent / "config.json").is_file()):
+        parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
+                     f"{folder.parent}; give the run folder: --resume {folder.parent} "
+                     "(it continues from the run's latest checkpoint)")
+    if not saved.is_file():
+        parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
+    if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
+        parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
+                     "continues in its own folder; drop --out (or copy the run folder first)")
+    try:
+        values = current_names(json.loads(saved.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"--resume: {saved} is not readable JSON ({err})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        print(f"note: {saved} has settings this version does not know, ignored: "
+              f"{', '.join(unknown)}")
+    # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
+    return {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
+
+
+def new_run_config(given: dict, parser) -> Config:
+    """A new run: the layers of the precedence above, lowest first - the toy run's overrides
+    (without --model), the preset, the --config file, a --preset given now, the other flags."""
     from_file = read_config_file(given["config"], parser) if given.get("config") else {}
     if from_file.pop("out", None) and "out" not in given:
         parser.error(f"--config {given['config']}: give --out for the new run. The file's own "
@@ -696,8 +723,23 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
 def check_config(cfg: Config, world_size: int) -> None:
     """Refuse bad settings before any heavy work: one message naming every bad flag and its
     allowed range."""
-    problems = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
-                for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+    problems = (range_problems(cfg) + batch_shape_problems(cfg, world_size)
+                + combination_problems(cfg) + input_problems(cfg) + resume_problems(cfg)
+                + output_problems(cfg) + optional_install_problems(cfg) + reward_problems(cfg))
+    if problems:
+        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+
+
+def range_problems(cfg: Config) -> list[str]:
+    """Each flag outside its allowed range (FLAG_RULES), "--flag value: must be ..."."""
+    return [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
+            for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+
+
+def batch_shape_problems(cfg: Config, world_size: int) -> list[str]:
+    """A step's prompts, DAPO's draws and the mini-batches must split evenly over the processes
+    and updates."""
+    problems = []
     if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
                         f"{world_size} processes")
@@ -709,6 +751,12 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} groups (prompts) each process holds per step: mini-batches "
                         f"are whole groups")
+    return problems
+
+
+def combination_problems(cfg: Config) -> list[str]:
+    """Flags that do not go together, or that would be silently ignored in this configuration."""
+    problems = []
     if cfg.fsdp and not dist.is_initialized():
         problems.append("--fsdp shards the model over processes: start it with torchrun "
                         "(torchrun --nproc_per_node N train.py --fsdp ...)")
@@ -745,6 +793,13 @@ def check_config(cfg: Config, world_size: int) -> None:
                         "add --gamma-anneal or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
+    return problems
+
+
+def input_problems(cfg: Config) -> list[str]:
+    """The prompt template, the starting model and the run folder's name, checked before anything
+    loads."""
+    problems = []
     if cfg.prompt_template:
         try:
             data.read_template(cfg.prompt_template)
@@ -758,38 +813,56 @@ def check_config(cfg: Config, world_size: int) -> None:
     if not cfg.resume and not cfg.out.strip():
         problems.append("--out '': give a run folder (an empty one would write the run into "
                         "the current folder)")
-    if cfg.resume:
-        pointer = Path(cfg.resume) / "latest.txt"
-        found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
-                       if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
-        names = [pointer.read_text().strip()] if pointer.is_file() else found
-        done = [int(n.removeprefix("checkpoint-")) for n in names
-                if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
-        if pointer.is_file() and not done:
-            problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
-                            "name of a checkpoint folder there"
-                            + (f" (the newest is {found[-1]}); write that name into it, or "
-                               "delete it to resume from the newest" if found else ""))
-        elif not done:
-            problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
-                            "checkpoint-* folder)")
-        elif cfg.steps <= max(done):
-            problems.append(f"--steps {cfg.steps}: the run already reached step {max(done)}; "
-                            f"give more steps to continue it")
+    return problems
+
+
+def resume_problems(cfg: Config) -> list[str]:
+    """--resume: the run folder must hold a checkpoint to continue from, and --steps must go
+    past it."""
+    if not cfg.resume:
+        return []
+    problems = []
+    pointer = Path(cfg.resume) / "latest.txt"
+    found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
+                   if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
+    names = [pointer.read_text().strip()] if pointer.is_file() else found
+    done = [int(n.removeprefix("checkpoint-")) for n in names
+            if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
+    if pointer.is_file() and not done:
+        problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
+                        "name of a checkpoint folder there"
+                        + (f" (the newest is {found[-1]}); write that name into it, or "
+                           "delete it to resume from the newest" if found else ""))
+    elif not done:
+        problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
+                        "checkpoint-* folder)")
+    elif cfg.steps <= max(done):
+        problems.append(f"--steps {cfg.steps}: the run already reached step {max(done)}; "
+                        f"give more steps to continue it")
+    return problems
+
+
+def output_problems(cfg: Config) -> list[str]:
+    """What the run would evaluate or write into: held-out data for --eval-every, --out a folder."""
+    problems = []
     if cfg.eval_every and cfg.data and not cfg.eval_data:
         problems.append(f"--eval-every {cfg.eval_every}: there is no held-out data to evaluate "
                         "(give --eval-data)")
     out = Path(cfg.resume or cfg.out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out}: is a file, not a run folder")
-    problems += optional_install_problems(cfg)
+    return problems
+
+
+def reward_problems(cfg: Config) -> list[str]:
+    """--reward must name a function that loads (it is tried on a few rows later, prepare_data)."""
+    problems = []
     if cfg.reward:
         try:
             rewards.load_reward(cfg.reward)
         except rewards.RewardError as err:
             problems.append(str(err))
-    if problems:
-        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def optional_install_problems(cfg: Config) -> list[str]:

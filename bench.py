@@ -66,7 +66,7 @@ import model as qwen
 import speedups
 import toy
 import config
-import runtime
+import processes
 import train
 
 MIB = 2 ** 20
@@ -272,7 +272,7 @@ class Setup:
     processor: object
     prompts: list              # the step's data.Examples, in collect_batch's order
     cfgs: dict                 # objective -> config.Config
-    d: runtime.Dist
+    d: processes.Dist
     initial: dict              # the policy's initial TRAINABLE weights, on the CPU (the frozen
                                # ones never change): not in GPU memory
     batch: train.Batch         # the shared rollouts, masked images included
@@ -315,7 +315,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     cfgs = {k: config.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
     for cfg in cfgs.values():
         config.check_config(cfg, world_size=1)
-    rng, d = np.random.default_rng(args.seed), runtime.Dist(device=device)
+    rng, d = np.random.default_rng(args.seed), processes.Dist(device=device)
     examples = [toy.toy_example(rng, image_size=sides[i % len(sides)])
                 for i in range(args.prompts)]
     with Work(policy) as work:
@@ -325,7 +325,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
                  {k: v.detach().to("cpu", copy=True) for k, v in policy.named_parameters()
                   if v.requires_grad},
-                 batch, runtime.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts(), collect_s)
+                 batch, processes.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts(), collect_s)
 
 
 # ---------------------------------------------------------------------------------------------

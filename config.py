@@ -36,9 +36,39 @@ import toy
 DESCRIPTION = "PAPO / GRPO / DAPO training of a Qwen2.5-VL or Qwen3-VL policy with verifiable rewards."
 
 
-def arg(default, help: str):
-    """A dataclass field that carries its own documentation (shown by `--help`)."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, check: tuple[Callable, str] | None = None):
+    """A dataclass field that carries its own documentation (shown by `--help`) and, with
+    `check`, its allowed range: (a predicate on the value, the range in words for the error
+    message). check_config refuses a value outside it (FLAG_RULES)."""
+    metadata = {"help": help} if check is None else {"help": help, "check": check}
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: int, why: str = "") -> tuple[Callable, str]:
+    """The check of a flag that must be at least `low` (arg's check)."""
+    return (lambda v: v >= low), f">= {low}" + (f" ({why})" if why else "")
+
+
+def one_of(choices) -> tuple[Callable, str]:
+    """The check of a flag that names one of `choices` (arg's check)."""
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+# The objective's weights (gamma, the etas, beta, the SFT term) are at most this. The paper's are
+# 0.01-0.03; a weight of 10 already lets its term drown the policy gradient, and one of 1e300
+# overflows the loss to inf and every gradient to NaN, so that every update is skipped.
+MAX_COEF = 10
+COEF_WHY = "the paper's weights are 0.01-0.03; huge ones overflow the loss"
+
+
+def a_weight(note: str = "") -> tuple[Callable, str]:
+    """The check of one of the objective's weights: in [0, MAX_COEF]."""
+    return (lambda v: 0 <= v <= MAX_COEF), f"in [0, {MAX_COEF}] ({note}{COEF_WHY})"
+
+# --report-to's choices: the trackers (an optional install each; the import that tells
+# whether it is there, and the pip package).
+REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboard"),
+             "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
 
 
 @dataclass
@@ -72,14 +102,18 @@ class Config:
                                    "<think>/\\boxed{} instruction; see data.INSTRUCTION).")
     min_pixels: int = arg(200_704, "Pixel budget: every picture, and its copy masked at raw size, "
                                    "is scaled up to at least this area before processing "
-                                   "(official: 256 image tokens).")
+                                   "(official: 256 image tokens).",
+                          check=at_least(1))
     max_pixels: int = arg(1_003_520, "Pixel budget: every picture, and its copy masked at raw "
                                      "size, is scaled down to at most this area before processing "
-                                     "(official: 1,280 tokens).")
+                                     "(official: 1,280 tokens).",
+                          check=at_least(1))
     max_image_pixels: int = arg(50_000_000, "Largest picture (width x height, read from the file "
-                                            "header) a row may have; a larger one is a bad row.")
+                                            "header) a row may have; a larger one is a bad row.",
+                                check=at_least(1))
     max_prompt_length: int = arg(4096, "Longest prompt in tokens, image tokens included. Longer rows "
-                                       "stop the run before training unless --drop-long-prompts.")
+                                       "stop the run before training unless --drop-long-prompts.",
+                                 check=at_least(1))
     drop_long_prompts: bool = arg(False, "Drop (and count, print and log) rows longer than "
                                          "--max-prompt-length instead of stopping.")
     out: str = arg("runs/default", "Run folder: metrics.jsonl, samples, checkpoints, curves.png.")
@@ -93,33 +127,57 @@ class Config:
                                     "left behind.")
     overwrite: bool = arg(False, "Start afresh in an --out folder that holds an earlier run, "
                                  "deleting that run's files (without it such a folder is refused).")
-    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.")
-    steps: int = arg(200, "Number of RL steps (rollout batches).")
+    seed: int = arg(0, "Seed of everything: model init (offline), data order, masks, sampling.",
+                    check=(lambda v: 0 <= v < 2 ** 31,
+                           "in [0, 2^31) (numpy's and torch's generators)"))
+    steps: int = arg(200, "Number of RL steps (rollout batches).",
+                     check=at_least(1))
 
     # --- rollouts ----------------------------------------------------------------------------
-    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.")
-    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).")
-    max_new_tokens: int = arg(2048, "Longest response, in tokens.")
-    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).")
-    top_p: float = arg(0.99, "Nucleus sampling of rollouts.")
+    prompts_per_step: int = arg(384, "Prompts per rollout batch, summed over all ranks.",
+                                check=at_least(1))
+    group_size: int = arg(5, "G: rollouts sampled per prompt (the GRPO group).",
+                          check=at_least(2, "advantages compare a rollout with its group"))
+    max_new_tokens: int = arg(2048, "Longest response, in tokens.",
+                              check=at_least(1))
+    temperature: float = arg(1.0, "Sampling temperature of rollouts (and of the log-probs).",
+                             check=(lambda v: 0.1 <= v <= 10,
+                                    "in [0.1, 10] (below 0.1 sampling is all but "
+                                    "greedy: a group's rollouts come out identical "
+                                    "and carry no learning signal; above 10 it is "
+                                    "all but uniform noise)"))
+    top_p: float = arg(0.99, "Nucleus sampling of rollouts.",
+                       check=(lambda v: 0 < v <= 1, "in (0, 1]"))
 
     # --- optimisation ------------------------------------------------------------------------
-    lr: float = arg(1e-6, "AdamW learning rate (constant).")
+    lr: float = arg(1e-6, "AdamW learning rate (constant).",
+                    check=(lambda v: 0 < v < math.inf, "> 0"))
     weight_decay: float = arg(0.01, "AdamW weight decay. A run whose weights' norm falls under "
-                                    "half its start stops.")
-    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.")
-    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).")
-    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.")
+                                    "half its start stops.",
+                              check=(lambda v: 0 <= v <= 1,
+                                     "in [0, 1] (AdamW multiplies every weight by "
+                                     "1 - lr x weight decay at each update)"))
+    grad_clip: float = arg(1.0, "Clip the global gradient norm to this.",
+                           check=(lambda v: 0 < v < math.inf,
+                                  "> 0 (the largest gradient norm allowed)"))
+    updates_per_step: int = arg(3, "Optimizer steps per rollout batch (mini-batches, 1 epoch).",
+                                check=at_least(1))
+    micro_batch_size: int = arg(8, "Rollouts per forward/backward on one rank.",
+                                check=at_least(1))
     generation_batch: int = arg(16, "Prompts per `generate` call on one rank (each with its G "
                                     "rollouts); a step's prompts are generated in such chunks, "
                                     "so that the KV cache of one call fits (3B: 80 rows x 3,072 "
                                     "tokens ~ 9 GB in bf16; all 192 prompts of a rank at once "
-                                    "~ 109 GB). 0 = all at once.")
+                                    "~ 109 GB). 0 = all at once.",
+                                check=at_least(0, "0 = all of a step's prompts in one call"))
 
     # --- the objective (set by --preset; see papo.py and docs/paper.md section 5) ------------
-    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).")
-    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.")
-    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.")
+    gamma: float = arg(0.02, "Weight of the Implicit Perception Loss KL_prcp (maximised).",
+                       check=a_weight("the sign is in the objective: KL_prcp is maximised; "))
+    eta_orig: float = arg(0.0, "Double Entropy Loss: weight of the original-image entropy.",
+                          check=a_weight())
+    eta_mask: float = arg(0.0, "Double Entropy Loss: weight of the masked-image entropy.",
+                          check=a_weight())
     gamma_anneal: bool = arg(False, "KL_prcp annealing (official switch): gamma goes linearly "
                                     "from --gamma to --gamma-end over the first "
                                     "--gamma-anneal-fraction of --steps, then stays there; "
@@ -127,58 +185,81 @@ class Config:
                                     "Steps count from 1: step 1 uses --gamma, step 1 + "
                                     "int(fraction x steps) and later ones --gamma-end. The schedule follows "
                                     "--steps, also when a resume changes it. Logged: gamma_t.")
-    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.")
+    gamma_end: float = arg(0.0, "KL_prcp annealing: the final gamma.",
+                           check=a_weight())
     gamma_anneal_fraction: float = arg(0.5, "KL_prcp annealing: the share of --steps over which "
-                                            "gamma moves to --gamma-end.")
-    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).")
-    clip_low: float = arg(0.2, "PPO clip range below 1.")
-    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).")
-    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).")
+                                            "gamma moves to --gamma-end.",
+                                       check=(lambda v: 0 < v <= 1,
+                                              "in (0, 1] (a share of --steps)"))
+    beta: float = arg(0.01, "Weight of KL to the frozen reference policy (0 = no reference).",
+                      check=a_weight())
+    clip_low: float = arg(0.2, "PPO clip range below 1.",
+                          check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    clip_high: float = arg(0.3, "PPO clip range above 1 (DAPO's clip-higher).",
+                           check=(lambda v: 0 <= v < math.inf, ">= 0"))
+    dual_clip: float = arg(3.0, "Dual-clip constant C for negative advantages (0 = off).",
+                           check=(lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"))
     agg_mode: str = arg("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | "
                                       "seq-mean-token-sum | seq-mean-token-sum-norm (each "
                                       "normalised over the whole mini-batch, all ranks: the "
                                       "gradient does not depend on --micro-batch-size) | "
                                       "micro-token-mean (the official code exactly: the mean of "
                                       "per-micro-batch token means, which DOES depend on "
-                                      "--micro-batch-size and on the number of processes).")
-    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.")
+                                      "--micro-batch-size and on the number of processes).",
+                        check=one_of(papo.ALL_AGG_MODES))
+    kl_kind: str = arg("k3", "KL estimator for KL_ref and KL_prcp: k1 | k2 | k3.",
+                       check=one_of(papo.KL_KINDS))
     kl_prcp_clip: float = arg(0.0, "Clamp each token's KL_prcp to [0, C] before aggregating it, "
                                    "so no token can raise the term past C (official switch, C = "
-                                   "0.2). 0 = off.")
+                                   "0.2). 0 = off.",
+                              check=(lambda v: v == 0 or 0 < v < math.inf,
+                                     "0 (off) or > 0 (the largest "
+                                     "KL_prcp a token contributes)"))
     kl_prcp_token_fraction: float = arg(0.0, "Token-level KL_prcp mask: per rollout, the "
                                              "tokens whose KL_prcp is below the (1 - P) quantile "
                                              "of its tokens are zeroed (selected before "
                                              "--kl-prcp-clip; official switch, P = 0.2). The "
                                              "term keeps the normaliser of every term, the count "
                                              "of ALL valid tokens, as in the official code. "
-                                             "0 = off.")
+                                             "0 = off.",
+                                        check=(lambda v: 0 <= v <= 1,
+                                               "in [0, 1] (0 = off; the share of each "
+                                               "rollout's tokens kept)"))
     entropy: str = arg("sample", "Entropy estimate: sample (official, -log p of the sampled token) "
-                                 "or exact (-sum p log p from the logits).")
+                                 "or exact (-sum p log p from the logits).",
+                       check=one_of(papo.ENTROPY_KINDS))
     dynamic_sampling: bool = arg(False, "DAPO: keep only groups whose mean accuracy is strictly "
                                         "between 0.01 and 0.99 and draw further prompts until the "
                                         "step has --prompts-per-step kept groups (the extra ones "
                                         "are trimmed). A draw in which no group passes keeps all "
                                         "its groups (as the official code does).")
     draw_size: int = arg(128, "Dynamic sampling: prompts per draw, summed over all ranks "
-                              "(official: 128, a third of the step).")
+                              "(official: 128, a third of the step).",
+                         check=at_least(1))
     max_draws: int = arg(20, "Dynamic sampling: most draws for one step; if the step is still "
-                             "not full after them, the run stops with an error (official: 20).")
-    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).")
-    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.")
-    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.")
+                             "not full after them, the run stops with an error (official: 20).",
+                         check=at_least(1))
+    mask_ratio: float = arg(0.6, "Fraction of 14x14-pixel squares blacked out (PAPO).",
+                            check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    mask_patch: int = arg(14, "Side of a masked square, in pixels of the raw image.",
+                          check=at_least(1, "pixels"))
+    mask_mode: str = arg("bernoulli", "bernoulli (official, per-square coin) | exact.",
+                         check=one_of(papo.MASK_MODES))
     sft_coef: float = arg(0.0, "SFT loss on correct rollouts (official switch, 1e-3): adds this "
                                "times the token mean of -log pi over the tokens of the rollouts "
                                "whose accuracy is above 0.1 (official), normalised by their "
                                "number in the whole mini-batch (all micro-batches and ranks; "
                                "per micro-batch with "
                                "--agg-mode micro-token-mean). 0 = off. Not the offline warm "
-                               "start's --sft-* settings.")
+                               "start (--warm-start-*).",
+                          check=a_weight("0 = off; "))
     perception_grad: bool = arg(False, "Recompute the masked branch WITH gradient at every update "
                                        "(the paper's general form). Default: detached, computed "
                                        "once per rollout batch (official).")
     scale_rewards: str = arg("group", "group (the paper's GRPO: each group's advantages divided "
                                       "by its rewards' std) | none (Dr. GRPO: the group mean "
-                                      "subtracted only).")
+                                      "subtracted only).",
+                             check=(lambda v: v in ("group", "none"), "group or none"))
     mask_truncated: bool = arg(False, "Leave completions that hit --max-new-tokens without an end "
                                       "token out of every loss term (their advantages still "
                                       "count in their group). truncated_frac is logged either "
@@ -192,64 +273,95 @@ class Config:
                           "they are. docs/rewards.md has examples.")
     reward_time_limit: float = arg(10.0, "Seconds one call of --reward may take; it runs in a "
                                          "child process, and a call past the limit scores 0 "
-                                         "(reported). At most 3600.")
+                                         "(reported). At most 3600.",
+                                   check=(lambda v: 0 < v <= custom_reward.MAX_REWARD_TIME_LIMIT,
+                                          f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"))
 
     # --- parameter-efficient and partial training ---------------------------------------------
     lora_rank: int = arg(0, "LoRA (through PEFT, an optional install): the adapters' rank; 0 = "
                             "train every weight. The reference log-probs come from the same "
-                            "model with its adapters switched off (no second copy).")
-    lora_alpha: float = arg(0.0, "LoRA scale numerator (0 = 2 x --lora-rank).")
+                            "model with its adapters switched off (no second copy).",
+                         check=at_least(0, "0 = off"))
+    lora_alpha: float = arg(0.0, "LoRA scale numerator (0 = 2 x --lora-rank).",
+                            check=(lambda v: 0 <= v <= 4096,
+                                   "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
+                                   "are scaled by alpha / rank, usually 1 or 2)"))
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "Comma-separated names of the language model's linear layers that "
-                            "get adapters (the vision tower never does).")
+                            "get adapters (the vision tower never does).",
+                            check=(lambda v: all(t.strip().isidentifier() for t in v.split(",")),
+                                   "comma-separated layer names such as q_proj,v_proj"))
     freeze_vision_tower: bool = arg(False, "Never change the vision tower: its weights get no "
                                            "gradient and no optimizer state.")
 
     # --- infrastructure ----------------------------------------------------------------------
-    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.")
+    dtype: str = arg("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16.",
+                     check=(lambda v: v in ("auto", "float32", "bfloat16"),
+                            "auto, float32 or bfloat16"))
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (non-reentrant).")
     fsdp: bool = arg(False, "Under torchrun: shard parameters, gradients and AdamW state over the "
                             "processes with FSDP2 (fully_shard per decoder layer and vision "
                             "block) instead of replicating them with DDP. For models whose "
                             "replicas do not fit (7B on 80 GB GPUs, docs/performance.md).")
-    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).")
-    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.")
+    save_every: int = arg(50, "Checkpoint every N steps (and always at the end).",
+                          check=at_least(1))
+    keep_checkpoints: int = arg(2, "How many step checkpoints to keep.",
+                                check=at_least(1, "the newest checkpoint is always kept"))
     sample_every: int = arg(25, "Log a few sample completions every N steps (samples.jsonl, and "
-                                "with pictures to the trackers of --report-to).")
+                                "with pictures to the trackers of --report-to).",
+                            check=at_least(0, "0 = never"))
     report_to: str = arg("none", "Where to send the metrics besides metrics.jsonl, "
                                  "comma-separated: none | tensorboard | wandb | trackio (each "
                                  "an optional install; wandb works offline with "
-                                 "WANDB_MODE=offline).")
+                                 "WANDB_MODE=offline).",
+                         check=(lambda v: all(t in REPORTERS for t in v.split(",")),
+                                "comma-separated names from " + ", ".join(REPORTERS)))
     project: str = arg("papo", "Project name for wandb / trackio.")
     config: str = arg("", "A JSON file (a run's config.json) or YAML file of settings to start "
                           "from; flags given on the command line override it.")
-    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.")
-    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).")
+    eval_samples: int = arg(4, "Samples per held-out question in the before/after table.",
+                            check=at_least(1))
+    eval_size: int = arg(256, "Held-out questions used in the before/after table (0 = all).",
+                         check=at_least(0, "0 = all"))
     eval_every: int = arg(0, "Also score the held-out set(s) every N steps and at the last step "
                              "(0 = only before and after) and log eval_* columns and its time "
                              "t_eval in metrics.jsonl, so the curves show WHEN accuracy with and "
-                             "without the picture moves. The last step's is the final evaluation.")
+                             "without the picture moves. The last step's is the final evaluation.",
+                          check=at_least(0, "0 = off"))
 
     # --- the offline default (used only when --model is empty) -------------------------------
-    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).")
+    tiny_size: str = arg("small", "Size of the offline model (toy.SIZES).",
+                         check=one_of(toy.SIZES))
     tiny_family: str = arg("qwen2.5-vl", "Model family of the offline model (toy.TINY_FAMILIES): "
                                          "qwen2.5-vl, qwen3-vl, or qwen3-vl-thinking (Qwen3-VL "
                                          "with the Thinking models' chat template, whose prompt "
-                                         "opens <think>).")
+                                         "opens <think>).",
+                           check=one_of(toy.TINY_FAMILIES))
     toy_world: str = arg("plain", "The toy world (toy.TOY_WORLDS): plain, or shortcut - the "
                                   "wording of some questions usually gives the answer away, and "
-                                  "a 'conflict' split, where it never does, is scored as well.")
+                                  "a 'conflict' split, where it never does, is scored as well.",
+                         check=one_of(toy.TOY_WORLDS))
     toy_tasks: str = arg("", "Comma-separated toy tasks (toy.TOY_TASKS) to train on instead of "
-                             "the world's own.")
-    toy_train_size: int = arg(8192, "Toy training split size.")
-    toy_eval_size: int = arg(256, "Toy held-out split size.")
-    sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
-                               "(it stops earlier, at --sft-target-acc).")
-    sft_lr: float = arg(1e-3, "Learning rate of the warm start.")
-    sft_batch: int = arg(32, "Batch size of the warm start.")
-    sft_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 training "
-                                      "prompts it never trained on reaches this: RL needs a model "
-                                      "mid-way through learning the task.")
+                             "the world's own.",
+                         check=(lambda v: not v or all(t in toy.TOY_TASKS for t in v.split(",")),
+                                "comma-separated names from " + ", ".join(toy.TOY_TASKS)))
+    toy_train_size: int = arg(8192, "Toy training split size.",
+                              check=at_least(4, "the warm start keeps a quarter apart"))
+    toy_eval_size: int = arg(256, "Toy held-out split size.",
+                             check=at_least(1))
+    warm_start_steps: int = arg(3000, "Most steps of the supervised warm start on the toy "
+                                      "solutions (it stops earlier, at "
+                                      "--warm-start-target-acc).",
+                                check=at_least(1))
+    warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
+                               check=(lambda v: 0 < v < math.inf, "> 0"))
+    warm_start_batch: int = arg(32, "Batch size of the warm start.",
+                                check=at_least(1))
+    warm_start_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 "
+                                             "training prompts it never trained on reaches "
+                                             "this: RL needs a model mid-way through learning "
+                                             "the task.",
+                                       check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
     cache: str = arg("cache", "Folder for the toy datasets and warm-start checkpoints.")
 
 
@@ -282,14 +394,20 @@ TOY_OVERRIDES = dict(prompts_per_step=16, draw_size=8, group_size=8, max_new_tok
 # would otherwise delete its folder again on every re-run of its configuration).
 RUN_CONTROL = ("out", "overwrite", "force_unlock", "allow_changes", "resume", "config")
 
+# Settings renamed since earlier versions, old name -> new: the warm start's were --sft-*, which
+# read as the SFT term's (--sft-coef). The old flags still parse (hidden from --help), and a
+# saved config.json or a --config file that uses an old name still reads, so earlier runs resume.
+RENAMED = {"sft_steps": "warm_start_steps", "sft_lr": "warm_start_lr",
+           "sft_batch": "warm_start_batch", "sft_target_acc": "warm_start_target_acc"}
+
+
+def current_names(values: dict) -> dict:
+    """Saved settings with the RENAMED ones under their current names."""
+    return {RENAMED.get(k, k): v for k, v in values.items()}
+
+
 PATH_FIELDS = ("model", "data", "eval_data", "out", "resume", "cache", "prompt_template",
                "image_dir", "config")
-
-# --report-to's choices: the trackers (an optional install each; the import that tells
-# whether it is there, and the pip package).
-REPORTERS = {"none": None, "tensorboard": ("tensorboard", "tensorboard"),
-             "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
-
 
 def saved_config(cfg: Config) -> dict:
     """The config as config.json stores it: every local path absolute, so that --resume from
@@ -312,6 +430,18 @@ def absolute_path(value: str, always: bool = False) -> str:
 
 def parse_config(argv=None) -> Config:
     """Build the command line from the dataclass, then apply the precedence described above."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))      # only the flags given: each defaults to SUPPRESS
+    if given.get("preset", Config.preset) not in PRESETS:
+        parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
+    if given.get("resume"):
+        return resumed_config(given, parser)
+    return new_run_config(given, parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field (--flag / --no-flag for a switch), with the field's help; the
+    RENAMED fields' old flags as hidden aliases."""
     epilog = ("Defaults shown are the official Qwen2.5-VL-3B recipe. Without --model the offline "
               "toy run overrides: " + ", ".join(f"{k}={v}" for k, v in TOY_OVERRIDES.items())
               + ". Presets: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items())
@@ -328,55 +458,73 @@ def parse_config(argv=None) -> Config:
             typ = {"int": int, "float": float, "str": str}[str(f.type)]
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
                                 help=help_ + f" (default: {f.default})")
-    given = vars(parser.parse_args(argv))
-    if given.get("preset", Config.preset) not in PRESETS:
-        parser.error(f"--preset {given['preset']!r}: choose one of {', '.join(PRESETS)}")
-    if given.get("resume"):
-        if given.get("config"):
-            parser.error("--config starts a new run from a file of settings and --resume "
-                         "continues a run with its own: give one of them")
-        # Continue with the run's own settings; flags given now (e.g. --steps) still win.
-        saved = Path(given["resume"]) / "config.json"
-        folder = Path(given["resume"]).absolute()
-        if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
-                and (folder.parent / "config.json").is_file()):
-            parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
-                         f"{folder.parent}; give the run folder: --resume {folder.parent} "
-                         "(it continues from the run's latest checkpoint)")
-        if not saved.is_file():
-            parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
-        if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
-            parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
-                         "continues in its own folder; drop --out (or copy the run folder first)")
-        try:
-            values = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            parser.error(f"--resume: {saved} is not readable JSON ({err})")
-        known = {f.name for f in dataclasses.fields(Config)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            print(f"note: {saved} has settings this version does not know, ignored: "
-                  f"{', '.join(unknown)}")
-        # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
-        values = {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
-        if "preset" in given:          # a preset is its coefficients, not only its name
-            given = {**PRESETS[given["preset"]], **given}
-        changes = resume_changes(values, given)
-        cannot = unhonourable_changes(changes, values, Path(given["resume"]))
-        if cannot:      # refused even with --allow-changes: nothing of the run would load
-            parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
-                         "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
-        if changes and not given.get("allow_changes"):
-            parser.error(f"--resume {given['resume']}: these flags would change how the run "
-                         "trains from here on:\n  " + "\n  ".join(
-                             f"--{k.replace('_', '-')}: {old!r} -> {new!r}"
-                             for k, (old, new) in changes.items())
-                         + "\nDrop them to continue the run as it was, or pass --allow-changes to "
-                         "continue with them (each change is printed and recorded in "
-                         "config_history.jsonl).")
-        for k, (old, new) in changes.items():
-            print(f"--allow-changes: {k}: {old!r} -> {new!r}")
-        return Config(**{**values, **given, "resume": given["resume"]})
+        for old in (old for old, new in RENAMED.items() if new == f.name):
+            parser.add_argument("--" + old.replace("_", "-"), dest=f.name, type=typ,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def resumed_config(given: dict, parser) -> Config:
+    """--resume: the run's own config.json, the flags given now on top - refused where they
+    would change how the run trains (unless --allow-changes) or cannot apply to its
+    checkpoints at all."""
+    values = read_run_config(given, parser)
+    if "preset" in given:          # a preset is its coefficients, not only its name
+        given = {**PRESETS[given["preset"]], **given}
+    changes = resume_changes(values, given)
+    cannot = unhonourable_changes(changes, values, Path(given["resume"]))
+    if cannot:      # refused even with --allow-changes: nothing of the run would load
+        parser.error(f"--resume {given['resume']}: these changes cannot be applied to the "
+                     "run's checkpoints (nothing was changed):\n  " + "\n  ".join(cannot))
+    if changes and not given.get("allow_changes"):
+        parser.error(f"--resume {given['resume']}: these flags would change how the run "
+                     "trains from here on:\n  " + "\n  ".join(
+                         f"--{k.replace('_', '-')}: {old!r} -> {new!r}"
+                         for k, (old, new) in changes.items())
+                     + "\nDrop them to continue the run as it was, or pass --allow-changes to "
+                     "continue with them (each change is printed and recorded in "
+                     "config_history.jsonl).")
+    for k, (old, new) in changes.items():
+        print(f"--allow-changes: {k}: {old!r} -> {new!r}")
+    return Config(**{**values, **given, "resume": given["resume"]})
+
+
+def read_run_config(given: dict, parser) -> dict:
+    """The settings in --resume's config.json, once the folder is known to be a run's (not one
+    of its checkpoints, not with another --out or a --config): RENAMED keys under their new
+    names, unknown ones dropped with a note, RUN_CONTROL's never read back."""
+    if given.get("config"):
+        parser.error("--config starts a new run from a file of settings and --resume "
+                     "continues a run with its own: give one of them")
+    # Continue with the run's own settings; flags given now (e.g. --steps) still win.
+    saved = Path(given["resume"]) / "config.json"
+    folder = Path(given["resume"]).absolute()
+    if (re.fullmatch(r"checkpoint-\d{6,}", folder.name)
+            and (folder.parent / "config.json").is_file()):
+        parser.error(f"--resume {given['resume']}: is a checkpoint of the run "
+                     f"{folder.parent}; give the run folder: --resume {folder.parent} "
+                     "(it continues from the run's latest checkpoint)")
+    if not saved.is_file():
+        parser.error(f"--resume {given['resume']}: {saved} not found (not a run folder)")
+    if "out" in given and Path(given["out"]).resolve() != Path(given["resume"]).resolve():
+        parser.error(f"--resume {given['resume']} --out {given['out']}: a resumed run "
+                     "continues in its own folder; drop --out (or copy the run folder first)")
+    try:
+        values = current_names(json.loads(saved.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"--resume: {saved} is not readable JSON ({err})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        print(f"note: {saved} has settings this version does not know, ignored: "
+              f"{', '.join(unknown)}")
+    # never the run's own out / overwrite / force_unlock / ... (RUN_CONTROL): its defaults
+    return {k: v for k, v in values.items() if k in known and k not in RUN_CONTROL}
+
+
+def new_run_config(given: dict, parser) -> Config:
+    """A new run: the layers of the precedence above, lowest first - the toy run's overrides
+    (without --model), the preset, the --config file, a --preset given now, the other flags."""
     from_file = read_config_file(given["config"], parser) if given.get("config") else {}
     if from_file.pop("out", None) and "out" not in given:
         parser.error(f"--config {given['config']}: give --out for the new run. The file's own "
@@ -499,6 +647,7 @@ def read_config_file(path: str, parser) -> dict:
         parser.error(f"--config {path}: cannot read it ({' '.join(str(err).split())})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: holds no settings (expected a mapping of flag names)")
+    values = current_names(values)
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -565,97 +714,35 @@ def _fits(value, type_name: str) -> bool:
     return isinstance(value, str)
 
 
-# The objective's weights (gamma, the etas, beta, the SFT term) are at most this. The paper's are
-# 0.01-0.03; a weight of 10 already lets its term drown the policy gradient, and one of 1e300
-# overflows the loss to inf and every gradient to NaN, so that every update is skipped.
-MAX_COEF = 10
-COEF_WHY = "the paper's weights are 0.01-0.03; huge ones overflow the loss"
-
 # Every flag's allowed range, checked before anything heavy. A value outside it does not fail
 # loudly by itself - it runs and trains wrongly (a negative --grad-clip turns descent into
 # ascent, --temperature 0 makes every group's rollouts identical and every advantage 0) or
-# crashes much later with an unrelated error - so each is named here with its range.
+# crashes much later with an unrelated error - so each field names its range beside it
+# (arg's check), and this list gathers them in the fields' order.
 FLAG_RULES: list[tuple[str, Callable, str]] = [
-    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31) (numpy's and torch's generators)"),
-    ("steps", lambda v: v >= 1, ">= 1"),
-    ("prompts_per_step", lambda v: v >= 1, ">= 1"),
-    ("group_size", lambda v: v >= 2, ">= 2 (advantages compare a rollout with its group)"),
-    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("temperature", lambda v: 0.1 <= v <= 10, "in [0.1, 10] (below 0.1 sampling is all but "
-                                              "greedy: a group's rollouts come out identical "
-                                              "and carry no learning signal; above 10 it is "
-                                              "all but uniform noise)"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("weight_decay", lambda v: 0 <= v <= 1, "in [0, 1] (AdamW multiplies every weight by "
-                                            "1 - lr x weight decay at each update)"),
-    ("grad_clip", lambda v: 0 < v < math.inf, "> 0 (the largest gradient norm allowed)"),
-    ("updates_per_step", lambda v: v >= 1, ">= 1"),
-    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
-    ("generation_batch", lambda v: v >= 0, ">= 0 (0 = all of a step's prompts in one call)"),
-    ("gamma", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (the sign is in the "
-                                             f"objective: KL_prcp is maximised; {COEF_WHY})"),
-    ("eta_orig", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("eta_mask", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("gamma_end", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("gamma_anneal_fraction", lambda v: 0 < v <= 1, "in (0, 1] (a share of --steps)"),
-    ("beta", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] ({COEF_WHY})"),
-    ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("clip_high", lambda v: 0 <= v < math.inf, ">= 0"),
-    ("dual_clip", lambda v: v == 0 or 1 < v < math.inf, "0 (off) or > 1"),
-    ("agg_mode", lambda v: v in papo.ALL_AGG_MODES, "one of " + ", ".join(papo.ALL_AGG_MODES)),
-    ("kl_kind", lambda v: v in papo.KL_KINDS, "one of " + ", ".join(papo.KL_KINDS)),
-    ("kl_prcp_clip", lambda v: v == 0 or 0 < v < math.inf, "0 (off) or > 0 (the largest "
-                                                           "KL_prcp a token contributes)"),
-    ("sft_coef", lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF}] (0 = off; {COEF_WHY})"),
-    ("kl_prcp_token_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off; the share of each "
-                                                      "rollout's tokens kept)"),
-    ("entropy", lambda v: v in papo.ENTROPY_KINDS, "one of " + ", ".join(papo.ENTROPY_KINDS)),
-    ("draw_size", lambda v: v >= 1, ">= 1"),
-    ("max_draws", lambda v: v >= 1, ">= 1"),
-    ("mask_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("mask_patch", lambda v: v >= 1, ">= 1 (pixels)"),
-    ("mask_mode", lambda v: v in papo.MASK_MODES, "one of " + ", ".join(papo.MASK_MODES)),
-    ("min_pixels", lambda v: v >= 1, ">= 1"),
-    ("max_pixels", lambda v: v >= 1, ">= 1"),
-    ("max_prompt_length", lambda v: v >= 1, ">= 1"),
-    ("max_image_pixels", lambda v: v >= 1, ">= 1"),
-    ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
-    ("save_every", lambda v: v >= 1, ">= 1"),
-    ("keep_checkpoints", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
-    ("sample_every", lambda v: v >= 0, ">= 0 (0 = never)"),
-    ("report_to", lambda v: all(t in REPORTERS for t in v.split(",")),
-     "comma-separated names from " + ", ".join(REPORTERS)),
-    ("scale_rewards", lambda v: v in ("group", "none"), "group or none"),
-    ("reward_time_limit", lambda v: 0 < v <= custom_reward.MAX_REWARD_TIME_LIMIT,
-     f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
-    ("lora_rank", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("lora_alpha", lambda v: 0 <= v <= 4096, "in [0, 4096] (0 = 2 x --lora-rank; the adapters "
-                                             "are scaled by alpha / rank, usually 1 or 2)"),
-    ("lora_targets", lambda v: all(t.strip().isidentifier() for t in v.split(",")),
-     "comma-separated layer names such as q_proj,v_proj"),
-    ("eval_samples", lambda v: v >= 1, ">= 1"),
-    ("eval_size", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("eval_every", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("tiny_size", lambda v: v in toy.SIZES, "one of " + ", ".join(toy.SIZES)),
-    ("tiny_family", lambda v: v in toy.TINY_FAMILIES, "one of " + ", ".join(toy.TINY_FAMILIES)),
-    ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
-    ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
-     "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
-    ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),
-    ("toy_eval_size", lambda v: v >= 1, ">= 1"),
-    ("sft_steps", lambda v: v >= 1, ">= 1"),
-    ("sft_lr", lambda v: 0 < v < math.inf, "> 0"),
-    ("sft_batch", lambda v: v >= 1, ">= 1"),
-    ("sft_target_acc", lambda v: 0 <= v <= 1, "in [0, 1]"),
-]
+    (f.name, *f.metadata["check"]) for f in dataclasses.fields(Config) if "check" in f.metadata]
 
 
 def check_config(cfg: Config, world_size: int) -> None:
     """Refuse bad settings before any heavy work: one message naming every bad flag and its
     allowed range."""
-    problems = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
-                for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+    problems = (range_problems(cfg) + batch_shape_problems(cfg, world_size)
+                + combination_problems(cfg) + input_problems(cfg) + resume_problems(cfg)
+                + output_problems(cfg) + optional_install_problems(cfg) + reward_problems(cfg))
+    if problems:
+        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+
+
+def range_problems(cfg: Config) -> list[str]:
+    """Each flag outside its allowed range (FLAG_RULES), "--flag value: must be ..."."""
+    return [f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}"
+            for name, ok, allowed in FLAG_RULES if not ok(getattr(cfg, name))]
+
+
+def batch_shape_problems(cfg: Config, world_size: int) -> list[str]:
+    """A step's prompts, DAPO's draws and the mini-batches must split evenly over the processes
+    and updates."""
+    problems = []
     if cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the "
                         f"{world_size} processes")
@@ -667,6 +754,12 @@ def check_config(cfg: Config, world_size: int) -> None:
         problems.append(f"--updates-per-step {cfg.updates_per_step} does not divide the "
                         f"{local} groups (prompts) each process holds per step: mini-batches "
                         f"are whole groups")
+    return problems
+
+
+def combination_problems(cfg: Config) -> list[str]:
+    """Flags that do not go together, or that would be silently ignored in this configuration."""
+    problems = []
     if cfg.fsdp and not dist.is_initialized():
         problems.append("--fsdp shards the model over processes: start it with torchrun "
                         "(torchrun --nproc_per_node N train.py --fsdp ...)")
@@ -703,6 +796,13 @@ def check_config(cfg: Config, world_size: int) -> None:
                         "add --gamma-anneal or drop them")
     if 1 <= cfg.max_pixels < cfg.min_pixels:
         problems.append(f"--min-pixels {cfg.min_pixels} is over --max-pixels {cfg.max_pixels}")
+    return problems
+
+
+def input_problems(cfg: Config) -> list[str]:
+    """The prompt template, the starting model and the run folder's name, checked before anything
+    loads."""
+    problems = []
     if cfg.prompt_template:
         try:
             data.read_template(cfg.prompt_template)
@@ -716,38 +816,56 @@ def check_config(cfg: Config, world_size: int) -> None:
     if not cfg.resume and not cfg.out.strip():
         problems.append("--out '': give a run folder (an empty one would write the run into "
                         "the current folder)")
-    if cfg.resume:
-        pointer = Path(cfg.resume) / "latest.txt"
-        found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
-                       if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
-        names = [pointer.read_text().strip()] if pointer.is_file() else found
-        done = [int(n.removeprefix("checkpoint-")) for n in names
-                if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
-        if pointer.is_file() and not done:
-            problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
-                            "name of a checkpoint folder there"
-                            + (f" (the newest is {found[-1]}); write that name into it, or "
-                               "delete it to resume from the newest" if found else ""))
-        elif not done:
-            problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
-                            "checkpoint-* folder)")
-        elif cfg.steps <= max(done):
-            problems.append(f"--steps {cfg.steps}: the run already reached step {max(done)}; "
-                            f"give more steps to continue it")
+    return problems
+
+
+def resume_problems(cfg: Config) -> list[str]:
+    """--resume: the run folder must hold a checkpoint to continue from, and --steps must go
+    past it."""
+    if not cfg.resume:
+        return []
+    problems = []
+    pointer = Path(cfg.resume) / "latest.txt"
+    found = sorted(p.name for p in Path(cfg.resume).glob("checkpoint-*")
+                   if p.is_dir() and re.fullmatch(r"checkpoint-\d{6,}", p.name))
+    names = [pointer.read_text().strip()] if pointer.is_file() else found
+    done = [int(n.removeprefix("checkpoint-")) for n in names
+            if re.fullmatch(r"checkpoint-\d{6,}", n) and (Path(cfg.resume) / n).is_dir()]
+    if pointer.is_file() and not done:
+        problems.append(f"--resume {cfg.resume}: {pointer} holds {names[0][:60]!r}, not the "
+                        "name of a checkpoint folder there"
+                        + (f" (the newest is {found[-1]}); write that name into it, or "
+                           "delete it to resume from the newest" if found else ""))
+    elif not done:
+        problems.append(f"--resume {cfg.resume}: no checkpoint there (no latest.txt, no "
+                        "checkpoint-* folder)")
+    elif cfg.steps <= max(done):
+        problems.append(f"--steps {cfg.steps}: the run already reached step {max(done)}; "
+                        f"give more steps to continue it")
+    return problems
+
+
+def output_problems(cfg: Config) -> list[str]:
+    """What the run would evaluate or write into: held-out data for --eval-every, --out a folder."""
+    problems = []
     if cfg.eval_every and cfg.data and not cfg.eval_data:
         problems.append(f"--eval-every {cfg.eval_every}: there is no held-out data to evaluate "
                         "(give --eval-data)")
     out = Path(cfg.resume or cfg.out)
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out}: is a file, not a run folder")
-    problems += optional_install_problems(cfg)
+    return problems
+
+
+def reward_problems(cfg: Config) -> list[str]:
+    """--reward must name a function that loads (it is tried on a few rows later, prepare_data)."""
+    problems = []
     if cfg.reward:
         try:
             custom_reward.load_reward(cfg.reward)
         except custom_reward.RewardError as err:
             problems.append(str(err))
-    if problems:
-        raise SystemExit("train.py: bad configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def optional_install_problems(cfg: Config) -> list[str]:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -506,6 +507,32 @@ def mean_table(files: list[str]) -> str:
 
 
 def main(argv=None) -> dict:
+    """Score every --model on every dataset; print the table (and Table 1 with --suite) and
+    write the results file. Everything that can be refused is checked before a model loads."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mean_of:                     # only a summary of results files written earlier
+        print(mean_table(args.mean_of))
+        return {}
+    plan = resolve_plan(args, parser)           # what to score, on what, every flag checked
+    loaded, template = load_sources(plan)       # every row checked before any model loads
+    user_reward = check_reward(plan, loaded)    # likewise the reward, on a few rows
+    # torchrun --nproc_per_node N eval.py ...: every rank loads each model and scores every N-th
+    # batch of questions; rank 0 gathers the results (evaluate(split_over_ranks=True))
+    device, main_rank = _processes()
+    results: dict[str, dict] = {s: {} for s in plan.sources}
+    try:
+        _score_models(plan, args, loaded, template, user_reward, results, device, main_rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if main_rank:
+        print_results(results, plan, suite=bool(args.suite))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """eval.py's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", help="checkpoint folder or hub id (repeatable)")
     p.add_argument("--data", action="append",
@@ -561,14 +588,34 @@ def main(argv=None) -> dict:
     p.add_argument("--mean-of", nargs="+", metavar="FILE",
                    help="only print mean +- std over result files written by earlier runs "
                         "(one per seed, same models in the same order)")
-    args = p.parse_args(argv)
-    if args.mean_of:
-        print(mean_table(args.mean_of))
-        return {}
+    return p
 
+
+@dataclass
+class Plan:
+    """An evaluation resolved from its flags (and, without --model, from the run train.py
+    wrote last): what to score, on what, how, and where the results go."""
+    models: list[str]
+    sources: list[str]
+    keys: dict                 # the column names, picture folder and size limit of the rows
+    template_file: str | None
+    limit: int
+    max_new: int
+    min_pixels: int
+    max_pixels: int
+    mask_ratios: list[float]
+    kl_ratio: float
+    reward: str
+    reward_time_limit: float
+    out: Path
+
+
+def resolve_plan(args, p: argparse.ArgumentParser) -> Plan:
+    """The evaluation the flags ask for, with every problem of the flags, the models and --out
+    refused at once (the parser's error, naming each)."""
     models, sources, max_new = args.model, list(args.data or []), args.max_new_tokens
     budget = (args.min_pixels, args.max_pixels)
-    template_file = args.prompt_template
+    template_file, limit = args.prompt_template, args.limit
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
                 image_key=args.image_key, image_dir=args.image_dir,
                 max_image_pixels=args.max_image_pixels)
@@ -581,10 +628,9 @@ def main(argv=None) -> dict:
                        for v, k in zip(budget, ("min_pixels", "max_pixels")))
         template_file = template_file or info.get("prompt_template")
         keys = {k: info.get(k) or v for k, v in keys.items()}
-        args.limit = args.limit or info.get("eval_size") or 0   # the run's held-out slice
-    missing = []
+        limit = limit or info.get("eval_size") or 0   # the run's held-out slice
     if args.suite:
-        present, missing = suite_files(args.suite)
+        present, _ = suite_files(args.suite)
         if not present:
             p.error(f"--suite {args.suite}: none of the benchmark files is there "
                     f"({', '.join(SUITE_FILES)})")
@@ -592,17 +638,35 @@ def main(argv=None) -> dict:
     if not sources:
         p.error("--data or --suite is required when --model is given")
     # "is None", not "or": an explicit 0 must be refused below, not replaced by the default
-    max_new = 2048 if max_new is None else max_new
-    min_pixels = 1024 if budget[0] is None else budget[0]
-    max_pixels = 589_824 if budget[1] is None else budget[1]
-    mask_ratios = args.mask_ratios if args.mask_ratios is not None else (
-        [] if args.suite else [0.6, 1.0])
-    kl_ratio = args.kl_ratio if args.kl_ratio is not None else (-1 if args.suite else 0.6)
-    bad = [f"--{flag} {value!r}: must be {allowed}" for flag, value, ok, allowed in (
+    plan = Plan(models=models, sources=sources, keys=keys, template_file=template_file,
+                limit=limit, max_new=2048 if max_new is None else max_new,
+                min_pixels=1024 if budget[0] is None else budget[0],
+                max_pixels=589_824 if budget[1] is None else budget[1],
+                mask_ratios=args.mask_ratios if args.mask_ratios is not None else (
+                    [] if args.suite else [0.6, 1.0]),
+                kl_ratio=args.kl_ratio if args.kl_ratio is not None else (
+                    -1 if args.suite else 0.6),
+                reward="", reward_time_limit=args.reward_time_limit,
+                out=Path(args.out) if args.out else default_out())
+    bad = flag_problems(args, plan)
+    plan.models = [run_checkpoint(name) for name in plan.models]   # a run folder: its latest
+    plan.reward = args.reward or recorded_reward(plan.models, bad)
+    bad += out_problems(plan, args.overwrite)
+    bad += model_problems(plan.models)
+    if bad:
+        p.error("\n  " + "\n  ".join(bad))
+    return plan
+
+
+def flag_problems(args, plan: Plan) -> list[str]:
+    """Each numeric flag outside its range, "--flag value: must be ..."."""
+    max_new, min_pixels, max_pixels = plan.max_new, plan.min_pixels, plan.max_pixels
+    mask_ratios, kl_ratio = plan.mask_ratios, plan.kl_ratio
+    return [f"--{flag} {value!r}: must be {allowed}" for flag, value, ok, allowed in (
         ("samples", args.samples, args.samples >= 1, ">= 1"),
         ("max-image-pixels", args.max_image_pixels, args.max_image_pixels >= 1, ">= 1"),
         ("batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-        ("limit", args.limit, args.limit >= 0, ">= 0 (0 = all)"),
+        ("limit", plan.limit, plan.limit >= 0, ">= 0 (0 = all)"),
         ("temperature", args.temperature, 0 <= args.temperature < float("inf"), ">= 0 (0 = greedy)"),
         ("top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
         ("top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
@@ -614,11 +678,15 @@ def main(argv=None) -> dict:
          0 < args.reward_time_limit <= custom_reward.MAX_REWARD_TIME_LIMIT,
          f"in (0, {custom_reward.MAX_REWARD_TIME_LIMIT:g}] (seconds)"),
     ) if not ok]
-    models = [run_checkpoint(name) for name in models]       # a run folder: its latest
-    reward = args.reward or recorded_reward(models, bad)
-    out = Path(args.out) if args.out else default_out()
-    inputs = [("--model", m) for m in models] + [("--data", d) for d in sources] + [
-        ("--prompt-template", template_file),
+
+
+def out_problems(plan: Plan, overwrite: bool) -> list[str]:
+    """Why the results file cannot be written where --out says: it would replace (or sit in)
+    an input of this evaluation, it is a folder, it exists (without --overwrite), or its folder
+    is missing or read-only."""
+    out, reward = plan.out, plan.reward
+    inputs = [("--model", m) for m in plan.models] + [("--data", d) for d in plan.sources] + [
+        ("--prompt-template", plan.template_file),
         ("--reward", reward.rsplit(":", 1)[0] if ":" in reward else "")]
     clash = []                # the results file must never replace (or sit in) what it reads
     for flag, value in inputs:
@@ -629,59 +697,69 @@ def main(argv=None) -> dict:
             clash.append(f"--out {out}: {'is' if where == out.resolve() else 'lies inside'} "
                          f"{flag} {value}, an input of this evaluation; give another --out")
     if clash:
-        bad += clash
-    elif out.is_dir():
-        bad.append(f"--out {out}: is a folder; give a file name")
-    elif out.exists() and not args.overwrite:
-        bad.append(f"--out {out}: exists (an earlier evaluation's results); pass --overwrite to "
-                   "replace it, or give another --out")
-    elif not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        bad.append(f"--out {out}: folder {out.parent} does not exist or is not writable")
-    for name in models:       # every model must be loadable before the first one is scored
+        return clash
+    if out.is_dir():
+        return [f"--out {out}: is a folder; give a file name"]
+    if out.exists() and not overwrite:
+        return [f"--out {out}: exists (an earlier evaluation's results); pass --overwrite to "
+                "replace it, or give another --out"]
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        return [f"--out {out}: folder {out.parent} does not exist or is not writable"]
+    return []
+
+
+def model_problems(models: list[str]) -> list[str]:
+    """Every model must be loadable before the first one is scored: its source, and weight
+    files that are pickles or truncated."""
+    bad = []
+    for name in models:
         try:
             qwen.model_source(name)
         except (ValueError, FileNotFoundError) as err:
             bad.append(str(err))
         bad += integrity.weight_file_problems(Path(name))     # pickles, truncated files
-    if bad:
-        p.error("\n  " + "\n  ".join(bad))
+    return bad
+
+
+def load_sources(plan: Plan) -> tuple[dict, str | None]:
+    """({source: its rows}, the prompt template's text), every source checked before any
+    model loads; pictures that the processor would refuse in the pixel budget are refused."""
     try:
-        template = data.read_template(template_file) if template_file else None
-        loaded = {s: data.load_dataset(s, **keys)[: args.limit or None] for s in sources}
-    except (data.DatasetError, ValueError) as err:   # every source is checked before any model
+        template = data.read_template(plan.template_file) if plan.template_file else None
+        loaded = {s: data.load_dataset(s, **plan.keys)[: plan.limit or None]
+                  for s in plan.sources}
+    except (data.DatasetError, ValueError) as err:
         raise SystemExit(f"eval.py: {err}") from None
     # the processor's aspect limit applies to the pictures as the budget resizes them
     too_thin = [p for rows in loaded.values()
-                for p in data.budget_problems(rows.rows, min_pixels, max_pixels)]
+                for p in data.budget_problems(rows.rows, plan.min_pixels, plan.max_pixels)]
     if too_thin:
         raise SystemExit("eval.py: pictures that the processor would refuse in the pixel budget:"
                          "\n  " + "\n  ".join(too_thin[:20]))
+    return loaded, template
 
-    try:        # a reward that raises or returns nonsense is refused before any model loads
-        user_reward = (custom_reward.UserReward(reward, args.reward_time_limit) if reward else None)
+
+def check_reward(plan: Plan, loaded: dict):
+    """--reward's runner (None: the built-in math reward), tried on a few rows: a reward that
+    raises or returns nonsense is refused before any model loads."""
+    try:
+        user_reward = (custom_reward.UserReward(plan.reward, plan.reward_time_limit)
+                       if plan.reward else None)
         if user_reward is not None:
             custom_reward.check_user_reward(user_reward, next(iter(loaded.values())))
     except custom_reward.RewardError as err:
         raise SystemExit(f"eval.py: {err}") from None
-    # torchrun --nproc_per_node N eval.py ...: every rank loads each model and scores every N-th
-    # batch of questions; rank 0 gathers the results (evaluate(split_over_ranks=True))
-    device, main_rank = _processes()
-    results: dict[str, dict] = {s: {} for s in sources}
-    try:
-        _score_models(models, loaded, results, args, device, main_rank, out, user_reward,
-                      template, max_new, min_pixels, max_pixels, mask_ratios, kl_ratio)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if not main_rank:
-        return results
-    print(format_table(results, models))
-    if args.suite:
-        scores = {m: {Path(s).name: results[s][m]["accuracy"] for s in sources if Path(s).name
-                      in SUITE_FILES} for m in models}
-        print("\n" + format_suite_table(suite_summary(scores, models), models))
-    print(f"\nwrote {out}")
-    return results
+    return user_reward
+
+
+def print_results(results: dict, plan: Plan, suite: bool) -> None:
+    """The per-dataset table, Table 1 with --suite, and where the results went (rank 0)."""
+    print(format_table(results, plan.models))
+    if suite:
+        scores = {m: {Path(s).name: results[s][m]["accuracy"] for s in plan.sources
+                      if Path(s).name in SUITE_FILES} for m in plan.models}
+        print("\n" + format_suite_table(suite_summary(scores, plan.models), plan.models))
+    print(f"\nwrote {plan.out}")
 
 
 def _processes() -> tuple[torch.device, bool]:
@@ -698,10 +776,11 @@ def _processes() -> tuple[torch.device, bool]:
     return device, dist.get_rank() == 0
 
 
-def _score_models(models, loaded, results, args, device, main_rank, out, user_reward, template,
-                  max_new, min_pixels, max_pixels, mask_ratios, kl_ratio) -> None:
+def _score_models(plan: Plan, args, loaded: dict, template, user_reward, results: dict,
+                  device: torch.device, main_rank: bool) -> None:
     """Each model on each dataset, the results file rewritten after every model (rank 0)."""
-    for name in models:
+    min_pixels, kl_ratio = plan.min_pixels, plan.kl_ratio
+    for name in plan.models:
         policy, processor = qwen.load_model(name, device=device)
         policy.eval()
         problem = integrity.non_finite_weights(policy)
@@ -718,13 +797,14 @@ def _score_models(models, loaded, results, args, device, main_rank, out, user_re
                 results[s][name] = evaluate(
                     policy, processor, examples, samples=args.samples,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    max_new_tokens=max_new, batch_size=args.batch_size,
-                    mask_ratios=tuple(mask_ratios), kl_ratio=kl_ratio if kl_ratio >= 0 else None,
+                    max_new_tokens=plan.max_new, batch_size=args.batch_size,
+                    mask_ratios=tuple(plan.mask_ratios),
+                    kl_ratio=kl_ratio if kl_ratio >= 0 else None,
                     seed=args.seed, progress=main_rank, template=template, min_pixels=low,
-                    max_pixels=max_pixels, user_reward=user_reward, split_over_ranks=True)
+                    max_pixels=plan.max_pixels, user_reward=user_reward, split_over_ranks=True)
         del policy
         if main_rank:
-            out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost
+            plan.out.write_text(json.dumps(results, indent=2))   # after every model: nothing lost
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 
 A checkpoint whose weights were changed after it was written (zeroed in part, swapped for another
 model's) would otherwise resume silently into a different run; a data file edited between runs
-would change what the rest of the run trains on without any record. runtime.py calls these; this
-module imports nothing else of the project.
+would change what the rest of the run trains on without any record. checkpoints.py calls these;
+this module imports nothing else of the project.
 """
 
 from __future__ import annotations

@@ -448,7 +448,7 @@ STARTUP_LIMIT = 120.0   # seconds for a new math process to say it is ready
 def _serve_math(conn, parent_end) -> None:
     """The math process: answer each (readings, approximate) request with _math_equal."""
     # A forked child inherits the trainer's signal handlers. The trainer's SIGTERM handler only
-    # sets a flag (runtime.catch_stop_signals), and at exit Python's multiprocessing stops this
+    # sets a flag (processes.catch_stop_signals), and at exit Python's multiprocessing stops this
     # daemon child WITH SIGTERM and then waits for it: inherited, the handler would keep this
     # process alive and the trainer would wait forever after its last step.
     for sig in (signal.SIGTERM, signal.SIGHUP):

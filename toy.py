@@ -665,7 +665,7 @@ def warm_start_path(cfg) -> Path:
     prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
     family = "" if cfg.tiny_family == "qwen2.5-vl" else f"{cfg.tiny_family}-"   # older names kept
     return (Path(cfg.cache) / f"warmstart-{family}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
-            f"-steps{cfg.sft_steps}-target{cfg.sft_target_acc}-prompt{prompt}")
+            f"-steps{cfg.warm_start_steps}-target{cfg.warm_start_target_acc}-prompt{prompt}")
 
 
 def _prompt_fingerprint(cfg) -> str:
@@ -675,7 +675,7 @@ def _prompt_fingerprint(cfg) -> str:
 
 def warm_start(cfg, train) -> Path:
     """The warm-started tiny model's folder, trained first if it is not in the cache (call it
-    on one process). cfg: a config.Config (its seed, tiny_*, sft_*, prompt and budget fields).
+    on one process). cfg: a config.Config (its seed, tiny_*, warm_start_*, prompt and budget fields).
 
     Supervised fine-tuning = maximising completion_logprobs of the worked solution: the same
     function that scores rollouts in RL, so the warm start exercises exactly the RL code path."""
@@ -691,21 +691,21 @@ def warm_start(cfg, train) -> Path:
         # A Thinking template's prompt already opens <think>: the target starts inside it.
         opened = qwen.prompt_opens_thinking(processor)
         target = lambda ex: ex.solution.removeprefix(qwen.THINK_OPEN) if opened else ex.solution
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
         # The stopping rule watches a slice of the TRAINING split that the warm start never
         # trains on, so the held-out numbers reported later were not used to pick the model.
         n_probe = min(64, len(train) // 4)
         train, probe = train[:-n_probe], train[-n_probe:]
-        bar = tqdm(range(1, cfg.sft_steps + 1), desc="warm start", dynamic_ncols=True)
+        bar = tqdm(range(1, cfg.warm_start_steps + 1), desc="warm start", dynamic_ncols=True)
         acc = 0.0
         for step in bar:
             rng = np.random.default_rng([cfg.seed, step, 17])
-            batch = [train[i] for i in rng.integers(0, len(train), cfg.sft_batch)]
+            batch = [train[i] for i in rng.integers(0, len(train), cfg.warm_start_batch)]
             prompts = [ex.to_prompt(**options) for ex in batch]
             targets = qwen.rollouts_from_texts(processor, prompts, [target(ex) for ex in batch])
             # A short linear warm-up keeps the first large-lr steps of a random model stable.
             for group in optimizer.param_groups:
-                group["lr"] = cfg.sft_lr * min(1.0, step / 20)
+                group["lr"] = cfg.warm_start_lr * min(1.0, step / 20)
             logp = qwen.completion_logprobs(policy, targets)                    # [B, T]
             loss = -papo.aggregate(logp, targets.completion_mask)               # token-mean NLL
             optimizer.zero_grad(set_to_none=True)
@@ -716,7 +716,7 @@ def warm_start(cfg, train) -> Path:
                 acc = evaluation.evaluate(policy, processor, probe, samples=2, temperature=1.0,
                                           max_new_tokens=cfg.max_new_tokens, seed=step,
                                           mask_ratios=(), **options)["accuracy"]
-                if acc >= cfg.sft_target_acc:
+                if acc >= cfg.warm_start_target_acc:
                     break
             bar.set_postfix(nll=f"{loss.item():.3f}", sampled_acc=f"{acc:.2f}")
         bar.close()

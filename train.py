@@ -23,8 +23,10 @@ One RL step (rl_step), as in the algorithm box of the paper; each phase is a fun
                                     the GLOBAL token count, then AdamW
 
 This file is the algorithm. The math is papo.py; transformers is model.py; prompts, files and
-rewards are data.py and rewards.py; the settings are config.py; processes, checkpoints and logs
-are runtime.py; the offline toy world and its warm start are toy.py.
+rewards are data.py and rewards.py; the settings are config.py; the processes (ranks, seeds,
+stop signals) are processes.py; the run folder, its checkpoints and resume are checkpoints.py; the
+data check, the policy and the logs are runtime.py; the offline toy world and its warm start are
+toy.py.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ import lora
 import model as qwen
 import papo
 import rewards
+import checkpoints
+import processes
 import runtime
 from config import Config, check_config, parse_config, prompt_options, uses_masked_branch
-from runtime import Dist, all_reduce, autocast, barrier, step_seed
+from processes import Dist, all_reduce, autocast, barrier, step_seed
 
 
 # =============================================================================================
@@ -703,18 +707,18 @@ def weighted_means_over_ranks(sums: dict, weights: dict) -> dict[str, float]:
 def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()   # transformers' per-save/load bars would drown the log
     cfg = parse_config(argv)
-    d = runtime.setup_distributed()
+    d = processes.setup_distributed()
     check_config(cfg, d.world)
     run = Path(cfg.resume or cfg.out)
     lock = None
     created = d.main and not run.exists()       # a refused new run leaves no empty folder
-    handlers = runtime.catch_stop_signals()
+    handlers = processes.catch_stop_signals()
     try:
         if d.main:
             run.mkdir(parents=True, exist_ok=True)
             # first: nobody else may write here meanwhile
-            lock = runtime.RunLock(run).acquire(force=cfg.force_unlock)
-            runtime.prepare_run_folder(cfg, run)
+            lock = checkpoints.RunLock(run).acquire(force=cfg.force_unlock)
+            checkpoints.prepare_run_folder(cfg, run)
         barrier()
         result = train_run(cfg, d, run)
         # every rank finished its last collective before any rank tears the group down: a rank
@@ -724,22 +728,22 @@ def main(argv=None) -> dict:
         return result
     except KeyboardInterrupt:
         if d.main:
-            print("\ninterrupted. " + runtime.how_to_continue(run), file=sys.stderr)
+            print("\ninterrupted. " + checkpoints.how_to_continue(run), file=sys.stderr)
         raise SystemExit(130) from None
     except DynamicSamplingExhausted as err:    # every rank reached the same decision
         raise SystemExit(f"train.py: {err}\n"
-                         + (runtime.how_to_continue(run) if d.main else "")) from None
+                         + (checkpoints.how_to_continue(run) if d.main else "")) from None
     except Diverged as err:                      # every rank holds the same weights
-        raise SystemExit(f"train.py: {err}.\n" + (runtime.how_to_continue(run) if d.main
+        raise SystemExit(f"train.py: {err}.\n" + (checkpoints.how_to_continue(run) if d.main
                                                     else "")) from None
-    except runtime.Preempted as stop:           # likewise (stop_requested)
+    except processes.Preempted as stop:         # likewise (stop_requested)
         if d.main:
             when = f"after step {stop.step}" if stop.step else "before the first step"
             print(f"train.py: stopped by {signal.Signals(stop.signum).name} {when}. "
-                  + runtime.how_to_continue(run), file=sys.stderr)
+                  + checkpoints.how_to_continue(run), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     finally:
-        runtime.restore_signal_handlers(handlers)
+        processes.restore_signal_handlers(handlers)
         if lock:
             lock.release()
         if created and run.is_dir() and not any(run.iterdir()):
@@ -753,7 +757,7 @@ def train_run(cfg: Config, d: Dist, run: Path) -> dict:
     cfg, examples, heldout, init_path, dropped = runtime.prepare_data(cfg, d, run)
     policy, processor, ref, optimizer, state = runtime.load_start(cfg, d, run, init_path)
     if d.main:       # only now: a resume that does not load leaves config.json as it was
-        runtime.write_run_record(run, cfg, dropped)
+        checkpoints.write_run_record(run, cfg, dropped)
     trackers = runtime.start_trackers(cfg, run, d)
     try:
         return train_loop(cfg, d, run, policy, processor, ref, optimizer, state, examples,
@@ -771,7 +775,7 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
         state["before"] = runtime.evaluate_heldout(policy, processor, heldout, cfg, d)
         if trackers is not None and state["before"]:
             trackers.log(runtime.eval_columns(state["before"]), 0)    # step 0: before RL
-    runtime.steps_begin()                 # a stop signal now waits for the step's checkpoint
+    processes.steps_begin()               # a stop signal now waits for the step's checkpoint
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)
     held, evaluated_at = None, None
@@ -796,14 +800,14 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
             runtime.log_step(run, row, batch, state["history"], cfg, bar, trackers)
         saved = step % cfg.save_every == 0 or step == cfg.steps
         if saved:
-            runtime.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
+            checkpoints.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
             barrier()
-        signum = runtime.stop_requested()        # SIGTERM / SIGHUP on any rank: all stop here
+        signum = processes.stop_requested()      # SIGTERM / SIGHUP on any rank: all stop here
         if signum:
             if not saved:
-                runtime.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
+                checkpoints.save_checkpoint(run, step, policy, processor, optimizer, state, cfg, d)
                 barrier()
-            raise runtime.Preempted(signum, step)
+            raise processes.Preempted(signum, step)
     bar.close()
     # the last step's evaluation IS the final one (same policy, same questions and seeds); the
     # test is the same on every rank, so all of them skip or all call evaluate_heldout

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
+import processes  # noqa: E402
 import runtime  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
@@ -37,7 +38,7 @@ ADVANTAGES = {0: [1.5, -0.5, -0.5, -0.5, 0.5, 0.5, -0.5, -0.5],
 def main() -> None:
     base, out, flags = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     cfg = config.parse_config(flags)
-    d = runtime.setup_distributed()
+    d = processes.setup_distributed()
     try:
         config.check_config(cfg, d.world)
         toy.prepare_toy_data(cfg)
@@ -63,7 +64,7 @@ def main() -> None:
                     "advantages": batch.advantages, "grads": recorder.grads,
                     "metrics": metrics, "tokens": float(batch.rollouts.completion_mask.sum())},
                    out / f"rank{d.rank}.pt")
-        runtime.barrier()
+        processes.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -25,7 +25,7 @@ import custom_reward
 import data
 import lora
 import model as qwen
-import runtime
+import checkpoints
 import toy
 import train
 from test_train import (MIXED_A, MIXED_B, GradientRecorder, _scripted_accuracies,
@@ -149,6 +149,45 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
     assert "give one of them" in capsys.readouterr().err
 
 
+def test_the_warm_starts_old_sft_flags_still_parse_hidden_from_help(tmp_path, capsys):
+    """--sft-steps & co. were renamed --warm-start-* (they read as the SFT term's --sft-coef);
+    the old spellings still work, and --help shows only the new ones."""
+    old = config.parse_config(["--sft-steps", "7", "--sft-lr", "0.002", "--sft-batch", "5",
+                               "--sft-target-acc", "0.3"])
+    new = config.parse_config(["--warm-start-steps", "7", "--warm-start-lr", "0.002",
+                               "--warm-start-batch", "5", "--warm-start-target-acc", "0.3"])
+    assert old == new
+    assert (new.warm_start_steps, new.warm_start_lr, new.warm_start_batch,
+            new.warm_start_target_acc) == (7, 0.002, 5, 0.3)
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    shown = capsys.readouterr().out
+    assert "--warm-start-target-acc" in shown and "--sft-steps" not in shown
+    # the warm start's cache folder keeps its name: caches made before the rename stay valid
+    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-target0\.3-prompt"
+                        r"[0-9a-f]{8}", toy.warm_start_path(new).name)
+
+
+def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):
+    """A config.json (or --config file) of an earlier version names the warm start's settings
+    sft_*: it still reads, under the new names, and a resume records no change."""
+    train.main(tiny_args(tmp_path))
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    old = {("sft" + k.removeprefix("warm_start") if k.startswith("warm_start_") else k): v
+           for k, v in saved.items()}
+    assert "sft_steps" in old and "warm_start_steps" not in old
+    (run / "config.json").write_text(json.dumps(old, indent=2))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cfg = config.parse_config(["--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "b")])
+    assert cfg.warm_start_steps == 2
+    train.main(["--resume", str(run), "--steps", "2"])
+    assert checkpoints.checkpoint_step(last_checkpoint(run)) == 2
+    assert json.loads((run / "config.json").read_text())["warm_start_steps"] == 2
+    history = json.loads((run / "config_history.jsonl").read_text())   # only --steps changed
+    assert list(history["changed"]) == ["steps"]
+
+
 # ---------------------------------------------------------------------------------------------
 # --freeze-vision-tower and LoRA
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +195,7 @@ def test_config_and_resume_together_are_refused(tmp_path, capsys):
 # (the LoRA and tracker tests skip where requirements-extras.txt is not installed; CI installs it)
 
 def _trainer_state(run: Path) -> dict:
-    return runtime.read_trainer_state(last_checkpoint(run) / "trainer_state.pt")
+    return checkpoints.read_trainer_state(last_checkpoint(run) / "trainer_state.pt")
 
 
 def test_a_frozen_vision_tower_never_changes_and_has_no_optimizer_state(tmp_path):
@@ -213,7 +252,7 @@ def test_lora_reference_is_the_base_model_and_the_merged_folder_scores_like_the_
     assert (with_adapters - base_logp).abs().max() > 1e-3      # the adapters do change it
     assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
     # the merged plain-transformers folder scores like the adapter model
-    runtime.unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp_path / "m")
+    checkpoints.unsharded_copy(policy, lora.merged_state_dict(policy)).save_pretrained(tmp_path / "m")
     qwen.save_processor(processor, tmp_path / "m")
     from transformers import Qwen2_5_VLForConditionalGeneration
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "m")

@@ -15,6 +15,7 @@ import pytest
 
 import config
 import integrity
+import checkpoints
 import runtime
 import train
 from test_train import last_checkpoint, tiny_args
@@ -105,8 +106,8 @@ def test_overwrite_deletes_checkpoints_by_their_exact_names_only(tmp_path):
         train.main(tiny_args(tmp_path, "--steps", "1", "--overwrite"))
     assert (run / "checkpoint-best" / "model.safetensors").read_text() == "mine"
     assert (run / "checkpoint-notes.txt").read_text() == "mine"
-    assert runtime.checkpoint_step(run / "checkpoint-000001") == 1
-    assert runtime.checkpoint_step(run / "checkpoint-1") is None
+    assert checkpoints.checkpoint_step(run / "checkpoint-000001") == 1
+    assert checkpoints.checkpoint_step(run / "checkpoint-1") is None
 
 
 @pytest.fixture

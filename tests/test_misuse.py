@@ -21,7 +21,7 @@ import eval as evaluation
 import model as qwen
 import toy
 import config
-import runtime
+import checkpoints
 import train
 from test_train import tiny_args
 
@@ -243,7 +243,7 @@ def test_pruning_keeps_the_newest_by_step_and_never_the_latest(tmp_path):
     for step in (5, 999_999, 1_000_000, 1_000_001):
         (tmp_path / f"checkpoint-{step:06d}").mkdir()
     # by name, "checkpoint-1000000" sorts before "checkpoint-999999"
-    runtime.prune_checkpoints(tmp_path, keep_last=2, keep=tmp_path / "checkpoint-000005")
+    checkpoints.prune_checkpoints(tmp_path, keep_last=2, keep=tmp_path / "checkpoint-000005")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-000005", "checkpoint-1000000", "checkpoint-1000001"]
 
@@ -310,7 +310,7 @@ def test_ctrl_c_leaves_the_last_checkpoint_intact_and_says_how_to_resume(tmp_pat
     err = capsys.readouterr().err
     assert f"python train.py --resume {run}" in err and "checkpoint-000001" in err
     assert not (run / ".lock").exists()
-    assert runtime.latest_checkpoint(run).name == "checkpoint-000001"
+    assert checkpoints.latest_checkpoint(run).name == "checkpoint-000001"
     monkeypatch.setattr(train, "refill", real)
     train.main(["--resume", str(run), "--steps", "3"])
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -285,13 +285,13 @@ def test_a_forked_process_grades_with_its_own_math_process():
 
 
 def test_a_trainer_with_its_stop_handler_exits_after_using_the_math_process():
-    """train.py catches SIGTERM to stop after a step (runtime.catch_stop_signals); at exit,
+    """train.py catches SIGTERM to stop after a step (processes.catch_stop_signals); at exit,
     multiprocessing stops the daemon math process with SIGTERM and waits for it. A forked math
     process that kept the trainer's handler ignored that and the trainer hung forever after its
     last step - every run of an experiment script waited on it. Here the whole sequence runs in
     a fresh interpreter, which must exit by itself."""
-    script = ("import runtime, rewards\n"
-              "runtime.catch_stop_signals()\n"
+    script = ("import processes, rewards\n"
+              "processes.catch_stop_signals()\n"
               "assert rewards.answers_match('\\\\frac{1}{2}', '0.5')\n"
               "assert rewards._MATH.process.process.is_alive()\n"
               "print('graded')\n")

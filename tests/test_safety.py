@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
+import checkpoints
 import train
 from test_train import last_checkpoint, tiny_args
 
@@ -43,7 +43,7 @@ def test_a_crafted_trainer_state_is_refused_and_never_runs(tmp_path, trick):
     torch.save({"state": {"step": 1, "cursor": 0, "extra": _payloads(marker)[trick]},
                 "optimizer": {}, "rng": {}}, path)
     with pytest.raises(ValueError, match=r"trainer_state\.pt holds objects other than tensors"):
-        runtime.read_trainer_state(path)
+        checkpoints.read_trainer_state(path)
     assert not marker.exists()
     # the plain unpickler would have run it: the payload is real
     torch.load(path, weights_only=False)
@@ -54,7 +54,7 @@ def test_resume_refuses_a_checkpoint_whose_state_was_replaced(tmp_path):
     train.main(tiny_args(tmp_path, "--steps", "1"))
     marker = tmp_path / "it-ran"
     state = last_checkpoint(tmp_path / "run") / "trainer_state.pt"
-    blob = runtime.read_trainer_state(state)
+    blob = checkpoints.read_trainer_state(state)
     blob["state"]["extra"] = _Payload(os.makedirs, str(marker))
     torch.save(blob, state)
     with pytest.raises(SystemExit, match="holds objects other than tensors and plain values"):
@@ -66,10 +66,10 @@ def test_a_checkpoints_random_states_round_trip_without_pickled_objects(tmp_path
     """The saved generator states are tensors and plain values, and restoring them gives the
     same next draws of torch, numpy and Python's random."""
     torch.manual_seed(3); np.random.seed(4); random.seed(5)
-    torch.save({"rng": runtime.rng_states()}, tmp_path / "s.pt")
+    torch.save({"rng": checkpoints.rng_states()}, tmp_path / "s.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     loaded = torch.load(tmp_path / "s.pt", weights_only=True)        # no allowlist needed
-    runtime.set_rng_states(loaded["rng"])
+    checkpoints.set_rng_states(loaded["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
@@ -80,7 +80,7 @@ def test_an_earlier_versions_state_with_numpy_arrays_still_loads(tmp_path):
     np.random.seed(9)
     torch.save({"rng": {"numpy": np.random.get_state()}}, tmp_path / "old.pt")
     expected = np.random.rand(2)
-    state = runtime.read_trainer_state(tmp_path / "old.pt")["rng"]["numpy"]
+    state = checkpoints.read_trainer_state(tmp_path / "old.pt")["rng"]["numpy"]
     np.random.set_state(state)
     assert np.array_equal(np.random.rand(2), expected)
     with pytest.raises(pickle.UnpicklingError):        # the plain safe load alone refuses it
@@ -259,9 +259,9 @@ def test_a_full_disk_during_a_save_names_the_folder_and_the_space_needed(tmp_pat
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
                                "626240 vs 626132")
         return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(SystemExit, match=r"writing checkpoint-000002 into .*run failed \(.*"
                                          r"unexpected pos.*\): that disk has 0.00 GB free and a "
                                          r"checkpoint needs about 0\.\d+ GB"):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import config
+import checkpoints
+import processes
 import runtime
 import train
 import model as qwen
@@ -25,7 +27,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     """A configuration small enough for a unit test: tiny model, 64 toy rows, 2-step warm start."""
     return ["--tiny-size", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
             "--toy-train-size", "64", "--toy-eval-size", "4", "--eval-samples", "1",
-            "--sft-steps", "2", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
+            "--warm-start-steps", "2", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
             "--max-new-tokens", "8", "--micro-batch-size", "8", "--sample-every", "1",
             "--save-every", "1", *extra]
 
@@ -36,7 +38,7 @@ def params(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def last_checkpoint(run: Path) -> Path:
-    return runtime.latest_checkpoint(run)
+    return checkpoints.latest_checkpoint(run)
 
 
 def test_smoke_one_step_changes_parameters_and_logs_every_field(tmp_path):
@@ -90,7 +92,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
         raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(torch, "save", crash)     # dies after the weights, before the state
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint(run, 2, policy, processor, optimizer, {"step": 2}, cfg)
+        checkpoints.save_checkpoint(run, 2, policy, processor, optimizer, {"step": 2}, cfg)
     monkeypatch.undo()
     assert last_checkpoint(run) == good
     qwen.load_model(str(last_checkpoint(run)))      # still complete and loadable
@@ -238,7 +240,7 @@ def test_fsdp_one_process_matches_a_plain_run(tmp_path):
 def _tiny_batch(tmp_path, *extra):
     """A real rollout batch of the tiny model on the toy task, and everything that made it."""
     cfg = config.parse_config(tiny_args(tmp_path, *extra))
-    d = runtime.Dist()
+    d = processes.Dist()
     toy.prepare_toy_data(cfg)
     examples, _ = runtime.load_datasets(cfg, d)
     policy, processor = toy.build_tiny_model(seed=0, size="tiny")
@@ -594,16 +596,16 @@ def test_the_shortcut_world_scores_a_conflict_split_where_the_wording_always_mis
 def test_eval_data_replaces_only_the_training_like_split_of_the_shortcut_world(tmp_path):
     cfg = config.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut",
                                        "--eval-data", "mine.jsonl"))
-    _, held = runtime.data_sources(cfg)
+    _, held = checkpoints.data_sources(cfg)
     assert held["held-out"] == "mine.jsonl" and held["conflict"].endswith("heldout-4/data.jsonl")
     # the plain world keeps its tasks, and with them its cached warm start's name
     plain = config.parse_config(tiny_args(tmp_path))
     assert toy.world_tasks(plain) == toy.DEFAULT_TOY_TASKS
     assert "-count+count_color-seed0-" in toy.warm_start_path(plain).name
-    assert list(runtime.data_sources(plain)[1]) == ["held-out"]
+    assert list(checkpoints.data_sources(plain)[1]) == ["held-out"]
     # training on one's own data: no toy split is added
     own = config.parse_config(tiny_args(tmp_path, "--toy-world", "shortcut", "--data", "t.jsonl"))
-    assert runtime.data_sources(own) == ("t.jsonl", {})
+    assert checkpoints.data_sources(own) == ("t.jsonl", {})
 
 
 def test_shortcut_decoys_are_the_letters_wrong_answers_only():
@@ -800,7 +802,7 @@ def test_masked_image_key_feeds_the_datasets_pictures_to_the_masked_branch(tmp_p
     data.write_jsonl([{"problem": "How many shapes are in the image?", "answer": "1",
                        "images": ["p0.png"]}], tmp_path / "plain.jsonl")
     config.check_config(cfg, 1)
-    d = runtime.Dist()
+    d = processes.Dist()
     examples, heldout = runtime.load_datasets(cfg, d)
     assert examples[0].masked_images == [tmp_path / "p0_masked.png"]
     assert heldout["held-out"][0].masked_images is None

@@ -24,6 +24,8 @@ import eval as evaluation
 import model as qwen
 import toy
 import config
+import checkpoints
+import processes
 import runtime
 import train
 from test_train import GradientRecorder, tiny_args
@@ -37,14 +39,14 @@ def world(tmp_path_factory):
     as a folder (`base`) for the runs that load it by path; shared by the whole module."""
     root = tmp_path_factory.mktemp("wiring")
     cfg = config.parse_config(tiny_args(root))
-    d = runtime.Dist()
+    d = processes.Dist()
     toy.prepare_toy_data(cfg)
     examples, _ = runtime.load_datasets(cfg, d)
     policy, processor = toy.build_tiny_model(seed=0, size="tiny")
     policy.save_pretrained(root / "base")
     qwen.save_processor(processor, root / "base")
     return SimpleNamespace(root=root, examples=examples, policy=policy, processor=processor,
-                           base=root / "base", data=Path(runtime.data_sources(cfg)[0]))
+                           base=root / "base", data=Path(checkpoints.data_sources(cfg)[0]))
 
 
 def make_config(world, *extra: str) -> config.Config:
@@ -158,7 +160,7 @@ def graded(world):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.qwen, "generate_rollouts", crafted)
         batch, _, _ = train.collect_batch(world.policy, world.processor, picked, cfg,
-                                          runtime.Dist(), step=1, cursor=0, need_masked=False)
+                                          processes.Dist(), step=1, cursor=0, need_masked=False)
     assert sorted(generated) == sorted(answers)             # each prompt generated once
     # row n * G + g of the batch should hold the g-th crafted text of the n-th prompt generated
     plan = [code for answer in generated for code in PATTERNS[answers.index(answer)]]
@@ -207,7 +209,7 @@ def scored(world):
                  "--updates-per-step", "2", "--micro-batch-size", "4", "--grad-clip", "1e9")
     ref, _ = toy.build_tiny_model(seed=1, size="tiny")
     ref.requires_grad_(False).eval()
-    d = runtime.Dist()
+    d = processes.Dist()
     batch, _, _ = train.collect_batch(world.policy, world.processor, world.examples, cfg, d,
                                       step=1, cursor=0, need_masked=True)
     masked = batch.masked                   # score_phase frees it once scored
@@ -314,7 +316,7 @@ def test_top_p_and_temperature_reach_the_sampler(world, flags, identical):
     dropped on its way to the sampler (it then samples at top_p 1 / temperature 1)."""
     cfg = make_config(world, "--preset", "grpo", "--prompts-per-step", "3", *flags)
     batch, _, _ = train.collect_batch(world.policy, world.processor, world.examples, cfg,
-                                      runtime.Dist(), step=1, cursor=0, need_masked=False)
+                                      processes.Dist(), step=1, cursor=0, need_masked=False)
     assert groups_identical(batch.rollouts, cfg.group_size) == [identical] * 3
 
 
@@ -355,7 +357,7 @@ def test_each_mini_batch_is_normalised_by_its_own_tokens_and_gets_its_own_gradie
     count taken over the whole batch (or another mini-batch) instead of the mini-batch."""
     cfg = make_config(world, "--preset", "grpo", "--beta", "0", "--updates-per-step", "2",
                  "--micro-batch-size", "4", "--grad-clip", "1e9")
-    d = runtime.Dist()
+    d = processes.Dist()
     policy = world.policy
     batch, _, _ = train.collect_batch(policy, world.processor, world.examples, cfg, d, step=1,
                                       cursor=0, need_masked=False)
@@ -442,7 +444,7 @@ def test_two_ranks_update_as_one_process_on_the_union_of_their_rollouts(world, t
     policy, _ = qwen.load_model(str(world.base))
     policy.train()
     recorder = GradientRecorder(policy)
-    union = train.update_phase(_batch_of(parts), policy, recorder, cfg, runtime.Dist(), step=1)
+    union = train.update_phase(_batch_of(parts), policy, recorder, cfg, processes.Dist(), step=1)
     assert recorder.grads[0].norm() > 0
     torch.testing.assert_close(parts[0]["grads"][0], recorder.grads[0], rtol=1e-4, atol=1e-7)
     logged = parts[0]["metrics"]
@@ -451,6 +453,6 @@ def test_two_ranks_update_as_one_process_on_the_union_of_their_rollouts(world, t
         assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
     # rank 0's own rows give other means: a metric not averaged over ranks would show
     alone = train.update_phase(_batch_of(parts[:1]), policy, GradientRecorder(policy), cfg,
-                               runtime.Dist(), step=1)
+                               processes.Dist(), step=1)
     for key in ("pg_loss", "kl_prcp", "entropy_orig", "entropy_mask", "sft_nll"):
         assert alone[key] != pytest.approx(union[key], rel=1e-3), key

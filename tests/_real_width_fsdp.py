@@ -5,7 +5,7 @@ tests/test_real_widths.py::test_two_process_fsdp_step_at_real_widths.
 
 Every rank builds the same random Qwen2.5-VL-3B-wide model (one decoder layer, a windowed and a
 full-attention vision block; the offline tokenizer's vocabulary), turns gradient checkpointing
-on and shards it as train.py does (runtime.shard_model), then runs train.py's phases on its own
+on and shards it as train.py does (processes.shard_model), then runs train.py's phases on its own
 prompt, one picture at the recipe's minimum budget: collect_batch (generate with
 synced_gpus, mask, re-process), score_phase (the masked log-probs) and update_phase with AdamW.
 It saves how many trainable tensors moved and the step's gradient norm to
@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import architectures  # noqa: E402
 import config  # noqa: E402
-import runtime  # noqa: E402
+import processes  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 import model as qwen  # noqa: E402
@@ -35,14 +35,14 @@ def main() -> None:
         "--micro-batch-size", "2", "--updates-per-step", "1", "--lr", "1e-3",
         f"--min-pixels={architectures.OFFICIAL_MIN_PIXELS}",
         f"--max-pixels={architectures.OFFICIAL_MAX_PIXELS}"])
-    d = runtime.setup_distributed()
+    d = processes.setup_distributed()
     try:
         config.check_config(cfg, d.world)
         arch = architectures.reduced("qwen2.5-vl-3b", text_layers=1, vision_blocks=2)
         net, processor = architectures.build(arch, seed=0, vocab="tokenizer")
         qwen._enable_gradient_checkpointing(net)
         net.train()
-        policy = runtime.shard_model(net, cfg, d, trainable=True)
+        policy = processes.shard_model(net, cfg, d, trainable=True)
         trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
         before = {n: p.full_tensor().clone() for n, p in trainable.items()}
         rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def main() -> None:
         moved = sum(not torch.equal(p.full_tensor(), before[n]) for n, p in trainable.items())
         torch.save({"grad_norm": metrics["grad_norm"], "moved": moved,
                     "trainable": len(trainable)}, out / f"rank{d.rank}.pt")
-        runtime.barrier()
+        processes.barrier()
     finally:
         dist.destroy_process_group()
 

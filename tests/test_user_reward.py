@@ -87,12 +87,9 @@ def test_an_interpreter_with_the_trainers_stop_handler_exits_after_a_user_reward
     """The reward's child process is forked from the trainer, whose SIGTERM handler only sets a
     flag; at exit multiprocessing stops the child with SIGTERM and waits. Kept, that handler
     made every run with --reward hang after its last step."""
-    script = ("import processes, custom_reward, data
-"
-              "processes.catch_stop_signals()
-"
-              f"scorer = custom_reward.UserReward({spec('last_line')!r})
-"
+    script = ("import processes, custom_reward, data\n"
+              "processes.catch_stop_signals()\n"
+              f"scorer = custom_reward.UserReward({spec('last_line')!r})\n"
               "ex = data.Example(problem='p', answer='3', images=[], source='x:1')\n"
               "print(scorer('so\\n3', ex)['accuracy'])\n")
     try:

@@ -231,6 +231,9 @@ class Config:
                                   "a 'conflict' split, where it never does, is scored as well.")
     toy_tasks: str = arg("", "Comma-separated toy tasks (toy.TOY_TASKS) to train on instead of "
                              "the world's own.")
+    toy_canvas: str = arg("light", "The toy pictures' background (toy.CANVASES): light, where "
+                                   "PAPO's black squares add dark blobs, or dark, the mask's own "
+                                   "black, where masking only hides.")
     toy_train_size: int = arg(8192, "Toy training split size.")
     toy_eval_size: int = arg(256, "Toy held-out split size.")
     sft_steps: int = arg(3000, "Most steps of the supervised warm start on the toy solutions "
@@ -492,6 +495,7 @@ FLAG_RULES: list[tuple[str, Callable, str]] = [
     ("tiny_size", lambda v: v in toy.SIZES, "one of " + ", ".join(toy.SIZES)),
     ("tiny_family", lambda v: v in toy.TINY_FAMILIES, "one of " + ", ".join(toy.TINY_FAMILIES)),
     ("toy_world", lambda v: v in toy.TOY_WORLDS, "one of " + ", ".join(toy.TOY_WORLDS)),
+    ("toy_canvas", lambda v: v in toy.CANVASES, "one of " + ", ".join(toy.CANVASES)),
     ("toy_tasks", lambda v: all(t in toy.TOY_TASKS for t in v.split(",")) if v else True,
      "comma-separated names from " + ", ".join(toy.TOY_TASKS)),
     ("toy_train_size", lambda v: v >= 4, ">= 4 (the warm start keeps a quarter apart)"),

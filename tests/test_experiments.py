@@ -122,3 +122,99 @@ def test_every_recipe_is_a_valid_command_line():
             assert cfg.gamma == float(name.split("gamma")[1].split("-")[0]), name
             assert cfg.gamma_anneal == name.endswith("-anneal"), name
     assert config.parse_config(shortcut.RECIPES["papo-d"]).dynamic_sampling
+
+
+# --- the dark canvas: where PAPO's black squares hide without adding --------------------------
+
+def test_on_the_dark_canvas_the_mask_only_hides():
+    # The official mask writes (0, 0, 0). On the light canvas that is new, dark content (the tiny
+    # model counts it as shapes); on the dark canvas a masked pixel becomes canvas, nothing else.
+    import numpy as np
+    import papo
+    import toy
+    added = {}
+    for canvas in ("light", "dark"):
+        added[canvas] = 0
+        for i in range(40):
+            ex = toy.sample_toy_example(np.random.default_rng([3, i]), ("count_conflict",),
+                                        canvas=canvas)
+            before = np.asarray(ex["image"])
+            after = np.asarray(papo.mask_image(ex["image"], 14, 0.6, np.random.default_rng([4, i])))
+            changed = (before != after).any(-1)
+            new = changed & (after != np.array(toy.CANVASES[canvas])).any(-1)
+            added[canvas] += bool(new.any())
+            # the shapes are still there, in their colours: same draws on either canvas
+            light = toy.sample_toy_example(np.random.default_rng([3, i]), ("count_conflict",))
+            assert light["problem"] == ex["problem"] and light["answer"] == ex["answer"]
+            shape = (before != np.array(toy.CANVASES[canvas])).any(-1)
+            assert shape.any() and {tuple(p) for p in before[shape]} <= set(toy.COLOURS.values())
+    assert added == {"light": 40, "dark": 0}
+
+
+def test_the_dark_canvas_has_its_own_splits_and_warm_start(tmp_path):
+    import config
+    import toy
+    light = config.parse_config(["--toy-world", "shortcut", "--cache", str(tmp_path)])
+    dark = config.parse_config(["--toy-world", "shortcut", "--cache", str(tmp_path),
+                                "--toy-canvas", "dark"])
+    assert light.toy_canvas == "light"
+    # the light names are the ones earlier caches used
+    assert toy.toy_splits(light)["train"][0].parent.name == "toy-count+count_color+count_hint"
+    assert toy.warm_start_path(light).name.startswith("warmstart-small-count")
+    assert toy.warm_start_path(dark).name.startswith("warmstart-dark-small-count")
+    assert all(toy.toy_splits(dark)[k][0] != toy.toy_splits(light)[k][0] for k in toy.toy_splits(light))
+    assert "toy_canvas" not in config.RESUME_NEUTRAL          # a resumed run may not switch it
+    with pytest.raises(SystemExit, match="--toy-canvas 'grey'"):
+        config.check_config(config.parse_config(["--toy-canvas", "grey"]), world_size=1)
+    toy.make_toy_dataset(4, seed=1, out_dir=tmp_path / "d", tasks=("count",), canvas="dark")
+    import json
+    from PIL import Image
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["canvas"] == "dark"
+    assert Image.open(tmp_path / "d" / "images" / "00000.png").getpixel((0, 0)) == (0, 0, 0)
+    with pytest.raises(ValueError, match="toy canvas 'grey'"):
+        toy.make_toy_dataset(4, seed=1, out_dir=tmp_path / "e", canvas="grey")
+
+
+def _fake_run(folder: Path, acc: float, decoy: float):
+    import json
+    folder.mkdir(parents=True)
+    final = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+             "after": {"accuracy": acc, "conflict_decoy_rate": decoy}}
+    (folder / "final_eval.json").write_text(json.dumps(final))
+    rows = [{"step": 1, "reward": 0.5, "kl_prcp": 0.25, "t_step": 1.0},
+            {"step": 2, "reward": 0.6, "eval_accuracy": acc}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_finished_runs_record_outlives_its_run_folder(tmp_path):
+    import shutil
+    out, results = tmp_path / "runs", tmp_path / "results"
+    _fake_run(shortcut.run_folder(out, "grpo", 0), 0.5, 0.2)
+    (out / "logs").mkdir()
+    (out / "logs" / "grpo-seed0.log").write_text("step\nWARNING step 18: possible KL_prcp hacking\n")
+    shortcut.write_record(out, results, "grpo", 0)
+    shutil.rmtree(out)                                      # the runs are not kept
+    assert shortcut.finished(out, results, "grpo", 0)
+    assert not shortcut.finished(out, results, "grpo", 1)
+    runs = shortcut.load_runs(out, ["grpo"], [0, 1], results)
+    assert runs["grpo"][0]["after"] == {"accuracy": 0.5, "conflict_decoy_rate": 0.2}
+    assert runs["grpo"][0]["curve"] == [{"step": 2, "eval_accuracy": 0.5}]
+    import json
+    record = json.loads((results / "grpo-seed0.json").read_text())
+    assert record["train"] == [{"step": 1, "reward": 0.5, "kl_prcp": 0.25},
+                               {"step": 2, "reward": 0.6}]
+    assert record["warnings"] == ["WARNING step 18: possible KL_prcp hacking"]
+    assert record["flags"] == shortcut.RECIPES["grpo"]
+
+
+def test_one_job_at_a_time_runs_seed_major_and_skips_recorded_runs(tmp_path, monkeypatch):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    _fake_run(shortcut.run_folder(out, "dapo", 0), 0.5, 0.2)   # finished, record not yet written
+    calls = []
+    monkeypatch.setattr(shortcut, "run", lambda cmd, log, threads: 0)   # the toy-data build
+    monkeypatch.setattr(shortcut, "step", lambda o, r, s, *a: calls.append((r, s)))
+    shortcut.run_all(out, [0, 1], ["grpo", "dapo"], jobs=1, threads=1, extra=[], results=results)
+    assert calls == [("grpo", 0), ("grpo", 1), ("dapo", 1)]
+    assert (results / "dapo-seed0.json").is_file()
+    # the dark design: every fixed recipe and the unguarded gamma 0.2, on the dark canvas
+    assert shortcut.DARK_RECIPES == [*shortcut.FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]

@@ -273,6 +273,15 @@ def summarise(runs: dict) -> tuple[dict, str]:
     return summary, "\n".join(lines + change_lines + paired_lines + collapse_lines) + "\n"
 
 
+def without_collapsed(runs: dict) -> dict:
+    """The runs with every collapsed (recipe, seed) left out: the dark design's means and paired
+    differences (a policy that answers nothing scores 0 on the letter's share, which would read
+    as "follows the letter less"). The collapsed seeds are listed by summarise on the full runs."""
+    kept = {r: {s: v for s, v in seeds.items() if not collapsed(v["before"], v["after"])}
+            for r, seeds in runs.items()}
+    return {r: seeds for r, seeds in kept.items() if seeds}
+
+
 def baseline_of(recipe: str) -> str | None:
     """Each PAPO recipe is compared with the baseline it adds to: PAPO-D with DAPO, PAPO-G with
     GRPO. The baselines themselves are not paired."""
@@ -329,6 +338,66 @@ def _mean_sd(values) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
+# The figure notebook 04 draws per canvas: one small panel per compared recipe, its baseline in
+# the same panel, drawn LAST (on top) and named in the legend, each seed a thin line, collapsed
+# seeds marked and left out of the recipe's mean line.
+PANEL_KEYS = {"conflict_decoy_rate": "conflict: share giving the letter's answer",
+              "conflict_accuracy": "conflict accuracy", "accuracy": "held-out accuracy"}
+
+
+def eval_curve(run: dict, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one run's held-out `key`: step 0 is the warm start, then every
+    logged evaluation (metrics.jsonl's eval_<key>)."""
+    points = [(0, run["before"][key])] if key in run["before"] else []
+    points += [(row["step"], row[f"eval_{key}"]) for row in run["curve"] if f"eval_{key}" in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", path=None):
+    """One panel per recipe that has a baseline (baseline_of), in RECIPES' order. Returns the
+    figure (and saves it to `path` when given)."""
+    import matplotlib.pyplot as plt
+    compared = [r for r in RECIPES if r in runs and baseline_of(r) in runs]
+    cols = min(3, max(1, len(compared)))
+    rows = max(1, -(-len(compared) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False,
+                             sharey=True)
+    for ax, recipe in zip(axes.flat, compared):
+        base = baseline_of(recipe)
+        # the recipe first, the baseline last: drawn on top, so it is never hidden
+        for name, colour in ((recipe, "tab:red"), (base, "black")):
+            means = []
+            for seed, run in sorted(runs[name].items()):
+                steps, values = eval_curve(run, key)
+                bad = collapsed(run["before"], run["after"])
+                ax.plot(steps, values, ":" if bad else "-", color=colour, lw=0.8, alpha=0.55,
+                        marker="x" if bad else None)
+                if bad:
+                    ax.annotate(f"seed {seed} collapsed", (steps[-1], values[-1]), fontsize=7,
+                                color=colour, xytext=(-60, 6), textcoords="offset points")
+                elif steps:
+                    means.append(dict(zip(steps, values)))
+            common = sorted(set.intersection(*(set(m) for m in means))) if means else []
+            if common:
+                ax.plot(common, [np.mean([m[s] for m in means]) for s in common], "-o",
+                        color=colour, lw=2.2, ms=4,
+                        label=f"{name}: mean of {len(means)} seed(s)"
+                              + (" not collapsed" if len(means) < len(runs[name]) else ""))
+        ax.set_title(f"{recipe} vs {base}", fontsize=9)
+        ax.set_xlabel("RL step (0 = warm start)")
+        ax.set_ylabel(PANEL_KEYS.get(key, key))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(compared):]:
+        ax.axis("off")
+    fig.suptitle(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = mean, "
+                          "dotted x = collapsed seed", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=90)
+    return fig
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="Folder of the runs and the summary.")
@@ -342,6 +411,8 @@ def main(argv=None) -> None:
     p.add_argument("--toy-canvas", choices=["light", "dark"], default="light",
                    help="The toy pictures' background (train.py --toy-canvas). dark: the "
                         "dark-canvas design's recipes (DARK_RECIPES) unless --recipes is given.")
+    p.add_argument("--figure", default="",
+                   help="Also draw the letter's share per recipe against its baseline to this PNG.")
     p.add_argument("--results", default="",
                    help="Folder for each finished run's record (kept in the repository; a run "
                         "with a record there is not run again).")
@@ -367,11 +438,19 @@ def main(argv=None) -> None:
     if not runs:
         raise SystemExit(f"no finished runs under {out}" + (f" or {results}" if results else ""))
     summary, table = summarise(runs)
+    if dark:   # the design's reading: collapsed seeds apart, out of the means (docs/results.md)
+        summary_kept, table_kept = summarise(without_collapsed(runs))
+        summary = {"without_collapsed": summary_kept, "all": summary}
+        table = ("Collapsed seeds left out of every mean and paired difference:\n\n" + table_kept
+                 + "\nEvery finished seed, collapsed ones included:\n\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(table)
     if results is not None:   # the table travels with the records
         (results / "summary.md").write_text(table)
+    if args.figure:
+        plot_panels(runs, title=f"{args.toy_canvas} canvas: the conflict split's letter share, "
+                                "each recipe against its baseline", path=args.figure)
     print(table)
 
 

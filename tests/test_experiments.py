@@ -218,3 +218,41 @@ def test_one_job_at_a_time_runs_seed_major_and_skips_recorded_runs(tmp_path, mon
     assert (results / "dapo-seed0.json").is_file()
     # the dark design: every fixed recipe and the unguarded gamma 0.2, on the dark canvas
     assert shortcut.DARK_RECIPES == [*shortcut.FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]
+
+
+def test_the_panel_figure_draws_each_recipe_against_its_baseline_last(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    def run(decoy, acc=0.5):
+        return {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+                "after": {"accuracy": acc, "conflict_decoy_rate": decoy},
+                "curve": [{"step": 50, "eval_conflict_decoy_rate": decoy}]}
+    runs = {"grpo": {0: run(0.4), 1: run(0.5)},
+            "papo-g-gamma0.2": {0: run(0.2), 1: run(0.0, acc=0.1)}}    # seed 1 collapsed
+    fig = shortcut.plot_panels(runs, path=tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    assert ax.get_title() == "papo-g-gamma0.2 vs grpo" and ax.get_xlabel() and ax.get_ylabel()
+    colours = [line.get_color() for line in ax.get_lines()]
+    assert colours[-1] == "black"                          # the baseline's mean, drawn last
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["papo-g-gamma0.2: mean of 1 seed(s) not collapsed", "grpo: mean of 2 seed(s)"]
+    # the recipe's mean leaves the collapsed seed out: 0.3 at step 0, 0.2 at step 50
+    mean = next(l for l in ax.get_lines() if l.get_label().startswith("papo-g"))
+    assert list(mean.get_ydata()) == [0.3, 0.2]
+    assert any("seed 1 collapsed" in t.get_text() for t in ax.texts)
+
+
+def test_collapsed_seeds_are_left_out_of_the_means_they_would_distort():
+    ok = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+          "after": {"accuracy": 0.5, "conflict_decoy_rate": 0.4}, "curve": []}
+    dead = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+            "after": {"accuracy": 0.0, "conflict_decoy_rate": 0.0}, "curve": []}
+    runs = {"grpo": {0: ok, 1: ok, 2: ok}, "papo-g-gamma0.2": {0: ok, 1: ok, 2: dead}}
+    kept = shortcut.without_collapsed(runs)
+    assert kept == {"grpo": {0: ok, 1: ok, 2: ok}, "papo-g-gamma0.2": {0: ok, 1: ok}}
+    summary, _ = shortcut.summarise(kept)
+    assert summary["paired"]["papo-g-gamma0.2"]["conflict_decoy_rate"]["per_seed"] == [0.0, 0.0]
+    everything, _ = shortcut.summarise(runs)
+    assert everything["paired"]["papo-g-gamma0.2"]["conflict_decoy_rate"]["mean"] < -0.1
+    assert everything["recipes"]["papo-g-gamma0.2"]["collapsed"] == [2]

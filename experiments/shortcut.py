@@ -132,7 +132,11 @@ def write_record(out: Path, results: Path, recipe: str, seed: int) -> None:
               "train": train, "warnings": warnings}
     results.mkdir(parents=True, exist_ok=True)
     tmp = record_path(results, recipe, seed).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=0) + "\n")
+    # readable and small: one line per key, and per row of the curves
+    text = ",\n".join(f"{json.dumps(k)}: " + (
+        "[\n" + ",\n".join(json.dumps(row) for row in v) + "\n]" if k in ("curve", "train")
+        else json.dumps(v)) for k, v in record.items())
+    tmp.write_text("{\n" + text + "\n}\n")
     tmp.rename(record_path(results, recipe, seed))
 
 
@@ -341,7 +345,7 @@ def _mean_sd(values) -> str:
 # The figure notebook 04 draws per canvas: one small panel per compared recipe, its baseline in
 # the same panel, drawn LAST (on top) and named in the legend, each seed a thin line, collapsed
 # seeds marked and left out of the recipe's mean line.
-PANEL_KEYS = {"conflict_decoy_rate": "conflict: share giving the letter's answer",
+PANEL_KEYS = {"conflict_decoy_rate": "conflict: letter's share",
               "conflict_accuracy": "conflict accuracy", "accuracy": "held-out accuracy"}
 
 
@@ -390,8 +394,9 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(compared):]:
         ax.axis("off")
-    fig.suptitle(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = mean, "
-                          "dotted x = collapsed seed", fontsize=10)
+    import textwrap
+    fig.suptitle(textwrap.fill(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = "
+                                        "mean, dotted x = collapsed seed", 50 * cols), fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=90)

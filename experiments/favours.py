@@ -170,15 +170,42 @@ def show(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """The record as notebook 03 shows it: one row per question (tests/test_notebooks.py checks
+    that the notebook's tables are exactly these)."""
+    lines = ["| right | letter | pi, q of the right count | its KL_prcp, push | pi, q of the "
+             "letter's count | its KL_prcp, push | favours |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        t, w = r["right"] - 1, r["letter"] - 1
+        pair = lambda k: f"{r['pi'][k]:.3f}, {r['q'][k]:.3f}"
+        term = lambda k: f"{r['value'][k]:.2f}, {r['push'][k]:+.3f}"
+        lines.append(f"| {r['right']} | {r['letter']} | {pair(t)} | {term(t)} | {pair(w)} | "
+                     f"{term(w)} | {'right' if r['favours_right'] else 'letter'} |")
+    lines.append("")
+    lines.append(f"{result['canvas']} canvas: the push is larger on the right count on "
+                 f"{sum(r['favours_right'] for r in result['rows'])} of {result['questions']} "
+                 f"questions ({result['favours_right_share']:.0%}); median KL_prcp if written "
+                 f"{result['median_value_right']:.2f} on the right count, "
+                 f"{result['median_value_letter']:.2f} on the letter's; above the clamp at "
+                 f"{CLAMP}: {result['clamped_right_share']:.0%} and "
+                 f"{result['clamped_letter_share']:.0%}.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--toy-canvas", choices=list(toy.CANVASES), required=True)
     p.add_argument("--cache", required=True, help="The experiment's cache folder.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="The JSON record to write.")
+    p.add_argument("--markdown", action="store_true",
+                   help="Print the committed record --out as notebook 03's table; compute nothing.")
     p.add_argument("--no-build", action="store_true",
                    help="Refuse instead of building a missing warm start.")
     args, extra = p.parse_known_args(argv)   # anything else: train.py flags (as shortcut.py)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(1)
     cfg = run_config(args.toy_canvas, args.cache, args.seed, extra)
     warm = ensure_warm_start(cfg, build=not args.no_build)

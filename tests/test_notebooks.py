@@ -104,3 +104,20 @@ def test_every_number_a_reading_quotes_is_in_the_stored_outputs(path):
             if not any(abs(abs(round(p, places)) - value) < 10 ** -(places + 3) for p in printed):
                 missing.append(f"cell {i}: {quoted}")
     assert not missing, f"{path.name}: numbers quoted in its reading but in none of its outputs: {missing}"
+
+
+def test_notebook_03_shows_each_favours_record_as_it_is_committed():
+    # section 7's tables are experiments/favours.py's records, not numbers typed by hand
+    import importlib.util
+    import json
+    root = NOTEBOOK_DIR.parent
+    spec = importlib.util.spec_from_file_location("favours", root / "experiments" / "favours.py")
+    favours = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(favours)
+    records = sorted((root / "experiments" / "results").glob("*/favours-seed0.json"))
+    assert records, "no favours record committed"
+    text = "\n".join(cell.source for cell in
+                     nbformat.read(NOTEBOOK_DIR / "03_per_token_kl.ipynb", as_version=4).cells
+                     if cell.cell_type == "markdown")
+    for path in records:
+        assert favours.markdown(json.loads(path.read_text())) in text, path

@@ -164,6 +164,8 @@ def show(result: dict) -> str:
                      + ("right" if r["favours_right"] else "letter"))
     lines += ["", f"the push (pi - q, per unit gamma) is larger on the right count on "
                   f"{result['favours_right_share']:.0%} of the questions",
+              f"... and on the larger of the two counts on {favours_larger(result)} of "
+              f"{result['questions']}",
               f"median KL_prcp if written: right count {result['median_value_right']:.2f}, "
               f"letter's {result['median_value_letter']:.2f}; above the clamp at {CLAMP}: "
               f"{result['clamped_right_share']:.0%} / {result['clamped_letter_share']:.0%}"]
@@ -188,8 +190,17 @@ def markdown(result: dict) -> str:
                  f"{result['median_value_right']:.2f} on the right count, "
                  f"{result['median_value_letter']:.2f} on the letter's; above the clamp at "
                  f"{CLAMP}: {result['clamped_right_share']:.0%} and "
-                 f"{result['clamped_letter_share']:.0%}.")
+                 f"{result['clamped_letter_share']:.0%}. It is larger on the larger of the two "
+                 f"counts on {favours_larger(result)} of {result['questions']}.")
     return "\n".join(lines)
+
+
+def favours_larger(result: dict) -> int:
+    """On how many questions the push is larger on the larger of the two counts: the masked
+    branch's reading moves every count's q the same way (toward 5 on the light canvas, toward
+    fewer shapes on the dark one), so the term may follow the count's size, not its truth."""
+    larger = lambda r: r["right"] if r["right"] > r["letter"] else r["letter"]
+    return sum((r["right"] == larger(r)) == r["favours_right"] for r in result["rows"])
 
 
 def main(argv=None) -> None:

@@ -256,3 +256,46 @@ def test_collapsed_seeds_are_left_out_of_the_means_they_would_distort():
     everything, _ = shortcut.summarise(runs)
     assert everything["paired"]["papo-g-gamma0.2"]["conflict_decoy_rate"]["mean"] < -0.1
     assert everything["recipes"]["papo-g-gamma0.2"]["collapsed"] == [2]
+
+
+def _favours():
+    spec = importlib.util.spec_from_file_location(
+        "favours", Path(__file__).resolve().parents[1] / "experiments" / "favours.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_committed_favours_record_agrees_with_its_closed_forms():
+    # push = pi - q, KL_prcp = k3 of the two log-probs (capped at 10), "favours" = the larger push
+    import json
+    import math
+    favours = _favours()
+    records = sorted((Path(__file__).resolve().parents[1] / "experiments" / "results")
+                     .glob("*/favours-seed0.json"))
+    assert records
+    for path in records:
+        rec = json.loads(path.read_text())
+        assert rec["questions"] == len(rec["rows"]) == 32
+        for row in rec["rows"]:
+            assert row["right"] != row["letter"]
+            for k in range(5):
+                pi, q = row["pi"][k], row["q"][k]
+                assert row["push"][k] == pytest.approx(pi - q, abs=2e-5)
+                if pi > 1e-3 and q > 1e-3:       # the rounded probabilities still pin k3 down
+                    x = math.log(q) - math.log(pi)
+                    assert row["value"][k] == pytest.approx(min(10.0, math.exp(x) - x - 1),
+                                                            abs=0.02 + 0.02 * row["value"][k])
+            t, w = row["right"] - 1, row["letter"] - 1
+            assert row["favours_right"] == (row["push"][t] > row["push"][w])
+        share = sum(r["favours_right"] for r in rec["rows"]) / 32
+        assert rec["favours_right_share"] == pytest.approx(share)
+        assert 0 <= favours.favours_larger(rec) <= 32
+
+
+def test_favours_larger_counts_the_questions_whose_push_follows_the_larger_count():
+    favours = _favours()
+    rows = [{"right": 5, "letter": 1, "favours_right": True},     # the larger, the right one
+            {"right": 1, "letter": 5, "favours_right": False},    # the larger, the letter's
+            {"right": 2, "letter": 4, "favours_right": True}]     # the smaller
+    assert favours.favours_larger({"rows": rows}) == 2

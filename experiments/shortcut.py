@@ -6,6 +6,8 @@
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
     python experiments/shortcut.py --out runs/dark --toy-canvas dark --jobs 1 \
         --results experiments/results/dark                   # the dark-canvas design, one at a time
+    python experiments/shortcut.py --out runs/dark --toy-canvas dark --results experiments/results/dark \
+        --summary-only --figure letter-share.png             # its tables and per-recipe panels
 
 Every (recipe, seed) is one `train.py --toy-world shortcut` run in OUT/<recipe>-seed<S>; the runs
 of one seed share its warm start (the cache folder keys it by seed), so the recipes differ only in

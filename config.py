@@ -345,6 +345,10 @@ class Config:
                              "the world's own.",
                          check=(lambda v: not v or all(t in toy.TOY_TASKS for t in v.split(",")),
                                 "comma-separated names from " + ", ".join(toy.TOY_TASKS)))
+    toy_canvas: str = arg("light", "The toy pictures' background (toy.CANVASES): light, where "
+                                   "PAPO's black squares add dark blobs, or dark, the mask's own "
+                                   "black, where masking only hides.",
+                          check=one_of(toy.CANVASES))
     toy_train_size: int = arg(8192, "Toy training split size.",
                               check=at_least(4, "the warm start keeps a quarter apart"))
     toy_eval_size: int = arg(256, "Toy held-out split size.",

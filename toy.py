@@ -56,8 +56,10 @@ from data import INSTRUCTION, Example, format_prompt, template_text, write_jsonl
 # 2x2 of them into one token, so one picture costs 4x4 = 16 image tokens: cheap (Qwen3-VL's
 # processor scales it to 128 px, cut into 16-px patches: 16 tokens as well). A shape (18-24
 # px) lies on 4 to 9 of the 14-px squares that PAPO's mask blacks out with probability 0.6 each,
-# so in the masked copy most shapes lose parts and some vanish: the count becomes uncertain, and
-# the masked-image policy really does know less.
+# so in the masked copy most shapes lose parts and some vanish: the count becomes uncertain. On
+# the light canvas, though, each black square is also a dark blob of its own, which the tiny
+# model counts as a shape (docs/toy.md); on the dark canvas (--toy-canvas dark) the squares
+# vanish into the background, and the masked-image policy really does know less.
 #
 # The ANSWER IS DRAWN FIRST, uniformly from the task's possible answers, and then a picture is
 # built to match it. So within a task every answer is equally likely whatever the question says,
@@ -66,6 +68,13 @@ from data import INSTRUCTION, Example, format_prompt, template_text, write_jsonl
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (235, 235, 230)
+
+# --toy-canvas: the colour the shapes are drawn on. "light" (the default) is how real diagrams
+# look, and there PAPO's black squares ADD content: each is a dark blob the model can count as a
+# shape (docs/toy.md). "dark" is the canvas in exactly the mask's black, so a masked square is
+# indistinguishable from empty canvas: masking can only HIDE parts of shapes, never add any. It
+# is the world where the masked branch really sees less.
+CANVASES = {"light": BACKGROUND, "dark": (0, 0, 0)}
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "shape": "shapes"}
 MAX_SHAPES = 6  # at most this many shapes per picture; more would crowd 112 px (see _place_boxes)
 
@@ -265,14 +274,14 @@ def _place_boxes(rng, sizes: list[int], image_size: int, gap: int = 3,
 
 
 def draw_shapes(rng: np.random.Generator, shapes: list[tuple[str, str]],
-                image_size: int = 112) -> Image.Image:
-    """A light canvas with each (colour, shape) drawn once at a random free spot.
+                image_size: int = 112, canvas: str = "light") -> Image.Image:
+    """A canvas (CANVASES) with each (colour, shape) drawn once at a random free spot.
 
     Drawn without anti-aliasing, so every shape pixel has exactly its colour's RGB value: a test
     can count a colour's pixels or its connected blobs and recover the answer."""
     lo, hi = round(18 * image_size / 112), round(24 * image_size / 112)  # scale with the canvas
     sizes = [int(rng.integers(lo, hi + 1)) for _ in shapes]
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    image = Image.new("RGB", (image_size, image_size), CANVASES[canvas])
     draw = ImageDraw.Draw(image)
     for (colour, kind), (x, y, s) in zip(shapes, _place_boxes(rng, sizes, image_size)):
         fill = COLOURS[colour]
@@ -286,8 +295,9 @@ def draw_shapes(rng: np.random.Generator, shapes: list[tuple[str, str]],
 
 
 def sample_toy_example(rng: np.random.Generator, tasks=DEFAULT_TOY_TASKS,
-                       image_size: int = 112) -> dict:
-    """One fresh example: a task drawn uniformly from `tasks`, its answer, a matching picture.
+                       image_size: int = 112, canvas: str = "light") -> dict:
+    """One fresh example: a task drawn uniformly from `tasks`, its answer, a matching picture
+    on the canvas named (CANVASES; the same draws on either, only the background differs).
 
     >>> ex = sample_toy_example(np.random.default_rng(0), tasks=("count_color",))
     >>> sorted(ex), ex["image"].size
@@ -302,14 +312,14 @@ def sample_toy_example(rng: np.random.Generator, tasks=DEFAULT_TOY_TASKS,
     # Mix asked-about shapes and distractors: shapes placed later fill the gaps left by earlier
     # ones, and that faint trace should not tell them apart.
     shapes = [shapes[i] for i in rng.permutation(len(shapes))]
-    return {"image": draw_shapes(rng, shapes, image_size), "problem": problem, "answer": answer,
-            "solution": f"<think>{thought}</think> \\boxed{{{answer}}}", "task": task}
+    return {"image": draw_shapes(rng, shapes, image_size, canvas), "problem": problem,
+            "answer": answer, "solution": f"<think>{thought}</think> \\boxed{{{answer}}}", "task": task}
 
 
 def toy_example(rng: np.random.Generator, tasks=DEFAULT_TOY_TASKS, image_size: int = 112,
-                ) -> Example:
+                canvas: str = "light") -> Example:
     """sample_toy_example as an in-memory Example, for a trainer that draws fresh prompts."""
-    ex = sample_toy_example(rng, tasks, image_size)
+    ex = sample_toy_example(rng, tasks, image_size, canvas)
     return Example(problem=ex["problem"], answer=ex["answer"], images=[ex["image"]],
                    solution=ex["solution"], source="toy", task=ex["task"],
                    sizes=[ex["image"].size])
@@ -334,7 +344,7 @@ def text_only_accuracy(rows: list[dict]) -> float:
 
 
 def make_toy_dataset(n: int, seed: int, out_dir: str | Path, tasks=DEFAULT_TOY_TASKS,
-                     image_size: int = 112) -> Path:
+                     image_size: int = 112, canvas: str = "light") -> Path:
     """Write n toy examples as a user-facing dataset: out_dir/data.jsonl + out_dir/images/*.png.
 
     Example i is drawn from its own generator seeded with (seed, i): the files are byte-identical
@@ -345,11 +355,13 @@ def make_toy_dataset(n: int, seed: int, out_dir: str | Path, tasks=DEFAULT_TOY_T
     unknown = [t for t in tasks if t not in TOY_TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown toy task(s) {unknown or tasks}; choose from {list(TOY_TASKS)}")
+    if canvas not in CANVASES:
+        raise ValueError(f"unknown toy canvas {canvas!r}; choose from {list(CANVASES)}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        ex = sample_toy_example(np.random.default_rng([seed, i]), tasks, image_size)
+        ex = sample_toy_example(np.random.default_rng([seed, i]), tasks, image_size, canvas)
         name = f"images/{i:05d}.png"
         ex["image"].save(out_dir / name)
         rows.append({"id": f"toy-{seed}-{i:05d}", "problem": ex["problem"], "answer": ex["answer"],
@@ -360,6 +372,7 @@ def make_toy_dataset(n: int, seed: int, out_dir: str | Path, tasks=DEFAULT_TOY_T
               for t in tasks}
     chance = {t: 1 / len(TOY_TASKS[t].answers) for t in tasks}
     summary = {"n": n, "seed": seed, "tasks": list(tasks), "image_size": image_size,
+               "canvas": canvas,
                "text_only_accuracy": acc, "wording_rule_accuracy": wording_rule_accuracy(rows),
                "chance_per_task": chance, "answer_counts": counts}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -630,10 +643,12 @@ def world_tasks(cfg) -> tuple[str, ...]:
 
 def toy_splits(cfg) -> dict[str, tuple[Path, tuple[str, ...], int, int]]:
     """Every toy split: name -> (folder, tasks, size, seed). Each split has its own seed, so no
-    held-out picture is ever trained on; the folder is named by tasks and size, so a world that
-    shares a split with another (the plain tasks) shares its files too."""
+    held-out picture is ever trained on; the folder is named by tasks and size (and a canvas
+    other than the light default), so a world that shares a split with another (the plain
+    tasks) shares its files too."""
+    canvas = "" if cfg.toy_canvas == "light" else f"{cfg.toy_canvas}-"   # older names kept
     def folder(tasks, name, n):
-        return Path(cfg.cache) / f"toy-{'+'.join(tasks)}" / f"{name}-{n}"
+        return Path(cfg.cache) / f"toy-{canvas}{'+'.join(tasks)}" / f"{name}-{n}"
     tasks = world_tasks(cfg)
     splits = {"train": (folder(tasks, "train", cfg.toy_train_size), tasks, cfg.toy_train_size, 1),
               "held-out": (folder(tasks, "heldout", cfg.toy_eval_size), tasks, cfg.toy_eval_size, 2)}
@@ -649,7 +664,7 @@ def prepare_toy_data(cfg) -> None:
         if not (folder / "data.jsonl").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks)
+            make_toy_dataset(n, seed=seed, out_dir=tmp, tasks=tasks, canvas=cfg.toy_canvas)
             tmp.rename(folder)
 
 
@@ -660,11 +675,13 @@ def prepare_toy_data(cfg) -> None:
 def warm_start_path(cfg) -> Path:
     """The cache folder of the warm start for these settings. The prompt is part of the key: a
     warm start trained on other wording (and a tokenizer trained on another corpus) would start
-    RL off its own distribution."""
+    RL off its own distribution; so is the canvas (a model that learned shapes on light never
+    saw a dark picture)."""
     tasks = "+".join(world_tasks(cfg))
     prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
     family = "" if cfg.tiny_family == "qwen2.5-vl" else f"{cfg.tiny_family}-"   # older names kept
-    return (Path(cfg.cache) / f"warmstart-{family}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
+    canvas = "" if cfg.toy_canvas == "light" else f"{cfg.toy_canvas}-"
+    return (Path(cfg.cache) / f"warmstart-{family}{canvas}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
             f"-steps{cfg.warm_start_steps}-target{cfg.warm_start_target_acc}-prompt{prompt}")
 
 

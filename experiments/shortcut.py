@@ -4,6 +4,10 @@
     python experiments/shortcut.py --out runs/shortcut --recipes papo-g-gamma0.2-unguarded
     python experiments/shortcut.py --out runs/shortcut --recipes dapo --seeds 0 1   # a subset
     python experiments/shortcut.py --out runs/shortcut --summary-only   # just the table again
+    python experiments/shortcut.py --out runs/dark --toy-canvas dark --jobs 1 \
+        --results experiments/results/dark                   # the dark-canvas design, one at a time
+    python experiments/shortcut.py --out runs/dark --toy-canvas dark --results experiments/results/dark \
+        --summary-only --figure letter-share.png             # its tables and per-recipe panels
 
 Every (recipe, seed) is one `train.py --toy-world shortcut` run in OUT/<recipe>-seed<S>; the runs
 of one seed share its warm start (the cache folder keys it by seed), so the recipes differ only in
@@ -11,7 +15,13 @@ their objective. Runs go `--jobs` at a time with `--threads` torch threads each 
 thread each on 2 cores: a second thread per job only spins, see docs/toy.md). A finished run
 (final_eval.json present) is skipped, so an interrupted experiment continues where it stopped.
 
-The summary reads each run's final_eval.json and metrics.jsonl and writes OUT/summary.json (also
+With --results DIR, each finished run's record (its before/after numbers, the held-out curve, the
+training curve's key columns and the collapse watch's warnings: a few kB, no checkpoint) is
+written to DIR/<recipe>-seed<S>.json, a folder kept in the repository; a run whose record is
+there counts as finished even when OUT is gone, so the experiment can be resumed on another
+machine, and the summary reads the records.
+
+The summary reads each run's final_eval.json and metrics.jsonl (or its record) and writes OUT/summary.json (also
 the curves, for notebook 04) and OUT/summary.md: per recipe the mean and spread over seeds of
 every held-out number after RL, per PAPO recipe the paired difference from its baseline (GRPO;
 DAPO for PAPO-D) seed by seed with a 95% t-interval (the same seed shares the warm start, data
@@ -54,6 +64,9 @@ RECIPES: dict[str, list[str]] = {
 # one gamma (paired by seed with papo-g-gamma0.2)? Run after the design's seven, by name.
 RECIPES["papo-g-gamma0.2-unguarded"] = ["--preset", "papo-g", "--gamma", "0.2"]
 FIXED_RECIPES = ["grpo", "dapo", "papo-d", *(f"papo-g-gamma{g}" for g in GAMMAS)]
+# The dark-canvas design (docs/results.md): the six fixed recipes and the unguarded gamma 0.2,
+# no annealed variant.
+DARK_RECIPES = [*FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
 # not change the training trajectory (tests/test_train.py), only how finely the curves are drawn.
@@ -87,6 +100,48 @@ def run_folder(out: Path, recipe: str, seed: int) -> Path:
     return out / f"{recipe}-seed{seed}"
 
 
+def record_path(results: Path | None, recipe: str, seed: int) -> Path | None:
+    return results / f"{recipe}-seed{seed}.json" if results else None
+
+
+def finished(out: Path, results: Path | None, recipe: str, seed: int) -> bool:
+    record = record_path(results, recipe, seed)
+    return ((run_folder(out, recipe, seed) / "final_eval.json").is_file()
+            or (record is not None and record.is_file()))
+
+
+# The training-curve columns a record keeps (metrics.jsonl holds many more): what the analysis
+# of the collapse and of the clamp needs.
+RECORD_KEYS = ("reward", "accuracy", "format", "kl_prcp", "kl_prcp_clipped", "entropy_orig",
+               "entropy_mask", "response_length")
+
+
+def write_record(out: Path, results: Path, recipe: str, seed: int) -> None:
+    """DIR/<recipe>-seed<S>.json: what the summary and the analysis need of one finished run."""
+    folder = run_folder(out, recipe, seed)
+    final = json.loads((folder / "final_eval.json").read_text())
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    curve = [{k: v for k, v in row.items() if k == "step" or k.startswith("eval_")}
+             for row in rows if any(k.startswith("eval_") for k in row)]
+    train = [{k: (round(row[k], 5) if isinstance(row[k], float) else row[k])
+              for k in ("step", *RECORD_KEYS) if k in row} for row in rows]
+    log = out / "logs" / f"{recipe}-seed{seed}.log"
+    warnings = [line.strip() for line in (log.read_text(errors="replace").splitlines()
+                                         if log.is_file() else []) if "WARNING" in line]
+    record = {"recipe": recipe, "seed": seed, "flags": RECIPES[recipe],
+              "before": final["before"], "after": final["after"], "curve": curve,
+              "train": train, "warnings": warnings}
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = record_path(results, recipe, seed).with_suffix(".tmp")
+    # readable and small: one line per key, and per row of the curves
+    text = ",\n".join(f"{json.dumps(k)}: " + (
+        "[\n" + ",\n".join(json.dumps(row) for row in v) + "\n]" if k in ("curve", "train")
+        else json.dumps(v)) for k, v in record.items())
+    tmp.write_text("{\n" + text + "\n}\n")
+    tmp.rename(record_path(results, recipe, seed))
+
+
 def train_command(out: Path, recipe: str, seed: int, extra: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *COMMON, *RECIPES[recipe], "--seed", str(seed),
             "--cache", str(out / "cache"), "--out", str(run_folder(out, recipe, seed)), *extra]
@@ -100,9 +155,14 @@ def run(cmd: list[str], log: Path, threads: int) -> int:
 
 
 def run_all(out: Path, seeds: list[int], recipes: list[str], jobs: int, threads: int,
-            extra: list[str]) -> None:
-    todo = [(r, s) for s in seeds for r in recipes
-            if not (run_folder(out, r, s) / "final_eval.json").is_file()]
+            extra: list[str], results: Path | None = None) -> None:
+    for r, s in ((r, s) for s in seeds for r in recipes):   # a record lost to an interruption
+        record = record_path(results, r, s)
+        if (record is not None and not record.is_file()
+                and (run_folder(out, r, s) / "final_eval.json").is_file()):
+            write_record(out, results, r, s)
+    # seed-major: with one job at a time, complete seeds accumulate
+    todo = [(r, s) for s in seeds for r in recipes if not finished(out, results, r, s)]
     if not todo:
         return
     # The toy splits and each seed's warm start are cached; two runs must not build the same one
@@ -114,18 +174,23 @@ def run_all(out: Path, seeds: list[int], recipes: list[str], jobs: int, threads:
              *train_command(out, r, s, extra)[2:]]
     if run(build, out / "logs" / "toy-data.log", threads):
         raise SystemExit(f"building the toy splits failed: see {out / 'logs' / 'toy-data.log'}")
+    if jobs == 1:   # nothing runs side by side: each seed's warm start is built by its first run
+        for job in todo:
+            step(out, *job, threads, extra, results)
+        return
     first = {}
     for r, s in todo:
         first.setdefault(s, (r, s))
     rest = [job for job in todo if job not in first.values()]
     for batch in (list(first.values()), rest):
         with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(lambda job: step(out, *job, threads, extra), batch))
+            list(pool.map(lambda job: step(out, *job, threads, extra, results), batch))
 
 
-def step(out: Path, recipe: str, seed: int, threads: int, extra: list[str]) -> None:
+def step(out: Path, recipe: str, seed: int, threads: int, extra: list[str],
+         results: Path | None = None) -> None:
     folder = run_folder(out, recipe, seed)
-    if (folder / "final_eval.json").is_file():
+    if finished(out, results, recipe, seed):
         return
     start = time.time()
     if (folder / "latest.txt").is_file():   # interrupted: continue with its own saved settings
@@ -136,14 +201,23 @@ def step(out: Path, recipe: str, seed: int, threads: int, extra: list[str]) -> N
     rc = run(cmd, log, threads)
     print(f"{recipe} seed {seed}: exit {rc} after {(time.time() - start) / 60:.1f} min"
           + (f" - FAILED, see {log}" if rc else ""), flush=True)
+    if results is not None and (folder / "final_eval.json").is_file():
+        write_record(out, results, recipe, seed)
 
 
-def load_runs(out: Path, recipes: list[str], seeds: list[int]) -> dict:
-    """recipe -> seed -> {"before", "after", "curve"} for the finished runs."""
+def load_runs(out: Path, recipes: list[str], seeds: list[int], results: Path | None = None
+              ) -> dict:
+    """recipe -> seed -> {"before", "after", "curve"} for the finished runs (from their records
+    in `results` where there are any)."""
     runs: dict = {}
     for r in recipes:
         for s in seeds:
             folder = run_folder(out, r, s)
+            record = record_path(results, r, s)
+            if record is not None and record.is_file():
+                rec = json.loads(record.read_text())
+                runs.setdefault(r, {})[s] = {k: rec[k] for k in ("before", "after", "curve")}
+                continue
             if not (folder / "final_eval.json").is_file():
                 continue
             final = json.loads((folder / "final_eval.json").read_text())
@@ -205,6 +279,15 @@ def summarise(runs: dict) -> tuple[dict, str]:
     return summary, "\n".join(lines + change_lines + paired_lines + collapse_lines) + "\n"
 
 
+def without_collapsed(runs: dict) -> dict:
+    """The runs with every collapsed (recipe, seed) left out: the dark design's means and paired
+    differences (a policy that answers nothing scores 0 on the letter's share, which would read
+    as "follows the letter less"). The collapsed seeds are listed by summarise on the full runs."""
+    kept = {r: {s: v for s, v in seeds.items() if not collapsed(v["before"], v["after"])}
+            for r, seeds in runs.items()}
+    return {r: seeds for r, seeds in kept.items() if seeds}
+
+
 def baseline_of(recipe: str) -> str | None:
     """Each PAPO recipe is compared with the baseline it adds to: PAPO-D with DAPO, PAPO-G with
     GRPO. The baselines themselves are not paired."""
@@ -261,6 +344,67 @@ def _mean_sd(values) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
+# The figure notebook 04 draws per canvas: one small panel per compared recipe, its baseline in
+# the same panel, drawn LAST (on top) and named in the legend, each seed a thin line, collapsed
+# seeds marked and left out of the recipe's mean line.
+PANEL_KEYS = {"conflict_decoy_rate": "conflict: letter's share",
+              "conflict_accuracy": "conflict accuracy", "accuracy": "held-out accuracy"}
+
+
+def eval_curve(run: dict, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one run's held-out `key`: step 0 is the warm start, then every
+    logged evaluation (metrics.jsonl's eval_<key>)."""
+    points = [(0, run["before"][key])] if key in run["before"] else []
+    points += [(row["step"], row[f"eval_{key}"]) for row in run["curve"] if f"eval_{key}" in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", path=None):
+    """One panel per recipe that has a baseline (baseline_of), in RECIPES' order. Returns the
+    figure (and saves it to `path` when given)."""
+    import matplotlib.pyplot as plt
+    compared = [r for r in RECIPES if r in runs and baseline_of(r) in runs]
+    cols = min(3, max(1, len(compared)))
+    rows = max(1, -(-len(compared) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False,
+                             sharey=True)
+    for ax, recipe in zip(axes.flat, compared):
+        base = baseline_of(recipe)
+        # the recipe first, the baseline last: drawn on top, so it is never hidden
+        for name, colour in ((recipe, "tab:red"), (base, "black")):
+            means = []
+            for seed, run in sorted(runs[name].items()):
+                steps, values = eval_curve(run, key)
+                bad = collapsed(run["before"], run["after"])
+                ax.plot(steps, values, ":" if bad else "-", color=colour, lw=0.8, alpha=0.55,
+                        marker="x" if bad else None)
+                if bad:
+                    ax.annotate(f"seed {seed} collapsed", (steps[-1], values[-1]), fontsize=7,
+                                color=colour, xytext=(-60, 6), textcoords="offset points")
+                elif steps:
+                    means.append(dict(zip(steps, values)))
+            common = sorted(set.intersection(*(set(m) for m in means))) if means else []
+            if common:
+                ax.plot(common, [np.mean([m[s] for m in means]) for s in common], "-o",
+                        color=colour, lw=2.2, ms=4,
+                        label=f"{name}: mean of {len(means)} seed(s)"
+                              + (" not collapsed" if len(means) < len(runs[name]) else ""))
+        ax.set_title(f"{recipe} vs {base}", fontsize=9)
+        ax.set_xlabel("RL step (0 = warm start)")
+        ax.set_ylabel(PANEL_KEYS.get(key, key))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(compared):]:
+        ax.axis("off")
+    import textwrap
+    fig.suptitle(textwrap.fill(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = "
+                                        "mean, dotted x = collapsed seed", 50 * cols), fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=90)
+    return fig
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="Folder of the runs and the summary.")
@@ -271,26 +415,49 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="Runs at a time.")
     p.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
     p.add_argument("--summary-only", action="store_true", help="Do not train; summarise.")
+    p.add_argument("--toy-canvas", choices=["light", "dark"], default="light",
+                   help="The toy pictures' background (train.py --toy-canvas). dark: the "
+                        "dark-canvas design's recipes (DARK_RECIPES) unless --recipes is given.")
+    p.add_argument("--figure", default="",
+                   help="Also draw the letter's share per recipe against its baseline to this PNG.")
+    p.add_argument("--results", default="",
+                   help="Folder for each finished run's record (kept in the repository; a run "
+                        "with a record there is not run again).")
     args, extra = p.parse_known_args(argv)   # anything else goes to every train.py run
     out = Path(args.out).resolve()
-    recipes = args.recipes or FIXED_RECIPES
+    results = Path(args.results).resolve() if args.results else None
+    dark = args.toy_canvas == "dark"
+    if dark:
+        extra = ["--toy-canvas", "dark", *extra]
+    recipes = args.recipes or (DARK_RECIPES if dark else FIXED_RECIPES)
     if not args.summary_only:
-        run_all(out, args.seeds, recipes, args.jobs, args.threads, extra)
-    if not args.recipes:   # the design's last run: the annealed variant its results pick
-        chosen = annealed_recipe(load_runs(out, FIXED_RECIPES, args.seeds), args.seeds)
+        run_all(out, args.seeds, recipes, args.jobs, args.threads, extra, results)
+    if not args.recipes and not dark:   # the light design's last run: the annealed variant
+        chosen = annealed_recipe(load_runs(out, FIXED_RECIPES, args.seeds, results), args.seeds)
         if chosen is None:
             print("the annealed variant waits for every seed of the PAPO-G runs", flush=True)
         else:
             print(f"annealed variant (docs/results.md's rule): {chosen}", flush=True)
             recipes = recipes + [chosen]
             if not args.summary_only:
-                run_all(out, args.seeds, [chosen], args.jobs, args.threads, extra)
-    runs = load_runs(out, recipes, args.seeds)
+                run_all(out, args.seeds, [chosen], args.jobs, args.threads, extra, results)
+    runs = load_runs(out, recipes, args.seeds, results)
     if not runs:
-        raise SystemExit(f"no finished runs under {out}")
+        raise SystemExit(f"no finished runs under {out}" + (f" or {results}" if results else ""))
     summary, table = summarise(runs)
+    if dark:   # the design's reading: collapsed seeds apart, out of the means (docs/results.md)
+        summary_kept, table_kept = summarise(without_collapsed(runs))
+        summary = {"without_collapsed": summary_kept, "all": summary}
+        table = ("Collapsed seeds left out of every mean and paired difference:\n\n" + table_kept
+                 + "\nEvery finished seed, collapsed ones included:\n\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(table)
+    if results is not None:   # the table travels with the records
+        (results / "summary.md").write_text(table)
+    if args.figure:
+        plot_panels(runs, title=f"{args.toy_canvas} canvas: the conflict split's letter share, "
+                                "each recipe against its baseline", path=args.figure)
     print(table)
 
 

@@ -122,3 +122,180 @@ def test_every_recipe_is_a_valid_command_line():
             assert cfg.gamma == float(name.split("gamma")[1].split("-")[0]), name
             assert cfg.gamma_anneal == name.endswith("-anneal"), name
     assert config.parse_config(shortcut.RECIPES["papo-d"]).dynamic_sampling
+
+
+# --- the dark canvas: where PAPO's black squares hide without adding --------------------------
+
+def test_on_the_dark_canvas_the_mask_only_hides():
+    # The official mask writes (0, 0, 0). On the light canvas that is new, dark content (the tiny
+    # model counts it as shapes); on the dark canvas a masked pixel becomes canvas, nothing else.
+    import numpy as np
+    import papo
+    import toy
+    added = {}
+    for canvas in ("light", "dark"):
+        added[canvas] = 0
+        for i in range(40):
+            ex = toy.sample_toy_example(np.random.default_rng([3, i]), ("count_conflict",),
+                                        canvas=canvas)
+            before = np.asarray(ex["image"])
+            after = np.asarray(papo.mask_image(ex["image"], 14, 0.6, np.random.default_rng([4, i])))
+            changed = (before != after).any(-1)
+            new = changed & (after != np.array(toy.CANVASES[canvas])).any(-1)
+            added[canvas] += bool(new.any())
+            # the shapes are still there, in their colours: same draws on either canvas
+            light = toy.sample_toy_example(np.random.default_rng([3, i]), ("count_conflict",))
+            assert light["problem"] == ex["problem"] and light["answer"] == ex["answer"]
+            shape = (before != np.array(toy.CANVASES[canvas])).any(-1)
+            assert shape.any() and {tuple(p) for p in before[shape]} <= set(toy.COLOURS.values())
+    assert added == {"light": 40, "dark": 0}
+
+
+def test_the_dark_canvas_has_its_own_splits_and_warm_start(tmp_path):
+    import config
+    import toy
+    light = config.parse_config(["--toy-world", "shortcut", "--cache", str(tmp_path)])
+    dark = config.parse_config(["--toy-world", "shortcut", "--cache", str(tmp_path),
+                                "--toy-canvas", "dark"])
+    assert light.toy_canvas == "light"
+    # the light names are the ones earlier caches used
+    assert toy.toy_splits(light)["train"][0].parent.name == "toy-count+count_color+count_hint"
+    assert toy.warm_start_path(light).name.startswith("warmstart-small-count")
+    assert toy.warm_start_path(dark).name.startswith("warmstart-dark-small-count")
+    assert all(toy.toy_splits(dark)[k][0] != toy.toy_splits(light)[k][0] for k in toy.toy_splits(light))
+    assert "toy_canvas" not in config.RESUME_NEUTRAL          # a resumed run may not switch it
+    with pytest.raises(SystemExit, match="--toy-canvas 'grey'"):
+        config.check_config(config.parse_config(["--toy-canvas", "grey"]), world_size=1)
+    toy.make_toy_dataset(4, seed=1, out_dir=tmp_path / "d", tasks=("count",), canvas="dark")
+    import json
+    from PIL import Image
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["canvas"] == "dark"
+    assert Image.open(tmp_path / "d" / "images" / "00000.png").getpixel((0, 0)) == (0, 0, 0)
+    with pytest.raises(ValueError, match="toy canvas 'grey'"):
+        toy.make_toy_dataset(4, seed=1, out_dir=tmp_path / "e", canvas="grey")
+
+
+def _fake_run(folder: Path, acc: float, decoy: float):
+    import json
+    folder.mkdir(parents=True)
+    final = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+             "after": {"accuracy": acc, "conflict_decoy_rate": decoy}}
+    (folder / "final_eval.json").write_text(json.dumps(final))
+    rows = [{"step": 1, "reward": 0.5, "kl_prcp": 0.25, "t_step": 1.0},
+            {"step": 2, "reward": 0.6, "eval_accuracy": acc}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_finished_runs_record_outlives_its_run_folder(tmp_path):
+    import shutil
+    out, results = tmp_path / "runs", tmp_path / "results"
+    _fake_run(shortcut.run_folder(out, "grpo", 0), 0.5, 0.2)
+    (out / "logs").mkdir()
+    (out / "logs" / "grpo-seed0.log").write_text("step\nWARNING step 18: possible KL_prcp hacking\n")
+    shortcut.write_record(out, results, "grpo", 0)
+    shutil.rmtree(out)                                      # the runs are not kept
+    assert shortcut.finished(out, results, "grpo", 0)
+    assert not shortcut.finished(out, results, "grpo", 1)
+    runs = shortcut.load_runs(out, ["grpo"], [0, 1], results)
+    assert runs["grpo"][0]["after"] == {"accuracy": 0.5, "conflict_decoy_rate": 0.2}
+    assert runs["grpo"][0]["curve"] == [{"step": 2, "eval_accuracy": 0.5}]
+    import json
+    record = json.loads((results / "grpo-seed0.json").read_text())
+    assert record["train"] == [{"step": 1, "reward": 0.5, "kl_prcp": 0.25},
+                               {"step": 2, "reward": 0.6}]
+    assert record["warnings"] == ["WARNING step 18: possible KL_prcp hacking"]
+    assert record["flags"] == shortcut.RECIPES["grpo"]
+
+
+def test_one_job_at_a_time_runs_seed_major_and_skips_recorded_runs(tmp_path, monkeypatch):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    _fake_run(shortcut.run_folder(out, "dapo", 0), 0.5, 0.2)   # finished, record not yet written
+    calls = []
+    monkeypatch.setattr(shortcut, "run", lambda cmd, log, threads: 0)   # the toy-data build
+    monkeypatch.setattr(shortcut, "step", lambda o, r, s, *a: calls.append((r, s)))
+    shortcut.run_all(out, [0, 1], ["grpo", "dapo"], jobs=1, threads=1, extra=[], results=results)
+    assert calls == [("grpo", 0), ("grpo", 1), ("dapo", 1)]
+    assert (results / "dapo-seed0.json").is_file()
+    # the dark design: every fixed recipe and the unguarded gamma 0.2, on the dark canvas
+    assert shortcut.DARK_RECIPES == [*shortcut.FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]
+
+
+def test_the_panel_figure_draws_each_recipe_against_its_baseline_last(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    def run(decoy, acc=0.5):
+        return {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+                "after": {"accuracy": acc, "conflict_decoy_rate": decoy},
+                "curve": [{"step": 50, "eval_conflict_decoy_rate": decoy}]}
+    runs = {"grpo": {0: run(0.4), 1: run(0.5)},
+            "papo-g-gamma0.2": {0: run(0.2), 1: run(0.0, acc=0.1)}}    # seed 1 collapsed
+    fig = shortcut.plot_panels(runs, path=tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    assert ax.get_title() == "papo-g-gamma0.2 vs grpo" and ax.get_xlabel() and ax.get_ylabel()
+    colours = [line.get_color() for line in ax.get_lines()]
+    assert colours[-1] == "black"                          # the baseline's mean, drawn last
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["papo-g-gamma0.2: mean of 1 seed(s) not collapsed", "grpo: mean of 2 seed(s)"]
+    # the recipe's mean leaves the collapsed seed out: 0.3 at step 0, 0.2 at step 50
+    mean = next(l for l in ax.get_lines() if l.get_label().startswith("papo-g"))
+    assert list(mean.get_ydata()) == [0.3, 0.2]
+    assert any("seed 1 collapsed" in t.get_text() for t in ax.texts)
+
+
+def test_collapsed_seeds_are_left_out_of_the_means_they_would_distort():
+    ok = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+          "after": {"accuracy": 0.5, "conflict_decoy_rate": 0.4}, "curve": []}
+    dead = {"before": {"accuracy": 0.4, "conflict_decoy_rate": 0.3},
+            "after": {"accuracy": 0.0, "conflict_decoy_rate": 0.0}, "curve": []}
+    runs = {"grpo": {0: ok, 1: ok, 2: ok}, "papo-g-gamma0.2": {0: ok, 1: ok, 2: dead}}
+    kept = shortcut.without_collapsed(runs)
+    assert kept == {"grpo": {0: ok, 1: ok, 2: ok}, "papo-g-gamma0.2": {0: ok, 1: ok}}
+    summary, _ = shortcut.summarise(kept)
+    assert summary["paired"]["papo-g-gamma0.2"]["conflict_decoy_rate"]["per_seed"] == [0.0, 0.0]
+    everything, _ = shortcut.summarise(runs)
+    assert everything["paired"]["papo-g-gamma0.2"]["conflict_decoy_rate"]["mean"] < -0.1
+    assert everything["recipes"]["papo-g-gamma0.2"]["collapsed"] == [2]
+
+
+def _favours():
+    spec = importlib.util.spec_from_file_location(
+        "favours", Path(__file__).resolve().parents[1] / "experiments" / "favours.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_committed_favours_record_agrees_with_its_closed_forms():
+    # push = pi - q, KL_prcp = k3 of the two log-probs (capped at 10), "favours" = the larger push
+    import json
+    import math
+    favours = _favours()
+    records = sorted((Path(__file__).resolve().parents[1] / "experiments" / "results")
+                     .glob("*/favours-seed0.json"))
+    assert records
+    for path in records:
+        rec = json.loads(path.read_text())
+        assert rec["questions"] == len(rec["rows"]) == 32
+        for row in rec["rows"]:
+            assert row["right"] != row["letter"]
+            for k in range(5):
+                pi, q = row["pi"][k], row["q"][k]
+                assert row["push"][k] == pytest.approx(pi - q, abs=2e-5)
+                if pi > 1e-3 and q > 1e-3:       # the rounded probabilities still pin k3 down
+                    x = math.log(q) - math.log(pi)
+                    assert row["value"][k] == pytest.approx(min(10.0, math.exp(x) - x - 1),
+                                                            abs=0.02 + 0.02 * row["value"][k])
+            t, w = row["right"] - 1, row["letter"] - 1
+            assert row["favours_right"] == (row["push"][t] > row["push"][w])
+        share = sum(r["favours_right"] for r in rec["rows"]) / 32
+        assert rec["favours_right_share"] == pytest.approx(share)
+        assert 0 <= favours.favours_larger(rec) <= 32
+
+
+def test_favours_larger_counts_the_questions_whose_push_follows_the_larger_count():
+    favours = _favours()
+    rows = [{"right": 5, "letter": 1, "favours_right": True},     # the larger, the right one
+            {"right": 1, "letter": 5, "favours_right": False},    # the larger, the letter's
+            {"right": 2, "letter": 4, "favours_right": True}]     # the smaller
+    assert favours.favours_larger({"rows": rows}) == 2

@@ -247,8 +247,9 @@ def generate_phase(policy, processor, prompts: list[data.Example], cfg: Config, 
 def reward_phase(rollouts: qwen.Rollouts, prompts: list[data.Example], group_size: int,
                  thinking_open: bool = False, user_reward: custom_reward.UserReward | None = None):
     """Rule-based rewards: 0.9 * accuracy + 0.1 * format (rewards.reward_details, or the
-    user's --reward; an EasyR1-style one pays its own "overall"). Rollout b answers prompt b // G (group-major). thinking_open: the chat
-    template opened <think> in the prompt (model.prompt_opens_thinking)."""
+    user's --reward; an EasyR1-style one pays its own "overall"). Rollout b answers prompt
+    b // G (group-major). thinking_open: the chat template opened <think> in the prompt
+    (model.prompt_opens_thinking)."""
     asked = [prompts[b // group_size] for b in range(len(rollouts.texts))]
     if user_reward is not None:            # one request for the whole phase (EasyR1's batch form)
         details = user_reward.score(rollouts.texts, asked,

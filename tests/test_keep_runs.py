@@ -19,6 +19,7 @@ import checkpoints
 import runtime
 import train
 from test_train import last_checkpoint, tiny_args
+from test_misuse import checkpoint_and_data  # noqa: F401  (a fixture: a tiny model folder and q.jsonl)
 
 
 def _tree(folder: Path) -> dict[str, int]:
@@ -110,46 +111,31 @@ def test_overwrite_deletes_checkpoints_by_their_exact_names_only(tmp_path):
     assert checkpoints.checkpoint_step(run / "checkpoint-1") is None
 
 
-@pytest.fixture
-def model_and_data(tmp_path):
-    import data
-    import model as qwen
-    import toy
-    from PIL import Image
-    policy, processor = toy.build_tiny_model(seed=0, size="tiny")
-    policy.save_pretrained(tmp_path / "ckpt")
-    qwen.save_processor(processor, tmp_path / "ckpt")
-    Image.new("RGB", (56, 56), (200, 10, 10)).save(tmp_path / "a.png")
-    data.write_jsonl([{"problem": "How many?", "answer": "3", "images": ["a.png"]}],
-                     tmp_path / "test.jsonl")
-    return tmp_path
-
-
-def test_eval_never_writes_its_results_over_an_input(model_and_data, capsys, monkeypatch):
+def test_eval_never_writes_its_results_over_an_input(checkpoint_and_data, capsys, monkeypatch):
     import eval as evaluation
-    folder = model_and_data
+    folder = checkpoint_and_data
     monkeypatch.chdir(folder)
-    rows = (folder / "test.jsonl").read_text()
-    for out, clash in (("test.jsonl", "is --data test.jsonl"),
+    rows = (folder / "q.jsonl").read_text()
+    for out, clash in (("q.jsonl", "is --data q.jsonl"),
                        ("ckpt/config.json", "lies inside --model ckpt")):
         with pytest.raises(SystemExit):
-            evaluation.main(["--model", "ckpt", "--data", "test.jsonl", "--out", out,
+            evaluation.main(["--model", "ckpt", "--data", "q.jsonl", "--out", out,
                              "--overwrite"])
         assert f"--out {out}: {clash}, an input of this evaluation" in capsys.readouterr().err
-    assert (folder / "test.jsonl").read_text() == rows
+    assert (folder / "q.jsonl").read_text() == rows
 
 
-def test_a_plain_eval_rerun_writes_a_new_results_file(model_and_data, capsys, monkeypatch):
+def test_a_plain_eval_rerun_writes_a_new_results_file(checkpoint_and_data, capsys, monkeypatch):
     import eval as evaluation
-    monkeypatch.chdir(model_and_data)
-    args = ["--model", "ckpt", "--data", "test.jsonl", "--samples", "1", "--max-new-tokens",
+    monkeypatch.chdir(checkpoint_and_data)
+    args = ["--model", "ckpt", "--data", "q.jsonl", "--samples", "1", "--max-new-tokens",
             "2", "--mask-ratios", "--kl-ratio", "-1"]
     evaluation.main(args)
-    first = (model_and_data / "eval_results.json").read_text()
+    first = (checkpoint_and_data / "eval_results.json").read_text()
     evaluation.main(args)
     assert "wrote eval_results-2.json" in capsys.readouterr().out
-    assert (model_and_data / "eval_results.json").read_text() == first
-    assert (model_and_data / "eval_results-2.json").is_file()
+    assert (checkpoint_and_data / "eval_results.json").read_text() == first
+    assert (checkpoint_and_data / "eval_results-2.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,28 +408,28 @@ def test_resume_given_a_checkpoint_or_a_broken_latest_txt_and_an_empty_out(tmp_p
         config.check_config(config.parse_config(["--out", ""]), 1)
 
 
-def test_eval_refuses_pickled_or_truncated_weights_naming_the_file(model_and_data, capsys,
+def test_eval_refuses_pickled_or_truncated_weights_naming_the_file(checkpoint_and_data, capsys,
                                                                    monkeypatch):
     import eval as evaluation
     import model as qwen
     import torch
-    folder = model_and_data
+    folder = checkpoint_and_data
     monkeypatch.chdir(folder)
     monkeypatch.setattr(qwen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     weights = (folder / "ckpt" / "model.safetensors").read_bytes()
     (folder / "ckpt" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(SystemExit):
-        evaluation.main(["--model", "ckpt", "--data", "test.jsonl"])
+        evaluation.main(["--model", "ckpt", "--data", "q.jsonl"])
     assert f"ckpt/model.safetensors: truncated ({len(weights) // 2} of {len(weights)} bytes" \
         in capsys.readouterr().err
     (folder / "ckpt" / "model.safetensors").unlink()
     torch.save({}, folder / "ckpt" / "pytorch_model.bin")
     with pytest.raises(SystemExit):
-        evaluation.main(["--model", "ckpt", "--data", "test.jsonl"])
+        evaluation.main(["--model", "ckpt", "--data", "q.jsonl"])
     assert "ckpt/pytorch_model.bin: pickled weights" in capsys.readouterr().err
     # train.py refuses the same folder as --model before any work
     with pytest.raises(SystemExit, match=r"--model ckpt/pytorch_model.bin: pickled weights"):
-        config.check_config(config.parse_config(["--model", "ckpt", "--data", "test.jsonl",
+        config.check_config(config.parse_config(["--model", "ckpt", "--data", "q.jsonl",
                                                  "--out", "r"]), 1)
 
 
@@ -474,20 +460,20 @@ def test_wandb_without_a_key_is_refused_before_the_run_folder_is_made(tmp_path, 
     config.check_config(config.parse_config(tiny_args(tmp_path, "--report-to", "wandb")), 1)
 
 
-def test_a_jsonl_file_named_in_capitals_loads_as_jsonl(model_and_data):
+def test_a_jsonl_file_named_in_capitals_loads_as_jsonl(checkpoint_and_data):
     import data
-    (model_and_data / "TEST.JSONL").write_text((model_and_data / "test.jsonl").read_text())
-    rows = data.load_dataset(model_and_data / "TEST.JSONL")
+    (checkpoint_and_data / "TEST.JSONL").write_text((checkpoint_and_data / "q.jsonl").read_text())
+    rows = data.load_dataset(checkpoint_and_data / "TEST.JSONL")
     assert len(rows) == 1 and rows[0].answer == "3"
 
 
-def test_eval_refuses_a_model_with_non_finite_weights_naming_it(model_and_data, monkeypatch):
+def test_eval_refuses_a_model_with_non_finite_weights_naming_it(checkpoint_and_data, monkeypatch):
     import eval as evaluation
-    monkeypatch.chdir(model_and_data)
-    _edit_weights(model_and_data / "ckpt",
+    monkeypatch.chdir(checkpoint_and_data)
+    _edit_weights(checkpoint_and_data / "ckpt",
                   lambda t: t[sorted(t)[0]].view(-1)[:2].fill_(float("inf")))
     with pytest.raises(SystemExit, match=r"--model ckpt holds non-finite weights \(2 NaN/inf "
                                          r"values in "):
-        evaluation.main(["--model", "ckpt", "--data", "test.jsonl", "--samples", "1",
+        evaluation.main(["--model", "ckpt", "--data", "q.jsonl", "--samples", "1",
                          "--max-new-tokens", "2", "--mask-ratios", "--kl-ratio", "-1"])
-    assert not list(model_and_data.glob("eval_results*.json"))
+    assert not list(checkpoint_and_data.glob("eval_results*.json"))

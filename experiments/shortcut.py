@@ -70,7 +70,11 @@ DARK_RECIPES = [*FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]
 # 100 RL steps (the plain world's default is 150), scored at steps 50 and 100 (and before RL) on
 # 128 questions x 4 samples of each held-out split. How often the held-out sets are scored does
 # not change the training trajectory (tests/test_train.py), only how finely the curves are drawn.
-COMMON = ["--toy-world", "shortcut", "--steps", "100", "--eval-every", "50", "--eval-size", "128"]
+# The warm start's settings are written out, not left to train.py's defaults: the recorded runs
+# were made from these warm starts, and a later change of the defaults must not change them.
+COMMON = ["--toy-world", "shortcut", "--steps", "100", "--eval-every", "50", "--eval-size", "128",
+          "--warm-start-steps", "3000", "--warm-start-lr", "1e-3", "--warm-start-batch", "32",
+          "--warm-start-target-acc", "0.45"]
 
 # (label, key in final_eval.json "after"): the columns of the table
 COLUMNS = [("held-out acc", "accuracy"), ("masked 0.6", "accuracy_mask0.6"),

@@ -561,7 +561,8 @@ def _vision_config(s: dict, family: str = "qwen2.5-vl") -> dict:
                     deepstack_visual_indexes=s["deepstack"])
     # Qwen2.5-VL alternates windowed and full attention; with a handful of blocks, let only the
     # last one attend over the whole image (as the real model's last block does), unless the
-    # shape names its full-attention blocks (bench.py's 3B shape: 7, 15, 23, 31).
+    # knobs name the full-attention blocks (bench.py's log-prob memory model). The released
+    # architectures, with their own indexes, are built by architectures.py, not here.
     return dict(common, fullatt_block_indexes=s.get("fullatt_blocks", [s["vision_depth"] - 1]),
                 window_size=112)
 

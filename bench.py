@@ -5,6 +5,8 @@
     python bench.py --shape 3b           # GPU: Qwen2.5-VL-3B's architecture, random weights, at
                                          # the 3B recipe's per-GPU shapes (G = 5, 2,048 tokens)
     python bench.py --shape qwen3-2b     # GPU: Qwen3-VL-2B's (7b: Qwen2.5-VL-7B's, bf16)
+    torchrun --nproc_per_node 4 bench.py --shape 7b --fsdp    # 4 GPUs: the 7B recipe's layout,
+                                         # sharded as train.py --fsdp (bench_fsdp.py)
     python bench.py --shape 3b --device cpu --text-layers 2 --vision-blocks 2 --prompts 1 \
         --group-size 2 --max-new-tokens 4   # the same code on a CPU, real widths, shallower
 

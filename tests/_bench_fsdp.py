@@ -4,9 +4,10 @@ tests/test_bench_fsdp.py::test_fsdp_bench_on_two_processes.
     torchrun --nproc_per_node 2 tests/_bench_fsdp.py OUT_FOLDER BENCH_ARGS...
 
 bench.main runs as the command line would, with Qwen2.5-VL-7B's architecture narrowed (NARROW:
-its structure - untied embeddings, head_dim 128 with M-RoPE, grouped key/value heads, windowed and
-full-attention vision blocks - at widths a CPU test can afford; the real widths need ~5 GB and
-minutes even at one layer). While the ranks are still together (bench.summarise, after every
+its structure - untied embeddings, head_dim 128 with M-RoPE, grouped key/value heads, windowed
+and full-attention vision blocks - at widths a CPU test can afford: at the real widths, even at
+one layer and a 512-token vocabulary (BENCH_FSDP_REAL_WIDTHS=1), a rank holds 4-5 GB and one
+scoring pass took 34 s on a 2-core machine). While the ranks are still together (bench.summarise, after every
 objective ran), each rank also saves OUT_FOLDER/rank{r}.pt: for its own rollouts, the ref
 log-probs of the SHARDED reference and of an unsharded model built alone from the same seed, and
 the tokens that the unsharded model generates from the rank's prompts with the rank's seed beside
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import architectures  # noqa: E402
 import bench  # noqa: E402
+import bench_fsdp  # noqa: E402
 import processes  # noqa: E402
 import train  # noqa: E402
 
@@ -56,6 +58,10 @@ def main() -> None:
                     "ref_sharded": sharded.ref_logp, "ref_alone": alone.ref_logp,
                     "tokens_sharded": s.batch.rollouts.completion_ids,
                     "tokens_alone": generated.completion_ids,
+                    # the reduction itself, on values known per rank: rank r has r, and
+                    # rank 1 could not measure "b"
+                    "reduced": bench_fsdp.max_over_ranks(
+                        {"a": float(s.d.rank), "b": None if s.d.rank == 1 else 5.0}),
                     # this rank's own peak (bench reports the largest over ranks)
                     "peak_mib": {k: statistics.median(m["peak_mib"] for m in ms)
                                  for k, ms in measured.items()}}, out / f"rank{s.d.rank}.pt")

@@ -76,6 +76,7 @@ def test_fsdp_bench_on_two_processes(tmp_path):
         torch.testing.assert_close(r["ref_sharded"], r["ref_alone"], rtol=0, atol=1e-5)
         assert torch.equal(r["tokens_sharded"], r["tokens_alone"])
     assert not torch.equal(ranks[0]["tokens_sharded"], ranks[1]["tokens_sharded"])
+    assert all(r["reduced"] == {"a": 1.0, "b": None} for r in ranks)
     for k, peak in m["peak_mib"].items():
         assert peak == max(r["peak_mib"][k] for r in ranks), k
     # half of the whole model's weights, gradients + AdamW and reference (float32 on a CPU)

@@ -89,10 +89,10 @@ def report_lines(m: dict, world: int, on_gpu: bool) -> list[str]:
     lines = [f"--fsdp over {world} processes: each holds 1/{world} of the weights, gradients "
              f"and AdamW state and runs {m['prompts']} prompts of its own; times and tokens/s "
              "are rank 0's (the ranks gather every layer together), memory the largest rank's",
-             f"  peak memory per rank, largest over ranks: " + ", ".join(
+             "  peak memory per rank, largest over ranks: " + ", ".join(
                  f"{k} {'n/a' if v is None else gb(v)}" for k, v in m["peak_mib"].items()),
              f"  computed per rank, before activations: {gb(m['computed_state_mib'])} (this "
-             f"rank's shards); docs/performance.md's formula (fp32 weights, gradients, AdamW, "
+             "rank's shards); docs/performance.md's formula (fp32 weights, gradients, AdamW, "
              f"a bf16 reference, over {world}): {m['formula_gb']:.2f} GB"]
     per_gpu = RECIPE_PROMPTS_PER_STEP // world
     if on_gpu:

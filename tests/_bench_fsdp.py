@@ -3,16 +3,16 @@ tests/test_bench_fsdp.py::test_fsdp_bench_on_two_processes.
 
     torchrun --nproc_per_node 2 tests/_bench_fsdp.py OUT_FOLDER BENCH_ARGS...
 
-bench.main runs as the command line would, with Qwen2.5-VL-7B's architecture narrowed (NARROW:
-its structure - untied embeddings, head_dim 128 with M-RoPE, grouped key/value heads, windowed
-and full-attention vision blocks - at widths a CPU test can afford: at the real widths, even at
-one layer and a 512-token vocabulary (BENCH_FSDP_REAL_WIDTHS=1), a rank holds 4-5 GB and one
-scoring pass took 34 s on a 2-core machine). While the ranks are still together (bench.summarise, after every
-objective ran), each rank also saves OUT_FOLDER/rank{r}.pt: for its own rollouts, the ref
+bench.main runs as the command line would, with Qwen2.5-VL-7B's architecture narrowed (NARROW: its
+structure - untied embeddings, head_dim 128 with M-RoPE, grouped key/value heads, windowed and
+full-attention vision blocks - at widths a CPU test can afford: at the real widths, even at one
+layer and a 512-token vocabulary (BENCH_FSDP_REAL_WIDTHS=1), a rank holds 4-5 GB and one scoring
+pass took 34 s on a 2-core machine). While the ranks are still together (bench.summarise, after
+every objective ran), each rank also saves OUT_FOLDER/rank{r}.pt: for its own rollouts, the ref
 log-probs of the SHARDED reference and of an unsharded model built alone from the same seed, and
 the tokens that the unsharded model generates from the rank's prompts with the rank's seed beside
-the ones bench generated sharded. Equal, they show that every rank built the same weights and
-that the sharded model computes what the whole one does."""
+the ones bench generated sharded. Equal, they show that every rank built the same weights and that
+the sharded model computes what the whole one does."""
 
 import dataclasses
 import os

@@ -5,6 +5,8 @@
     python bench.py --shape 3b           # GPU: Qwen2.5-VL-3B's architecture, random weights, at
                                          # the 3B recipe's per-GPU shapes (G = 5, 2,048 tokens)
     python bench.py --shape qwen3-2b     # GPU: Qwen3-VL-2B's (7b: Qwen2.5-VL-7B's, bf16)
+    torchrun --nproc_per_node 4 bench.py --shape 7b --fsdp    # 4 GPUs: the 7B recipe's layout,
+                                         # sharded as train.py --fsdp (bench_fsdp.py)
     python bench.py --shape 3b --device cpu --text-layers 2 --vision-blocks 2 --prompts 1 \
         --group-size 2 --max-new-tokens 4   # the same code on a CPU, real widths, shallower
 
@@ -61,6 +63,7 @@ import torch
 import transformers
 
 import architectures
+import bench_fsdp
 import lora
 import model as qwen
 import speedups
@@ -204,6 +207,7 @@ def tensor_bytes(*things) -> int:
     while todo:
         x = todo.pop()
         if torch.is_tensor(x):
+            x = bench_fsdp.local(x)              # --fsdp: this rank's shard
             storages[x.device, x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         elif isinstance(x, torch.nn.Module):
             todo += [*x.parameters(), *x.buffers()]
@@ -259,6 +263,8 @@ median = lambda values: float(statistics.median(values))
 
 OBJECTIVES = {"grpo": ["--preset", "grpo"], "papo-g": ["--preset", "papo-g"],
               "papo-g+grad": ["--preset", "papo-g", "--perception-grad"]}
+# The official 7B script's PAPO-G has the Double Entropy Loss on (docs/reproducing.md's EXTRA)
+PAPO_EXTRA = {"7b": ["--eta-orig=0.05", "--eta-mask=0.05"]}
 PHASES = ("generate", "mask", "old", "ref", "masked", "update")
 STEP = 1   # the step handed to train.py: it seeds sampling and the update's row order
 
@@ -285,9 +291,11 @@ class Setup:
         return [net for net in (self.policy, self.ref) if net is not None]
 
 
-def prepare(name: str, args, device: torch.device) -> Setup:
+def prepare(name: str, args, device: torch.device, d: processes.Dist | None = None) -> Setup:
     """Build the model and generate the step's rollouts ONCE, masked images included, with
-    train.collect_batch itself; every objective is then scored and updated on them."""
+    train.collect_batch itself; every objective is then scored and updated on them. d: this
+    rank under --fsdp (the model sharded, --prompts prompts of its own), else one process."""
+    d = d or processes.Dist(device=device)
     policy, processor, sides = build_model(name, args, dtype=getattr(torch, args.dtype),
                                            device=device)
     set_checkpointing(policy, args.gradient_checkpointing)
@@ -303,7 +311,7 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     policy.train()
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("group_size", "max_new_tokens", "updates_per_step", "micro_batch_size", "seed")]
-    common += [f"--prompts-per-step={args.prompts}",
+    common += [f"--prompts-per-step={args.prompts * d.world}", *["--fsdp"] * args.fsdp,
                # train.py's "auto": float32 master weights, bf16 autocast on a GPU
                f"--dtype={'bfloat16' if args.dtype == 'bfloat16' else 'auto'}",
                f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing",
@@ -312,19 +320,22 @@ def prepare(name: str, args, device: torch.device) -> Setup:
     if name in SHAPES:      # the recipe's budget (without --model, parse_config takes the toy's)
         common += [f"--min-pixels={architectures.OFFICIAL_MIN_PIXELS}",
                    f"--max-pixels={architectures.OFFICIAL_MAX_PIXELS}"]
-    cfgs = {k: config.parse_config(flags + common) for k, flags in OBJECTIVES.items()}
+    cfgs = {k: config.parse_config(flags + common + PAPO_EXTRA.get(name, []) * (k != "grpo"))
+            for k, flags in OBJECTIVES.items()}
     for cfg in cfgs.values():
-        config.check_config(cfg, world_size=1)
-    rng, d = np.random.default_rng(args.seed), processes.Dist(device=device)
+        config.check_config(cfg, world_size=d.world)
+    if args.fsdp:                        # as runtime.build_policy, after checkpointing is set
+        policy, ref = bench_fsdp.shard(policy, ref, cfgs["papo-g"], d)
+    rng = np.random.default_rng(args.seed)       # the same on every rank: each draws its share
     examples = [toy.toy_example(rng, image_size=sides[i % len(sides)])
-                for i in range(args.prompts)]
+                for i in range(args.prompts * d.world)]
     with Work(policy) as work:
         (batch, _, _), collect_s = clock(lambda: train.collect_batch(
             policy, processor, examples, cfgs["papo-g"], d, STEP, 0, need_masked=True), device)
-    prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, args.prompts)  # its draw
+    prompts, _ = train.draw_prompts(examples, cfgs["papo-g"], d, 0, len(examples))  # its draw
     return Setup(name, policy, ref, processor, prompts, cfgs, d,
-                 {k: v.detach().to("cpu", copy=True) for k, v in policy.named_parameters()
-                  if v.requires_grad},
+                 {k: bench_fsdp.local(v).detach().to("cpu", copy=True)
+                  for k, v in policy.named_parameters() if v.requires_grad},
                  batch, processes.step_seed(cfgs["papo-g"], STEP, d.rank), work.counts(), collect_s)
 
 
@@ -374,7 +385,10 @@ def run_step(s: Setup, objective: str, measure: bool = False) -> dict:
     times, work = dict.fromkeys(PHASES, 0.0), {"generate": s.generate_work}
     if uses_mask and not measure:
         times["mask"] = time_mask(s, cfg)
-    s.policy.load_state_dict(s.initial, strict=False)     # the trainable weights
+    with torch.no_grad():                                  # the trainable weights (shards)
+        for k, v in s.policy.named_parameters():
+            if k in s.initial:
+                bench_fsdp.local(v).copy_(s.initial[k])
     # a fresh optimizer, as in train.main: its state is allocated in the first update (counted)
     optimizer = torch.optim.AdamW([p for p in s.policy.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -570,6 +584,8 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
               for k, ts in runs.items()}
     peaks = {k: [m["peak_mib"] for m in ms] for k, ms in measured.items()}
     peak = {k: None if None in v else median(v) for k, v in peaks.items()}
+    if s.d.world > 1:                      # --fsdp: the rank that needed the most
+        peak = bench_fsdp.max_over_ranks(peak)
     work = {k: ms[0]["work"] for k, ms in measured.items()}
     if any(m["work"] != work[k] for k, ms in measured.items() for m in ms):
         raise RuntimeError("bench: the same step did different work twice")
@@ -582,8 +598,10 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
     forward = phases["papo-g"]["masked"] if "papo-g" in runs else 0.0
     ratio = lambda a, b: a / b if b else None
     # docs/performance.md's computed table, from the tensors themselves: every weight, and per
-    # trainable one a gradient and AdamW's two moments of its size, plus the reference copy
-    trainable = sum(p.numel() * p.element_size() for p in s.policy.parameters() if p.requires_grad)
+    # trainable one a gradient and AdamW's two moments of its size, plus the reference copy;
+    # under --fsdp this rank's shards
+    trainable = sum(bench_fsdp.local(p).numel() * p.element_size()
+                    for p in s.policy.parameters() if p.requires_grad)
     computed = tensor_bytes(s.policy) + 3 * trainable + (tensor_bytes(s.ref) if s.ref else 0)
     return {
         "parameters": sum(p.numel() for p in s.policy.parameters()), "rollouts": B,
@@ -594,7 +612,9 @@ def summarise(s: Setup, runs: dict, measured: dict) -> dict:
         "trainable_parameters": sum(p.numel() for p in s.policy.parameters() if p.requires_grad),
         "generated_tokens_per_s": float(r.completion_mask.sum()) / median(
             [t["generate"] for ts in runs.values() for t in ts]),
-        "computed_state_mib": computed / MIB,
+        "computed_state_mib": computed / MIB, "world_size": s.d.world,
+        "formula_gb": None if s.d.world == 1 else bench_fsdp.formula_gb(
+            sum(p.numel() for p in s.policy.parameters()), s.cfgs["papo-g"].beta, s.d.world),
         "phases_s": phases, "peak_mib": peak,
         "ratios_to_grpo": {k: {"step": ratio(phases[k]["step"], grpo and grpo["step"]),
                                "update": ratio(phases[k]["update"], grpo and grpo["update"]),
@@ -655,11 +675,14 @@ def collect_targets(models: dict, lp: dict | None) -> list[dict]:
                              ("update", ("update",))):
             values = {f"{k} {p}": v for k in vision for p, v in vision[k].items() if p in phases}
             worst = max(values, key=values.get)
+            why = ("; --fsdp: the checkpointed update encodes each row's pictures (model.py's "
+                   "_states_one_pass says why)" if m["world_size"] > 1 else
+                   "; update micro-batches are random rows: a group split over k of them has "
+                   "its picture read k times")
             rows.append(target(
                 f"4. vision rows per pass x G / rollouts': {what}", name, values[worst], 1.0,
-                note=f"largest: {worst}" + ("; update micro-batches are random rows: a group "
-                                            "split over k of them has its picture read k times"
-                                            if what == "update" and values[worst] > 1 else "")))
+                note=f"largest: {worst}" + (why if what == "update" and values[worst] > 1
+                                            else "")))
     return sorted(rows, key=lambda row: row["target"][0])     # by target, then model
 
 
@@ -699,7 +722,9 @@ def format_report(report: dict) -> str:
                      "trainable parameters, + the reference: docs/performance.md's table)")
         lines.append(f"generated tokens/s: {m['generated_tokens_per_s']:.1f} (generate phase, "
                      f"{m['rollouts']} rows)")
-        if name in SHAPES and dev["type"] == "cuda":
+        if m["world_size"] > 1:
+            lines += bench_fsdp.report_lines(m, m["world_size"], dev["type"] == "cuda")
+        elif name in SHAPES and dev["type"] == "cuda":
             scale = PROMPTS_PER_GPU / m["prompts"]
             lines.append(f"the 3B recipe's step on one of its 2 GPUs ({PROMPTS_PER_GPU} prompts, "
                          f"x {scale:g}, scaled): " + ", ".join(
@@ -751,8 +776,8 @@ def format_report(report: dict) -> str:
 # the step to those 192. Micro-batches of 10 rows, two whole groups: score_phase cuts the batch
 # into consecutive micro-batches, and only whole groups let each read every picture once
 # (target 4). One timed repeat after one warm-up: a repeat generates 80 x 2,048 tokens.
-# 7b: bf16 weights (8.29B x 10 bytes: one 141 GB GPU); the recipe shards it over 4 GPUs with
-# --fsdp, which bench.py does not run.
+# 7b: bf16 weights on one GPU (8.29B x 10 bytes: one 141 GB GPU); with --fsdp under torchrun
+# (bench_fsdp.py) the recipe's layout: float32 master weights sharded over the GPUs.
 GPU_SHAPE = dict(prompts=16, group_size=5, max_new_tokens=2048, repeats=1, warmup=1,
                  updates_per_step=2, micro_batch_size=10, device="cuda", dtype="float32",
                  gradient_checkpointing=True)
@@ -792,6 +817,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="weights: float32 (bf16 autocast on a GPU, as train.py) or bfloat16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction)
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: --shape sharded over "
+                   "the processes as train.py --fsdp, --prompts per process (bench_fsdp.py)")
     p.add_argument("--freeze-vision-tower", action="store_true",
                    help="the vision tower gets no gradient and no optimizer state (train.py's)")
     p.add_argument("--generation-variants", action=argparse.BooleanOptionalAction, default=True,
@@ -803,8 +830,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"which of {', '.join(OBJECTIVES)} to run (target 1 needs grpo and papo-g)")
     p.add_argument("--out", default="", help="also write the report as JSON to this file")
     args = p.parse_args(argv)
+    if why := bench_fsdp.refusal(args):
+        p.error(why)
     for key, value in {"logprob_tokens": 1024, "seed": 0, "lora_rank": 0,
-                       **DEFAULTS[args.shape or "sizes"]}.items():
+                       **DEFAULTS[args.shape or "sizes"],
+                       **(dict(dtype="float32") if args.fsdp else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads is None:
@@ -835,7 +865,10 @@ _START = time.perf_counter()
 
 
 def log(message: str) -> None:
-    """Progress on stderr, with the seconds since start: stdout carries only the report."""
+    """Progress on stderr, with the seconds since start: stdout carries only the report.
+    Under --fsdp rank 0 speaks for all."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
     print(f"[{time.perf_counter() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
@@ -858,15 +891,18 @@ def describe_device(device: torch.device) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
+    d = bench_fsdp.start(args) if args.fsdp else None       # torchrun's rank, its device
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return run_bench(args, torch.device(args.device))
+        return run_bench(args, d.device if d else torch.device(args.device), d)
     finally:
         torch.set_num_threads(threads)        # main() may run inside another program (tests)
+        if d:
+            bench_fsdp.finish()
 
 
-def run_bench(args, device: torch.device) -> dict:
+def run_bench(args, device: torch.device, d: processes.Dist | None = None) -> dict:
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # as train.py: denormals slow tiny models 10x mid-run
     load_start, probe = os.getloadavg()[0], memory_probe(device)
@@ -885,7 +921,7 @@ def run_bench(args, device: torch.device) -> dict:
             log(f"{name}: {arch.name} on a CPU - at every layer, minutes per phase (a PAPO-G step "
                 "of the full 3B with LoRA: docs/performance.md)")
         log(f"{name}: building the model and generating the shared rollouts")
-        s = prepare(name, args, device)
+        s = prepare(name, args, device, d)
         report["models"][name] = summarise(s, *bench_objectives(s, args))
         if args.generation_variants:
             log(f"{name}: generation with and without checkpointing / KV cache")
@@ -895,11 +931,13 @@ def run_bench(args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["logprob_memory"] = None
-    if args.logprob_tokens:
+    if args.logprob_tokens and (d is None or d.main):    # no model of its own to shard
         log("log-prob memory: naive vs completion_logprobs")
         report["logprob_memory"] = bench_logprob_memory(args, device)
     report["targets"] = collect_targets(report["models"], report["logprob_memory"])
     report["load_average"] = [load_start, os.getloadavg()[0]]
+    if d is not None and not d.main:     # --fsdp: rank 0 reports for all
+        return report
     print(format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -359,7 +359,9 @@ class Config:
                                 check=at_least(1))
     warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
                                check=(lambda v: 0 < v < math.inf, "> 0"))
-    warm_start_batch: int = arg(32, "Batch size of the warm start.",
+    # 16, not 32: on the default world it reached the target in fewer steps (1,675 against
+    # 2,300 for seed 0) at half the cost per step - the quick start's largest saving
+    warm_start_batch: int = arg(16, "Batch size of the warm start.",
                                 check=at_least(1))
     warm_start_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 "
                                              "training prompts it never trained on reaches "

@@ -682,8 +682,12 @@ def warm_start_path(cfg) -> Path:
     prompt = hashlib.sha1(_prompt_fingerprint(cfg).encode()).hexdigest()[:8]
     family = "" if cfg.tiny_family == "qwen2.5-vl" else f"{cfg.tiny_family}-"   # older names kept
     canvas = "" if cfg.toy_canvas == "light" else f"{cfg.toy_canvas}-"
+    # batch and learning rate: named unless they are the settings of the older names (32, 1e-3),
+    # so a warm start trained with other ones is never taken for it, and older caches stay valid
+    optim = ("" if (cfg.warm_start_batch, cfg.warm_start_lr) == (32, 1e-3)
+             else f"-batch{cfg.warm_start_batch}-lr{cfg.warm_start_lr:g}")
     return (Path(cfg.cache) / f"warmstart-{family}{canvas}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
-            f"-steps{cfg.warm_start_steps}-target{cfg.warm_start_target_acc}-prompt{prompt}")
+            f"-steps{cfg.warm_start_steps}{optim}-target{cfg.warm_start_target_acc}-prompt{prompt}")
 
 
 def _prompt_fingerprint(cfg) -> str:

@@ -164,8 +164,22 @@ def test_the_warm_starts_old_sft_flags_still_parse_hidden_from_help(tmp_path, ca
     shown = capsys.readouterr().out
     assert "--warm-start-target-acc" in shown and "--sft-steps" not in shown
     # the warm start's cache folder keeps its name: caches made before the rename stay valid
-    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-target0\.3-prompt"
-                        r"[0-9a-f]{8}", toy.warm_start_path(new).name)
+    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-batch5-lr0\.002-"
+                        r"target0\.3-prompt[0-9a-f]{8}", toy.warm_start_path(new).name)
+
+
+def test_the_warm_starts_batch_and_lr_are_part_of_its_cache_key():
+    """A warm start trained with another batch size or learning rate is another model: it gets
+    its own cache folder. The older settings (batch 32, lr 1e-3) keep the older, shorter name,
+    so the caches and recorded runs made with them are still found."""
+    names = {(b, lr): toy.warm_start_path(config.parse_config(
+        ["--warm-start-batch", str(b), "--warm-start-lr", lr])).name
+        for b in (16, 32) for lr in ("1e-3", "3e-3")}
+    assert len(set(names.values())) == 4
+    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps3000-target0\.45-prompt"
+                        r"[0-9a-f]{8}", names[32, "1e-3"])
+    assert "-steps3000-batch16-lr0.001-target0.45-" in names[16, "1e-3"]
+    assert toy.warm_start_path(config.parse_config([])).name == names[16, "1e-3"]   # the default
 
 
 def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):

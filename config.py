@@ -359,8 +359,9 @@ class Config:
                                 check=at_least(1))
     warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
                                check=(lambda v: 0 < v < math.inf, "> 0"))
-    # 16, not 32: on the default world it reached the target in fewer steps (1,675 against
-    # 2,300 for seed 0) at half the cost per step - the quick start's largest saving
+    # 16, not 32: on the default world it needs about as many steps to reach the target (seed 0
+    # on one 2-core machine: 2,550 with two threads, 1,675 with one; batch 32 took 2,300 with
+    # two) at about half the cost per step - the quick start's largest saving
     warm_start_batch: int = arg(16, "Batch size of the warm start.",
                                 check=at_least(1))
     warm_start_target_acc: float = arg(0.45, "Stop the warm start once SAMPLED accuracy on 64 "

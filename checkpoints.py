@@ -36,7 +36,7 @@ import integrity
 import lora
 import model as qwen
 import toy
-from config import RUN_CONTROL, Config, absolute_path, current_names, saved_config
+from config import RUN_CONTROL, Config, absolute_path, saved_config, saved_settings
 from model import unwrap
 from processes import Dist, barrier
 
@@ -244,7 +244,7 @@ def write_run_record(run: Path, cfg: Config, dropped: dict[str, int]) -> None:
     saved = saved_config(cfg)
     earlier = run / "config.json"
     if earlier.is_file():             # a resumed run: what changed, kept, never overwritten
-        before = current_names(json.loads(earlier.read_text()))  # an earlier version's names
+        before = saved_settings(json.loads(earlier.read_text()))  # an earlier version's
         changed = {k: [before.get(k), v] for k, v in saved.items()
                    if before.get(k) != v and k not in RUN_CONTROL}
         if changed:

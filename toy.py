@@ -686,8 +686,11 @@ def warm_start_path(cfg) -> Path:
     # so a warm start trained with other ones is never taken for it, and older caches stay valid
     optim = ("" if (cfg.warm_start_batch, cfg.warm_start_lr) == (32, 1e-3)
              else f"-batch{cfg.warm_start_batch}-lr{cfg.warm_start_lr:g}")
+    # likewise how often the stopping rule is tested (it decides where the warm start stops)
+    probe = "" if cfg.warm_start_probe_every == 25 else f"-probe{cfg.warm_start_probe_every}"
     return (Path(cfg.cache) / f"warmstart-{family}{canvas}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
-            f"-steps{cfg.warm_start_steps}{optim}-target{cfg.warm_start_target_acc}-prompt{prompt}")
+            f"-steps{cfg.warm_start_steps}{optim}{probe}-target{cfg.warm_start_target_acc}"
+            f"-prompt{prompt}")
 
 
 def _prompt_fingerprint(cfg) -> str:
@@ -734,7 +737,7 @@ def warm_start(cfg, train) -> Path:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
-            if step % 25 == 0:
+            if step % cfg.warm_start_probe_every == 0:
                 acc = evaluation.evaluate(policy, processor, probe, samples=2, temperature=1.0,
                                           max_new_tokens=cfg.max_new_tokens, seed=step,
                                           mask_ratios=(), **options)["accuracy"]

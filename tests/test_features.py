@@ -165,7 +165,7 @@ def test_the_warm_starts_old_sft_flags_still_parse_hidden_from_help(tmp_path, ca
     assert "--warm-start-target-acc" in shown and "--sft-steps" not in shown
     # the warm start's cache folder keeps its name: caches made before the rename stay valid
     assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-batch5-lr0\.002-"
-                        r"target0\.3-prompt[0-9a-f]{8}", toy.warm_start_path(new).name)
+                        r"probe50-target0\.3-prompt[0-9a-f]{8}", toy.warm_start_path(new).name)
 
 
 def test_the_warm_starts_batch_and_lr_are_part_of_its_cache_key():
@@ -173,13 +173,14 @@ def test_the_warm_starts_batch_and_lr_are_part_of_its_cache_key():
     its own cache folder. The older settings (batch 32, lr 1e-3) keep the older, shorter name,
     so the caches and recorded runs made with them are still found."""
     names = {(b, lr): toy.warm_start_path(config.parse_config(
-        ["--warm-start-batch", str(b), "--warm-start-lr", lr])).name
+        ["--warm-start-batch", str(b), "--warm-start-lr", lr, "--warm-start-probe-every", "25"])).name
         for b in (16, 32) for lr in ("1e-3", "3e-3")}
     assert len(set(names.values())) == 4
     assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps3000-target0\.45-prompt"
                         r"[0-9a-f]{8}", names[32, "1e-3"])
     assert "-steps3000-batch16-lr0.001-target0.45-" in names[16, "1e-3"]
-    assert toy.warm_start_path(config.parse_config([])).name == names[16, "1e-3"]   # the default
+    default = toy.warm_start_path(config.parse_config(["--warm-start-probe-every", "25"])).name
+    assert default == names[16, "1e-3"]                        # the default batch and lr
 
 
 def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):
@@ -188,8 +189,8 @@ def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):
     train.main(tiny_args(tmp_path))
     run = tmp_path / "run"
     saved = json.loads((run / "config.json").read_text())
-    old = {("sft" + k.removeprefix("warm_start") if k.startswith("warm_start_") else k): v
-           for k, v in saved.items()}
+    old_name = {new: old for old, new in config.RENAMED.items()}
+    old = {old_name.get(k, k): v for k, v in saved.items()}
     assert "sft_steps" in old and "warm_start_steps" not in old
     (run / "config.json").write_text(json.dumps(old, indent=2))
     (tmp_path / "old.json").write_text(json.dumps(old))
@@ -517,3 +518,25 @@ def test_evaluation_split_over_two_ranks_equals_one_process(tmp_path):
     assert one == two
     scores = next(iter(next(iter(one.values())).values()))
     assert scores["n"] == 10 and 0 < scores["kl_prcp"]
+
+
+def test_the_warm_starts_probe_interval_is_a_setting_and_part_of_its_key(tmp_path):
+    """How often the stopping rule is tested decides where the warm start stops, so it is part
+    of the cache key; every 25 steps (the only value before the setting existed) keeps the older
+    name, and a run saved before the setting resumes with 25, not today's default."""
+    default = config.parse_config([])
+    assert default.warm_start_probe_every == 50
+    assert "-probe50-" in toy.warm_start_path(default).name
+    old = config.parse_config(["--warm-start-probe-every", "25", "--warm-start-batch", "32"])
+    assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps3000-target0\.45-prompt"
+                        r"[0-9a-f]{8}", toy.warm_start_path(old).name)
+    saved = config.saved_config(old)
+    del saved["warm_start_probe_every"]                       # a config.json from before it
+    assert config.saved_settings(saved)["warm_start_probe_every"] == 25
+    assert config.saved_settings({"warm_start_probe_every": 10})["warm_start_probe_every"] == 10
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(saved))
+    assert config.parse_config(["--resume", str(run)]).warm_start_probe_every == 25
+    assert any("--warm-start-probe-every" in p for p in
+               config.range_problems(config.parse_config(["--warm-start-probe-every", "0"])))

@@ -320,6 +320,26 @@ def evaluate_heldout(policy, processor, heldout: dict, cfg: Config, d: Dist) -> 
     return result
 
 
+def blind_warning(before: dict | None) -> str | None:
+    """A warning when the starting model does not use the picture at all: on the held-out split
+    its accuracy is the same with every masked picture, and KL_prcp on its own samples is ~0.
+    Then PAPO's perception term is zero and RL can only learn from the text - a real VLM never
+    looks like this, but a toy warm start can (docs/toy.md)."""
+    if not before or "kl_prcp" not in before:
+        return None
+    masked = {k: v for k, v in before.items() if k.startswith("accuracy_mask")}
+    if before["kl_prcp"] >= 1e-4 or not masked or any(v != before["accuracy"]
+                                                       for v in masked.values()):
+        return None
+    ratios = ", ".join(k.removeprefix("accuracy_mask") for k in masked)
+    return (f"WARNING: the starting model does not use the picture: its held-out accuracy "
+            f"({before['accuracy']:.3f}) is the same with the picture masked at {ratios}, and "
+            f"KL_prcp on its own samples is {before['kl_prcp']:.1e}. The perception term has "
+            f"nothing to work with, and RL can learn only from the question's text. With the "
+            f"offline toy, try another --seed or more --warm-start-steps (on the dark canvas "
+            f"this is common: docs/toy.md).")
+
+
 def print_table(before: dict | None, after: dict | None, cfg: Config, splits) -> str:
     """The before/after table, one block per held-out split."""
     if not before or not after:

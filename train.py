@@ -776,6 +776,8 @@ def train_loop(cfg: Config, d: Dist, run: Path, policy, processor, ref, optimize
         state["before"] = runtime.evaluate_heldout(policy, processor, heldout, cfg, d)
         if trackers is not None and state["before"]:
             trackers.log(runtime.eval_columns(state["before"]), 0)    # step 0: before RL
+        if d.main and (warning := runtime.blind_warning(state["before"])):
+            print(warning, flush=True)
     processes.steps_begin()               # a stop signal now waits for the step's checkpoint
     bar = tqdm(range(state["step"] + 1, cfg.steps + 1), desc=cfg.preset, disable=not d.main,
                dynamic_ncols=True, initial=state["step"], total=cfg.steps)

@@ -359,9 +359,9 @@ class Config:
                                 check=at_least(1))
     warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
                                check=(lambda v: 0 < v < math.inf, "> 0"))
-    # 16, not 32: on the default world it needs about as many steps to reach the target (seed 0
-    # on one 2-core machine: 2,550 with two threads, 1,675 with one; batch 32 took 2,300 with
-    # two) at about half the cost per step - the quick start's largest saving
+    # 16, not 32: about half the cost per step. The steps to the target vary more with the seed
+    # than with the batch (seed 0: 2,550 against 2,300 for batch 32; seed 2: 2,425 against 900;
+    # seed 1: 2,550 against none in 3,000): faster on two of three seeds (docs/results.md)
     warm_start_batch: int = arg(16, "Batch size of the warm start.",
                                 check=at_least(1))
     # The stopping rule's test costs about a tenth of the warm start at every 25 steps; every 50

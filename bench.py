@@ -325,7 +325,7 @@ def prepare(name: str, args, device: torch.device, d: processes.Dist | None = No
     for cfg in cfgs.values():
         config.check_config(cfg, world_size=d.world)
     if args.fsdp:                        # as runtime.build_policy, after checkpointing is set
-        policy, ref = bench_fsdp.shard(policy, ref, cfgs["papo-g"], d)
+        policy, ref = processes.shard_policy_and_reference(policy, ref, cfgs["papo-g"], d)
     rng = np.random.default_rng(args.seed)       # the same on every rank: each draws its share
     examples = [toy.toy_example(rng, image_size=sides[i % len(sides)])
                 for i in range(args.prompts * d.world)]

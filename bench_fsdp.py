@@ -53,14 +53,6 @@ def start(args) -> processes.Dist:
     return d
 
 
-def shard(policy, ref, cfg, d: processes.Dist):
-    """Policy and reference sharded as runtime.build_policy does under --fsdp."""
-    policy = processes.shard_model(policy, cfg, d, trainable=True)
-    if ref is not None:
-        ref = processes.shard_model(ref, cfg, d, trainable=False)
-    return policy, ref
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: a sharded parameter's local shard, any other tensor whole."""
     return t.to_local() if isinstance(t, DTensor) else t

@@ -3,7 +3,7 @@
     Dist, setup_distributed     which process this is (torchrun sets RANK / WORLD_SIZE /
                                 LOCAL_RANK; plain python is one process)
     all_reduce, barrier         what the ranks share, and where they wait for each other
-    shard_model                 FSDP2 (--fsdp): each layer's weights stored in 1/world shards
+    shard_model, ...reference   FSDP2 (--fsdp): each layer's weights stored in 1/world shards
     Preempted, ...signals       SIGTERM / SIGHUP end the run after a step, with a checkpoint
     seeds, autocast             seeds that depend on (run, step, rank) only; bf16 on GPU
 
@@ -104,6 +104,14 @@ def shard_model(net, cfg: Config, d: Dist, trainable: bool):
     # wrongly become a root of its own; so the root is settled here, on the whole model.
     net._get_fsdp_state()._lazy_init()
     return net
+
+
+def shard_policy_and_reference(policy, ref, cfg: Config, d: Dist):
+    """--fsdp: the policy sharded with its mixed precision, the frozen reference (if any) as is."""
+    policy = shard_model(policy, cfg, d, trainable=True)
+    if ref is not None:
+        ref = shard_model(ref, cfg, d, trainable=False)
+    return policy, ref
 
 
 # ---------------------------------------------------------------------------------------------

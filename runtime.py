@@ -36,7 +36,7 @@ from checkpoints import (checkpoint_folders, check_resume_data, data_sources, la
                          load_trainer_state, read_log, refuse_non_finite, verify_weights)
 from config import Config, fit_pixel_budget, prompt_options, saved_config
 from model import unwrap
-from processes import Dist, autocast, barrier, seed_everything, shard_model
+from processes import Dist, autocast, barrier, seed_everything, shard_policy_and_reference
 
 
 # =============================================================================================
@@ -169,9 +169,7 @@ def build_policy(cfg: Config, d: Dist, init_path: str, resume_from: Path | None)
         policy.model.visual.requires_grad_(False)
     policy.train()
     if cfg.fsdp:                      # (check_config made sure torchrun started us)
-        policy = shard_model(policy, cfg, d, trainable=True)
-        if ref is not None:
-            ref = shard_model(ref, cfg, d, trainable=False)
+        policy, ref = shard_policy_and_reference(policy, ref, cfg, d)
     elif d.world > 1:
         policy = DDP(policy, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return policy, processor, ref

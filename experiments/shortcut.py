@@ -370,7 +370,7 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
     compared = [r for r in RECIPES if r in runs and baseline_of(r) in runs]
     cols = min(3, max(1, len(compared)))
     rows = max(1, -(-len(compared) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False,
                              sharey=True)
     for ax, recipe in zip(axes.flat, compared):
         base = baseline_of(recipe)
@@ -397,7 +397,8 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
         ax.set_xlabel("RL step (0 = warm start)")
         ax.set_ylabel(PANEL_KEYS.get(key, key))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the panel, not inside it: inside, it covers whichever seed runs along its corner
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     for ax in list(axes.flat)[len(compared):]:
         ax.axis("off")
     import textwrap

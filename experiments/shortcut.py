@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # the project's modules, for runtime.blind_warning
+    sys.path.insert(0, str(ROOT))
+import runtime  # noqa: E402
 
 # name -> train.py flags. The baselines (GRPO, DAPO), the paper's PAPO-D, and PAPO-G at three
 # gammas above the paper's 0.02 with the official safeguards on: each token's KL_prcp clamped to
@@ -280,7 +283,15 @@ def summarise(runs: dict) -> tuple[dict, str]:
         summary["recipes"][r]["collapsed"] = hit
         collapse_lines.append(f"- {r}: {len(hit)} of {len(seeds)}"
                               + (f" (seed {', '.join(map(str, hit))})" if hit else ""))
-    return summary, "\n".join(lines + change_lines + paired_lines + collapse_lines) + "\n"
+    # warm starts that do not read the picture: the perception term is silent on their seeds
+    by_seed = {s: v["before"] for rec in runs.values() for s, v in rec.items()}
+    blind = sorted(s for s, b in by_seed.items() if runtime.blind_warning(b))
+    summary["blind_warm_starts"] = blind
+    blind_lines = ["", "Warm starts that do not use the picture (held-out accuracy the same under "
+                   "every mask, KL_prcp ~0: the perception term has nothing to work with): "
+                   + (f"seed {', '.join(map(str, blind))}" if blind else "none") + "."]
+    return summary, "\n".join(lines + change_lines + paired_lines + collapse_lines
+                              + blind_lines) + "\n"
 
 
 def without_collapsed(runs: dict) -> dict:

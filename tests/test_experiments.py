@@ -89,6 +89,22 @@ def test_a_collapse_is_named_seed_by_seed():
     assert "- papo-g-gamma0.2: 2 of 3 (seed 0, 2)" in table
 
 
+def test_a_warm_start_that_does_not_use_the_picture_is_named_by_seed():
+    """runtime.blind_warning's rule on each seed's warm start: accuracy equal under every mask
+    and KL_prcp below 1e-4. A warm start whose masked accuracy differs, or whose KL_prcp is not
+    ~0, is not blind."""
+    def run(acc, masked, kl):
+        return {"before": {"accuracy": acc, "accuracy_mask0.6": masked, "accuracy_mask1.0": masked,
+                           "kl_prcp": kl, "format": 1.0},
+                "after": {"accuracy": acc, "format": 1.0}, "curve": []}
+    runs = {"grpo": {0: run(0.4, 0.4, 0.0), 1: run(0.4, 0.2, 0.3), 2: run(0.3, 0.3, 5e-5),
+                     3: run(0.3, 0.3, 2e-4)}}
+    summary, table = shortcut.summarise(runs)
+    assert summary["blind_warm_starts"] == [0, 2]
+    assert "perception term has nothing to work with): seed 0, 2." in table
+    assert shortcut.summarise({"grpo": {1: run(0.4, 0.2, 0.3)}})[0]["blind_warm_starts"] == []
+
+
 def test_the_annealed_variant_is_the_largest_gamma_that_never_collapsed():
     ok, bad = _final(0.5, 0.6), _final(0.5, 0.0)
     seeds = [0, 1]

@@ -385,6 +385,13 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
                              sharey=True)
     for ax, recipe in zip(axes.flat, compared):
         base = baseline_of(recipe)
+        # Both means run over the same seeds - those that both have and neither collapsed - so
+        # the two thick lines are paired like the table's differences (a mean over other seeds
+        # would start elsewhere at step 0, from other warm starts).
+        pair = {n: runs[n] for n in (recipe, base)}
+        kept = sorted(s for s in set(runs[recipe]) & set(runs[base])
+                      if not any(collapsed(r[s]["before"], r[s]["after"]) for r in pair.values()))
+        left_out = len(set(runs[recipe]) | set(runs[base])) - len(kept)
         # the recipe first, the baseline last: drawn on top, so it is never hidden
         for name, colour in ((recipe, "tab:red"), (base, "black")):
             means = []
@@ -396,14 +403,15 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
                 if bad:
                     ax.annotate(f"seed {seed} collapsed", (steps[-1], values[-1]), fontsize=7,
                                 color=colour, xytext=(-60, 6), textcoords="offset points")
-                elif steps:
+                elif steps and seed in kept:
                     means.append(dict(zip(steps, values)))
             common = sorted(set.intersection(*(set(m) for m in means))) if means else []
             if common:
                 ax.plot(common, [np.mean([m[s] for m in means]) for s in common], "-o",
                         color=colour, lw=2.2, ms=4,
                         label=f"{name}: mean of {len(means)} seed(s)"
-                              + (" not collapsed" if len(means) < len(runs[name]) else ""))
+                              + (f", without seed {', '.join(map(str, sorted(set(pair[name]) - set(kept))))}"
+                                 if left_out else ""))
         ax.set_title(f"{recipe} vs {base}", fontsize=9)
         ax.set_xlabel("RL step (0 = warm start)")
         ax.set_ylabel(PANEL_KEYS.get(key, key))
@@ -414,7 +422,7 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
         ax.axis("off")
     import textwrap
     fig.suptitle(textwrap.fill(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = "
-                                        "mean, dotted x = collapsed seed", 50 * cols), fontsize=10)
+                                        "mean over the seeds on which neither collapsed, dotted x = collapsed seed", 50 * cols), fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=90)

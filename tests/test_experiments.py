@@ -252,10 +252,14 @@ def test_the_panel_figure_draws_each_recipe_against_its_baseline_last(tmp_path):
     colours = [line.get_color() for line in ax.get_lines()]
     assert colours[-1] == "black"                          # the baseline's mean, drawn last
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["papo-g-gamma0.2: mean of 1 seed(s) not collapsed", "grpo: mean of 2 seed(s)"]
-    # the recipe's mean leaves the collapsed seed out: 0.3 at step 0, 0.2 at step 50
+    left_out = ", without seed 1"
+    assert labels == ["papo-g-gamma0.2: mean of 1 seed(s)" + left_out, "grpo: mean of 1 seed(s)" + left_out]
+    # both means leave the collapsed seed out, the baseline's too (its seed 1 ran to 0.5): so
+    # the two thick lines start from the same warm starts and are paired
     mean = next(l for l in ax.get_lines() if l.get_label().startswith("papo-g"))
     assert list(mean.get_ydata()) == [0.3, 0.2]
+    base_mean = next(l for l in ax.get_lines() if l.get_label().startswith("grpo"))
+    assert list(base_mean.get_ydata()) == [0.3, 0.4]
     assert any("seed 1 collapsed" in t.get_text() for t in ax.texts)
 
 

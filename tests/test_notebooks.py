@@ -70,8 +70,12 @@ NOT_FROM_OUTPUTS = {
     ("02_objective.ipynb", "0.90"): "the masked branch's p(right) in q_B, set in the code",
     ("02_objective.ipynb", "2.48"): "log 12, the entropy of the uniform distribution",
     ("03_per_token_kl.ipynb", "12.6"): "gamma (1 - e^x) at k3(x) = 10, papo's cap",
-    ("03_per_token_kl.ipynb", "8.9"): "printed in the section-3 figure's token boxes",
-    ("03_per_token_kl.ipynb", "9.5"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "1.23"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "1.08"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "2.47"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "2.81"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "6.24"): "printed in the section-3 figure's token boxes",
+    ("03_per_token_kl.ipynb", "6.50"): "printed in the section-3 figure's token boxes",
     ("04_training_curves.ipynb", "0.235"): "read off the clipped-share curves of the figure",
 }
 

@@ -388,10 +388,9 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
         # Both means run over the same seeds - those that both have and neither collapsed - so
         # the two thick lines are paired like the table's differences (a mean over other seeds
         # would start elsewhere at step 0, from other warm starts).
-        pair = {n: runs[n] for n in (recipe, base)}
-        kept = sorted(s for s in set(runs[recipe]) & set(runs[base])
-                      if not any(collapsed(r[s]["before"], r[s]["after"]) for r in pair.values()))
-        left_out = len(set(runs[recipe]) | set(runs[base])) - len(kept)
+        kept = {s for s in set(runs[recipe]) & set(runs[base])
+                if not any(collapsed(runs[n][s]["before"], runs[n][s]["after"])
+                           for n in (recipe, base))}
         # the recipe first, the baseline last: drawn on top, so it is never hidden
         for name, colour in ((recipe, "tab:red"), (base, "black")):
             means = []
@@ -407,11 +406,11 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
                     means.append(dict(zip(steps, values)))
             common = sorted(set.intersection(*(set(m) for m in means))) if means else []
             if common:
+                dropped = sorted(set(runs[name]) - kept)
                 ax.plot(common, [np.mean([m[s] for m in means]) for s in common], "-o",
                         color=colour, lw=2.2, ms=4,
                         label=f"{name}: mean of {len(means)} seed(s)"
-                              + (f", without seed {', '.join(map(str, sorted(set(pair[name]) - set(kept))))}"
-                                 if left_out else ""))
+                              + (f", without seed {', '.join(map(str, dropped))}" if dropped else ""))
         ax.set_title(f"{recipe} vs {base}", fontsize=9)
         ax.set_xlabel("RL step (0 = warm start)")
         ax.set_ylabel(PANEL_KEYS.get(key, key))
@@ -422,7 +421,8 @@ def plot_panels(runs: dict, key: str = "conflict_decoy_rate", title: str = "", p
         ax.axis("off")
     import textwrap
     fig.suptitle(textwrap.fill(title or f"{PANEL_KEYS.get(key, key)}: thin = each seed, thick = "
-                                        "mean over the seeds on which neither collapsed, dotted x = collapsed seed", 50 * cols), fontsize=10)
+                                        "mean over the seeds on which neither collapsed, dotted x = "
+                                        "collapsed seed", 50 * cols), fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=90)

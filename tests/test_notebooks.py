@@ -74,7 +74,6 @@ NOT_FROM_OUTPUTS = {
     ("03_per_token_kl.ipynb", "1.08"): "printed in the section-3 figure's token boxes",
     ("03_per_token_kl.ipynb", "2.47"): "printed in the section-3 figure's token boxes",
     ("03_per_token_kl.ipynb", "2.81"): "printed in the section-3 figure's token boxes",
-    ("03_per_token_kl.ipynb", "6.24"): "printed in the section-3 figure's token boxes",
     ("03_per_token_kl.ipynb", "6.50"): "printed in the section-3 figure's token boxes",
     ("04_training_curves.ipynb", "0.235"): "read off the clipped-share curves of the figure",
 }

@@ -686,10 +686,12 @@ def warm_start_path(cfg) -> Path:
     # so a warm start trained with other ones is never taken for it, and older caches stay valid
     optim = ("" if (cfg.warm_start_batch, cfg.warm_start_lr) == (32, 1e-3)
              else f"-batch{cfg.warm_start_batch}-lr{cfg.warm_start_lr:g}")
-    # likewise how often the stopping rule is tested (it decides where the warm start stops)
+    # likewise Adam's beta2 (named unless it is 0.999, that of the older names) and how often
+    # the stopping rule is tested (it decides where the warm start stops)
+    beta2 = "" if cfg.warm_start_beta2 == 0.999 else f"-beta2{cfg.warm_start_beta2:g}"
     probe = "" if cfg.warm_start_probe_every == 25 else f"-probe{cfg.warm_start_probe_every}"
     return (Path(cfg.cache) / f"warmstart-{family}{canvas}{cfg.tiny_size}-{tasks}-seed{cfg.seed}"
-            f"-steps{cfg.warm_start_steps}{optim}{probe}-target{cfg.warm_start_target_acc}"
+            f"-steps{cfg.warm_start_steps}{optim}{beta2}{probe}-target{cfg.warm_start_target_acc}"
             f"-prompt{prompt}")
 
 
@@ -716,7 +718,8 @@ def warm_start(cfg, train) -> Path:
         # A Thinking template's prompt already opens <think>: the target starts inside it.
         opened = qwen.prompt_opens_thinking(processor)
         target = lambda ex: ex.solution.removeprefix(qwen.THINK_OPEN) if opened else ex.solution
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_start_lr,
+                                      betas=(0.9, cfg.warm_start_beta2), weight_decay=0.0)
         # The stopping rule watches a slice of the TRAINING split that the warm start never
         # trains on, so the held-out numbers reported later were not used to pick the model.
         n_probe = min(64, len(train) // 4)

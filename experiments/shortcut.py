@@ -77,7 +77,8 @@ DARK_RECIPES = [*FIXED_RECIPES, "papo-g-gamma0.2-unguarded"]
 # were made from these warm starts, and a later change of the defaults must not change them.
 COMMON = ["--toy-world", "shortcut", "--steps", "100", "--eval-every", "50", "--eval-size", "128",
           "--warm-start-steps", "3000", "--warm-start-lr", "1e-3", "--warm-start-batch", "32",
-          "--warm-start-target-acc", "0.45", "--warm-start-probe-every", "25"]
+          "--warm-start-target-acc", "0.45", "--warm-start-probe-every", "25",
+          "--warm-start-beta2", "0.999"]
 
 # (label, key in final_eval.json "after"): the columns of the table
 COLUMNS = [("held-out acc", "accuracy"), ("masked 0.6", "accuracy_mask0.6"),

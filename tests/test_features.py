@@ -165,22 +165,60 @@ def test_the_warm_starts_old_sft_flags_still_parse_hidden_from_help(tmp_path, ca
     assert "--warm-start-target-acc" in shown and "--sft-steps" not in shown
     # the warm start's cache folder keeps its name: caches made before the rename stay valid
     assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps7-batch5-lr0\.002-"
-                        r"probe50-target0\.3-prompt[0-9a-f]{8}", toy.warm_start_path(new).name)
+                        r"beta20\.99-probe50-target0\.3-prompt[0-9a-f]{8}",
+                        toy.warm_start_path(new).name)
 
 
 def test_the_warm_starts_batch_and_lr_are_part_of_its_cache_key():
     """A warm start trained with another batch size or learning rate is another model: it gets
     its own cache folder. The older settings (batch 32, lr 1e-3) keep the older, shorter name,
     so the caches and recorded runs made with them are still found."""
+    older = ["--warm-start-probe-every", "25", "--warm-start-beta2", "0.999"]
     names = {(b, lr): toy.warm_start_path(config.parse_config(
-        ["--warm-start-batch", str(b), "--warm-start-lr", lr, "--warm-start-probe-every", "25"])).name
+        ["--warm-start-batch", str(b), "--warm-start-lr", lr, *older])).name
         for b in (16, 32) for lr in ("1e-3", "3e-3")}
     assert len(set(names.values())) == 4
     assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps3000-target0\.45-prompt"
                         r"[0-9a-f]{8}", names[32, "1e-3"])
     assert "-steps3000-batch16-lr0.001-target0.45-" in names[16, "1e-3"]
-    default = toy.warm_start_path(config.parse_config(["--warm-start-probe-every", "25"])).name
+    default = toy.warm_start_path(config.parse_config(older)).name
     assert default == names[16, "1e-3"]                        # the default batch and lr
+
+
+def test_the_warm_starts_beta2_is_a_setting_used_by_its_optimizer_and_part_of_its_key(
+        tmp_path, monkeypatch):
+    """Adam's beta2 changes the warm start's whole trajectory, so it is part of the cache key;
+    0.999 (the only value before the setting existed) keeps the older name, a run saved before
+    the setting resumes with 0.999, not today's 0.99, and the optimizer really gets the value."""
+    default = config.parse_config([])
+    assert default.warm_start_beta2 == 0.99
+    name = toy.warm_start_path(default).name
+    assert "-lr0.001-beta20.99-probe50-" in name
+    older = toy.warm_start_path(config.parse_config(["--warm-start-beta2", "0.999"])).name
+    assert older == name.replace("-beta20.99", "")
+    saved = config.saved_config(default)
+    del saved["warm_start_beta2"]                              # a config.json from before it
+    assert config.saved_settings(saved)["warm_start_beta2"] == 0.999
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(saved))
+    assert config.parse_config(["--resume", str(run)]).warm_start_beta2 == 0.999
+    for bad in ("1", "-0.1"):
+        assert any("--warm-start-beta2" in p for p in
+                   config.range_problems(config.parse_config(["--warm-start-beta2", bad])))
+    # the value reaches the optimizer: record the betas of every AdamW the warm start builds
+    seen = []
+    class Recording(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.defaults["betas"])
+    monkeypatch.setattr(toy.torch.optim, "AdamW", Recording)
+    cfg = config.parse_config(tiny_args(tmp_path, "--warm-start-beta2", "0.5",
+                                        "--warm-start-steps", "1"))
+    toy.prepare_toy_data(cfg)
+    train_split = data.load_dataset(toy.toy_splits(cfg)["train"][0] / "data.jsonl")
+    assert "-beta20.5-" in toy.warm_start(cfg, train_split).name
+    assert seen == [(0.9, 0.5)]
 
 
 def test_a_run_saved_with_the_old_warm_start_names_resumes(tmp_path):
@@ -527,7 +565,8 @@ def test_the_warm_starts_probe_interval_is_a_setting_and_part_of_its_key(tmp_pat
     default = config.parse_config([])
     assert default.warm_start_probe_every == 50
     assert "-probe50-" in toy.warm_start_path(default).name
-    old = config.parse_config(["--warm-start-probe-every", "25", "--warm-start-batch", "32"])
+    old = config.parse_config(["--warm-start-probe-every", "25", "--warm-start-batch", "32",
+                               "--warm-start-beta2", "0.999"])
     assert re.fullmatch(r"warmstart-small-count\+count_color-seed0-steps3000-target0\.45-prompt"
                         r"[0-9a-f]{8}", toy.warm_start_path(old).name)
     saved = config.saved_config(old)

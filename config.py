@@ -360,8 +360,9 @@ class Config:
     warm_start_lr: float = arg(1e-3, "Learning rate of the warm start.",
                                check=(lambda v: 0 < v < math.inf, "> 0"))
     # 16, not 32: about half the cost per step. The steps to the target vary more with the seed
-    # than with the batch (seed 0: 2,550 against 2,300 for batch 32; seed 2: 2,425 against 900;
-    # seed 1: 2,550 against none in 3,000): faster on two of three seeds (docs/results.md)
+    # than with the batch (beta2 0.999; seed 0: 2,550 against 2,300 for batch 32; seed 2: 2,425
+    # against 900; seed 1: 2,550 against none in 3,000): faster on two of three seeds
+    # (docs/results.md)
     warm_start_batch: int = arg(16, "Batch size of the warm start.",
                                 check=at_least(1))
     # 0.99, not PyTorch's 0.999: a shorter memory of the gradient's scale lets the step size
